@@ -1,0 +1,164 @@
+"""The backbone contract: what a sampler needs from a base model (DESIGN.md, "backbones").
+
+A backbone is an ``nn.Module`` whose ``forward`` has the BFL ``flux`` model signature, so it can be passed
+straight to :func:`fluxguide.sampling.denoise`, plus ``encode`` (prompts -> conditioning), ``decode``
+(latents -> images in [0, 1], differentiable), ``noise`` and its latent shape.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from fluxguide.sampling.cfg import ClassifierFreeGuidance
+from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, denoise
+from fluxguide.sampling.schedule import get_schedule
+
+
+@dataclass
+class Conditioning:
+    """Text conditioning of a batch, in Flux's layout.
+
+    Attributes:
+        txt: token features ``(B, L, D_txt)``.
+        vec: pooled text embedding ``(B, D_vec)``.
+        txt_ids: text position ids ``(L, 3)``.
+        img_ids: image position ids ``(seq, 3)``.
+        prompts: the ``B`` prompt strings.
+    """
+
+    txt: torch.Tensor
+    vec: torch.Tensor
+    txt_ids: torch.Tensor
+    img_ids: torch.Tensor
+    prompts: list[str] = field(default_factory=list)
+
+    @property
+    def batch_size(self) -> int:
+        return self.txt.shape[0]
+
+    def repeat_interleave(self, n: int) -> Conditioning:
+        """Each prompt ``n`` times in a row (``n`` samples per prompt, grouped)."""
+        return replace(
+            self,
+            txt=self.txt.repeat_interleave(n, 0),
+            vec=self.vec.repeat_interleave(n, 0),
+            prompts=[p for p in self.prompts for _ in range(n)],
+        )
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
+        return replace(
+            self,
+            txt=self.txt.to(device=device, dtype=dtype),
+            vec=self.vec.to(device=device, dtype=dtype),
+            txt_ids=self.txt_ids.to(device=device, dtype=dtype),
+            img_ids=self.img_ids.to(device=device, dtype=dtype),
+        )
+
+
+class Backbone(nn.Module, ABC):
+    """Base class of base models. Subclasses set the attributes below and implement the abstract methods.
+
+    Attributes:
+        latent_seq, latent_channels: packed latent shape ``(seq, C)``.
+        image_height, image_width: decoded image size.
+        default_num_steps: the sampler's default number of steps.
+        default_guidance: distilled guidance strength passed to the model (``None`` if it has none).
+        default_cfg_scale: classifier-free guidance scale that works well (1 = no CFG).
+        schedule_shift: whether :meth:`schedule` uses Flux's resolution-dependent shift.
+    """
+
+    latent_seq: int
+    latent_channels: int
+    image_height: int
+    image_width: int
+    default_num_steps: int = 28
+    default_guidance: float | None = None
+    default_cfg_scale: float = 1.0
+    schedule_shift: bool = True
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return (self.latent_seq, self.latent_channels)
+
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return p.dtype
+        return torch.float32
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """Encode prompts into :class:`Conditioning` on the backbone's device."""
+
+    @abstractmethod
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The base model's velocity, BFL signature; ``timesteps`` in [0, 1] with 1 = noise."""
+
+    @abstractmethod
+    def decode(self, img: torch.Tensor) -> torch.Tensor:
+        """Packed latents ``(B, seq, C)`` -> images ``(B, 3, H, W)`` in [0, 1], differentiable."""
+
+    def velocity(self, img: torch.Tensor, t: torch.Tensor | float, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
+        """The base prediction at time ``t`` (a float or a ``(B,)`` tensor) under conditioning ``cond``."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.full((img.shape[0],), float(t), device=img.device, dtype=img.dtype)
+        guidance = self.default_guidance if guidance is None else guidance
+        g = None if guidance is None else torch.full((img.shape[0],), guidance, device=img.device, dtype=img.dtype)
+        return self(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.vec, guidance=g)
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal initial latents ``(batch, seq, C)`` drawn from ``generator`` (on its device)."""
+        device = generator.device if generator is not None else self.device
+        x = torch.randn((batch, self.latent_seq, self.latent_channels), generator=generator, device=device)
+        return x.to(device=self.device, dtype=self.dtype)
+
+    def schedule(self, num_steps: int | None = None) -> list[float]:
+        """Flux's schedule for this backbone's sequence length."""
+        return get_schedule(num_steps or self.default_num_steps, self.latent_seq, shift=self.schedule_shift)
+
+    def with_cfg(self, scale: float) -> ClassifierFreeGuidance:
+        """This backbone wrapped in classifier-free guidance against the empty prompt."""
+        uncond = self.encode([""])
+        return ClassifierFreeGuidance(self, uncond.txt, uncond.vec, scale)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list[str],
+        *,
+        num_steps: int | None = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+        guidance_model: GuidanceFn | None = None,
+        guidance_scale: GuidanceScale = 1.0,
+        cfg_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Prompts -> images ``(B, 3, H, W)`` in [0, 1] with the (optionally guided) Euler sampler."""
+        cond = self.encode(list(prompts))
+        img = noise if noise is not None else self.noise(len(prompts), generator)
+        cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
+        model = self if cfg_scale == 1.0 else self.with_cfg(cfg_scale)
+        latents = denoise(
+            model, img, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, self.schedule(num_steps),
+            guidance=self.default_guidance, guidance_model=guidance_model, guidance_scale=guidance_scale,
+        )
+        return self.decode(latents)

@@ -1,0 +1,174 @@
+"""The guided Euler loop: Flux's ``denoise`` with a guidance model in it.
+
+Adapted from black-forest-labs/flux ``src/flux/sampling.py`` (``denoise``): the same loop and the same
+model signature ``model(img=, img_ids=, txt=, txt_ids=, y=, timesteps=, guidance=)``, plus the seed's
+guidance arguments. At every step ``pred_used = pred + scale * guidance_model(img, pred, txt, vec, t, i)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from fluxguide.sampling.steps import euler_step
+
+
+class FluxModel(Protocol):
+    """Anything with the BFL ``flux`` model signature returning the velocity ``(B, seq, C)``."""
+
+    def __call__(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor: ...
+
+
+GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+GuidanceScale = Union[float, Sequence[float], Callable[[int], float]]
+
+
+def scale_at(guidance_scale: GuidanceScale, step_idx: int, num_steps: int) -> float:
+    """The guidance scale of step ``step_idx``: a constant, one entry of a list, or ``scale(step_idx)``."""
+    if callable(guidance_scale):
+        return float(guidance_scale(step_idx))
+    if isinstance(guidance_scale, (int, float)):
+        return float(guidance_scale)
+    scales = list(guidance_scale)
+    if len(scales) != num_steps:
+        raise ValueError(f"a per-step guidance_scale needs one value per step: got {len(scales)} for {num_steps} steps")
+    return float(scales[step_idx])
+
+
+def check_finite(name: str, x: torch.Tensor, step_idx: int, t: float) -> None:
+    """Raise if ``x`` holds NaN or inf, naming the tensor, the step and how many values are bad."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise FloatingPointError(
+            f"non-finite values in {name} at step {step_idx} (t={t:.4f}): {int(bad.sum())} of {x.numel()} "
+            f"entries are NaN/inf. Check the model inputs, the guidance model's weights and the learning rate."
+        )
+
+
+def apply_guidance_model(
+    guidance_model: GuidanceFn,
+    img: torch.Tensor,
+    pred: torch.Tensor,
+    txt: torch.Tensor,
+    vec: torch.Tensor,
+    t_vec: torch.Tensor,
+    step_idx: int,
+    scale: float,
+) -> torch.Tensor:
+    """Return ``pred + scale * correction`` after checking the correction's shape (the seed's helper)."""
+    correction = guidance_model(img, pred, txt, vec, t_vec, step_idx)
+    if not isinstance(correction, torch.Tensor) or correction.shape != pred.shape:
+        got = tuple(correction.shape) if isinstance(correction, torch.Tensor) else type(correction).__name__
+        raise ValueError(
+            f"guidance model returned a correction of shape {got}, but pred has shape {tuple(pred.shape)}: "
+            f"the correction must be shaped like the prediction (B, seq, C)"
+        )
+    return pred + scale * correction.to(pred.dtype)
+
+
+def check_batch(img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids: torch.Tensor) -> None:
+    """Check that latent, text features and pooled vector agree on the batch size and ids on the length."""
+    if img.ndim != 3:
+        raise ValueError(f"img must be packed latents (B, seq, C), got shape {tuple(img.shape)}")
+    if txt.ndim != 3 or vec.ndim != 2:
+        raise ValueError(f"txt must be (B, L, D) and vec (B, D), got {tuple(txt.shape)} and {tuple(vec.shape)}")
+    if not (img.shape[0] == txt.shape[0] == vec.shape[0]):
+        raise ValueError(
+            f"batch sizes differ: img {tuple(img.shape)}, txt {tuple(txt.shape)}, vec {tuple(vec.shape)}; "
+            f"encode one prompt per latent (repeat the conditioning for several samples per prompt)"
+        )
+    if img_ids.shape[-2] != img.shape[1]:
+        raise ValueError(f"img_ids has {img_ids.shape[-2]} positions but img has seq {img.shape[1]}")
+
+
+def denoise(
+    model: FluxModel,
+    img: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt: torch.Tensor,
+    txt_ids: torch.Tensor,
+    vec: torch.Tensor,
+    timesteps: Sequence[float],
+    guidance: float | None = 4.0,
+    guidance_model: GuidanceFn | None = None,
+    guidance_scale: GuidanceScale = 1.0,
+    guidance_requires_grad: bool = False,
+    *,
+    grad_last_k: int | None = None,
+    gradient_checkpointing: bool = True,
+    check_finite_values: bool = True,
+    callback: Callable[[int, float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Sample with Flux's Euler loop, optionally adding a guidance model's correction at every step.
+
+    Args:
+        model: a BFL-signature velocity model (a backbone, or the BFL ``Flux`` module).
+        img: initial noise, packed ``(B, seq, C)``.
+        img_ids, txt_ids: position ids ``(seq, 3)`` / ``(L, 3)`` (or batched ``(B, ., 3)``).
+        txt, vec: text token features ``(B, L, D_txt)`` and pooled embedding ``(B, D_vec)``.
+        timesteps: the ``num_steps + 1`` times from :func:`get_schedule`.
+        guidance: distilled guidance strength (Flux-dev); ``None`` for models without it.
+        guidance_model: ``f(img, pred, txt, vec, timestep (B,), step_idx) -> correction`` shaped like pred.
+        guidance_scale: a float, a list with one float per step, or a callable ``step_idx -> float``.
+        guidance_requires_grad: keep the graph so a loss on the result backpropagates into the guidance
+            model (reward-gradient training). Otherwise the whole loop runs under ``torch.no_grad``.
+        grad_last_k: in differentiable mode, only the last ``k`` steps keep a graph; earlier steps run
+            without grad (truncated backprop, DRaFT-K). ``None`` keeps all steps.
+        gradient_checkpointing: in differentiable mode, recompute each step's activations in the backward
+            pass instead of storing them (memory O(1) in the number of steps, one extra forward).
+        check_finite_values: raise on NaN/inf in the prediction or the guided prediction.
+        callback: called after each step as ``callback(step_idx, t_curr, t_prev, img, pred, pred_used)``
+            with ``img`` the latent *before* the step (used by state collection and the envs).
+
+    Returns:
+        The final latent ``(B, seq, C)``.
+    """
+    num_steps = len(timesteps) - 1
+    if num_steps < 1:
+        raise ValueError(f"timesteps must hold at least 2 values (num_steps >= 1), got {list(timesteps)}")
+    check_batch(img, txt, vec, img_ids)
+    if grad_last_k is not None and not 1 <= grad_last_k <= num_steps:
+        raise ValueError(f"grad_last_k must be in [1, {num_steps}] (the number of steps), got {grad_last_k}")
+    guidance_vec = None
+    if guidance is not None:
+        guidance_vec = torch.full((img.shape[0],), guidance, device=img.device, dtype=img.dtype)
+    first_grad_step = 0 if grad_last_k is None else num_steps - grad_last_k
+
+    def step(img: torch.Tensor, t_curr: float, t_prev: float, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+        pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
+        pred_used = pred
+        if guidance_model is not None:
+            pred_used = apply_guidance_model(
+                guidance_model, img, pred, txt, vec, t_vec, i, scale_at(guidance_scale, i, num_steps)
+            )
+        return euler_step(img, pred_used, t_curr, t_prev), pred, pred_used
+
+    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+        with_grad = guidance_requires_grad and i >= first_grad_step
+        with torch.set_grad_enabled(with_grad):
+            if with_grad and gradient_checkpointing:
+                new_img, pred, pred_used = checkpoint(step, img, t_curr, t_prev, i, use_reentrant=False)
+            else:
+                new_img, pred, pred_used = step(img, t_curr, t_prev, i)
+        if check_finite_values:
+            check_finite("the model prediction", pred, i, t_curr)
+            if pred_used is not pred:
+                check_finite("the guided prediction (pred + scale * correction)", pred_used, i, t_curr)
+        if callback is not None:
+            callback(i, t_curr, t_prev, img, pred, pred_used)
+        img = new_img
+    return img
+

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# fluxguide's two entry points. Each installs what it needs into ./.venv first (idempotent).
+#   bash run.sh main [script options]   the main job (experiments/main.py)
+#   bash run.sh test [pytest options]   the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+VENV=.venv
+stamp="$VENV/.fluxguide-install-stamp"
+want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  "$VENV/bin/python" -m pip install --quiet -e '.[dev]'
+  echo "$want" > "$stamp"
+fi
+# Never reach a model hub at run time: every weight is local or built in code.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
+cmd=${1:-}
+shift || true
+case "$cmd" in
+  main) exec "$VENV/bin/python" experiments/main.py "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest "$@" ;;
+  *) echo "usage: bash run.sh {main|test} [options]" >&2; exit 2 ;;
+esac
