@@ -1,0 +1,449 @@
+"""Flux (FLUX.1-dev / -schnell) through diffusers, as a fluxguide :class:`Backbone`.
+
+The backbone bundles diffusers' ``FluxTransformer2DModel``, the CLIP text model (pooled ``vec``), the T5
+encoder (token features ``txt``), their tokenizers and the ``AutoencoderKL``, and exposes the transformer
+with the BFL ``flux`` model signature so :func:`fluxguide.sampling.denoise` drives it unchanged.
+
+Time and guidance conventions (checked against diffusers' ``FluxPipeline.__call__``): the pipeline passes
+``timestep = sigma`` (its ``t / 1000``) and the raw distilled guidance strength (e.g. 3.5) to the
+transformer, which multiplies both by 1000 before the sinusoidal embedding, exactly as BFL's ``Flux``
+does inside ``timestep_embedding``. ``sigma`` is fluxguide's ``t`` (1 = noise) and the transformer's output
+is the velocity ``noise - x0`` that ``FlowMatchEulerDiscreteScheduler.step`` integrates with
+``x + (sigma_next - sigma) * v`` -- the same Euler step as :func:`fluxguide.sampling.euler_step`. So both
+are passed through unchanged; the tests compare against ``FluxPipeline`` to keep it that way.
+
+Text encoding, packing and VAE decoding follow ``FluxPipeline`` (``_get_clip_prompt_embeds``,
+``_get_t5_prompt_embeds``, ``_unpack_latents``, and ``latents / scaling_factor + shift_factor`` before
+``vae.decode``) in huggingface/diffusers v0.42.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from transformers import (
+    CLIPTextModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
+
+from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.packing import make_img_ids, make_txt_ids, pack, unpack
+from fluxguide.sampling.schedule import get_lin_function, time_shift
+
+#: The subfolders of a diffusers FluxPipeline folder that :meth:`FluxBackbone.from_pretrained` needs
+#: (``scheduler/`` is optional: without it Flux-dev's schedule is used).
+REQUIRED_SUBFOLDERS: tuple[str, ...] = (
+    "transformer",
+    "text_encoder",
+    "text_encoder_2",
+    "tokenizer",
+    "tokenizer_2",
+    "vae",
+)
+
+#: Flux-dev's ``scheduler_config.json`` entries that define the sampling schedule.
+DEFAULT_SCHEDULE_CONFIG: dict[str, Any] = {
+    "base_image_seq_len": 256,
+    "max_image_seq_len": 4096,
+    "base_shift": 0.5,
+    "max_shift": 1.15,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+
+# Scheduler options that change the sigmas in ways fluxguide's Euler schedule does not reproduce.
+_UNSUPPORTED_SCHEDULER_OPTIONS = (
+    "shift_terminal",
+    "use_karras_sigmas",
+    "use_exponential_sigmas",
+    "use_beta_sigmas",
+    "invert_sigmas",
+    "stochastic_sampling",
+)
+
+
+def _is_local_path(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` names a local folder rather than a hub id (``owner/name``)."""
+    text = os.fspath(path)
+    if isinstance(path, Path) or Path(text).exists() or os.path.isabs(text):
+        return True
+    return text.startswith((".", "~")) or text.count("/") != 1 or "\\" in text
+
+
+def _check_divisible(name: str, value: int, multiple: int) -> None:
+    if not isinstance(value, int) or value <= 0 or value % multiple:
+        lower = max(multiple, (int(value) // multiple) * multiple) if isinstance(value, int) else multiple
+        raise ValueError(
+            f"{name}={value!r} must be a positive multiple of {multiple}: Flux packs the VAE's latent grid "
+            f"(1/{multiple // 2} of the image) into 2x2 patches. Use e.g. {name}={lower} "
+            f"or {lower + multiple}."
+        )
+
+
+class FluxBackbone(Backbone):
+    """FLUX.1 from diffusers components, with the BFL model signature and fluxguide's conventions.
+
+    Model compute runs in the components' dtype (bf16 on GPU); the conditioning, the latents, the
+    predictions returned by :meth:`forward` and the decoded images are float32, so sampler math stays
+    float32 (DESIGN.md, "Precision"). All parameters are frozen; gradients still flow to the inputs, so
+    rewards can be backpropagated through :meth:`forward` and :meth:`decode`.
+
+    Args:
+        transformer: the ``FluxTransformer2DModel``.
+        vae: the ``AutoencoderKL`` whose latents the transformer denoises.
+        text_encoder: the CLIP text model; its ``pooler_output`` is ``vec``.
+        tokenizer: CLIP's tokenizer (padded to its ``model_max_length``, 77 for Flux).
+        text_encoder_2: the T5 encoder; its last hidden state is ``txt``.
+        tokenizer_2: T5's tokenizer.
+        height, width: image size in pixels, multiples of ``2 * vae_scale_factor`` (16 for Flux).
+        max_sequence_length: T5 tokens per prompt (512 for FLUX.1-dev, 256 for FLUX.1-schnell).
+        guidance: distilled guidance strength used when the transformer has ``guidance_embeds``
+            (FLUX.1-dev); ignored otherwise.
+        num_steps: default number of sampling steps.
+        scheduler_config: the pipeline's ``FlowMatchEulerDiscreteScheduler`` config (``shift``,
+            ``use_dynamic_shifting``, ``base_shift``, ``max_shift``, ``base_image_seq_len``,
+            ``max_image_seq_len``); defaults to FLUX.1-dev's.
+    """
+
+    def __init__(
+        self,
+        transformer: FluxTransformer2DModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: PreTrainedTokenizerBase,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: PreTrainedTokenizerBase,
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        max_sequence_length: int = 512,
+        guidance: float = 3.5,
+        num_steps: int = 28,
+        scheduler_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Registration order matters: Backbone.dtype / .device read the first parameter (the transformer's).
+        self.transformer = transformer
+        self.text_encoder = text_encoder
+        self.text_encoder_2 = text_encoder_2
+        self.vae = vae
+        self.tokenizer = tokenizer
+        self.tokenizer_2 = tokenizer_2
+        self.requires_grad_(False)
+        self.eval()
+
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        _check_divisible("height", height, 2 * self.vae_scale_factor)
+        _check_divisible("width", width, 2 * self.vae_scale_factor)
+        if not 1 <= max_sequence_length <= 512:
+            raise ValueError(
+                f"max_sequence_length must be in [1, 512] (T5's Flux limit), got {max_sequence_length}"
+            )
+        self._check_component_shapes()
+
+        self.image_height, self.image_width = height, width
+        self.latent_height = height // (2 * self.vae_scale_factor)
+        self.latent_width = width // (2 * self.vae_scale_factor)
+        self.latent_seq = self.latent_height * self.latent_width
+        self.latent_channels = 4 * vae.config.latent_channels
+        self.max_sequence_length = max_sequence_length
+        self.clip_max_length = min(tokenizer.model_max_length, text_encoder.config.max_position_embeddings)
+        self.guidance_embeds = bool(transformer.config.guidance_embeds)
+        self.default_guidance = float(guidance) if self.guidance_embeds else None
+        self.default_num_steps = num_steps
+        self.default_cfg_scale = 1.0
+
+        config = dict(DEFAULT_SCHEDULE_CONFIG)
+        if scheduler_config is not None:
+            for option in _UNSUPPORTED_SCHEDULER_OPTIONS:
+                if scheduler_config.get(option):
+                    raise ValueError(
+                        f"scheduler option {option}={scheduler_config[option]!r} is not supported by "
+                        "fluxguide's Flux Euler schedule; remove it from scheduler_config"
+                    )
+            if scheduler_config.get("time_shift_type", "exponential") != "exponential":
+                raise ValueError(
+                    f"scheduler time_shift_type={scheduler_config['time_shift_type']!r} is not supported; "
+                    "Flux uses 'exponential'"
+                )
+            config.update({k: scheduler_config[k] for k in DEFAULT_SCHEDULE_CONFIG if k in scheduler_config})
+        self.schedule_config = config
+        self.schedule_shift = bool(config["use_dynamic_shifting"]) or float(config["shift"]) != 1.0
+
+    def _check_component_shapes(self) -> None:
+        """Raise if the components were not made for each other (names the mismatching sizes)."""
+        tcfg = self.transformer.config
+        latent_channels = self.vae.config.latent_channels
+        if tcfg.in_channels != 4 * latent_channels:
+            raise ValueError(
+                f"transformer in_channels={tcfg.in_channels} but the VAE has {latent_channels} latent "
+                f"channels (2x2 patches need in_channels = {4 * latent_channels}); use the VAE of the same "
+                "Flux checkpoint"
+            )
+        if tcfg.joint_attention_dim != self.text_encoder_2.config.d_model:
+            raise ValueError(
+                f"transformer joint_attention_dim={tcfg.joint_attention_dim} but the T5 encoder has "
+                f"d_model={self.text_encoder_2.config.d_model}; use the text_encoder_2 of the same checkpoint"
+            )
+        if tcfg.pooled_projection_dim != self.text_encoder.config.hidden_size:
+            raise ValueError(
+                f"transformer pooled_projection_dim={tcfg.pooled_projection_dim} but the CLIP text model has "
+                f"hidden_size={self.text_encoder.config.hidden_size}; use the text_encoder of the same "
+                "checkpoint"
+            )
+
+    # ----------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        path_or_hub_id: str | os.PathLike[str],
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        max_sequence_length: int = 512,
+        guidance: float = 3.5,
+        num_steps: int = 28,
+        revision: str | None = None,
+        variant: str | None = None,
+        local_files_only: bool = False,
+    ) -> FluxBackbone:
+        """Load Flux from a diffusers FluxPipeline folder or a hub id (e.g. ``black-forest-labs/FLUX.1-dev``).
+
+        Args:
+            path_or_hub_id: a local folder with ``transformer/``, ``text_encoder/``, ``text_encoder_2/``,
+                ``tokenizer/``, ``tokenizer_2/``, ``vae/`` (and optionally ``scheduler/``), as written by
+                ``FluxPipeline.save_pretrained``; or a hub id (downloaded by diffusers/transformers into the
+                Hugging Face cache where the machine has access).
+            height, width: image size, multiples of 16.
+            device: where the models live.
+            dtype: model compute dtype; ``None`` picks bfloat16 on CUDA and float32 elsewhere.
+            max_sequence_length, guidance, num_steps: see :class:`FluxBackbone`.
+            revision, variant, local_files_only: passed to the components' ``from_pretrained``.
+        """
+        device = torch.device(device)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        source = os.fspath(path_or_hub_id)
+        scheduler_config: Mapping[str, Any] | None = None
+        common: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
+        if _is_local_path(path_or_hub_id):
+            folder = Path(source).expanduser()
+            if not folder.is_dir():
+                raise FileNotFoundError(
+                    f"Flux folder {str(folder)!r} does not exist; pass a diffusers FluxPipeline folder "
+                    "(FluxPipeline.save_pretrained) or a hub id such as 'black-forest-labs/FLUX.1-dev'"
+                )
+            missing = [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
+            if missing:
+                raise FileNotFoundError(
+                    f"Flux folder {str(folder)!r} is missing the subfolder(s) {', '.join(missing)}; a "
+                    f"diffusers FluxPipeline folder holds {', '.join(REQUIRED_SUBFOLDERS)} and scheduler "
+                    "(write one with FluxPipeline.save_pretrained(folder))"
+                )
+            source = str(folder)
+            if (folder / "scheduler").is_dir():
+                scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler")
+        else:
+            scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
+                source, subfolder="scheduler", **common
+            )
+
+        model_kwargs = dict(common, torch_dtype=dtype)
+        if variant is not None:
+            model_kwargs["variant"] = variant
+        backbone = cls(
+            transformer=FluxTransformer2DModel.from_pretrained(
+                source, subfolder="transformer", **model_kwargs
+            ),
+            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **model_kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **model_kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
+            text_encoder_2=T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **model_kwargs),
+            tokenizer_2=T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", **common),
+            height=height,
+            width=width,
+            max_sequence_length=max_sequence_length,
+            guidance=guidance,
+            num_steps=num_steps,
+            scheduler_config=scheduler_config,
+        )
+        return backbone.to(device=device, dtype=dtype)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, **kwargs: Any) -> FluxBackbone:
+        """Wrap the components of an already loaded diffusers ``FluxPipeline`` (shared, not copied).
+
+        ``kwargs`` go to :class:`FluxBackbone` (``height``, ``width``, ``max_sequence_length``, ...).
+        """
+        return cls(
+            transformer=pipe.transformer,
+            vae=pipe.vae,
+            text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer,
+            text_encoder_2=pipe.text_encoder_2,
+            tokenizer_2=pipe.tokenizer_2,
+            scheduler_config=kwargs.pop("scheduler_config", pipe.scheduler.config),
+            **kwargs,
+        )
+
+    # -------------------------------------------------------------------------------------- text side
+    @torch.no_grad()
+    def encode(self, prompts: list[str] | str) -> Conditioning:
+        """Prompts -> float32 :class:`Conditioning`: T5 tokens ``(B, L, d_model)``, CLIP pooled ``(B, D)``."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"encode needs a non-empty list of prompt strings, got {prompts!r}")
+        device = self.device
+        clip_ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.clip_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        vec = self.text_encoder(
+            clip_ids.to(self.text_encoder.device), output_hidden_states=False
+        ).pooler_output
+        t5_ids = self.tokenizer_2(
+            prompts,
+            padding="max_length",
+            max_length=self.max_sequence_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        txt = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
+        return Conditioning(
+            txt=txt.to(device=device, dtype=torch.float32),
+            vec=vec.to(device=device, dtype=torch.float32),
+            txt_ids=make_txt_ids(txt.shape[1], device=device),
+            img_ids=make_img_ids(self.latent_height, self.latent_width, device=device),
+            prompts=prompts,
+        )
+
+    # ------------------------------------------------------------------------------------------ model
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The velocity ``noise - x0`` at ``timesteps`` in [0, 1] (1 = noise), float32 ``(B, seq, C)``.
+
+        Ids may be ``(L, 3)`` or batched ``(B, L, 3)`` as BFL's ``prepare`` makes them (the first row is
+        used: Flux's ids are the same for every sample). ``guidance`` is the raw distilled guidance strength
+        per sample (e.g. 3.5); it is ignored by transformers without a guidance embedding, as in BFL's Flux.
+        """
+        if img.ndim != 3 or img.shape[-1] != self.latent_channels:
+            raise ValueError(
+                f"img must be packed latents (B, seq, {self.latent_channels}), got shape {tuple(img.shape)}"
+            )
+        dtype = self.transformer.dtype
+        batch = img.shape[0]
+        if self.guidance_embeds:
+            if guidance is None:
+                raise ValueError(
+                    "this Flux transformer is guidance-distilled (guidance_embeds=True, like FLUX.1-dev): "
+                    f"pass guidance= a (B,) tensor of guidance strengths (default {self.default_guidance})"
+                )
+            guidance = guidance.to(dtype).expand(batch) if guidance.ndim == 0 else guidance.to(dtype)
+        else:
+            guidance = None
+        timesteps = timesteps.to(dtype).expand(batch) if timesteps.ndim == 0 else timesteps.to(dtype)
+        pred = self.transformer(
+            hidden_states=img.to(dtype),
+            encoder_hidden_states=txt.to(dtype),
+            pooled_projections=y.to(dtype),
+            timestep=timesteps,
+            img_ids=img_ids[0] if img_ids.ndim == 3 else img_ids,
+            txt_ids=txt_ids[0] if txt_ids.ndim == 3 else txt_ids,
+            guidance=guidance,
+            return_dict=False,
+        )[0]
+        return pred.float()
+
+    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Standard normal float32 latents ``(batch, seq, C)`` on the backbone's device (sampler dtype)."""
+        device = generator.device if generator is not None else self.device
+        x = torch.randn((batch, self.latent_seq, self.latent_channels), generator=generator, device=device)
+        return x.to(self.device)
+
+    def schedule(self, num_steps: int | None = None) -> list[float]:
+        """The ``num_steps + 1`` times of the pipeline's scheduler for this resolution (1 -> 0).
+
+        With ``use_dynamic_shifting`` this is :func:`fluxguide.sampling.get_schedule` (Flux's resolution
+        dependent shift ``mu``, a line through ``(base_image_seq_len, base_shift)`` and
+        ``(max_image_seq_len, max_shift)``); otherwise the static shift ``s t / (1 + (s - 1) t)``, which is
+        ``time_shift`` with ``mu = log s`` (``s = 1`` is FLUX.1-schnell's plain linspace).
+        """
+        num_steps = self.default_num_steps if num_steps is None else num_steps
+        if not isinstance(num_steps, int) or num_steps < 1:
+            raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
+        cfg = self.schedule_config
+        t = torch.linspace(1, 0, num_steps + 1)
+        if cfg["use_dynamic_shifting"]:
+            line = get_lin_function(
+                x1=cfg["base_image_seq_len"],
+                y1=cfg["base_shift"],
+                x2=cfg["max_image_seq_len"],
+                y2=cfg["max_shift"],
+            )
+            t = time_shift(line(self.latent_seq), 1.0, t)
+        elif float(cfg["shift"]) != 1.0:
+            t = time_shift(math.log(float(cfg["shift"])), 1.0, t)
+        return t.tolist()
+
+    # ------------------------------------------------------------------------------------- image side
+    def decode(self, img: torch.Tensor) -> torch.Tensor:
+        """Packed latents ``(B, seq, C)`` -> float32 images ``(B, 3, H, W)`` in [0, 1], differentiable."""
+        if img.ndim != 3 or tuple(img.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"decode needs packed latents (B, {self.latent_seq}, {self.latent_channels}) for "
+                f"{self.image_height}x{self.image_width} images, got {tuple(img.shape)}"
+            )
+        z = unpack(img, 2 * self.latent_height, 2 * self.latent_width)
+        shift = self.vae.config.shift_factor or 0.0
+        z = z / self.vae.config.scaling_factor + shift
+        x = self.vae.decode(z.to(self.vae.dtype), return_dict=False)[0]
+        return (x.float() / 2 + 0.5).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [0, 1] -> packed float32 latents ``(B, seq, C)`` (VAE posterior mode).
+
+        The inverse of :meth:`decode` up to the VAE's reconstruction error: a reference image's ``x0`` for
+        behaviour-cloning targets or image-to-image starts.
+        """
+        expected = (3, self.image_height, self.image_width)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            raise ValueError(
+                f"encode_images needs images (B, {', '.join(map(str, expected))}), got {tuple(images.shape)}"
+            )
+        x = (images * 2 - 1).to(device=self.device, dtype=self.vae.dtype)
+        z = self.vae.encode(x).latent_dist.mode().float()
+        shift = self.vae.config.shift_factor or 0.0
+        return pack((z - shift) * self.vae.config.scaling_factor)
+
+    def extra_repr(self) -> str:
+        return (
+            f"image={self.image_height}x{self.image_width}, latent={self.latent_shape}, "
+            f"max_sequence_length={self.max_sequence_length}, guidance={self.default_guidance}"
+        )
+
+
+__all__ = ["DEFAULT_SCHEDULE_CONFIG", "REQUIRED_SUBFOLDERS", "FluxBackbone"]
