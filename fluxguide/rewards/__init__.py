@@ -1,0 +1,48 @@
+"""Reward modules behind one contract, a registry and composition (DESIGN.md, "rewards").
+
+Every reward maps images ``(B, 3, H, W)`` in [0, 1] and ``B`` prompts to a float32 ``(B,)`` tensor and
+says whether it is ``differentiable`` with respect to the pixels.
+"""
+
+from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward, read_state_dict
+from fluxguide.rewards.base import (
+    NotDifferentiableError,
+    RewardModel,
+    require_differentiable,
+    reward_with_grad,
+)
+from fluxguide.rewards.callable_reward import CallableReward
+from fluxguide.rewards.clip_score import CLIPScore
+from fluxguide.rewards.composite import WeightedSum
+from fluxguide.rewards.inputs import check_images, check_prompts, check_reward_output
+from fluxguide.rewards.open_clip_models import load_open_clip
+from fluxguide.rewards.preprocess import CLIPPreprocess
+from fluxguide.rewards.registry import available_rewards, make_reward, register_reward
+from fluxguide.rewards.shapes import VerifierReward, load_shapes_world, shapes_aesthetic, shapes_clip_score
+from fluxguide.rewards.style import StyleSimilarity
+
+__all__ = [
+    "AestheticPredictor",
+    "AestheticReward",
+    "CLIPPreprocess",
+    "CLIPScore",
+    "CallableReward",
+    "NotDifferentiableError",
+    "RewardModel",
+    "StyleSimilarity",
+    "VerifierReward",
+    "WeightedSum",
+    "available_rewards",
+    "check_images",
+    "check_prompts",
+    "check_reward_output",
+    "load_open_clip",
+    "load_shapes_world",
+    "make_reward",
+    "read_state_dict",
+    "register_reward",
+    "require_differentiable",
+    "reward_with_grad",
+    "shapes_aesthetic",
+    "shapes_clip_score",
+]

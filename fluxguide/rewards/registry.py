@@ -1,0 +1,168 @@
+"""Rewards chosen by name: ``make_reward("clip", model=..., tokenizer=...)``.
+
+Built-in names:
+
+- ``"clip"``: :class:`CLIPScore` (``model=`` + ``tokenizer=``, or ``model_name=`` + ``pretrained=``).
+- ``"style"``: :class:`StyleSimilarity` (``references=`` and ``model=`` or ``model_name=`` + ``pretrained=``).
+- ``"aesthetic"``: :class:`AestheticReward` (``clip_model=`` + ``predictor=``, or ``predictor_path=`` and
+  optionally ``clip_model=`` / ``clip_model_name=`` + ``clip_pretrained=``).
+- ``"shapes-clip"``, ``"shapes-aesthetic"``, ``"verifier"``: the shapes world's rewards (``world=``).
+- ``"weighted-sum"`` (alias ``"sum"``): :class:`WeightedSum`; ``parts={name: spec}`` where a spec is a
+  reward, ``(reward, weight)``, ``(registry_name, weight)`` or ``(registry_name, weight, kwargs)``.
+- ``"callable"``: :class:`CallableReward` (``fn=``, ``differentiable=``).
+
+Projects add their own with ``@register_reward("name")`` on a factory returning a reward module.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward
+from fluxguide.rewards.callable_reward import CallableReward
+from fluxguide.rewards.clip_score import CLIPScore
+from fluxguide.rewards.composite import WeightedSum
+from fluxguide.rewards.shapes import VerifierReward, shapes_aesthetic, shapes_clip_score
+from fluxguide.rewards.style import StyleSimilarity
+
+RewardFactory = Callable[..., nn.Module]
+
+_REGISTRY: dict[str, RewardFactory] = {}
+
+
+def _key(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"reward names are strings, got {type(name).__name__} {name!r}.")
+    return name.strip().lower().replace("_", "-")
+
+
+def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFactory], RewardFactory]:
+    """Decorator registering ``factory(**kwargs) -> reward`` under ``name`` (case-insensitive, ``_`` = ``-``).
+
+    Raises:
+        ValueError: ``name`` is taken and ``overwrite`` is False.
+    """
+    key = _key(name)
+
+    def decorator(factory: RewardFactory) -> RewardFactory:
+        if key in _REGISTRY and not overwrite:
+            raise ValueError(
+                f"a reward named {key!r} is already registered; pick another name or overwrite=True."
+            )
+        _REGISTRY[key] = factory
+        return factory
+
+    return decorator
+
+
+def available_rewards() -> list[str]:
+    """The registered reward names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def make_reward(name: str, **kwargs: Any) -> nn.Module:
+    """Build the reward registered under ``name`` with ``kwargs``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones).
+    """
+    key = _key(name)
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown reward {name!r}; valid names: {', '.join(available_rewards())}.")
+    return _REGISTRY[key](**kwargs)
+
+
+@register_reward("clip")
+def _make_clip(
+    model: nn.Module | None = None,
+    tokenizer: Any = None,
+    *,
+    model_name: str = "ViT-L-14",
+    pretrained: str | os.PathLike[str] | None = "openai",
+    **kwargs: Any,
+) -> CLIPScore:
+    if model is not None:
+        if tokenizer is None:
+            raise ValueError(
+                "make_reward('clip', model=...) also needs tokenizer= (open_clip.get_tokenizer(name))."
+            )
+        return CLIPScore(model, tokenizer, **kwargs)
+    return CLIPScore.from_pretrained(model_name, pretrained, **kwargs)
+
+
+@register_reward("style")
+def _make_style(
+    references: torch.Tensor | None = None,
+    model: nn.Module | None = None,
+    *,
+    model_name: str = "ViT-L-14",
+    pretrained: str | os.PathLike[str] | None = "openai",
+    **kwargs: Any,
+) -> StyleSimilarity:
+    if references is None:
+        raise ValueError("make_reward('style') needs references= (reference images (R, 3, H, W) in [0, 1]).")
+    if model is not None:
+        return StyleSimilarity(model, references, **kwargs)
+    return StyleSimilarity.from_pretrained(model_name, pretrained, references, **kwargs)
+
+
+@register_reward("aesthetic")
+def _make_aesthetic(
+    predictor_path: str | os.PathLike[str] | None = None,
+    *,
+    clip_model: nn.Module | None = None,
+    predictor: AestheticPredictor | None = None,
+    **kwargs: Any,
+) -> AestheticReward:
+    if predictor is None and predictor_path is None:
+        raise ValueError(
+            "make_reward('aesthetic') needs predictor_path= (e.g. a local sac+logos+ava1-l14-linearMSE.pth) "
+            "or predictor= (an AestheticPredictor)."
+        )
+    if clip_model is None:
+        if predictor is not None:
+            raise ValueError("make_reward('aesthetic', predictor=...) also needs clip_model=.")
+        return AestheticReward.from_files(predictor_path, **kwargs)
+    if predictor is None:
+        arch = {k: kwargs.pop(k) for k in ("input_dim", "hidden", "dropouts") if k in kwargs}
+        predictor = AestheticPredictor.from_file(predictor_path, **arch)  # type: ignore[arg-type]
+    return AestheticReward(clip_model, predictor, **kwargs)
+
+
+register_reward("shapes-clip")(shapes_clip_score)
+register_reward("shapes-aesthetic")(shapes_aesthetic)
+register_reward("verifier")(VerifierReward)
+register_reward("callable")(CallableReward)
+
+
+def _build_part(name: str, spec: object) -> tuple[nn.Module, float]:
+    if isinstance(spec, nn.Module):
+        return spec, 1.0
+    if isinstance(spec, tuple) and len(spec) in (2, 3):
+        reward, weight = spec[0], spec[1]
+        kwargs = spec[2] if len(spec) == 3 else {}
+        if not isinstance(kwargs, Mapping):
+            raise TypeError(f"part {name!r}: the third item must be a dict of kwargs, got {kwargs!r}.")
+        if isinstance(reward, str):
+            reward = make_reward(reward, **kwargs)
+        elif kwargs:
+            raise TypeError(f"part {name!r}: kwargs are only used with a registry name, not a built reward.")
+        return reward, weight
+    raise TypeError(
+        f"part {name!r} must be a reward, (reward or name, weight) or (name, weight, kwargs), got {spec!r:.80}."
+    )
+
+
+@register_reward("weighted-sum")
+def _make_weighted_sum(parts: Mapping[str, object] | None = None) -> WeightedSum:
+    if not parts:
+        raise ValueError("make_reward('weighted-sum') needs parts={name: (reward or registry name, weight)}.")
+    return WeightedSum({name: _build_part(name, spec) for name, spec in parts.items()})
+
+
+register_reward("sum")(_make_weighted_sum)

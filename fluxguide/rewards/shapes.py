@@ -1,0 +1,90 @@
+"""Rewards of the shapes world (DESIGN.md, "The shapes world"): its tiny CLIP score, its aesthetic head and
+its exact verifier.
+
+The world lives in ``fluxguide.backbones.shapes`` and is imported inside the functions, so this module
+loads (and the other rewards work) without it. Passing ``world=`` shares one loaded world between rewards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from fluxguide.rewards.aesthetic import LAION_DROPOUTS, AestheticPredictor, AestheticReward
+from fluxguide.rewards.base import RewardModel
+from fluxguide.rewards.clip_score import CLIPScore
+
+
+def load_shapes_world(world: Any = None, device: torch.device | str = "cpu") -> Any:
+    """``world`` if given, else the shipped pretrained shapes world on ``device``."""
+    if world is not None:
+        return world
+    from fluxguide.backbones.shapes import ShapesWorld
+
+    return ShapesWorld.pretrained(device=device)
+
+
+def shapes_clip_score(world: Any = None, *, device: torch.device | str = "cpu", **kwargs: Any) -> CLIPScore:
+    """The shapes world's tiny CLIP as a text-image reward.
+
+    Args:
+        world: a loaded ``ShapesWorld`` (default: load the pretrained one).
+        device: where to load the world if ``world`` is not given.
+        **kwargs: passed to :class:`CLIPScore` (``scale``, ...).
+    """
+    world = load_shapes_world(world, device)
+    return CLIPScore(world.clip, world.tokenizer, **kwargs)
+
+
+def shapes_aesthetic(world: Any = None, *, device: torch.device | str = "cpu") -> AestheticReward:
+    """The shapes world's aesthetic head (an :class:`AestheticPredictor`) on its tiny CLIP.
+
+    The head's layout is ``AestheticPredictor(world.clip_embed_dim, world.aesthetic_hidden, dropouts)`` with
+    the LAION dropouts unless the world sets ``aesthetic_dropouts``; its weights are ``world.aesthetic_path``.
+
+    Args:
+        world: a loaded ``ShapesWorld`` (default: load the pretrained one).
+        device: where to load the world if ``world`` is not given.
+    """
+    world = load_shapes_world(world, device)
+    clip_device = next(world.clip.parameters()).device
+    predictor = AestheticPredictor.from_file(
+        world.aesthetic_path,
+        input_dim=world.clip_embed_dim,
+        hidden=tuple(world.aesthetic_hidden),
+        dropouts=tuple(getattr(world, "aesthetic_dropouts", LAION_DROPOUTS)),
+        device=clip_device,
+    )
+    return AestheticReward(world.clip, predictor)
+
+
+class VerifierReward(RewardModel):
+    """The shapes world's exact verifier as a reward: 1 if the image shows what its prompt says, else 0.
+
+    Not differentiable (it thresholds the image), so it is a PPO reward and the held-out metric that tells
+    real improvement from reward hacking. After each call ``last_components`` holds the verifier's
+    per-attribute scores (``count``, ``kind``, ``color``, ``position``).
+
+    Args:
+        verify: ``verify(images, prompts)`` returning an object with ``.passed`` (bool ``(B,)``) and
+            ``.scores`` (``{name: (B,)}``); default: ``fluxguide.backbones.shapes.verifier.verify``.
+    """
+
+    differentiable = False
+
+    def __init__(self, verify: Callable[[torch.Tensor, list[str]], Any] | None = None) -> None:
+        super().__init__()
+        if verify is None:
+            from fluxguide.backbones.shapes.verifier import verify
+        self.verify = verify
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        with torch.no_grad():
+            result = self.verify(images.detach(), prompts)
+        self.last_components = {
+            name: torch.as_tensor(values).detach().float().to(images.device)
+            for name, values in result.scores.items()
+        }
+        return torch.as_tensor(result.passed).float().to(images.device)

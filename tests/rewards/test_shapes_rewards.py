@@ -1,0 +1,85 @@
+"""The shapes world's rewards: tiny CLIP score, aesthetic head and verifier (skipped until the world lands)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+shapes = pytest.importorskip("fluxguide.backbones.shapes", reason="the shapes world has not landed yet")
+
+from fluxguide.rewards import (
+    NotDifferentiableError,
+    VerifierReward,
+    make_reward,
+    reward_with_grad,
+    shapes_aesthetic,
+    shapes_clip_score,
+)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return shapes.ShapesWorld.pretrained()
+
+
+@pytest.fixture(scope="module")
+def heldout_renders() -> tuple[torch.Tensor, list[str]]:
+    """One fresh render of each of (up to) 64 held-out prompts."""
+    from fluxguide.backbones.shapes.scenes import render_prompts
+
+    prompts = shapes.heldout_prompts()[:64]
+    images, _ = render_prompts(prompts, seed=1234)
+    return images, prompts
+
+
+def test_clip_score_ranks_right_caption_above_wrong(world, heldout_renders) -> None:
+    images, prompts = heldout_renders
+    reward = shapes_clip_score(world)
+    # The wrong caption of image i is the prompt of image i + 7 (a different held-out prompt).
+    wrong = [prompts[(i + 7) % len(prompts)] for i in range(len(prompts))]
+    with torch.no_grad():
+        right_scores, wrong_scores = reward(images, prompts), reward(images, wrong)
+    accuracy = (right_scores > wrong_scores).float().mean().item()
+    print(f"shapes CLIP score: right caption above wrong on {accuracy:.1%} of {len(prompts)} held-out pairs")
+    assert accuracy >= 0.9
+
+
+def test_clip_and_aesthetic_are_differentiable(world, heldout_renders) -> None:
+    images, prompts = heldout_renders
+    for reward in (
+        shapes_clip_score(world),
+        shapes_aesthetic(world),
+        make_reward("shapes-aesthetic", world=world),
+    ):
+        x = images[:8].clone().requires_grad_(True)
+        out = reward_with_grad(reward, x, prompts[:8])
+        assert out.shape == (8,) and torch.isfinite(out).all()
+        out.sum().backward()
+        assert x.grad.abs().sum() > 0
+
+
+def test_aesthetic_head_prefers_clean_renders(world, heldout_renders) -> None:
+    images, prompts = heldout_renders
+    noisy = (images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    reward = shapes_aesthetic(world)
+    with torch.no_grad():
+        clean_score, noisy_score = reward(images, prompts).mean(), reward(noisy, prompts).mean()
+    print(f"shapes aesthetic: clean renders {clean_score:.3f}, noisy {noisy_score:.3f}")
+    assert clean_score > noisy_score
+
+
+def test_verifier_reward_equals_pass_rate_with_components(heldout_renders) -> None:
+    images, prompts = heldout_renders
+    # Half true captions, half wrong ones, so the pass rate is neither 0 nor 1.
+    mixed = [p if i % 2 == 0 else prompts[(i + 7) % len(prompts)] for i, p in enumerate(prompts)]
+    reward = VerifierReward()
+    assert not reward.differentiable
+    values = reward(images, mixed)
+    result = shapes.verify(images, mixed)
+    torch.testing.assert_close(values, result.passed.float())
+    assert values.mean().item() == pytest.approx(result.passed.float().mean().item())
+    assert set(reward.last_components) == {"count", "kind", "color", "position"}
+    for name, scores in result.scores.items():
+        torch.testing.assert_close(reward.last_components[name], scores.float())
+    with pytest.raises(NotDifferentiableError, match="VerifierReward is not differentiable.*PPO"):
+        reward_with_grad(reward, images, mixed)
