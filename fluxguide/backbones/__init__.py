@@ -1,0 +1,30 @@
+"""Base models behind one contract: Flux (diffusers), any BFL-signature module, and the shapes world.
+
+Exports are lazy: importing the Flux backbone pulls in diffusers and transformers, which shapes-world users
+need not pay for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fluxguide.backbones.base import Backbone, Conditioning
+
+_LAZY = {
+    "FluxBackbone": "fluxguide.backbones.flux",
+    "REQUIRED_SUBFOLDERS": "fluxguide.backbones.flux",
+    "BFLBackbone": "fluxguide.backbones.bfl",
+    "ShapesWorld": "fluxguide.backbones.shapes",
+    "save_tiny_flux_pipeline": "fluxguide.backbones.tiny_flux",
+    "tiny_flux_components": "fluxguide.backbones.tiny_flux",
+    "tiny_flux_transformer": "fluxguide.backbones.tiny_flux",
+}
+
+__all__ = ["Backbone", "Conditioning", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fluxguide.backbones' has no attribute {name!r}")

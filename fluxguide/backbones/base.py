@@ -117,7 +117,9 @@ class Backbone(nn.Module, ABC):
     def decode(self, img: torch.Tensor) -> torch.Tensor:
         """Packed latents ``(B, seq, C)`` -> images ``(B, 3, H, W)`` in [0, 1], differentiable."""
 
-    def velocity(self, img: torch.Tensor, t: torch.Tensor | float, cond: Conditioning, guidance: float | None = None) -> torch.Tensor:
+    def velocity(
+        self, img: torch.Tensor, t: torch.Tensor | float, cond: Conditioning, guidance: float | None = None
+    ) -> torch.Tensor:
         """The base prediction at time ``t`` (a float or a ``(B,)`` tensor) under conditioning ``cond``."""
         if not isinstance(t, torch.Tensor):
             t = torch.full((img.shape[0],), float(t), device=img.device, dtype=img.dtype)
@@ -126,10 +128,11 @@ class Backbone(nn.Module, ABC):
         return self(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.vec, guidance=g)
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal initial latents ``(batch, seq, C)`` drawn from ``generator`` (on its device)."""
+        """Standard normal initial latents ``(batch, seq, C)`` in float32 (sampler math stays float32 even
+        when the model runs in bf16), drawn from ``generator`` on its device and moved to the backbone's."""
         device = generator.device if generator is not None else self.device
         x = torch.randn((batch, self.latent_seq, self.latent_channels), generator=generator, device=device)
-        return x.to(device=self.device, dtype=self.dtype)
+        return x.to(device=self.device)
 
     def schedule(self, num_steps: int | None = None) -> list[float]:
         """Flux's schedule for this backbone's sequence length."""

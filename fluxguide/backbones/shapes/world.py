@@ -1,0 +1,159 @@
+"""The shapes world as a backbone: tiny CLIP text encoder + tiny Flux transformer on packed pixels.
+
+Latents are the image itself: 32x32 RGB in [-1, 1], packed into 4x4 patches (seq 64, C 48), exactly as
+Flux packs its VAE latents into 2x2 patches. ``decode`` is therefore the identity up to unpacking and the
+map to [0, 1]. The transformer is a diffusers ``FluxTransformer2DModel`` trained by rectified flow
+(``experiments/pretrain_shapes_world.py``) with caption dropout, so classifier-free guidance works.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import open_clip
+import torch
+from diffusers import FluxTransformer2DModel
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.packing import make_img_ids, make_txt_ids, pack, unpack
+from fluxguide.backbones.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
+from fluxguide.backbones.shapes.scenes import IMAGE_SIZE
+
+WEIGHTS_DIR = Path(__file__).with_name("weights")
+PATCH = 4
+FLUX_CONFIG: dict = {
+    "patch_size": 1,
+    "in_channels": 3 * PATCH * PATCH,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "attention_head_dim": 16,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 64,
+    "guidance_embeds": False,
+    "axes_dims_rope": (4, 6, 6),
+}
+AESTHETIC_HIDDEN: tuple[int, ...] = (128, 64, 16)
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file, turning a missing or corrupt file into an error that names it."""
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"shapes-world weight file {path} is missing: reinstall fluxguide or rebuild the weights with "
+            f"`python experiments/pretrain_shapes_world.py --out-dir {path.parent}`"
+        )
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(
+            f"shapes-world weight file {path} is corrupt ({e}): rebuild it with "
+            f"`python experiments/pretrain_shapes_world.py --out-dir {path.parent}`"
+        ) from e
+
+
+def build_transformer() -> FluxTransformer2DModel:
+    """The tiny Flux transformer, randomly initialised."""
+    return FluxTransformer2DModel(**FLUX_CONFIG)
+
+
+class ShapesWorld(Backbone):
+    """The embedded default backbone. Build with :meth:`pretrained` (shipped weights) or from parts.
+
+    Args:
+        clip: the tiny open_clip CLIP (its text tower encodes prompts; the reward uses both towers).
+        transformer: the tiny ``FluxTransformer2DModel``.
+        weights_dir: folder of the weight files (for the rewards that load the aesthetic head).
+    """
+
+    latent_seq = (IMAGE_SIZE // PATCH) ** 2
+    latent_channels = 3 * PATCH * PATCH
+    image_height = IMAGE_SIZE
+    image_width = IMAGE_SIZE
+    default_num_steps = 20
+    default_guidance = None
+    default_cfg_scale = 1.0
+    recommended_cfg_scale = 3.0
+    schedule_shift = True
+    clip_embed_dim = 64
+    aesthetic_hidden = AESTHETIC_HIDDEN
+
+    def __init__(self, clip: open_clip.CLIP, transformer: FluxTransformer2DModel, weights_dir: Path | None = None) -> None:
+        super().__init__()
+        self.clip = clip
+        self.transformer = transformer
+        self.tokenizer = shapes_tokenizer()
+        self.weights_dir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        grid = IMAGE_SIZE // PATCH
+        self.register_buffer("img_ids", make_img_ids(grid, grid), persistent=False)
+        self.register_buffer("txt_ids", make_txt_ids(self.tokenizer.context_length), persistent=False)
+        self.clip.requires_grad_(False)
+        self.transformer.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def pretrained(
+        cls,
+        weights_dir: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> ShapesWorld:
+        """Load the shipped weights (or those in ``weights_dir``); no network access."""
+        wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
+        clip = create_shapes_clip()
+        clip.load_state_dict({k: v.float() for k, v in load_weights(wdir / "clip.safetensors").items()})
+        transformer = build_transformer()
+        transformer.load_state_dict({k: v.float() for k, v in load_weights(wdir / "flux.safetensors").items()})
+        return cls(clip, transformer, wdir).to(device=device, dtype=dtype)
+
+    @property
+    def aesthetic_path(self) -> Path:
+        return self.weights_dir / "aesthetic.safetensors"
+
+    def metrics(self) -> dict:
+        """Quality figures recorded by the pretraining run that produced these weights."""
+        path = self.weights_dir / "metrics.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(prompts)).to(self.img_ids.device)
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        if isinstance(prompts, str):
+            raise TypeError(f"encode takes a list of prompts, got the string {prompts!r}: wrap it in a list")
+        txt, vec = encode_text_tokens(self.clip, self.tokenize(prompts))
+        dtype = self.dtype
+        return Conditioning(txt=txt.to(dtype), vec=vec.to(dtype), txt_ids=self.txt_ids, img_ids=self.img_ids,
+                            prompts=list(prompts))
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        y: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # diffusers' Flux takes t in [0, 1] and scales it by 1000 inside, like BFL's timestep embedding.
+        out = self.transformer(
+            hidden_states=img.to(self.dtype),
+            encoder_hidden_states=txt.to(self.dtype),
+            pooled_projections=y.to(self.dtype),
+            timestep=timesteps.to(self.dtype),
+            img_ids=img_ids,
+            txt_ids=txt_ids,
+            return_dict=False,
+        )[0]
+        return out.to(img.dtype)
+
+    def decode(self, img: torch.Tensor) -> torch.Tensor:
+        return ((unpack(img, IMAGE_SIZE, IMAGE_SIZE, PATCH) + 1) / 2).clamp(0, 1)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] -> clean latents ``x0`` (the inverse of :meth:`decode`)."""
+        return pack(images * 2 - 1, PATCH)
