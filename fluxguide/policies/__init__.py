@@ -1,0 +1,52 @@
+"""Guidance networks and their TorchRL actor / critic wrappers (DESIGN.md, "policies").
+
+The seed's names: ``BaseGuidanceModel``, ``MLPGuidanceModel``, ``create_mlp_guidance_model``,
+``AttentionGuidanceModel``, ``ConvGuidanceModel``, ``MultiObjectiveGuidance`` and step-specific guidance.
+"""
+
+from fluxguide.policies import keys
+from fluxguide.policies.actors import (
+    GaussianHead,
+    ObservationAdapter,
+    make_deterministic_actor,
+    make_probabilistic_actor,
+)
+from fluxguide.policies.attention import AttentionGuidanceModel
+from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model, check_observation
+from fluxguide.policies.checkpoint import load_guidance_model, read_guidance_config, save_guidance_model
+from fluxguide.policies.composite import MultiObjectiveGuidance, StepSpecificGuidance, TimestepRangeGuidance
+from fluxguide.policies.conv import ConvGuidanceModel
+from fluxguide.policies.distributions import ReducedNormal
+from fluxguide.policies.embeddings import grid_position_features, timestep_embedding
+from fluxguide.policies.mlp import MLPGuidanceModel, create_mlp_guidance_model
+from fluxguide.policies.sde import sde_action_coefficient, sde_action_std, sde_log_prob_offset
+from fluxguide.policies.value import GuidanceValueModel, make_value_network
+
+__all__ = [
+    "AttentionGuidanceModel",
+    "BaseGuidanceModel",
+    "ConvGuidanceModel",
+    "GaussianHead",
+    "GuidanceValueModel",
+    "MLPGuidanceModel",
+    "MultiObjectiveGuidance",
+    "ObservationAdapter",
+    "ReducedNormal",
+    "StepSpecificGuidance",
+    "TimestepRangeGuidance",
+    "build_guidance_model",
+    "check_observation",
+    "create_mlp_guidance_model",
+    "grid_position_features",
+    "keys",
+    "load_guidance_model",
+    "make_deterministic_actor",
+    "make_probabilistic_actor",
+    "make_value_network",
+    "read_guidance_config",
+    "save_guidance_model",
+    "sde_action_coefficient",
+    "sde_action_std",
+    "sde_log_prob_offset",
+    "timestep_embedding",
+]

@@ -1,0 +1,204 @@
+"""Guidance models as TorchRL policies: a deterministic actor, a Gaussian ``ProbabilisticActor``.
+
+The same network serves reward-gradient and behaviour cloning (deterministic: ``action = model(obs)``) and
+PPO (stochastic: ``action ~ N(model(obs), scale^2)``, with ``scale`` fixed, learned, or the env's SDE std).
+Keys come from :mod:`fluxguide.policies.keys`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from tensordict.nn import InteractionType, TensorDictModule
+from tensordict.utils import NestedKey
+from torch import nn
+from torchrl.data import TensorSpec
+from torchrl.modules import ProbabilisticActor
+
+from fluxguide.policies import keys
+from fluxguide.policies.distributions import ReducedNormal
+
+
+def _flat_per_sample(x: torch.Tensor, batch_shape: torch.Size, what: str) -> torch.Tensor:
+    """A per-sample scalar given as ``batch``, ``batch + (1,)`` or one value -> ``(prod(batch),)``."""
+    n = batch_shape.numel()
+    if x.numel() == 1:
+        return x.reshape(1).expand(n)
+    if x.shape not in (batch_shape, batch_shape + (1,)):
+        raise ValueError(
+            f"{what} must be shaped {tuple(batch_shape)} or {tuple(batch_shape) + (1,)}, got {tuple(x.shape)}"
+        )
+    return x.reshape(n)
+
+
+class ObservationAdapter(nn.Module):
+    """Run a guidance-signature model on TensorDict observations with any leading batch dims.
+
+    TorchRL hands policies ``img`` of shape ``(*batch, seq, C)`` (``batch`` = ``[B]`` in a rollout step,
+    ``[B, T]`` on a stored trajectory), ``t`` and ``step`` as ``(*batch,)`` or ``(*batch, 1)``, and
+    ``txt`` / ``vec`` with the same leading dims (or broadcastable to them). Guidance models take one
+    flat batch; this flattens, calls, and restores the leading dims.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        t: torch.Tensor,
+        step: torch.Tensor,
+    ) -> torch.Tensor:
+        if img.ndim < 3:
+            raise ValueError(f"img must be packed latents (*batch, seq, C), got shape {tuple(img.shape)}")
+        batch_shape = img.shape[:-2]
+        n = batch_shape.numel()
+        try:
+            txt_flat = txt.expand(batch_shape + txt.shape[-2:]).reshape(n, *txt.shape[-2:])
+            vec_flat = vec.expand(batch_shape + vec.shape[-1:]).reshape(n, vec.shape[-1])
+        except RuntimeError as e:
+            raise ValueError(
+                f"txt {tuple(txt.shape)} and vec {tuple(vec.shape)} must have the leading dims of img "
+                f"{tuple(batch_shape)} (or broadcast to them)"
+            ) from e
+        out = self.model(
+            img.reshape(n, *img.shape[-2:]),
+            pred.reshape(n, *pred.shape[-2:]),
+            txt_flat,
+            vec_flat,
+            _flat_per_sample(t, batch_shape, "t"),
+            _flat_per_sample(step, batch_shape, "step").long(),
+        )
+        return out.reshape(*batch_shape, *out.shape[1:])
+
+
+class GaussianHead(nn.Module):
+    """Observation -> ``(loc, scale)`` of the Gaussian policy; ``loc`` is the guidance model's correction.
+
+    ``scale`` has shape ``(*batch, 1, 1)``: one std per sample, broadcast over ``(seq, C)`` (storing a full
+    action-sized std per step would double rollout memory).
+
+    Args:
+        model: the guidance model.
+        std: the fixed std, or the initial std when learned.
+        learn_std: learn ``log std`` (one scalar parameter).
+        use_sde_std: read the std from the observation's ``sde_std`` (the env's SDE mode).
+    """
+
+    def __init__(
+        self, model: nn.Module, std: float = 0.1, learn_std: bool = False, use_sde_std: bool = False
+    ) -> None:
+        super().__init__()
+        if learn_std and use_sde_std:
+            raise ValueError(
+                "learn_std and use_sde_std are exclusive: the SDE std is set by the env, not learned"
+            )
+        if not use_sde_std and not (std > 0 and math.isfinite(std)):
+            raise ValueError(f"std must be a positive finite number, got {std}")
+        self.net = ObservationAdapter(model)
+        self.use_sde_std = use_sde_std
+        self.std = float(std)
+        self.log_std = nn.Parameter(torch.tensor(math.log(std))) if learn_std else None
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        t: torch.Tensor,
+        step: torch.Tensor,
+        sde_std: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loc = self.net(img, pred, txt, vec, t, step)
+        batch_shape = loc.shape[:-2]
+        if self.use_sde_std:
+            if sde_std is None:
+                raise ValueError(
+                    f"use_sde_std=True needs the observation key {keys.SDE_STD!r} (the env in SDE mode)"
+                )
+            scale = _flat_per_sample(sde_std, batch_shape, keys.SDE_STD).float()
+            if not bool((scale > 0).all()):
+                raise ValueError(
+                    f"{keys.SDE_STD} must be > 0, got min {scale.min().item():.3g}: the env is in ODE mode "
+                    "or "
+                    "its noise_level is 0; use a fixed std (use_sde_std=False) there"
+                )
+            scale = scale.reshape(*batch_shape, 1, 1)
+        elif self.log_std is not None:
+            scale = self.log_std.float().exp().expand(*batch_shape, 1, 1)
+        else:
+            scale = torch.full((*batch_shape, 1, 1), self.std, device=loc.device)
+        return loc, scale
+
+
+def make_deterministic_actor(
+    model: nn.Module,
+    observation_keys: Sequence[NestedKey] = keys.OBSERVATION_KEYS,
+    action_key: NestedKey = keys.ACTION,
+) -> TensorDictModule:
+    """``action = model(img, pred, txt, vec, t, step)`` as a ``TensorDictModule`` (reward-gradient, BC).
+
+    Args:
+        model: a guidance model (any module with the guidance call signature).
+        observation_keys: the six observation keys, in the order ``img, pred, txt, vec, t, step``.
+        action_key: where to write the correction.
+    """
+    return TensorDictModule(ObservationAdapter(model), in_keys=list(observation_keys), out_keys=[action_key])
+
+
+def make_probabilistic_actor(
+    model: nn.Module,
+    std: float = 0.1,
+    learn_std: bool = False,
+    use_sde_std: bool = False,
+    log_prob_reduction: Literal["mean", "sum"] = "mean",
+    *,
+    return_log_prob: bool = True,
+    default_interaction_type: InteractionType = InteractionType.RANDOM,
+    spec: TensorSpec | None = None,
+    observation_keys: Sequence[NestedKey] = keys.OBSERVATION_KEYS,
+    sde_std_key: NestedKey = keys.SDE_STD,
+) -> ProbabilisticActor:
+    """A Gaussian ``ProbabilisticActor`` around a guidance model (PPO).
+
+    Writes ``loc``, ``scale``, ``action`` and (with ``return_log_prob``) ``action_log_prob``: ONE number per
+    sample, the log-density reduced over ``(seq, C)`` by ``log_prob_reduction`` (see :class:`ReducedNormal`).
+
+    Args:
+        model: the guidance model; its output is the mean correction (zero for a new model).
+        std: the fixed std, or the initial std when ``learn_std``.
+        learn_std: learn one log-std parameter.
+        use_sde_std: take the std from the observation's ``sde_std`` (env in SDE mode; see
+            :func:`fluxguide.policies.sde_action_std` for what the env must publish).
+        log_prob_reduction: ``"mean"`` (default; sane PPO ratios at high dimension) or ``"sum"`` (exact).
+        return_log_prob: write the log-prob of the sampled action.
+        default_interaction_type: ``RANDOM`` samples (exploration, SDE); under TorchRL's
+            ``set_exploration_type(DETERMINISTIC)`` the actor returns the mean.
+        spec: the env's action spec, if any.
+        observation_keys: the six observation keys, in the order ``img, pred, txt, vec, t, step``.
+        sde_std_key: where the env publishes the SDE std.
+    """
+    if log_prob_reduction not in ("mean", "sum"):
+        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
+    head = GaussianHead(model, std=std, learn_std=learn_std, use_sde_std=use_sde_std)
+    in_keys = list(observation_keys) + ([sde_std_key] if use_sde_std else [])
+    module = TensorDictModule(head, in_keys=in_keys, out_keys=[keys.LOC, keys.SCALE])
+    return ProbabilisticActor(
+        module,
+        in_keys=[keys.LOC, keys.SCALE],
+        out_keys=[keys.ACTION],
+        spec=spec,
+        distribution_class=ReducedNormal,
+        distribution_kwargs={"reduction": log_prob_reduction, "event_dims": 2},
+        return_log_prob=return_log_prob,
+        log_prob_key=keys.LOG_PROB,
+        default_interaction_type=default_interaction_type,
+    )
