@@ -223,3 +223,22 @@ def test_flux_scale_models_build_and_run_on_meta(arch):
         )
     assert out.shape == (1, 4096, 64)
     assert sum(p.numel() for p in model.parameters()) < 100_000_000
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_low_precision_model_returns_the_prediction_dtype(arch, shapes_world, make_observation, perturb):
+    """A bf16 guidance model takes float32 sampler state and hands back a float32 correction."""
+    model = build_guidance_model(_small(arch).config, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    perturb(model)
+    obs = make_observation(shapes_world)
+    out = call(model, obs)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.abs().max() > 0
+
+
+def _small(arch):
+    return {
+        "mlp": lambda: MLPGuidanceModel(latent_channels=48, hidden_dim=16, vec_dim=64),
+        "attention": lambda: AttentionGuidanceModel(16, 2, 1, latent_channels=48, txt_dim=64, vec_dim=64),
+        "conv": lambda: ConvGuidanceModel(3, 8, 1, patch_size=4, vec_dim=64),
+    }[arch]()
