@@ -158,16 +158,16 @@ def sample_scenes(n: int, rng: np.random.Generator, prompts: list[str] | None = 
     return [place(s, rng) for s in specs]
 
 
-def _shape_mask(kind: str, x: torch.Tensor, y: torch.Tensor, cx: float, cy: float, s: float) -> torch.Tensor:
+def _shape_mask(kind: str, x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor,
+                s: torch.Tensor) -> torch.Tensor:
+    """Boolean masks ``(N, S, S)`` of N shapes of one kind (centre and size as ``(N, 1, 1)`` tensors)."""
     h = s / 2
     if kind == "circle":
         return (x - cx) ** 2 + (y - cy) ** 2 <= h * h
     if kind == "square":
         return ((x - cx).abs() <= h) & ((y - cy).abs() <= h)
-    if kind == "triangle":  # isosceles, apex up
-        top = cy - h
-        return (y >= top) & (y <= cy + h) & ((x - cx).abs() <= (y - top) / s * h)
-    raise ValueError(f"unknown kind {kind!r}; kinds are {list(KINDS)}")
+    top = cy - h  # isosceles triangle, apex up
+    return (y >= top) & (y <= cy + h) & ((x - cx).abs() <= (y - top) / s * h)
 
 
 def render(scenes: list[Scene], supersample: int = 4) -> torch.Tensor:
@@ -176,11 +176,23 @@ def render(scenes: list[Scene], supersample: int = 4) -> torch.Tensor:
     coords = (torch.arange(size, dtype=torch.float32) + 0.5) / supersample
     y, x = torch.meshgrid(coords, coords, indexing="ij")
     out = torch.zeros(len(scenes), 3, size, size)
-    for i, scene in enumerate(scenes):
-        for shape in scene.shapes:
-            mask = _shape_mask(shape.spec.kind, x, y, shape.cx, shape.cy, shape.size)
-            color = torch.tensor(COLORS[shape.spec.color]).view(3, 1, 1)
-            out[i] = torch.where(mask, color, out[i])
+    palette = torch.tensor(list(COLORS.values()))
+    color_index = {c: i for i, c in enumerate(COLORS)}
+    # Later objects are drawn over earlier ones; objects of one slot and kind are drawn in one batched op.
+    for slot in range(max((len(sc.shapes) for sc in scenes), default=0)):
+        for kind in KINDS:
+            rows = [i for i, sc in enumerate(scenes) if len(sc.shapes) > slot and sc.shapes[slot].spec.kind == kind]
+            if not rows:
+                continue
+            shapes = [scenes[i].shapes[slot] for i in rows]
+
+            def column(values: list[float]) -> torch.Tensor:
+                return torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)
+
+            masks = _shape_mask(kind, x, y, column([p.cx for p in shapes]), column([p.cy for p in shapes]),
+                                column([p.size for p in shapes]))
+            colors = palette[[color_index[p.spec.color] for p in shapes]].view(-1, 3, 1, 1)
+            out[rows] = torch.where(masks.unsqueeze(1), colors, out[rows])
     return torch.nn.functional.avg_pool2d(out, supersample)
 
 
