@@ -3,7 +3,14 @@
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import FluxModel, apply_guidance_model, denoise, scale_at
 from fluxguide.sampling.schedule import get_lin_function, get_schedule, time_shift
-from fluxguide.sampling.steps import SDEStepOutput, euler_step, gaussian_log_prob, sde_mean, sde_step, sde_step_std
+from fluxguide.sampling.steps import (
+    SDEStepOutput,
+    euler_step,
+    gaussian_log_prob,
+    sde_mean,
+    sde_step,
+    sde_step_std,
+)
 
 __all__ = [
     "ClassifierFreeGuidance",

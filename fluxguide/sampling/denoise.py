@@ -7,8 +7,10 @@ guidance arguments. At every step ``pred_used = pred + scale * guidance_model(im
 
 from __future__ import annotations
 
+import itertools
+import numbers
 from collections.abc import Callable, Sequence
-from typing import Protocol, Union
+from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -32,14 +34,16 @@ class FluxModel(Protocol):
 
 
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
-GuidanceScale = Union[float, Sequence[float], Callable[[int], float]]
+GuidanceScale = float | Sequence[float] | Callable[[int], float]
 
 
 def scale_at(guidance_scale: GuidanceScale, step_idx: int, num_steps: int) -> float:
     """The guidance scale of step ``step_idx``: a constant, one entry of a list, or ``scale(step_idx)``."""
     if callable(guidance_scale):
         return float(guidance_scale(step_idx))
-    if isinstance(guidance_scale, (int, float)):
+    if isinstance(guidance_scale, numbers.Real) or (
+        isinstance(guidance_scale, torch.Tensor) and guidance_scale.ndim == 0
+    ):  # numbers.Real also admits numpy scalars, which ``list()`` below cannot iterate
         return float(guidance_scale)
     scales = list(guidance_scale)
     if len(scales) != num_steps:
@@ -156,7 +160,7 @@ def denoise(
             )
         return euler_step(img, pred_used, t_curr, t_prev), pred, pred_used
 
-    for i, (t_curr, t_prev) in enumerate(zip(timesteps[:-1], timesteps[1:])):
+    for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):
         with_grad = guidance_requires_grad and i >= first_grad_step
         with torch.set_grad_enabled(with_grad):
             if with_grad and gradient_checkpointing:

@@ -86,14 +86,17 @@ def sde_step(
         noise_level: ``a`` in ``sigma_t = a * sqrt(t / (1 - t))``; 0 gives the Euler step.
         noise: standard normal noise to use (drawn from ``generator`` if omitted).
         sample: evaluate the log-prob of this given next latent instead of drawing one (PPO's old actions).
+            A drawn sample enters its own log-prob detached (the score-function convention); a given one
+            is used as passed.
 
     Returns:
         :class:`SDEStepOutput`; ``log_prob`` is element-wise (reduce it by mean or sum as the caller needs)
         and computed in float32. With ``noise_level = 0`` the step is deterministic and ``log_prob`` is 0.
     """
+    std_value = sde_step_std(t_curr, t_prev, noise_level)  # validates the times before sde_mean divides by t
     mean = sde_mean(img, pred, t_curr, t_prev, noise_level)
-    std_value = sde_step_std(t_curr, t_prev, noise_level)
     std = torch.full((), std_value, dtype=torch.promote_types(img.dtype, torch.float32), device=img.device)
+    action = sample
     if sample is None:
         if std_value == 0:
             sample = mean
@@ -101,8 +104,12 @@ def sde_step(
             if noise is None:
                 noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
             sample = mean + std_value * noise
+        # The drawn sample is the action: a constant in its log-prob (as in Flow-GRPO), so the score
+        # d log p / d mean = (sample - mean) / std^2 reaches the policy. The returned ``sample`` keeps its
+        # reparameterised graph for reward gradients.
+        action = sample.detach()
     if std_value == 0:
         log_prob = torch.zeros_like(mean, dtype=std.dtype)
     else:
-        log_prob = gaussian_log_prob(sample, mean, std)
+        log_prob = gaussian_log_prob(action, mean, std)
     return SDEStepOutput(sample=sample, mean=mean, std=std, log_prob=log_prob)
