@@ -61,6 +61,8 @@ class Config:
     """generated images (base sampler) mixed into the aesthetic head's training set"""
     eval_samples_per_prompt: int = 4
     """samples per held-out prompt for the verifier pass rates"""
+    eval_num_prompts: int | None = None
+    """evaluate on the first N held-out prompts only (default: all 90)"""
     cfg_scale: float = 3.0
     """classifier-free guidance scale evaluated against the base sampler"""
     threads: int = field(default_factory=torch.get_num_threads)
@@ -138,8 +140,9 @@ def train_aesthetic(cfg: Config, pool: ScenePool, world: ShapesWorld, gen: torch
     from fluxguide.rewards.aesthetic import AestheticPredictor
     from fluxguide.backbones.shapes.clip import normalize_images
 
-    generated, _ = sample_prompts(world, train_prompts(), samples_per_prompt=max(1, cfg.aesthetic_generated // 210),
-                                  seed=cfg.seed + 1)
+    train = train_prompts()
+    generated, _ = sample_prompts(world, [train[i % len(train)] for i in range(cfg.aesthetic_generated)],
+                                  samples_per_prompt=1, seed=cfg.seed + 1)
     head = AestheticPredictor(input_dim=world.clip_embed_dim, hidden=world.aesthetic_hidden)
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     bar = tqdm(range(cfg.aesthetic_steps), desc="aesthetic")
@@ -160,7 +163,7 @@ def train_aesthetic(cfg: Config, pool: ScenePool, world: ShapesWorld, gen: torch
 
 
 def evaluate(cfg: Config, world: ShapesWorld) -> dict:
-    held = heldout_prompts()
+    held = heldout_prompts()[: cfg.eval_num_prompts]
     images, scenes = render_prompts([p for p in held for _ in range(4)], seed=cfg.seed + 2)
     prompts = [s.caption for s in scenes]
     metrics = {
