@@ -1,0 +1,286 @@
+"""Train a guidance policy by reward gradient: backpropagate a differentiable reward through the sampler.
+
+    python experiments/train_reward_gradient.py                                # shapes world, tiny-CLIP reward
+    python experiments/train_reward_gradient.py --backbone tiny-flux --total-updates 20   # tiny random Flux
+    python experiments/train_reward_gradient.py --help                         # every option
+
+Each update samples a batch of *training* prompts, runs the guided sampler with a graph through the last K
+steps, decodes, scores with the reward and takes one optimizer step (``fluxguide.algos.RewardGradient``).
+Every ``eval_every`` updates the policy is evaluated on the *held-out* prompts with fixed noise: the reward
+and, on the shapes world, the exact verifier's pass rate (the metric that tells real improvement from reward
+hacking), plus a PNG grid of samples. Metrics go to W&B (offline unless ``--wandb-mode online``) and to
+``<run_dir>/metrics.jsonl``, against ``charts/samples_seen``.
+
+Checkpoints are written every ``checkpoint_every`` updates to ``<run_dir>/checkpoints``. Rerunning the same
+command continues from the last one (same update count, same RNG streams, so the curves continue where they
+stopped). A NaN/inf loss stops the run with a message and writes no checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig
+from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.shapes import heldout_prompts, train_prompts, verify
+from fluxguide.backbones.shapes.evaluation import sample_prompts
+from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from fluxguide.grids import save_prompt_grid
+from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
+from fluxguide.rewards import CLIPScore, load_open_clip, make_reward
+from fluxguide.tracking import Tracker
+
+BackboneName = Literal["shapes", "shapes-random", "tiny-flux"]
+
+
+@dataclass
+class Config:
+    run_dir: Path = Path("runs/reward_gradient/shapes")
+    """run folder (checkpoints, metrics.jsonl, sample grids, W&B files); rerunning with it resumes"""
+    backbone: BackboneName = "shapes"
+    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests);
+    'tiny-flux': a tiny random diffusers Flux with a CLIP score over a tiny random open_clip (code-path test)"""
+    reward: str = "shapes-clip"
+    """reward registry name (fluxguide.rewards.make_reward), built with world=<the shapes world>; must be
+    differentiable. Ignored by tiny-flux, which uses its own tiny CLIP score"""
+    policy: Literal["mlp", "attention", "conv"] = "attention"
+    """guidance architecture (all know each token's position; attention also reads the text tokens)"""
+    hidden_dim: int = 64
+    """policy width"""
+    num_layers: int = 2
+    """policy depth (MLP layers / transformer blocks / conv blocks)"""
+    num_heads: int = 4
+    """attention heads (attention policy)"""
+    lr: float = 1e-3
+    """AdamW learning rate"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    batch_size: int = 16
+    """images per update (one per prompt, prompts drawn with replacement from the training prompts)"""
+    num_steps: int = 20
+    """sampling steps"""
+    guidance_scale: float = 1.0
+    """scale of the policy's correction"""
+    grad_last_k: int | None = None
+    """backpropagate through the last K steps only (default: all steps)"""
+    random_k: bool = False
+    """draw K uniformly from [1, grad_last_k] at every update (AlignProp's randomized truncation)"""
+    gradient_checkpointing: bool = True
+    """recompute step activations in the backward pass (less memory, about one more forward)"""
+    control_cost: float = 0.0
+    """weight of the control cost (KL to the base sampler) on the corrections"""
+    reward_target: float | None = None
+    """AlignProp-style reward target: the loss is -min(reward, target)"""
+    max_grad_norm: float | None = 1.0
+    """clip the global gradient norm (None: no clipping)"""
+    one_step: bool = False
+    """train with the one-step variant (reward of the predicted clean image at a random step)"""
+    total_updates: int = 200
+    """optimizer updates of the whole run (a resumed run counts the updates already done)"""
+    time_budget_minutes: float | None = None
+    """stop (with a checkpoint) once the run has used this much wall time, evaluation included, summed over
+    resumes"""
+    eval_every: int = 20
+    """evaluate every N updates (and at the start and the end)"""
+    eval_num_prompts: int | None = None
+    """evaluate on the first N held-out prompts (default: all)"""
+    eval_samples_per_prompt: int = 2
+    """samples per held-out prompt in each evaluation (same noise every time: paired comparisons)"""
+    grid_prompts: int = 8
+    """held-out prompts shown in each sample grid"""
+    checkpoint_every: int = 20
+    """write a checkpoint every N updates (and at the end)"""
+    seed: int = 0
+    """seed of the policy initialisation, prompt sampling and noise"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest on a shared 2-core machine)"""
+    device: str = "cpu"
+    """torch device"""
+    wandb_project: str = "fluxguide"
+    """W&B project"""
+    wandb_group: str = "reward-gradient"
+    """W&B group"""
+    wandb_mode: str | None = None
+    """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+
+
+def build_backbone(cfg: Config) -> tuple[Backbone, torch.nn.Module]:
+    """The base model and the (differentiable) reward."""
+    device = torch.device(cfg.device)
+    if cfg.backbone == "tiny-flux":
+        from diffusers import FluxPipeline
+
+        from fluxguide.backbones.flux import FluxBackbone
+        from fluxguide.backbones.tiny_flux import tiny_flux_components
+
+        pipe = FluxPipeline(**tiny_flux_components(seed=cfg.seed))
+        backbone = FluxBackbone.from_pipeline(pipe, height=64, width=64, max_sequence_length=16,
+                                              num_steps=cfg.num_steps).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            clip, tokenizer = load_open_clip("fluxguide-tiny-random-clip", None, model_cfg=TINY_CLIP_CFG, device=device)
+        return backbone, CLIPScore(clip, tokenizer)
+    from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
+
+    if cfg.backbone == "shapes-random":
+        from fluxguide.backbones.shapes.world import build_transformer
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            world = ShapesWorld(create_shapes_clip(), build_transformer()).to(device)
+    else:
+        world = ShapesWorld.pretrained(device=device)
+    return world, make_reward(cfg.reward, world=world)
+
+
+#: A tiny random open_clip (ViT on 32x32 crops, 2-layer text tower) for the tiny-Flux code path.
+TINY_CLIP_CFG = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
+}
+
+
+def build_policy(cfg: Config, backbone: Backbone) -> BaseGuidanceModel:
+    cond = backbone.encode(["a red circle"])
+    grid = (int(cond.img_ids[:, 1].max()) + 1, int(cond.img_ids[:, 2].max()) + 1)  # (rows, cols) of Flux ids
+    kw = {"vec_dim": cond.vec.shape[-1], "grid_size": grid, "device": cfg.device}
+    if cfg.policy == "mlp":
+        return MLPGuidanceModel(latent_channels=backbone.latent_channels, hidden_dim=cfg.hidden_dim,
+                                num_layers=cfg.num_layers, **kw)
+    if cfg.policy == "attention":
+        return AttentionGuidanceModel(hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
+                                      latent_channels=backbone.latent_channels, txt_dim=cond.txt.shape[-1],
+                                      mlp_ratio=2.0, **kw)
+    patch = 4 if cfg.backbone.startswith("shapes") else 2
+    return ConvGuidanceModel(in_channels=backbone.latent_channels // patch**2, hidden_channels=cfg.hidden_dim,
+                             num_blocks=cfg.num_layers, patch_size=patch, **kw)
+
+
+@torch.no_grad()
+def evaluate(cfg: Config, backbone: Backbone, reward: torch.nn.Module, policy: torch.nn.Module,
+             prompts: list[str]) -> tuple[dict[str, float], torch.Tensor]:
+    """Held-out reward (and verifier pass rate on the shapes world) with fixed noise; returns metrics and images."""
+    policy.eval()
+    images, all_prompts = sample_prompts(backbone, prompts, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                         seed=cfg.seed + 12345, guidance_model=policy,
+                                         guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, batch_size=64)
+    rewards = torch.cat([reward(images[i : i + 64].to(cfg.device), all_prompts[i : i + 64]).float().cpu()
+                         for i in range(0, len(all_prompts), 64)])
+    metrics = {"eval/reward_mean": float(rewards.mean()), "eval/reward_std": float(rewards.std())}
+    if cfg.backbone.startswith("shapes"):
+        result = verify(images, all_prompts)
+        metrics["eval/verifier_pass_rate"] = result.accuracy
+        metrics.update({f"eval/verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
+    policy.train()
+    return metrics, images
+
+
+def main(cfg: Config) -> dict[str, float]:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    backbone, reward = build_backbone(cfg)
+    policy = build_policy(cfg, backbone)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    algo = RewardGradient(
+        backbone, policy, reward, optimizer,
+        RewardGradientConfig(
+            num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, grad_last_k=cfg.grad_last_k,
+            random_k=cfg.random_k, gradient_checkpointing=cfg.gradient_checkpointing,
+            control_cost=cfg.control_cost, reward_target=cfg.reward_target, max_grad_norm=cfg.max_grad_norm,
+        ),
+        one_step=cfg.one_step,
+    )
+    train, held = train_prompts(), heldout_prompts()[: cfg.eval_num_prompts]
+    grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]
+    data_gen = torch.Generator().manual_seed(cfg.seed)  # prompts and noise of the training batches
+
+    # Resume from the last checkpoint of this run folder, if any.
+    update, samples_seen, elapsed = 0, 0, 0.0
+    last_eval: dict[str, float] = {}
+    ckpt = latest_checkpoint(cfg.run_dir)
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, modules={"policy": policy}, optimizers={"policy": optimizer},
+                                 generators={"data": data_gen})
+        update, samples_seen, elapsed = loaded.step, loaded.state["samples_seen"], loaded.state["elapsed_seconds"]
+        last_eval = loaded.state.get("last_eval", {})
+        print(f"resuming from {ckpt} (update {update}, {samples_seen} samples seen)")
+    config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    tracker = Tracker(cfg.run_dir, config=config_dict, project=cfg.wandb_project, group=cfg.wandb_group,
+                      mode=cfg.wandb_mode, resume_samples_seen=samples_seen if ckpt is not None else None)
+
+    def run_eval() -> dict[str, float]:
+        metrics, images = evaluate(cfg, backbone, reward, policy, held)
+        tracker.log(metrics, samples_seen)
+        index = {p: i * cfg.eval_samples_per_prompt for i, p in enumerate(held)}
+        columns = {"untrained": base_grid, f"{samples_seen} samples": images[[index[p] for p in grid_prompts]]}
+        path = save_prompt_grid(columns, grid_prompts, cfg.run_dir / "samples" / f"eval_{samples_seen:08d}.png")
+        tracker.log_image("eval/samples", path, samples_seen)
+        return metrics
+
+    base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + 12345,
+                               num_steps=cfg.num_steps)[0]
+    start = time.perf_counter() - elapsed
+    if update == 0:
+        last_eval = run_eval()
+
+    def out_of_time() -> bool:
+        return cfg.time_budget_minutes is not None and time.perf_counter() - start >= 60 * cfg.time_budget_minutes
+    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="reward-gradient")
+    for update in bar:
+        if out_of_time():  # a resumed run whose budget was already used up
+            break
+        t0 = time.perf_counter()
+        prompts = [train[i] for i in torch.randint(len(train), (cfg.batch_size,), generator=data_gen).tolist()]
+        try:
+            metrics = algo.update(prompts, data_gen)
+        except (NonFiniteLossError, FloatingPointError) as e:
+            tracker.finish()
+            last = latest_checkpoint(cfg.run_dir)
+            raise SystemExit(
+                f"stopping at update {update + 1}: {e}\nNo checkpoint was written for this update; the last good "
+                f"checkpoint is {last if last is not None else '(none)'}. Rerunning resumes from it: lower --lr "
+                f"or --guidance-scale, or add --control-cost."
+            ) from e
+        samples_seen += cfg.batch_size
+        done = update + 1
+        tracker.log({
+            "train/reward_mean": metrics["reward_mean"], "train/reward_std": metrics["reward_std"],
+            "train/control_cost": metrics["control_cost"], "train/grad_last_k": metrics.get("grad_last_k", 1.0),
+            "losses/loss": metrics["loss"], "losses/loss_reward": metrics["loss_reward"],
+            "losses/loss_control": metrics.get("loss_control", 0.0), "losses/grad_norm": metrics["grad_norm"],
+            "perf/seconds_per_update": time.perf_counter() - t0, "charts/updates": done,
+        }, samples_seen)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", **(
+            {"heldout_pass": f"{last_eval['eval/verifier_pass_rate']:.3f}"} if "eval/verifier_pass_rate" in last_eval
+            else {}))
+        stop = out_of_time()
+        last = done == cfg.total_updates or stop
+        if done % cfg.eval_every == 0 or last:
+            last_eval = run_eval()
+        if done % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(cfg.run_dir, done, modules={"policy": policy}, optimizers={"policy": optimizer},
+                            generators={"data": data_gen},
+                            state={"samples_seen": samples_seen, "elapsed_seconds": time.perf_counter() - start,
+                                   "config": config_dict, "last_eval": last_eval})
+        if stop:
+            print(f"time budget of {cfg.time_budget_minutes} min used up after {done} updates")
+            break
+    bar.close()
+    tracker.finish()
+    if last_eval:
+        shown = {k: round(v, 4) for k, v in last_eval.items() if not math.isnan(v)}
+        print(f"final held-out evaluation after {samples_seen} samples: {shown}")
+    return last_eval
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

@@ -1,0 +1,405 @@
+"""Reward-gradient training of guidance policies: backpropagate a differentiable reward through the sampler.
+
+Full trajectory (DRaFT, Clark et al. 2024; AlignProp, Prabhudesai et al. 2023): sample noise, run the guided
+Euler sampler with :func:`fluxguide.sampling.denoise` keeping the graph, decode, score with a differentiable
+reward and ascend its gradient with respect to the guidance model's weights. Options:
+
+- **Truncation** (DRaFT-K): only the last ``K`` steps keep a graph, earlier ones run without grad. ``K`` is
+  fixed, or drawn uniformly from ``[1, K_max]`` at every update (AlignProp's randomized truncation, which
+  keeps the cheap late-step gradient and occasionally reaches the early, layout-deciding steps).
+- **Gradient checkpointing**: each step's activations are recomputed in the backward pass (memory O(1) in K).
+- **Control cost** (a KL to the base sampler): see :class:`CorrectionRecorder`.
+- **Reward target** (AlignProp's guard against over-optimisation): the reward term is ``-min(r, target)``,
+  so samples already past the target give no gradient.
+- **Gradient clipping** by global norm, and a hard stop on a non-finite loss or gradient
+  (:class:`NonFiniteLossError`) *before* the optimizer step, so weights are never poisoned.
+
+One-step variant (the seed's ``GuidanceModelTrainer.train_from_reward``): at a sampled step ``i`` the guided
+prediction gives the predicted clean latent ``x0 = img - t_i * (pred + scale * correction)`` (one Euler step
+to ``t = 0``); the loss is ``-reward(decode(x0))``. Cheap (one model call with a graph) but myopic.
+
+Losses follow TorchRL's convention: a dict of named terms (``loss_reward``, ``loss_control``) that the caller
+sums (:func:`total_loss`); metrics are a separate dict of floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.rewards.base import require_differentiable
+from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
+
+RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or gradient became NaN/inf; the update was not applied."""
+
+
+@dataclass
+class RewardGradientConfig:
+    """Settings of one reward-gradient update.
+
+    Attributes:
+        num_steps: sampling steps per trajectory.
+        guidance_scale: scale of the policy's correction (``pred + scale * correction``).
+        grad_last_k: backpropagate through the last ``K`` steps only (``None``: all steps).
+        random_k: draw ``K`` uniformly from ``[1, grad_last_k or num_steps]`` at every update.
+        gradient_checkpointing: recompute step activations in the backward pass.
+        control_cost: weight of the control cost / KL term (0 disables it).
+        reward_target: clip the reward at this value in the loss (``None``: no target).
+        max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+    """
+
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    grad_last_k: int | None = None
+    random_k: bool = False
+    gradient_checkpointing: bool = True
+    control_cost: float = 0.0
+    reward_target: float | None = None
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1, got {self.num_steps}")
+        if self.grad_last_k is not None and not 1 <= self.grad_last_k <= self.num_steps:
+            raise ValueError(
+                f"grad_last_k must be in [1, num_steps={self.num_steps}] or None (all steps), got {self.grad_last_k}"
+            )
+        if self.control_cost < 0:
+            raise ValueError(f"control_cost must be >= 0, got {self.control_cost}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+@dataclass
+class RewardGradientOutput:
+    """One forward pass: named loss terms (tensors with a graph), metrics, final images and rewards."""
+
+    losses: dict[str, torch.Tensor]
+    metrics: dict[str, float]
+    images: torch.Tensor
+    rewards: torch.Tensor
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def total_loss(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the terms whose names start with ``loss_`` (TorchRL's convention)."""
+    terms = [v for k, v in losses.items() if k.startswith("loss_")]
+    if not terms:
+        raise ValueError(f"no loss terms (names starting with 'loss_') in {sorted(losses)}")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+def draw_truncation(
+    num_steps: int, grad_last_k: int | None, random_k: bool, generator: torch.Generator | None = None
+) -> int:
+    """The number of differentiated steps ``K`` of one update (fixed, or uniform in ``[1, K_max]``)."""
+    k_max = num_steps if grad_last_k is None else grad_last_k
+    if not random_k:
+        return k_max
+    return int(torch.randint(1, k_max + 1, (1,), generator=generator).item())
+
+
+class CorrectionRecorder(nn.Module):
+    """Wraps a guidance model and records the control cost of each step's correction.
+
+    At step ``i`` with scale ``s_i`` it records, per sample, ``s_i^2 * mean(correction^2)``. This is the KL
+    divergence between the guided and the base sampler's step, up to a constant, when each Euler step is read
+    as a Gaussian of fixed width: the guided step ``N(img + dt_i (pred + s_i c), sigma_i^2 I)`` and the base
+    step ``N(img + dt_i pred, sigma_i^2 I)`` differ only in their means, so ``KL = dt_i^2 s_i^2 |c|^2 / (2
+    sigma_i^2)``; with ``sigma_i`` proportional to the step size ``dt_i`` this is ``s_i^2 |c|^2`` times a
+    constant (here averaged over the latent's entries, so the weight does not depend on the resolution).
+    Summed over steps it is the KL of the whole trajectory (the chain rule of KL for Markov chains); the
+    mean over steps keeps the weight independent of ``num_steps``.
+
+    Records are keyed by step, so the recomputation of a checkpointed step in the backward pass overwrites
+    rather than duplicates them. Call :meth:`reset` before each trajectory.
+    """
+
+    def __init__(self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int) -> None:
+        super().__init__()
+        self.model = model
+        self.guidance_scale = guidance_scale
+        self.num_steps = num_steps
+        self.costs: dict[int, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        self.costs = {}
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        timestep: torch.Tensor,
+        step_idx: int,
+    ) -> torch.Tensor:
+        correction = self.model(img, pred, txt, vec, timestep, step_idx)
+        scale = scale_at(self.guidance_scale, int(step_idx), self.num_steps)
+        self.costs[int(step_idx)] = scale**2 * correction.float().square().flatten(1).mean(1)
+        return correction
+
+    def per_sample_cost(self) -> torch.Tensor:
+        """``(B,)``: the mean over recorded steps of the per-step control cost."""
+        if not self.costs:
+            raise RuntimeError("no corrections recorded: run the sampler with this recorder as guidance model")
+        return torch.stack([self.costs[i] for i in sorted(self.costs)]).mean(0)
+
+
+def reward_terms(
+    rewards: torch.Tensor, control: torch.Tensor | None, control_cost: float, reward_target: float | None
+) -> dict[str, torch.Tensor]:
+    """The named loss terms from per-sample rewards ``(B,)`` and control costs ``(B,)``."""
+    clipped = rewards if reward_target is None else rewards.clamp(max=reward_target)
+    losses = {"loss_reward": -clipped.float().mean()}
+    if control is not None and control_cost > 0:
+        losses["loss_control"] = control_cost * control.mean()
+    return losses
+
+
+def reward_gradient_loss(
+    model: FluxModel,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    policy: GuidanceFn,
+    reward: RewardFn,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    timesteps: Sequence[float],
+    config: RewardGradientConfig,
+    *,
+    guidance: float | None = None,
+    generator: torch.Generator | None = None,
+) -> RewardGradientOutput:
+    """Full-trajectory reward gradient: sample with a graph through the last ``K`` steps and score.
+
+    Args:
+        model: the base velocity model (BFL signature; a backbone or a CFG wrapper around one).
+        decode: latents -> images ``(B, 3, H, W)`` in [0, 1], differentiable (``backbone.decode``).
+        policy: the guidance model being trained.
+        reward: ``reward(images, prompts) -> (B,)``, differentiable.
+        cond: the conditioning of the ``B`` samples (``cond.prompts`` go to the reward).
+        noise: initial latents ``(B, seq, C)``.
+        timesteps: the schedule (``num_steps + 1`` times).
+        config: truncation, checkpointing, control cost, reward target.
+        guidance: distilled guidance strength for Flux-dev-like models (``None`` for others).
+        generator: draws the random ``K`` when ``config.random_k``.
+
+    Returns:
+        :class:`RewardGradientOutput` with ``losses`` ``{"loss_reward", ["loss_control"]}``.
+    """
+    num_steps = len(timesteps) - 1
+    if num_steps != config.num_steps:
+        raise ValueError(f"got {num_steps + 1} timesteps but config.num_steps={config.num_steps}")
+    k = draw_truncation(num_steps, config.grad_last_k, config.random_k, generator)
+    recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps)
+    latents = denoise(
+        model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
+        guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,
+        guidance_requires_grad=True, grad_last_k=k, gradient_checkpointing=config.gradient_checkpointing,
+    )
+    images = decode(latents)
+    rewards = reward(images, cond.prompts)
+    control = recorder.per_sample_cost()
+    losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
+    metrics = {
+        "reward_mean": float(rewards.detach().mean()),
+        "reward_std": float(rewards.detach().std()) if rewards.numel() > 1 else 0.0,
+        "control_cost": float(control.detach().mean()),
+        "grad_last_k": float(k),
+    }
+    return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
+
+
+def predicted_clean_latent(
+    img: torch.Tensor, pred: torch.Tensor, correction: torch.Tensor, timestep: torch.Tensor | float, scale: float
+) -> torch.Tensor:
+    """``x0 = img - t * (pred + scale * correction)``: one Euler step from ``t`` to 0 with the guided velocity.
+
+    ``timestep`` is a float or a ``(B,)`` / ``(B, 1)`` tensor; computed in float32.
+    """
+    t = torch.as_tensor(timestep, dtype=torch.float32, device=img.device)
+    if t.ndim > 0:
+        t = t.reshape(-1, 1, 1)
+    return img.float() - t * (pred.float() + scale * correction.float())
+
+
+def one_step_reward_loss(
+    model: FluxModel,
+    decode: Callable[[torch.Tensor], torch.Tensor],
+    policy: GuidanceFn,
+    reward: RewardFn,
+    cond: Conditioning,
+    noise: torch.Tensor,
+    timesteps: Sequence[float],
+    config: RewardGradientConfig,
+    *,
+    step_idx: int | None = None,
+    guidance: float | None = None,
+    generator: torch.Generator | None = None,
+) -> RewardGradientOutput:
+    """One-step reward gradient: reward of the predicted clean image at a sampled step.
+
+    Runs the guided sampler without grad to step ``i`` (uniform over the steps unless ``step_idx`` is given),
+    then scores ``decode(img - t_i * (pred + scale * policy(...)))``; only the policy's output at step ``i``
+    carries a gradient. The control cost is that step's.
+    """
+    num_steps = len(timesteps) - 1
+    if step_idx is None:
+        step_idx = int(torch.randint(0, num_steps, (1,), generator=generator).item())
+    if not 0 <= step_idx < num_steps:
+        raise ValueError(f"step_idx must be in [0, {num_steps - 1}], got {step_idx}")
+    img = noise
+    if step_idx > 0:
+        img = denoise(
+            model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, list(timesteps[: step_idx + 1]),
+            guidance=guidance, guidance_model=policy, guidance_scale=_prefix_scale(config.guidance_scale, step_idx),
+        )
+    t = float(timesteps[step_idx])
+    t_vec = torch.full((img.shape[0],), t, device=img.device, dtype=img.dtype)
+    guidance_vec = None if guidance is None else torch.full_like(t_vec, guidance)
+    with torch.no_grad():
+        pred = model(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, y=cond.vec,
+                     timesteps=t_vec, guidance=guidance_vec)
+    correction = policy(img, pred, cond.txt, cond.vec, t_vec, step_idx)
+    scale = scale_at(config.guidance_scale, step_idx, num_steps)
+    x0 = predicted_clean_latent(img, pred, correction, t, scale)
+    images = decode(x0)
+    rewards = reward(images, cond.prompts)
+    control = scale**2 * correction.float().square().flatten(1).mean(1)
+    losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
+    metrics = {
+        "reward_mean": float(rewards.detach().mean()),
+        "reward_std": float(rewards.detach().std()) if rewards.numel() > 1 else 0.0,
+        "control_cost": float(control.detach().mean()),
+        "step_idx": float(step_idx),
+    }
+    return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
+
+
+def _prefix_scale(guidance_scale: GuidanceScale, num_steps: int) -> GuidanceScale:
+    """The scale schedule of the first ``num_steps`` steps (a per-step list is cut to that length)."""
+    if isinstance(guidance_scale, (list, tuple)):
+        return list(guidance_scale)[:num_steps]
+    return guidance_scale
+
+
+def clip_and_check_gradients(parameters: list[nn.Parameter], max_grad_norm: float | None) -> float:
+    """Clip the global gradient norm (if ``max_grad_norm``) and return the norm before clipping.
+
+    Raises:
+        NonFiniteLossError: the gradient holds NaN/inf (the caller must not step the optimizer).
+    """
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    if max_grad_norm is not None:
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norm_value = float(norm)
+    if not torch.isfinite(norm):
+        raise NonFiniteLossError(
+            f"the gradient norm is {norm_value}: NaN/inf gradients; the update was skipped. Lower the learning "
+            f"rate or the guidance scale, or set max_grad_norm"
+        )
+    return norm_value
+
+
+class RewardGradient:
+    """Reward-gradient updates of a guidance policy on a backbone against a differentiable reward.
+
+    Args:
+        backbone: the base model (``encode``, ``decode``, ``noise``, ``schedule``).
+        policy: the guidance model being trained.
+        reward: a differentiable reward module (checked with :func:`require_differentiable`).
+        optimizer: over the policy's parameters.
+        config: see :class:`RewardGradientConfig`.
+        cfg_scale: classifier-free guidance of the base model during training (1 = none).
+        one_step: use the one-step variant instead of the full trajectory.
+
+    Example::
+
+        algo = RewardGradient(world, policy, make_reward("shapes-clip", world=world), optimizer,
+                              RewardGradientConfig(grad_last_k=4, control_cost=0.1))
+        metrics = algo.update(prompts, generator)
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        policy: nn.Module,
+        reward: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        config: RewardGradientConfig | None = None,
+        *,
+        cfg_scale: float = 1.0,
+        one_step: bool = False,
+    ) -> None:
+        require_differentiable(reward)
+        self.backbone = backbone
+        self.policy = policy
+        self.reward = reward
+        self.optimizer = optimizer
+        self.config = config or RewardGradientConfig()
+        self.cfg_scale = cfg_scale
+        self.one_step = one_step
+        self.model: FluxModel = backbone if cfg_scale == 1.0 else backbone.with_cfg(cfg_scale)
+        self.timesteps = backbone.schedule(self.config.num_steps)
+        self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._ids: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """The conditioning of ``prompts``, with text features cached per prompt (the text tower is frozen)."""
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if missing:
+            with torch.no_grad():
+                c = self.backbone.encode(missing)
+            for i, p in enumerate(missing):
+                self._cond_cache[p] = (c.txt[i], c.vec[i])
+            self._ids = (c.txt_ids, c.img_ids)
+        assert self._ids is not None
+        return Conditioning(
+            txt=torch.stack([self._cond_cache[p][0] for p in prompts]),
+            vec=torch.stack([self._cond_cache[p][1] for p in prompts]),
+            txt_ids=self._ids[0], img_ids=self._ids[1], prompts=list(prompts),
+        )
+
+    def loss(self, prompts: list[str], generator: torch.Generator | None = None) -> RewardGradientOutput:
+        """The loss terms on fresh noise for ``prompts`` (one sample per entry)."""
+        cond = self.encode(prompts)
+        noise = self.backbone.noise(len(prompts), generator)
+        fn = one_step_reward_loss if self.one_step else reward_gradient_loss
+        return fn(
+            self.model, self.backbone.decode, self.policy, self.reward, cond, noise, self.timesteps, self.config,
+            guidance=self.backbone.default_guidance, generator=generator,
+        )
+
+    def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
+        """One optimizer step on a batch of ``prompts``; returns metrics (``loss``, ``loss_*``, rewards, ...).
+
+        Raises:
+            NonFiniteLossError: the loss or the gradient is NaN/inf; the policy was not changed.
+        """
+        self.policy.train()
+        out = self.loss(prompts, generator)
+        loss = total_loss(out.losses)
+        terms = {k: float(v.detach()) for k, v in out.losses.items()}
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss {float(loss.detach())} (terms {terms}); the update was skipped and the policy is unchanged. "
+                f"Lower the learning rate or the guidance scale, or check the reward on these images"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = clip_and_check_gradients(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        return {"loss": float(loss.detach()), **terms, **out.metrics, "grad_norm": grad_norm}

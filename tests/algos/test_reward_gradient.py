@@ -1,0 +1,145 @@
+"""Reward gradient through the sampler: learning on a fixed batch, truncation, control cost, reward target,
+the one-step variant, and refusal of non-finite losses and non-differentiable rewards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fluxguide.algos import (
+    CorrectionRecorder,
+    NonFiniteLossError,
+    RewardGradient,
+    RewardGradientConfig,
+    draw_truncation,
+    predicted_clean_latent,
+    reward_gradient_loss,
+    total_loss,
+)
+from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
+from fluxguide.backbones.shapes.world import build_transformer
+from fluxguide.policies import AttentionGuidanceModel, MLPGuidanceModel
+from fluxguide.rewards import CallableReward, NotDifferentiableError, make_reward
+
+PROMPTS = ["a red circle", "a blue square on the left of a green triangle", "a yellow triangle above a red square"]
+
+
+@pytest.fixture(scope="module")
+def world() -> ShapesWorld:
+    """A randomly initialised shapes world (real tiny CLIP + tiny Flux transformer; the same sizes as shipped)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ShapesWorld(create_shapes_clip(), build_transformer())
+
+
+def policy(kind: str = "attention", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return MLPGuidanceModel(latent_channels=48, hidden_dim=32, num_layers=2, vec_dim=64, grid_size=8)
+    return AttentionGuidanceModel(hidden_dim=32, num_heads=2, num_layers=1, latent_channels=48, txt_dim=64,
+                                  vec_dim=64, mlp_ratio=2.0, grid_size=8)
+
+
+def test_updates_on_a_fixed_batch_raise_the_reward(world) -> None:
+    net = policy()
+    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world), torch.optim.Adam(net.parameters(), 3e-3),
+                          RewardGradientConfig(num_steps=4, grad_last_k=2, control_cost=0.01))
+    history = []
+    for _ in range(6):  # the same prompts and the same noise every update
+        metrics = algo.update(PROMPTS, torch.Generator().manual_seed(0))
+        assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values()), metrics
+        history.append(metrics["reward_mean"])
+    assert history[-1] > history[0] + 0.02, history
+    assert metrics["loss"] == pytest.approx(metrics["loss_reward"] + metrics["loss_control"], abs=1e-6)
+    assert metrics["grad_last_k"] == 2.0 and metrics["control_cost"] > 0
+
+
+def test_control_cost_is_scaled_mean_square_correction_and_survives_checkpointing(world) -> None:
+    net = policy("mlp")
+    torch.nn.init.normal_(net.out.weight, std=0.05)  # a non-zero correction
+    cond = world.encode(PROMPTS)
+    noise = world.noise(3, torch.Generator().manual_seed(1))
+    grads, costs = [], []
+    for checkpointing in (False, True):
+        out = reward_gradient_loss(world, world.decode, net, lambda x, p: x.mean((1, 2, 3)), cond, noise,
+                                   world.schedule(3), RewardGradientConfig(num_steps=3, guidance_scale=0.5,
+                                   control_cost=2.0, gradient_checkpointing=checkpointing))
+        net.zero_grad()
+        out.losses["loss_control"].backward()
+        grads.append(net.out.weight.grad.clone())
+        costs.append(out.metrics["control_cost"])
+    torch.testing.assert_close(grads[0], grads[1])
+    # Recompute by hand: the mean over steps of 0.5^2 * mean(correction^2).
+    recorder = CorrectionRecorder(net, 0.5, 3)
+    from fluxguide.sampling import denoise
+
+    denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
+            guidance_model=recorder, guidance_scale=0.5)
+    assert sorted(recorder.costs) == [0, 1, 2]
+    assert costs[0] == pytest.approx(float(recorder.per_sample_cost().mean()), rel=1e-5)
+
+
+def test_truncation_only_differentiates_the_last_k_steps(world) -> None:
+    seen: list[tuple[int, bool]] = []
+    net = policy("mlp")
+
+    def spy(img, pred, txt, vec, t, i):
+        c = net(img, pred, txt, vec, t, i)
+        seen.append((i, c.requires_grad))
+        return c
+
+    cond = world.encode(PROMPTS[:1])
+    reward_gradient_loss(world, world.decode, spy, lambda x, p: x.mean((1, 2, 3)), cond,
+                         world.noise(1, torch.Generator().manual_seed(0)), world.schedule(5),
+                         RewardGradientConfig(num_steps=5, grad_last_k=2, gradient_checkpointing=False))
+    assert seen == [(0, False), (1, False), (2, False), (3, True), (4, True)]
+    gen = torch.Generator().manual_seed(0)
+    draws = {draw_truncation(5, 3, True, gen) for _ in range(100)}
+    assert draws == {1, 2, 3}
+    assert draw_truncation(5, None, False) == 5
+
+
+def test_reward_target_stops_the_gradient_of_samples_past_it(world) -> None:
+    net = policy("mlp")
+    before = [p.detach().clone() for p in net.parameters()]
+    reward = make_reward("shapes-clip", world=world)
+    algo = RewardGradient(world, net, reward, torch.optim.SGD(net.parameters(), lr=1.0),
+                          RewardGradientConfig(num_steps=3, reward_target=-1.0))  # cosine >= -1: always past it
+    metrics = algo.update(PROMPTS, torch.Generator().manual_seed(0))
+    assert metrics["loss_reward"] == pytest.approx(1.0) and metrics["grad_norm"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_one_step_variant_learns_and_uses_the_predicted_clean_latent(world) -> None:
+    img, pred, corr = torch.randn(3, 2, 4, 48).unbind(0)
+    x0 = predicted_clean_latent(img, pred, corr, torch.tensor([0.5, 0.25]), 2.0)
+    torch.testing.assert_close(x0, img - torch.tensor([0.5, 0.25]).view(2, 1, 1) * (pred + 2.0 * corr))
+    net = policy("mlp")
+    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world), torch.optim.Adam(net.parameters(), 1e-2),
+                          RewardGradientConfig(num_steps=4), one_step=True)
+    first = algo.update(PROMPTS, torch.Generator().manual_seed(0))
+    for _ in range(4):
+        last = algo.update(PROMPTS, torch.Generator().manual_seed(0))  # same noise, same sampled step
+    assert last["step_idx"] == first["step_idx"]
+    assert last["reward_mean"] > first["reward_mean"] + 0.01
+
+
+def test_non_finite_loss_is_refused_and_leaves_the_policy_unchanged(world) -> None:
+    net = policy("mlp")
+    before = [p.detach().clone() for p in net.parameters()]
+    nan_reward = CallableReward(lambda images, prompts: images.mean((1, 2, 3)) * float("nan"), differentiable=True)
+    algo = RewardGradient(world, net, nan_reward, torch.optim.Adam(net.parameters(), 1e-2),
+                          RewardGradientConfig(num_steps=2))
+    with pytest.raises(NonFiniteLossError, match="non-finite loss.*policy is unchanged"):
+        algo.update(PROMPTS, torch.Generator().manual_seed(0))
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
+
+
+def test_non_differentiable_reward_and_bad_settings_are_rejected(world) -> None:
+    net = policy("mlp")
+    with pytest.raises(NotDifferentiableError, match="use PPO"):
+        RewardGradient(world, net, make_reward("verifier"), torch.optim.Adam(net.parameters()))
+    with pytest.raises(ValueError, match=r"grad_last_k must be in \[1, num_steps=4\]"):
+        RewardGradientConfig(num_steps=4, grad_last_k=5)
+    with pytest.raises(ValueError, match="no loss terms"):
+        total_loss({"reward": torch.tensor(1.0)})
