@@ -1,0 +1,172 @@
+"""Behaviour cloning: regress a guidance model's correction onto collected target corrections.
+
+The loss is TorchRL-style (DESIGN.md, "Style"): :class:`BCLoss` returns a TensorDict of named terms, the
+``loss_*`` terms are what the caller sums and backpropagates, the rest are detached diagnostics.
+
+- ``"mse"``: ``mean((model(obs) - target)^2)``.
+- ``"gaussian_nll"``: ``-log N(target; model(obs), sigma^2)`` per element (averaged), with ``sigma`` one
+  learned scalar, or the policy's own std when the model is a :class:`~fluxguide.policies.GaussianHead`
+  (the PPO policy), so BC can warm-start a stochastic policy with a calibrated std.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+
+from fluxguide.algos.collection import TARGET, DatasetError, GuidanceDataset
+from fluxguide.policies import GaussianHead, ObservationAdapter, keys
+
+LOSS_TYPES: tuple[str, ...] = ("mse", "gaussian_nll")
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def _model_sizes(model: nn.Module) -> dict[str, Any]:
+    inner = model.net.model if isinstance(model, GaussianHead) else model
+    return {
+        "latent_channels": getattr(inner, "latent_channels", None),
+        "grid_size": getattr(inner, "grid_size", None),
+        "txt_dim": getattr(inner, "txt_dim", None),
+        "vec_dim": getattr(inner, "vec_dim", None),
+    }
+
+
+def check_dataset_matches_policy(dataset: GuidanceDataset | dict[str, Any], model: nn.Module) -> None:
+    """Raise :class:`DatasetError` naming expected and actual shapes if the dataset does not fit ``model``.
+
+    Args:
+        dataset: a :class:`GuidanceDataset` or its ``spec``.
+        model: a guidance model (or a :class:`GaussianHead` around one).
+    """
+    spec = dataset.spec if isinstance(dataset, GuidanceDataset) else dataset
+    where = f"the dataset at {dataset.path}" if isinstance(dataset, GuidanceDataset) else "the dataset"
+    if spec is None:
+        raise DatasetError(f"{where} is empty: collect some episodes before training")
+    name = type(model.net.model if isinstance(model, GaussianHead) else model).__name__
+    trans, eps = spec["transitions"], spec["episodes"]
+    img, target = trans[keys.IMG]["shape"], trans[TARGET]["shape"]
+    if len(img) != 2 or target != img or trans[keys.PRED]["shape"] != img:
+        raise DatasetError(
+            f"{where} holds img {img}, pred {trans[keys.PRED]['shape']} and targets {target} per step; all three "
+            "must be packed latents (seq, C) of one shape"
+        )
+    seq, channels = img
+    sizes = _model_sizes(model)
+    problems = []
+    if sizes["latent_channels"] is not None and sizes["latent_channels"] != channels:
+        problems.append(f"latent channels: {name} expects latent_channels={sizes['latent_channels']}, "
+                        f"the dataset holds latents (seq={seq}, C={channels})")
+    grid = sizes["grid_size"]
+    if grid is not None and grid[0] * grid[1] != seq:
+        problems.append(f"token grid: {name} expects grid_size={tuple(grid)} ({grid[0] * grid[1]} tokens), "
+                        f"the dataset holds seq={seq} tokens")
+    txt_shape, vec_shape = eps[keys.TXT]["shape"], eps[keys.VEC]["shape"]
+    if sizes["txt_dim"] is not None and txt_shape[-1] != sizes["txt_dim"]:
+        problems.append(f"text features: {name} expects txt_dim={sizes['txt_dim']}, the dataset holds txt {txt_shape}")
+    if sizes["vec_dim"] is not None and vec_shape[-1] != sizes["vec_dim"]:
+        problems.append(f"pooled text: {name} expects vec_dim={sizes['vec_dim']}, the dataset holds vec {vec_shape}")
+    if problems:
+        raise DatasetError(
+            f"{where} does not match the policy: " + "; ".join(problems)
+            + ". Build the policy with the dataset's sizes, or collect with the backbone the policy is for"
+        )
+
+
+class BCLoss(nn.Module):
+    """The behaviour-cloning loss of a guidance model on batches of ``(observation, target)`` pairs.
+
+    Args:
+        model: a guidance model ``f(img, pred, txt, vec, t, step) -> correction``, or a
+            :class:`~fluxguide.policies.GaussianHead` (its std is used by ``"gaussian_nll"``).
+        loss_type: ``"mse"`` or ``"gaussian_nll"``.
+        init_std: initial std of the learned scalar ``sigma`` (``"gaussian_nll"`` with a plain model).
+        target_key: the batch entry holding the target correction.
+    """
+
+    def __init__(self, model: nn.Module, loss_type: Literal["mse", "gaussian_nll"] = "mse", init_std: float = 1.0,
+                 target_key: str = TARGET) -> None:
+        super().__init__()
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"unknown BC loss {loss_type!r}; valid: {list(LOSS_TYPES)}")
+        if not (init_std > 0 and math.isfinite(init_std)):
+            raise ValueError(f"init_std must be positive and finite, got {init_std}")
+        self.model = model
+        self.loss_type = loss_type
+        self.target_key = target_key
+        self.head = model if isinstance(model, GaussianHead) else None
+        self.adapter = None if self.head is not None else ObservationAdapter(model)
+        own_std = loss_type == "gaussian_nll" and self.head is None
+        self.log_std = nn.Parameter(torch.tensor(math.log(init_std))) if own_std else None
+
+    def correction(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The model's correction (mean) on ``batch`` and, for a Gaussian head, its std."""
+        obs = [batch[k] for k in keys.OBSERVATION_KEYS]
+        if self.head is not None:
+            loc, scale = self.head(*obs)
+            return loc, scale
+        return self.adapter(*obs), None
+
+    def forward(self, batch: TensorDict) -> TensorDict:
+        """Named terms: ``loss_bc`` (minimise it) and detached diagnostics ``mse``, ``target_rms``,
+        ``correction_rms``, ``relative_error`` (``||f - y|| / ||y||``) and ``std`` for the Gaussian loss."""
+        if self.target_key not in batch:
+            raise KeyError(f"the batch has no {self.target_key!r} entry (keys: {sorted(batch.keys())})")
+        target = batch[self.target_key].float()
+        mean, scale = self.correction(batch)
+        if mean.shape != target.shape:
+            raise DatasetError(
+                f"the policy's correction has shape {tuple(mean.shape)} but the targets {tuple(target.shape)}: "
+                "the dataset does not match the policy (check_dataset_matches_policy names the difference)"
+            )
+        err = mean.float() - target
+        mse = err.pow(2).mean()
+        out = {
+            "mse": mse.detach(),
+            "target_rms": target.pow(2).mean().sqrt().detach(),
+            "correction_rms": mean.detach().float().pow(2).mean().sqrt(),
+            "relative_error": (err.detach().norm() / target.norm().clamp_min(1e-12)),
+        }
+        if self.loss_type == "mse":
+            out["loss_bc"] = mse
+        else:
+            if scale is None:
+                scale = self.log_std.exp()
+                log_scale = self.log_std
+            else:
+                scale = scale.float()
+                log_scale = scale.log()
+            nll = 0.5 * (err / scale).pow(2) + log_scale + _LOG_SQRT_2PI
+            out["loss_bc"] = nll.mean()
+            out["std"] = scale.detach().float().mean()
+        return TensorDict(out, batch_size=[])
+
+
+def bc_update(loss_module: BCLoss, optimizer: torch.optim.Optimizer, batch: TensorDict,
+              max_grad_norm: float | None = None) -> dict[str, float]:
+    """One gradient step on the summed ``loss_*`` terms; returns every term as a float plus ``grad_norm``."""
+    loss_module.train()
+    terms = loss_module(batch)
+    loss = sum(v for k, v in terms.items() if k.startswith("loss_"))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for p in loss_module.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
+    if not torch.isfinite(norm):
+        raise FloatingPointError(
+            f"BC gradient norm is {float(norm)}: lower the learning rate or clip gradients (max_grad_norm)"
+        )
+    optimizer.step()
+    metrics = {k: float(v.detach()) for k, v in terms.items()}
+    metrics["grad_norm"] = float(norm)
+    return metrics
+
+
+@torch.no_grad()
+def bc_evaluate(loss_module: BCLoss, batch: TensorDict) -> dict[str, float]:
+    """The loss terms on ``batch`` without a gradient step (held-out BC error)."""
+    loss_module.eval()
+    return {k: float(v) for k, v in loss_module(batch).items()}

@@ -1,0 +1,660 @@
+"""Behaviour-cloning data: (observation, target correction) pairs on disk as memory-mapped TensorDicts.
+
+The seed's collection API (``StateCollectionCallback``, ``create_training_pairs``) over a dataset folder
+that is safe to append to while a crash can happen at any moment:
+
+    dataset/
+        manifest.json           the chunks that belong to the dataset, with every file's size (written last)
+        chunk-000000/           one appended batch of episodes (TensorDict.memmap_ layout, no pickle)
+            episodes/           [E]: per-episode constants, stored once (txt, vec, final image, reward)
+            transitions/        [N]: per-step img, pred, target, t, t_prev, step, episode (index into E)
+            prompts.json        the E prompts
+        chunk-000001/ ...
+
+An append writes the chunk into a hidden temporary folder, renames it into place (atomic on one file
+system) and only then rewrites the manifest (atomically, :func:`fluxguide.serialization.write_json_atomic`).
+A crash mid-append leaves a temporary folder or a chunk the manifest does not list: readers ignore both and
+the next append removes them, so a killed collection loses at most the chunk in flight. File sizes in the
+manifest catch truncated files (a memory map of a truncated file would silently read zeros).
+
+Loading concatenates the chunks into one dataset (global episode indices), and
+:meth:`GuidanceDataset.replay_buffer` fills a TorchRL ``ReplayBuffer`` whose transform joins each sampled
+transition with its episode's ``txt`` / ``vec``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import uuid
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tensordict import TensorDict
+from torch import nn
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
+
+from fluxguide.policies import keys
+from fluxguide.sampling.instrumented import PRED_USED, T_PREV
+from fluxguide.serialization import write_json_atomic
+
+TARGET = "target"
+"""The target correction of a transition, shaped like ``pred``."""
+EPISODE = "episode"
+"""Index of a transition's episode (into the chunk's episodes on disk, into the dataset once loaded)."""
+REWARD = "reward"
+"""Per-episode reward of the final image, when the collector computed one."""
+FINAL_IMAGE = "final_image"
+"""Per-episode decoded final image ``(3, H, W)`` in [0, 1], when given."""
+
+MANIFEST = "manifest.json"
+FORMAT = "fluxguide.guidance_dataset"
+VERSION = 1
+EPISODE_CONSTANTS: tuple[str, ...] = (keys.TXT, keys.VEC)
+"""Episode entries joined onto each sampled transition (the observation needs them)."""
+TRANSITION_KEYS: tuple[str, ...] = (keys.IMG, keys.PRED, TARGET, keys.T, T_PREV, keys.STEP, EPISODE)
+
+
+@dataclass
+class EpisodeChunk:
+    """Episodes ready to be appended: per-episode constants, flat per-step transitions and the prompts.
+
+    Attributes:
+        episodes: TensorDict ``[E]`` with at least ``txt`` and ``vec``.
+        transitions: TensorDict ``[N]`` with ``img``, ``pred``, ``target``, ``t``, ``t_prev``, ``step`` and
+            ``episode`` (in ``[0, E)``).
+        prompts: the ``E`` prompts.
+        metadata: JSON-serialisable facts about the chunk (how it was collected), kept in the manifest.
+    """
+
+    episodes: TensorDict
+    transitions: TensorDict
+    prompts: list[str]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        e = self.episodes.batch_size
+        if len(e) != 1 or len(self.transitions.batch_size) != 1:
+            raise ValueError(
+                f"episodes and transitions must have one batch dim, got {tuple(e)} and "
+                f"{tuple(self.transitions.batch_size)}"
+            )
+        missing = [k for k in EPISODE_CONSTANTS if k not in self.episodes]
+        missing += [k for k in TRANSITION_KEYS if k not in self.transitions]
+        if missing:
+            raise ValueError(f"an episode chunk is missing the entries {missing}")
+        if len(self.prompts) != e[0]:
+            raise ValueError(f"{e[0]} episodes but {len(self.prompts)} prompts: give one prompt per episode")
+        target, pred = self.transitions[TARGET], self.transitions[keys.PRED]
+        if target.shape != pred.shape:
+            raise ValueError(
+                f"targets have shape {tuple(target.shape)} but predictions {tuple(pred.shape)}: a target "
+                "correction must be shaped like the prediction"
+            )
+        ep = self.transitions[EPISODE]
+        if ep.numel() and (int(ep.min()) < 0 or int(ep.max()) >= e[0]):
+            raise ValueError(f"episode indices must lie in [0, {e[0]}), got [{int(ep.min())}, {int(ep.max())}]")
+
+    @property
+    def num_episodes(self) -> int:
+        return self.episodes.batch_size[0]
+
+    @property
+    def num_transitions(self) -> int:
+        return self.transitions.batch_size[0]
+
+    @classmethod
+    def cat(cls, chunks: Sequence[EpisodeChunk], metadata: dict[str, Any] | None = None) -> EpisodeChunk:
+        """One chunk holding ``chunks`` in order (episode indices shifted accordingly)."""
+        if not chunks:
+            raise ValueError("EpisodeChunk.cat needs at least one chunk")
+        offsets = torch.tensor([0] + [c.num_episodes for c in chunks[:-1]]).cumsum(0)
+        transitions = []
+        for chunk, offset in zip(chunks, offsets.tolist(), strict=True):
+            t = chunk.transitions.clone()
+            t[EPISODE] = t[EPISODE] + offset
+            transitions.append(t)
+        return cls(
+            episodes=torch.cat([c.episodes for c in chunks]),
+            transitions=torch.cat(transitions),
+            prompts=[p for c in chunks for p in c.prompts],
+            metadata=dict(metadata if metadata is not None else chunks[0].metadata),
+        )
+
+    def select_episodes(self, keep: torch.Tensor) -> EpisodeChunk:
+        """The chunk restricted to the episodes where the boolean ``keep`` ``(E,)`` is true (renumbered)."""
+        keep = keep.to(torch.bool).cpu()
+        if keep.shape != (self.num_episodes,):
+            raise ValueError(f"keep must be a boolean ({self.num_episodes},) mask, got {tuple(keep.shape)}")
+        new_index = torch.full((self.num_episodes,), -1, dtype=torch.long)
+        new_index[keep] = torch.arange(int(keep.sum()))
+        ep = self.transitions[EPISODE].cpu()
+        transitions = self.transitions[keep[ep].to(self.transitions.device)].clone()
+        transitions[EPISODE] = new_index[transitions[EPISODE].cpu()].to(transitions.device)
+        return EpisodeChunk(
+            episodes=self.episodes[keep.to(self.episodes.device)],
+            transitions=transitions,
+            prompts=[p for p, k in zip(self.prompts, keep.tolist(), strict=True) if k],
+            metadata=dict(self.metadata),
+        )
+
+
+TargetsArg = torch.Tensor | Callable[[TensorDict], torch.Tensor] | None
+
+
+def create_training_pairs(
+    states: TensorDict,
+    prompts: str | Sequence[str],
+    targets: TargetsArg = None,
+    *,
+    final_image: torch.Tensor | None = None,
+    rewards: torch.Tensor | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> EpisodeChunk:
+    """Turn the states of :func:`~fluxguide.sampling.instrumented.denoise_with_state_collection` into pairs.
+
+    Args:
+        states: the collected states, batch ``[B]`` with a step dimension ``T`` on per-step entries.
+        prompts: one prompt per sample (a single string is allowed for ``B == 1``).
+        targets: the target corrections ``(B, T, seq, C)``, or a function of ``states`` returning them.
+            ``None`` uses the correction the sampler actually applied, ``pred_used - pred`` (at guidance
+            scale 1): collect with a teacher as the guidance model and the student learns to imitate it.
+        final_image: decoded final images ``(B, 3, H, W)`` in [0, 1], stored once per episode.
+        rewards: a reward per episode ``(B,)``, stored once per episode.
+        metadata: JSON-serialisable facts about how the chunk was collected.
+
+    Returns:
+        An :class:`EpisodeChunk` with ``B`` episodes and ``B * T`` transitions (episode-major order).
+    """
+    if not isinstance(states, TensorDict) or len(states.batch_size) != 1:
+        raise TypeError(
+            "states must be the TensorDict [B] returned by denoise_with_state_collection(..., save_states=True), "
+            f"got {type(states).__name__}"
+        )
+    b = states.batch_size[0]
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != b:
+        raise ValueError(f"states hold {b} samples but {len(prompts)} prompts were given: pass one per sample")
+    img, pred = states[keys.IMG], states[keys.PRED]
+    if targets is None:
+        if PRED_USED not in states:
+            raise ValueError("states carry no 'pred_used'; pass targets= explicitly")
+        targets = states[PRED_USED] - pred
+    elif callable(targets):
+        targets = targets(states)
+    if not isinstance(targets, torch.Tensor) or targets.shape != pred.shape:
+        got = tuple(targets.shape) if isinstance(targets, torch.Tensor) else type(targets).__name__
+        raise ValueError(
+            f"targets must be shaped like the per-step predictions {tuple(pred.shape)} (B, T, seq, C), got {got}"
+        )
+    num_steps = img.shape[1]
+    flat = {
+        keys.IMG: img,
+        keys.PRED: pred,
+        TARGET: targets.to(pred.dtype),
+        keys.T: states[keys.T].float(),
+        T_PREV: states[T_PREV].float(),
+        keys.STEP: states[keys.STEP].long(),
+        EPISODE: torch.arange(b, device=img.device)[:, None].expand(b, num_steps),
+    }
+    transitions = TensorDict(
+        {k: v.detach().reshape(b * num_steps, *v.shape[2:]).contiguous() for k, v in flat.items()},
+        batch_size=[b * num_steps],
+    )
+    episode = {keys.TXT: states[keys.TXT].detach(), keys.VEC: states[keys.VEC].detach()}
+    if final_image is not None:
+        if final_image.shape[0] != b:
+            raise ValueError(f"final_image holds {final_image.shape[0]} images for {b} episodes")
+        episode[FINAL_IMAGE] = final_image.detach().float()
+    if rewards is not None:
+        if rewards.shape != (b,):
+            raise ValueError(f"rewards must be ({b},), one per episode, got {tuple(rewards.shape)}")
+        episode[REWARD] = rewards.detach().float()
+    return EpisodeChunk(TensorDict(episode, batch_size=[b]), transitions, prompts, dict(metadata or {}))
+
+
+# ---------------------------------------------------------------- the dataset folder
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, damaged, or does not fit what it is used with."""
+
+
+def _spec(td: TensorDict) -> dict[str, dict[str, Any]]:
+    """Per-item shape and dtype of each entry (the batch dim removed)."""
+    return {
+        k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in sorted(td.items(include_nested=False, leaves_only=True))
+    }
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush a freshly written folder to disk (files, then the folders), so a power cut cannot tear it."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@dataclass
+class _Chunk:
+    name: str
+    episodes: TensorDict
+    transitions: TensorDict
+    prompts: list[str]
+    metadata: dict[str, Any]
+
+
+class JoinEpisodeConstants(nn.Module):
+    """Replay-buffer transform: add each sampled transition's per-episode ``txt`` and ``vec``.
+
+    Per-episode constants are stored once per episode; this gathers them by the transitions' ``episode``
+    index when a batch is sampled, so a batch is a complete observation for a guidance model.
+    """
+
+    def __init__(self, episodes: TensorDict, keys_to_join: Sequence[str] = EPISODE_CONSTANTS) -> None:
+        super().__init__()
+        self.episodes = episodes.select(*keys_to_join)
+
+    def forward(self, batch: TensorDict) -> TensorDict:
+        idx = batch[EPISODE].to(self.episodes.device)
+        joined = self.episodes[idx]
+        for key, value in joined.items():
+            batch.set(key, value.to(batch.device) if batch.device is not None else value)
+        return batch
+
+
+class GuidanceDataset:
+    """A folder of (observation, target correction) pairs, appendable chunk by chunk and loaded as one.
+
+    Open an existing dataset with ``GuidanceDataset(path)``; create (or open) one for writing with
+    :meth:`create`. A :class:`GuidanceDataset` is a snapshot: appending through it refreshes it; appends
+    by another process are seen after :meth:`reload`.
+
+    Args:
+        path: the dataset folder.
+        verify: check every file's size against the manifest (catches truncated files).
+    """
+
+    def __init__(self, path: str | Path, verify: bool = True) -> None:
+        self.path = Path(path)
+        self.verify = verify
+        self.reload()
+
+    # ---- creation and appends
+
+    @classmethod
+    def create(cls, path: str | Path, metadata: dict[str, Any] | None = None, exist_ok: bool = True) -> GuidanceDataset:
+        """Create an empty dataset at ``path`` (or open the existing one if ``exist_ok``).
+
+        Args:
+            path: the dataset folder.
+            metadata: JSON-serialisable facts about the dataset (e.g. the target strategy), kept in the
+                manifest. For an existing dataset they must agree with the stored ones.
+            exist_ok: open an existing dataset instead of raising.
+        """
+        path = Path(path)
+        manifest = path / MANIFEST
+        if manifest.is_file():
+            if not exist_ok:
+                raise FileExistsError(f"a guidance dataset already exists at {path}; pass exist_ok=True to append")
+            dataset = cls(path)
+            stored = dataset.metadata
+            clash = {k: (stored[k], v) for k, v in (metadata or {}).items() if k in stored and stored[k] != v}
+            if clash:
+                raise DatasetError(
+                    f"dataset {path} was collected with different settings: {clash} (stored, given); append "
+                    "to a new folder or use the stored settings"
+                )
+            return dataset
+        if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
+            raise DatasetError(
+                f"{path} exists and is not an empty folder or a guidance dataset (no {MANIFEST}): choose "
+                "another path"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(
+            {"format": FORMAT, "version": VERSION, "metadata": dict(metadata or {}), "spec": None, "chunks": []},
+            manifest,
+        )
+        return cls(path)
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        """One writer at a time (an advisory lock on ``.lock`` in the folder)."""
+        with open(self.path / ".lock", "a") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+    def append(self, chunk: EpisodeChunk) -> str:
+        """Append ``chunk`` atomically; returns the new chunk's folder name.
+
+        Either the whole chunk becomes part of the dataset or (after a crash at any point) none of it does.
+        """
+        if chunk.num_episodes == 0:
+            raise ValueError("cannot append an empty chunk (0 episodes)")
+        with self._lock():
+            manifest = self._read_manifest()
+            spec = {"episodes": _spec(chunk.episodes), "transitions": _spec(chunk.transitions)}
+            if manifest["spec"] is not None and manifest["spec"] != spec:
+                raise DatasetError(self._spec_mismatch(manifest["spec"], spec))
+            self._remove_stale(manifest)
+            name = f"chunk-{len(manifest['chunks']):06d}"
+            tmp = self.path / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir()
+            try:
+                chunk.episodes.detach().cpu().memmap_(prefix=tmp / "episodes")
+                chunk.transitions.detach().cpu().memmap_(prefix=tmp / "transitions")
+                (tmp / "prompts.json").write_text(json.dumps(chunk.prompts))
+                _fsync_tree(tmp)
+                sizes = _file_sizes(tmp)
+                os.rename(tmp, self.path / name)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            manifest["spec"] = spec
+            manifest["chunks"].append({
+                "name": name,
+                "num_episodes": chunk.num_episodes,
+                "num_transitions": chunk.num_transitions,
+                "files": sizes,
+                "metadata": chunk.metadata,
+            })
+            write_json_atomic(manifest, self.path / MANIFEST)
+        self.reload()
+        return name
+
+    def _remove_stale(self, manifest: dict[str, Any]) -> None:
+        """Delete what crashed appends left behind (temporary folders, chunks the manifest does not list)."""
+        listed = {c["name"] for c in manifest["chunks"]}
+        for p in self.path.iterdir():
+            if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("chunk-") and p.name not in listed)):
+                shutil.rmtree(p)
+
+    @staticmethod
+    def _spec_mismatch(stored: dict[str, Any], given: dict[str, Any]) -> str:
+        def show(entry: dict[str, Any] | None) -> str:
+            return "absent" if entry is None else f"{tuple(entry['shape'])} {entry['dtype']}"
+
+        diffs = []
+        for part in ("episodes", "transitions"):
+            for k in sorted(set(stored[part]) | set(given[part])):
+                a, b = stored[part].get(k), given[part].get(k)
+                if a != b:
+                    diffs.append(f"{part}/{k}: dataset {show(a)}, chunk {show(b)}")
+        return (
+            "the chunk does not match the dataset's shapes (" + "; ".join(diffs) + "): collect with the same "
+            "backbone, text encoder and number of steps, or write to a new dataset folder"
+        )
+
+    # ---- reading
+
+    def _read_manifest(self) -> dict[str, Any]:
+        path = self.path / MANIFEST
+        if not self.path.is_dir():
+            raise FileNotFoundError(
+                f"no guidance dataset at {self.path}: the folder does not exist (collect one with "
+                "experiments/collect_data.py or GuidanceDataCollector.collect_to)"
+            )
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{self.path} is not a guidance dataset: {MANIFEST} is missing (it is written when the dataset "
+                "is created; collect into this folder with experiments/collect_data.py)"
+            )
+        try:
+            manifest = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{path} is corrupt ({e}); the dataset at {self.path} cannot be read") from e
+        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+            raise DatasetError(
+                f"{path} is not a {FORMAT} v{VERSION} manifest (format={manifest.get('format')!r}, "
+                f"version={manifest.get('version')!r})"
+            )
+        return manifest
+
+    def _check_files(self, entry: dict[str, Any]) -> None:
+        folder = self.path / entry["name"]
+        for rel, size in entry["files"].items():
+            f = folder / rel
+            if not f.is_file():
+                raise DatasetError(
+                    f"dataset file {f} is missing (the manifest lists it, {size} bytes): the dataset at {self.path} "
+                    f"is damaged; restore the file or re-collect into a new folder"
+                )
+            actual = f.stat().st_size
+            if actual != size:
+                raise DatasetError(
+                    f"dataset file {f} is truncated or altered: {actual} bytes, the manifest says {size}; the "
+                    f"dataset at {self.path} is damaged; restore the file or re-collect into a new folder"
+                )
+
+    def reload(self) -> None:
+        """Re-read the manifest and the chunks it lists (ignoring any left by a crashed append)."""
+        manifest = self._read_manifest()
+        self.manifest = manifest
+        chunks = []
+        for entry in manifest["chunks"]:
+            if self.verify:
+                self._check_files(entry)
+            folder = self.path / entry["name"]
+            try:
+                episodes = TensorDict.load_memmap(folder / "episodes")
+                transitions = TensorDict.load_memmap(folder / "transitions")
+                prompts = json.loads((folder / "prompts.json").read_text())
+            except (FileNotFoundError, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as e:
+                raise DatasetError(f"cannot read chunk {folder} of the dataset at {self.path}: {e}") from e
+            if episodes.batch_size[0] != entry["num_episodes"] or transitions.batch_size[0] != entry["num_transitions"]:
+                raise DatasetError(f"chunk {folder} does not hold the episodes / transitions its manifest entry lists")
+            chunks.append(_Chunk(entry["name"], episodes, transitions, prompts, entry.get("metadata", {})))
+        self._chunks = chunks
+        listed = {c["name"] for c in manifest["chunks"]}
+        stale = sorted(p.name for p in self.path.iterdir() if p.is_dir() and (
+            p.name.startswith(".tmp-") or (p.name.startswith("chunk-") and p.name not in listed)))
+        if stale:
+            warnings.warn(
+                f"ignoring {stale} in {self.path}: left by an interrupted append (the next append removes them)",
+                stacklevel=2,
+            )
+        counts = [c.transitions.batch_size[0] for c in chunks]
+        self._transition_offsets = torch.tensor([0, *counts]).cumsum(0)
+        ep_counts = [c.episodes.batch_size[0] for c in chunks]
+        self._episode_offsets = torch.tensor([0, *ep_counts]).cumsum(0)
+        self._episodes: TensorDict | None = None
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return dict(self.manifest.get("metadata", {}))
+
+    @property
+    def chunk_metadata(self) -> list[dict[str, Any]]:
+        """The metadata of every chunk, in order."""
+        return [dict(c.metadata) for c in self._chunks]
+
+    @property
+    def spec(self) -> dict[str, Any] | None:
+        """Per-item shapes and dtypes of the episode and transition entries (``None`` while empty)."""
+        return self.manifest["spec"]
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self._chunks)
+
+    @property
+    def num_episodes(self) -> int:
+        return int(self._episode_offsets[-1])
+
+    @property
+    def num_transitions(self) -> int:
+        return int(self._transition_offsets[-1])
+
+    def __len__(self) -> int:
+        return self.num_transitions
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for c in self._chunks for p in c.prompts]
+
+    @property
+    def episodes(self) -> TensorDict:
+        """All episodes ``[E]`` (in memory; per-episode entries are small)."""
+        if self._episodes is None:
+            self._require_nonempty()
+            self._episodes = torch.cat([c.episodes.to_tensordict() for c in self._chunks])
+        return self._episodes
+
+    def _require_nonempty(self) -> None:
+        if not self._chunks:
+            raise DatasetError(f"the dataset at {self.path} holds no episodes yet: collect some first")
+
+    def transitions(self) -> TensorDict:
+        """All transitions ``[N]`` in memory, with global episode indices (for small datasets)."""
+        return self[torch.arange(self.num_transitions)]
+
+    def __getitem__(self, index: torch.Tensor | Sequence[int] | slice) -> TensorDict:
+        """Transitions at ``index`` (global), joined with their episodes' ``txt`` and ``vec``."""
+        self._require_nonempty()
+        if isinstance(index, slice):
+            index = torch.arange(self.num_transitions)[index]
+        index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
+        n = self.num_transitions
+        if index.numel() and (int(index.min()) < -n or int(index.max()) >= n):
+            raise IndexError(f"transition index out of range for a dataset of {n} transitions")
+        index = index % n
+        which = torch.searchsorted(self._transition_offsets, index, right=True) - 1
+        parts, order = [], []
+        for c in which.unique().tolist():
+            sel = (which == c).nonzero().squeeze(1)
+            local = index[sel] - self._transition_offsets[c]
+            part = self._chunks[c].transitions[local].to_tensordict()
+            part[EPISODE] = part[EPISODE] + self._episode_offsets[c]
+            parts.append(part)
+            order.append(sel)
+        batch = torch.cat(parts)[torch.argsort(torch.cat(order))]
+        return JoinEpisodeConstants(self.episodes)(batch)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> TensorDict:
+        """A uniformly random batch of transitions (with replacement), joined with ``txt`` / ``vec``."""
+        self._require_nonempty()
+        return self[torch.randint(self.num_transitions, (batch_size,), generator=generator)]
+
+    def replay_buffer(
+        self,
+        batch_size: int,
+        *,
+        storage: Literal["memory", "memmap"] = "memory",
+        scratch_dir: str | Path | None = None,
+        device: torch.device | str = "cpu",
+        generator: torch.Generator | None = None,
+    ) -> ReplayBuffer:
+        """A TorchRL ``ReplayBuffer`` holding every transition; sampled batches carry ``txt`` and ``vec``.
+
+        Args:
+            batch_size: the replay buffer's sample size.
+            storage: ``"memory"`` (``LazyTensorStorage`` on ``device``) or ``"memmap"``
+                (``LazyMemmapStorage`` in ``scratch_dir``, for datasets larger than memory).
+            scratch_dir: where a memmap storage lives (a temporary folder if ``None``).
+            device: the storage device.
+            generator: seeds the sampler.
+        """
+        self._require_nonempty()
+        n = self.num_transitions
+        if storage == "memory":
+            store = LazyTensorStorage(n, device=device)
+        elif storage == "memmap":
+            store = LazyMemmapStorage(n, scratch_dir=scratch_dir, device=device)
+        else:
+            raise ValueError(f"storage must be 'memory' or 'memmap', got {storage!r}")
+        rb = ReplayBuffer(
+            storage=store,
+            batch_size=batch_size,
+            transform=JoinEpisodeConstants(self.episodes.to(device)),
+            generator=generator,
+        )
+        for c, chunk in enumerate(self._chunks):  # chunk by chunk: never the whole dataset in memory twice
+            part = chunk.transitions.exclude(EPISODE)
+            part.set(EPISODE, chunk.transitions[EPISODE] + self._episode_offsets[c])
+            rb.extend(part)
+        return rb
+
+
+def load_guidance_dataset(path: str | Path, verify: bool = True) -> GuidanceDataset:
+    """Open the dataset folder ``path`` (all its appended chunks as one dataset)."""
+    return GuidanceDataset(path, verify=verify)
+
+
+# ---------------------------------------------------------------- the seed's callback
+
+
+class StateCollectionCallback:
+    """Collect and organise the states of many generations, then append them to a dataset (the seed's API).
+
+    ``on_generation_complete(prompt, states, final_image)`` after each
+    :func:`~fluxguide.sampling.instrumented.denoise_with_state_collection`, then ``save_to_disk(path)``.
+    With ``episodes_per_chunk`` the buffered episodes are appended automatically whenever that many have
+    accumulated, so a long collection that crashes loses at most one chunk.
+
+    Args:
+        save_dir: the dataset folder (created if needed).
+        episodes_per_chunk: append automatically every this many episodes; ``None`` waits for
+            :meth:`save_to_disk`.
+        metadata: dataset-level metadata (checked against an existing dataset's).
+    """
+
+    def __init__(self, save_dir: str | Path, episodes_per_chunk: int | None = None,
+                 metadata: dict[str, Any] | None = None) -> None:
+        if episodes_per_chunk is not None and episodes_per_chunk < 1:
+            raise ValueError(f"episodes_per_chunk must be >= 1 or None, got {episodes_per_chunk}")
+        self.save_dir = Path(save_dir)
+        self.episodes_per_chunk = episodes_per_chunk
+        self.metadata = dict(metadata or {})
+        self.pending: list[EpisodeChunk] = []
+
+    @property
+    def num_pending(self) -> int:
+        """Episodes collected but not yet on disk."""
+        return sum(c.num_episodes for c in self.pending)
+
+    def on_generation_complete(
+        self,
+        prompt: str | Sequence[str],
+        states: TensorDict,
+        final_image: torch.Tensor | None = None,
+        targets: TargetsArg = None,
+        rewards: torch.Tensor | None = None,
+    ) -> None:
+        """Record one generation (a batch of ``B`` samples): see :func:`create_training_pairs`."""
+        self.add_chunk(create_training_pairs(states, prompt, targets, final_image=final_image, rewards=rewards))
+
+    def add_chunk(self, chunk: EpisodeChunk) -> None:
+        """Record already-built pairs; appends to disk when ``episodes_per_chunk`` are pending."""
+        self.pending.append(chunk)
+        if self.episodes_per_chunk is not None and self.num_pending >= self.episodes_per_chunk:
+            self.save_to_disk()
+
+    def save_to_disk(self, path: str | Path | None = None) -> GuidanceDataset:
+        """Append every pending episode to the dataset at ``path`` (default ``save_dir``) as one chunk."""
+        dataset = GuidanceDataset.create(Path(path) if path is not None else self.save_dir, self.metadata)
+        if self.pending:
+            dataset.append(EpisodeChunk.cat(self.pending))
+            self.pending = []
+        return dataset
