@@ -1,0 +1,47 @@
+"""The denoising trajectory as an RL environment (DESIGN.md, "envs").
+
+One batched torch core (:class:`GuidanceCore`) and three faces over it: a Gymnasium ``Env``
+(:class:`GuidanceEnv`, numpy, one trajectory), a native batched Gymnasium ``VectorEnv``
+(:class:`GuidanceVectorEnv`) and a native TorchRL ``EnvBase`` (:class:`GuidanceTorchRLEnv`, ``batch_size=[B]``,
+tensors on the env's device). Importing this package registers ``fluxguide/Shapes-v0`` and
+``fluxguide/Flux-v0`` with Gymnasium.
+"""
+
+from fluxguide.envs.core import GuidanceCore, StepResult, build_reward, make_core
+from fluxguide.envs.gym_env import GuidanceEnv
+from fluxguide.envs.prompts import NAMED_PROMPT_SETS, PromptSource, resolve_prompts
+from fluxguide.envs.registration import (
+    FLUX_ID,
+    SHAPES_ID,
+    flux_core,
+    make_torchrl_env,
+    register_envs,
+    shapes_core,
+)
+from fluxguide.envs.spaces import UnboundedBox
+from fluxguide.envs.specs import LeanUnbounded
+from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
+from fluxguide.envs.vector_env import GuidanceVectorEnv
+
+register_envs()
+
+__all__ = [
+    "FLUX_ID",
+    "NAMED_PROMPT_SETS",
+    "SHAPES_ID",
+    "GuidanceCore",
+    "GuidanceEnv",
+    "GuidanceTorchRLEnv",
+    "GuidanceVectorEnv",
+    "LeanUnbounded",
+    "PromptSource",
+    "StepResult",
+    "UnboundedBox",
+    "build_reward",
+    "flux_core",
+    "make_core",
+    "make_torchrl_env",
+    "register_envs",
+    "resolve_prompts",
+    "shapes_core",
+]

@@ -1,0 +1,470 @@
+"""The denoising trajectory as a batched MDP: one torch core under the Gymnasium and TorchRL faces.
+
+An episode is one sampling trajectory of ``num_steps`` steps over a batch of ``B`` prompts (DESIGN.md,
+"envs"). The state at step ``i`` is the latent ``img`` at time ``t_i`` together with the base model's
+prediction ``pred`` there; the action ``a`` is the guidance correction, shaped like ``pred``, and the step is
+
+* ODE mode (Flux's deterministic sampler): ``img' = euler_step(img, pred + g a, t_i, t_{i+1})``;
+* SDE mode (marginal-preserving, Flow-GRPO Eq. 9): ``img' = sde_mean(img, pred + g a, t_i, t_{i+1})``, and
+  the observation publishes ``sde_std`` = :func:`fluxguide.policies.sde_action_std`, the std (in action
+  units) of the Gaussian policy that turns this deterministic step into the SDE step. The env adds no
+  noise itself: after :meth:`GuidanceCore.reset` the only randomness is the policy's.
+
+The reward is 0 before the last step (minus the optional control cost); at the last step it is the reward
+module on ``backbone.decode(final latent)``. Exactly as :func:`fluxguide.sampling.denoise` computes it,
+``pred + g a`` is formed first and then stepped, so a zero action reproduces the base sampler bit for bit.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.envs.prompts import PromptSource, PromptSourceLike
+from fluxguide.policies import keys
+from fluxguide.policies.sde import sde_action_std
+from fluxguide.sampling.denoise import GuidanceScale, scale_at
+from fluxguide.sampling.steps import euler_step, sde_mean
+
+Mode = Literal["ode", "sde"]
+RewardLike = nn.Module | str | Callable[[torch.Tensor, list[str]], torch.Tensor]
+
+#: Default action bound in ODE mode: far above any useful velocity correction (|pred| is a few units),
+#: so it only guards against blow-ups.
+DEFAULT_ODE_MAX_ACTION = 10.0
+#: In SDE mode the default bound is this many of the largest published ``sde_std``, so a Gaussian policy
+#: with that std is clipped with probability ~2e-9 per element.
+SDE_MAX_ACTION_STDS = 6.0
+
+
+@dataclass
+class StepResult:
+    """What :meth:`GuidanceCore.step` returns (torch tensors on the core's device).
+
+    Attributes:
+        observation: ``img``, ``pred``, ``txt``, ``vec``, ``t``, ``step`` (and ``sde_std`` in SDE mode).
+        reward: ``(B,)`` float32.
+        terminated: whether this step ended the episode (all ``B`` trajectories end together).
+        info: ``prompts`` every step; at the end also ``terminal_reward``, ``control_cost``,
+            ``reward_components``, ``verifier`` (shapes world) and ``final_images``.
+    """
+
+    observation: dict[str, torch.Tensor]
+    reward: torch.Tensor
+    terminated: bool
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _finite(name: str, value: float) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    return value
+
+
+def build_reward(reward: RewardLike, backbone: Backbone, reward_kwargs: Mapping[str, Any] | None) -> nn.Module:
+    """A reward module from a module, a registry name (``make_reward``) or a callable ``fn(images, prompts)``.
+
+    Registry names of the shapes world (``"shapes-*"``) get ``world=backbone`` when the backbone is the
+    shapes world and no ``world`` is given, so the reward shares the backbone's tiny CLIP.
+    """
+    kwargs = dict(reward_kwargs or {})
+    if isinstance(reward, str):
+        from fluxguide.rewards import make_reward
+
+        if reward.strip().lower().replace("_", "-").startswith("shapes-") and _is_shapes_world(backbone):
+            kwargs.setdefault("world", backbone)
+        return make_reward(reward, **kwargs)
+    if kwargs:
+        raise ValueError(f"reward_kwargs {sorted(kwargs)} are only used with a reward registry name, not a built reward")
+    if isinstance(reward, nn.Module):
+        return reward
+    if callable(reward):
+        from fluxguide.rewards import CallableReward
+
+        return CallableReward(reward)
+    raise TypeError(
+        f"reward must be a reward module, a registry name or a callable fn(images, prompts) -> (B,), "
+        f"got {type(reward).__name__}"
+    )
+
+
+def _is_shapes_world(backbone: nn.Module) -> bool:
+    from fluxguide.backbones.shapes.world import ShapesWorld
+
+    return isinstance(backbone, ShapesWorld)
+
+
+class GuidanceCore:
+    """The batched denoising MDP in torch; the Gymnasium and TorchRL envs are thin faces over it.
+
+    Args:
+        backbone: the base model (:class:`fluxguide.backbones.Backbone`); the core runs on its device.
+        reward: a reward module (``forward(images, prompts) -> (B,)``), a registry name for
+            :func:`fluxguide.rewards.make_reward`, or a callable ``fn(images, prompts) -> (B,)``.
+        prompts: a list of prompts, a text file with one prompt per line, or ``"shapes-train"`` /
+            ``"shapes-heldout"``; each reset draws from it uniformly with the seeded generator.
+        batch_size: trajectories per episode ``B``.
+        num_steps: sampling steps per episode (default: the backbone's); the times are
+            ``backbone.schedule(num_steps)``.
+        guidance_scale: ``g`` in ``pred + g a``: a float, one float per step, or ``step -> float``.
+        max_action: actions are clipped to ``[-max_action, max_action]`` (the finite bound RL libraries
+            need). Default: 10 in ODE mode; in SDE mode 6 times the largest ``sde_std`` (or 10 if larger).
+        mode: ``"ode"`` (Euler) or ``"sde"`` (marginal-preserving drift; the policy supplies the noise).
+        noise_level: ``a`` of the SDE's ``sigma_t = a sqrt(t / (1 - t))`` (SDE mode only, > 0).
+        control_cost: coefficient ``beta`` of the per-step penalty subtracted from the reward. ODE mode:
+            ``beta * mean(a^2)`` over the ``seq * C`` elements (squared action units, independent of the
+            resolution). SDE mode: ``beta * KL``, the exact KL in nats (summed over elements) of the guided
+            SDE step to the base sampler's step, ``||k u||^2 / (2 sde_step_std^2) = ||u||^2 / (2 sde_std^2)``
+            with ``k`` from :func:`fluxguide.policies.sde_action_coefficient` and ``u`` the policy's mean
+            when the caller passes it (``step(action, loc=...)``; the TorchRL env reads ``loc`` from the
+            tensordict), else the action. ``beta = 1`` in SDE mode is KL-regularised RL,
+            ``max E[R] - KL(p_policy || p_base)`` over whole trajectories.
+        cfg_scale: classifier-free guidance of the base prediction (default: the backbone's
+            ``default_cfg_scale``; 1 = off). ``pred`` is then the CFG prediction.
+        samples_per_prompt: ``k`` consecutive trajectories share a prompt (``B`` must be a multiple of
+            ``k``), for per-prompt advantage normalisation.
+        reward_kwargs: keyword arguments for ``make_reward`` when ``reward`` is a name.
+        verify: run the shapes world's verifier on the final images and report it in ``info``
+            (default: on for the shapes world).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        reward: RewardLike = "shapes-clip",
+        prompts: PromptSourceLike = "shapes-train",
+        *,
+        batch_size: int = 1,
+        num_steps: int | None = None,
+        guidance_scale: GuidanceScale = 1.0,
+        max_action: float | None = None,
+        mode: Mode = "ode",
+        noise_level: float = 0.7,
+        control_cost: float = 0.0,
+        cfg_scale: float | None = None,
+        samples_per_prompt: int = 1,
+        reward_kwargs: Mapping[str, Any] | None = None,
+        verify: bool | None = None,
+    ) -> None:
+        if not isinstance(backbone, Backbone):
+            raise TypeError(f"backbone must be a fluxguide Backbone, got {type(backbone).__name__}")
+        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if not isinstance(samples_per_prompt, (int, np.integer)) or samples_per_prompt < 1:
+            raise ValueError(f"samples_per_prompt must be an integer >= 1, got {samples_per_prompt!r}")
+        if batch_size % samples_per_prompt:
+            raise ValueError(
+                f"batch_size={batch_size} is not a multiple of samples_per_prompt={samples_per_prompt}: "
+                f"each prompt fills a group of {samples_per_prompt} consecutive trajectories"
+            )
+        if mode not in ("ode", "sde"):
+            raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
+        self.backbone = backbone
+        self.batch_size = int(batch_size)
+        self.samples_per_prompt = int(samples_per_prompt)
+        self.mode: Mode = mode
+        self.noise_level = _finite("noise_level", noise_level)
+        if mode == "sde" and self.noise_level <= 0:
+            raise ValueError(f"SDE mode needs noise_level > 0, got {noise_level}; use mode='ode' for the deterministic sampler")
+        self.control_cost = _finite("control_cost", control_cost)
+        if self.control_cost < 0:
+            raise ValueError(f"control_cost must be >= 0 (it is subtracted from the reward), got {control_cost}")
+        self.prompt_source = PromptSource(prompts)
+        self.reward = build_reward(reward, backbone, reward_kwargs)
+        self.verify = _is_shapes_world(backbone) if verify is None else bool(verify)
+
+        self.timesteps: list[float] = list(backbone.schedule(num_steps))
+        self.num_steps = len(self.timesteps) - 1
+        self.scales = [
+            _finite(f"guidance_scale at step {i}", scale_at(guidance_scale, i, self.num_steps))
+            for i in range(self.num_steps)
+        ]
+        pairs = list(zip(self.timesteps[:-1], self.timesteps[1:]))
+        if mode == "sde":
+            self.sde_stds = [sde_action_std(tc, tp, self.noise_level, g) for (tc, tp), g in zip(pairs, self.scales)]
+            # KL(N(m + k u, s^2 I) || N(m, s^2 I)) = ||k u||^2 / (2 s^2) with s = sde_step_std = |k| sde_std
+            # (fluxguide.policies.sde), i.e. ||u||^2 / (2 sde_std^2): nats, summed over the seq * C elements.
+            self._kl_factors = [1.0 / (2.0 * s * s) for s in self.sde_stds]
+        else:
+            self.sde_stds = []
+            self._kl_factors = []
+        if max_action is None:
+            max_action = DEFAULT_ODE_MAX_ACTION
+            if mode == "sde":
+                max_action = max(DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS * max(self.sde_stds))
+        self.max_action = _finite("max_action", max_action)
+        if self.max_action <= 0:
+            raise ValueError(f"max_action must be > 0, got {max_action}")
+
+        cfg_scale = backbone.default_cfg_scale if cfg_scale is None else _finite("cfg_scale", cfg_scale)
+        self.cfg_scale = float(cfg_scale)
+        self.model: nn.Module = backbone if self.cfg_scale == 1.0 else backbone.with_cfg(self.cfg_scale)
+
+        self.device = backbone.device
+        # Prompts and initial noise come from one CPU generator, so a seed gives the same episode on any
+        # device. Until the first seeded reset it starts from fresh entropy (Gymnasium's convention).
+        self.generator = torch.Generator("cpu")
+        self.generator.seed()
+        b = self.batch_size
+        self.latent_shape: tuple[int, int] = tuple(backbone.latent_shape)  # type: ignore[assignment]
+        # Model inputs, built once: the (B,) times of every step and the distilled guidance strength, in the
+        # dtype denoise uses (the latent's, float32), so the core calls the model exactly as denoise does.
+        self._t_model = [torch.full((b,), t, dtype=torch.float32, device=self.device) for t in self.timesteps[:-1]]
+        guidance = backbone.default_guidance
+        self._guidance_vec = None if guidance is None else torch.full((b,), guidance, dtype=torch.float32, device=self.device)
+
+        probe = backbone.encode([self.prompt_source.prompts[0]])
+        self.txt_shape: tuple[int, int] = tuple(probe.txt.shape[1:])  # type: ignore[assignment]
+        self.vec_shape: tuple[int] = tuple(probe.vec.shape[1:])  # type: ignore[assignment]
+        self.cond_dtype = probe.txt.dtype
+
+        self.cond: Conditioning | None = None
+        self.img: torch.Tensor | None = None
+        self.pred: torch.Tensor | None = None
+        self.step_idx: int | None = None
+        self.final_images: torch.Tensor | None = None
+        self._cost_sum: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------ state
+    @property
+    def prompts(self) -> list[str]:
+        """The current episode's ``B`` prompts (groups of ``samples_per_prompt`` identical ones)."""
+        return [] if self.cond is None else list(self.cond.prompts)
+
+    @property
+    def done(self) -> bool:
+        """True once the last step ran (until the next reset)."""
+        return self.step_idx is not None and self.step_idx >= self.num_steps
+
+    @property
+    def num_groups(self) -> int:
+        return self.batch_size // self.samples_per_prompt
+
+    def seed(self, seed: int | None) -> None:
+        """Seed the generator of prompts and initial noise (``None``: fresh entropy)."""
+        if seed is None:
+            self.generator.seed()
+        else:
+            if not isinstance(seed, (int, np.integer)) or seed < 0:
+                raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+            self.generator.manual_seed(int(seed))
+
+    # ------------------------------------------------------------------------------------------ reset
+    @torch.no_grad()
+    def reset(self, seed: int | None = None, prompts: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Start an episode: draw prompts (unless given) and initial noise, and predict at ``t = 1``.
+
+        Args:
+            seed: reseed the generator first (``None`` continues its stream).
+            prompts: this episode's prompts, one per group (``B / samples_per_prompt`` of them), instead
+                of drawing them from the source.
+
+        Returns:
+            The first observation and ``info = {"prompts": [...]}``.
+        """
+        if seed is not None:
+            self.seed(seed)
+        if prompts is None:
+            group_prompts = self.prompt_source.draw(self.num_groups, self.generator)
+        else:
+            if isinstance(prompts, str) or len(prompts) != self.num_groups:
+                got = repr(prompts) if isinstance(prompts, str) else f"{len(prompts)} prompts"
+                raise ValueError(
+                    f"reset(prompts=...) takes one prompt per group: {self.num_groups} (batch_size "
+                    f"{self.batch_size} / samples_per_prompt {self.samples_per_prompt}), got {got}"
+                )
+            group_prompts = list(PromptSource(list(prompts)).prompts)
+        cond = self.backbone.encode(group_prompts)
+        if self.samples_per_prompt > 1:
+            cond = cond.repeat_interleave(self.samples_per_prompt)
+        self.cond = cond
+        self.img = self.backbone.noise(self.batch_size, self.generator).to(device=self.device, dtype=torch.float32)
+        self.step_idx = 0
+        self.pred = self._predict(self.img, 0)
+        self.final_images = None
+        self._cost_sum = torch.zeros(self.batch_size, device=self.device) if self.control_cost > 0 else None
+        return self.observation(), {"prompts": self.prompts}
+
+    def _predict(self, img: torch.Tensor, i: int) -> torch.Tensor:
+        cond = self.cond
+        assert cond is not None
+        return self.model(
+            img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, y=cond.vec,
+            timesteps=self._t_model[i], guidance=self._guidance_vec,
+        )
+
+    def observation(self) -> dict[str, torch.Tensor]:
+        """The current observation. ``txt`` and ``vec`` are the same tensor objects all episode long."""
+        if self.cond is None or self.step_idx is None:
+            raise RuntimeError("the environment has not been reset: call reset() first")
+        i = self.step_idx
+        b, dev = self.batch_size, self.device
+        obs = {
+            keys.IMG: self.img,
+            keys.PRED: self.pred,
+            keys.TXT: self.cond.txt,
+            keys.VEC: self.cond.vec,
+            keys.T: torch.full((b, 1), self.timesteps[i], dtype=torch.float32, device=dev),
+            keys.STEP: torch.full((b, 1), i, dtype=torch.int64, device=dev),
+        }
+        if self.mode == "sde":
+            # The terminal state has no next step and publishes 0.
+            std = self.sde_stds[i] if i < self.num_steps else 0.0
+            obs[keys.SDE_STD] = torch.full((b, 1), std, dtype=torch.float32, device=dev)
+        return obs
+
+    # ------------------------------------------------------------------------------------------- step
+    def check_action(self, action: Any, name: str = "action") -> torch.Tensor:
+        """Validate an action (tensor or numpy array) and return it as float32 on the core's device.
+
+        Raises:
+            TypeError: not an array, or not a floating dtype.
+            ValueError: wrong shape, or NaN / inf entries.
+        """
+        if isinstance(action, np.ndarray):
+            if action.dtype.kind != "f":
+                raise TypeError(
+                    f"{name} must be a floating array (float32), got dtype {action.dtype}: the action is a "
+                    f"velocity correction shaped like pred"
+                )
+            action = torch.from_numpy(np.ascontiguousarray(action))
+        if not isinstance(action, torch.Tensor):
+            raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(action).__name__}")
+        if not action.dtype.is_floating_point:
+            raise TypeError(
+                f"{name} must be a floating tensor (float32), got dtype {action.dtype}: the action is a "
+                f"velocity correction shaped like pred"
+            )
+        expected = (self.batch_size, *self.latent_shape)
+        if tuple(action.shape) != expected:
+            raise ValueError(
+                f"{name} has shape {tuple(action.shape)}, expected {expected} (batch, seq, C): one correction "
+                f"per latent token, shaped like pred"
+            )
+        action = action.to(device=self.device, dtype=torch.float32)
+        bad = ~torch.isfinite(action)
+        if bool(bad.any()):  # the one host sync of a step: a NaN must not enter the trajectory silently
+            raise ValueError(
+                f"{name} holds {int(bad.sum())} NaN/inf values (of {action.numel()}) at step {self.step_idx}: "
+                f"check the policy's outputs (and its learning rate)"
+            )
+        return action
+
+    @torch.no_grad()
+    def step(self, action: Any, loc: torch.Tensor | None = None) -> StepResult:
+        """Apply the correction ``action`` (``(B, seq, C)``) and advance one sampling step.
+
+        Args:
+            action: the guidance correction; clipped to ``[-max_action, max_action]``.
+            loc: the policy's mean action, used only for the SDE-mode KL control cost (see the class
+                docstring); ``None`` uses the action.
+
+        Raises:
+            RuntimeError: before the first reset, or after the last step without a reset.
+        """
+        if self.step_idx is None:
+            raise RuntimeError("step() called before reset(): call reset() to start an episode")
+        if self.done:
+            raise RuntimeError(
+                f"the episode ended at step {self.num_steps} (terminated); call reset() before step() again"
+            )
+        a = self.check_action(action).clamp(-self.max_action, self.max_action)
+        i = self.step_idx
+        t_curr, t_prev, g = self.timesteps[i], self.timesteps[i + 1], self.scales[i]
+        pred_used = self.pred + g * a
+        if self.mode == "sde":
+            img = sde_mean(self.img, pred_used, t_curr, t_prev, self.noise_level)
+        else:
+            img = euler_step(self.img, pred_used, t_curr, t_prev)
+        cost = self._control_cost(a, loc, i)
+        self.img = img
+        self.step_idx = i + 1
+        info: dict[str, Any] = {"prompts": self.prompts}
+        if self.step_idx < self.num_steps:
+            self.pred = self._predict(img, self.step_idx)
+            reward = -cost if cost is not None else torch.zeros(self.batch_size, device=self.device)
+            return StepResult(self.observation(), reward, False, info)
+        # Last step: no prediction at t = 0; the terminal observation carries pred = 0.
+        self.pred = torch.zeros_like(img)
+        terminal = self._terminal_reward(info)
+        reward = terminal - cost if cost is not None else terminal
+        if self._cost_sum is not None:
+            info["control_cost"] = self._cost_sum
+        return StepResult(self.observation(), reward, True, info)
+
+    def _control_cost(self, action: torch.Tensor, loc: torch.Tensor | None, i: int) -> torch.Tensor | None:
+        if self.control_cost == 0:
+            return None
+        if self.mode == "ode":
+            cost = self.control_cost * action.square().mean(dim=(1, 2))
+        else:
+            u = action if loc is None else self.check_action(loc, name="loc")
+            cost = self.control_cost * self._kl_factors[i] * u.square().sum(dim=(1, 2))
+        assert self._cost_sum is not None
+        self._cost_sum = self._cost_sum + cost
+        return cost
+
+    def _terminal_reward(self, info: dict[str, Any]) -> torch.Tensor:
+        images = self.backbone.decode(self.img).float()
+        prompts = self.prompts
+        values = self.reward(images, prompts)
+        values = torch.as_tensor(values).detach().to(device=self.device, dtype=torch.float32).reshape(-1)
+        if values.shape != (self.batch_size,):
+            raise ValueError(f"the reward returned shape {tuple(values.shape)}, expected ({self.batch_size},)")
+        self.final_images = images
+        info["terminal_reward"] = values
+        info["final_images"] = images
+        components = getattr(self.reward, "last_components", None)
+        if components:
+            info["reward_components"] = {k: v.detach().float() for k, v in components.items()}
+        if self.verify:
+            from fluxguide.backbones.shapes.verifier import verify
+
+            result = verify(images.detach().cpu(), prompts)
+            info["verifier"] = {"passed": result.passed, **{k: v for k, v in result.scores.items()}}
+        return values
+
+
+def make_core(
+    backbone: Backbone | None = None,
+    *,
+    core: GuidanceCore | None = None,
+    device: torch.device | str | None = None,
+    **core_kwargs: Any,
+) -> GuidanceCore:
+    """The core an env face runs on: ``core`` as given, or a new one over ``backbone``.
+
+    Args:
+        backbone: the base model; ``None`` loads the pretrained shapes world
+            (:meth:`fluxguide.backbones.shapes.ShapesWorld.pretrained`) on ``device``.
+        core: an existing core (then nothing else may be passed).
+        device: where to load the default shapes world; a given backbone stays where it is.
+        **core_kwargs: :class:`GuidanceCore` arguments.
+    """
+    if core is not None:
+        if backbone is not None or core_kwargs or device is not None:
+            extra = sorted(core_kwargs) + (["backbone"] if backbone is not None else []) + (["device"] if device else [])
+            raise ValueError(f"pass either core= or the core's arguments, not both (got core= and {extra})")
+        return core
+    if backbone is None:
+        from fluxguide.backbones.shapes.world import ShapesWorld
+
+        backbone = ShapesWorld.pretrained(device=device or "cpu")
+    elif device is not None and not _same_device(torch.device(device), backbone.device):
+        raise ValueError(
+            f"device={device!r} but the backbone is on {backbone.device}: move the backbone with "
+            f"backbone.to(device) (the env runs where its backbone is)"
+        )
+    return GuidanceCore(backbone, **core_kwargs)
+
+
+def _same_device(wanted: torch.device, actual: torch.device) -> bool:
+    return wanted.type == actual.type and (wanted.index is None or wanted.index == actual.index)
