@@ -36,7 +36,7 @@ from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_che
 from fluxguide.grids import save_prompt_grid
 from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
 from fluxguide.rewards import CLIPScore, load_open_clip, make_reward
-from fluxguide.tracking import Tracker
+from fluxguide.tracking import Tracker, metric_curve, read_metrics
 
 BackboneName = Literal["shapes", "shapes-random", "tiny-flux"]
 
@@ -184,6 +184,35 @@ def evaluate(cfg: Config, backbone: Backbone, reward: torch.nn.Module, policy: t
     return metrics, images
 
 
+def plot_curves(run_dir: Path) -> Path:
+    """``<run_dir>/curves.png``: training and held-out reward, and the held-out verifier pass rate, against
+    samples seen (read from ``metrics.jsonl``, so it needs no W&B)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    panels = [("reward", ["train/reward_mean", "eval/reward_mean"]), ("held-out verifier pass rate",
+              ["eval/verifier_pass_rate"])]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            xs, ys = metric_curve(records, name)
+            if xs:
+                ax.plot(xs, ys, marker="." if name.startswith("eval") else None, label=name)
+        ax.set_xlabel("samples seen")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend()
+    fig.tight_layout()
+    path = run_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -276,6 +305,7 @@ def main(cfg: Config) -> dict[str, float]:
             break
     bar.close()
     tracker.finish()
+    plot_curves(cfg.run_dir)
     if last_eval:
         shown = {k: round(v, 4) for k, v in last_eval.items() if not math.isnan(v)}
         print(f"final held-out evaluation after {samples_seen} samples: {shown}")
