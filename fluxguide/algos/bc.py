@@ -94,21 +94,26 @@ class BCLoss(nn.Module):
             raise ValueError(f"unknown BC loss {loss_type!r}; valid: {list(LOSS_TYPES)}")
         if not (init_std > 0 and math.isfinite(init_std)):
             raise ValueError(f"init_std must be positive and finite, got {init_std}")
-        self.model = model
         self.loss_type = loss_type
         self.target_key = target_key
-        self.head = model if isinstance(model, GaussianHead) else None
-        self.adapter = None if self.head is not None else ObservationAdapter(model)
-        own_std = loss_type == "gaussian_nll" and self.head is None
+        # One registered copy of the model (``net``), so its state dict holds each parameter once.
+        self.is_gaussian_head = isinstance(model, GaussianHead)
+        self.net = model if self.is_gaussian_head else ObservationAdapter(model)
+        own_std = loss_type == "gaussian_nll" and not self.is_gaussian_head
         self.log_std = nn.Parameter(torch.tensor(math.log(init_std))) if own_std else None
+
+    @property
+    def model(self) -> nn.Module:
+        """The policy being trained (the guidance model, or the Gaussian head around one)."""
+        return self.net if self.is_gaussian_head else self.net.model
 
     def correction(self, batch: TensorDict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The model's correction (mean) on ``batch`` and, for a Gaussian head, its std."""
         obs = [batch[k] for k in keys.OBSERVATION_KEYS]
-        if self.head is not None:
-            loc, scale = self.head(*obs)
+        if self.is_gaussian_head:
+            loc, scale = self.net(*obs)
             return loc, scale
-        return self.adapter(*obs), None
+        return self.net(*obs), None
 
     def forward(self, batch: TensorDict) -> TensorDict:
         """Named terms: ``loss_bc`` (minimise it) and detached diagnostics ``mse``, ``target_rms``,

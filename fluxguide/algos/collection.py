@@ -262,11 +262,18 @@ class _Chunk:
     metadata: dict[str, Any]
 
 
+SEED_ALIASES: dict[str, str] = {"timestep": keys.T, "step_idx": keys.STEP}
+"""The seed's batch names (``batch['timestep']``, ``batch['step_idx']``) for the observation keys."""
+
+
 class JoinEpisodeConstants(nn.Module):
     """Replay-buffer transform: add each sampled transition's per-episode ``txt`` and ``vec``.
 
     Per-episode constants are stored once per episode; this gathers them by the transitions' ``episode``
-    index when a batch is sampled, so a batch is a complete observation for a guidance model.
+    index when a batch is sampled, so a batch is a complete observation for a guidance model. It also adds
+    the seed's names ``timestep`` and ``step_idx`` (copies of ``t`` and ``step``), so the seed's loop
+    ``trainer.train_step(img=batch['img'], ..., timestep=batch['timestep'], step_idx=batch['step_idx'],
+    target_correction=batch['target'])`` runs on sampled batches unchanged.
     """
 
     def __init__(self, episodes: TensorDict, keys_to_join: Sequence[str] = EPISODE_CONSTANTS) -> None:
@@ -278,6 +285,8 @@ class JoinEpisodeConstants(nn.Module):
         joined = self.episodes[idx]
         for key, value in joined.items():
             batch.set(key, value.to(batch.device) if batch.device is not None else value)
+        for alias, key in SEED_ALIASES.items():
+            batch.set(alias, batch[key])
         return batch
 
 

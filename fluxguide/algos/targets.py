@@ -230,7 +230,7 @@ class CFGDistillation(TargetStrategy):
         return {"strategy": self.name, "cfg_scale": self.scale}
 
 
-class RewardGradient(TargetStrategy):
+class RewardGradientTargets(TargetStrategy):
     """Targets from a reward-gradient teacher (:class:`RewardGradientTeacher`) at the states it visits.
 
     Args:
@@ -347,21 +347,23 @@ class ReferenceImage(TargetStrategy):
     """Targets that steer toward a reference image per prompt (:func:`reference_correction`).
 
     Args:
-        reference: a function ``prompts -> images (B, 3, H, W) in [0, 1]`` (encoded with the backbone's
-            ``encode_images``) or ``-> latents (B, seq, C)``; or a fixed tensor of either, one per prompt
-            of every batch.
+        reference: a function ``(prompts, generator) -> images (B, 3, H, W) in [0, 1]`` (encoded with the
+            backbone's ``encode_images``) or ``-> latents (B, seq, C)``, where ``generator`` is the batch's
+            (so a resumed collection draws the same references); or a fixed tensor of either, one per
+            prompt of every batch.
         strength: the teacher's strength (1 lands exactly on the reference).
         guide: visit the teacher-guided sampler's states; else the base sampler's.
     """
 
     name = "reference_image"
 
-    def __init__(self, reference: torch.Tensor | Callable[[list[str]], torch.Tensor], strength: float = 1.0,
+    def __init__(self, reference: torch.Tensor | Callable[[list[str], torch.Generator], torch.Tensor],
+                 strength: float = 1.0,
                  guide: bool = True) -> None:
         self.reference, self.strength, self.guide = reference, float(strength), guide
 
     def reference_latents(self, batch: CollectionBatch) -> torch.Tensor:
-        ref = self.reference(batch.prompts) if callable(self.reference) else self.reference
+        ref = self.reference(batch.prompts, batch.generator) if callable(self.reference) else self.reference
         bb, b = batch.backbone, len(batch.prompts)
         if ref.ndim == 4:
             if not hasattr(bb, "encode_images"):
@@ -414,7 +416,7 @@ class UserTargets(TargetStrategy):
 
 
 TARGET_STRATEGIES: dict[str, type[TargetStrategy]] = {
-    cls.name: cls for cls in (CFGDistillation, RewardGradient, BestOfN, ReferenceImage, UserTargets)
+    cls.name: cls for cls in (CFGDistillation, RewardGradientTargets, BestOfN, ReferenceImage, UserTargets)
 }
 
 

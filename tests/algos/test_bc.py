@@ -109,3 +109,21 @@ def test_bad_loss_arguments_and_empty_dataset(tmp_path: Path) -> None:
     empty = GuidanceDataset.create(tmp_path / "empty")
     with pytest.raises(DatasetError, match="is empty: collect some episodes"):
         check_dataset_matches_policy(empty, mlp())
+
+
+def test_the_seeds_training_loop_runs_on_replay_buffer_batches(dataset: GuidanceDataset) -> None:
+    """The seed's step 4: ``trainer.train_step(img=batch['img'], ..., target_correction=batch['target'])``."""
+    from fluxguide.algos import GuidanceModelTrainer
+
+    model = mlp()
+    trainer = GuidanceModelTrainer(model, torch.optim.AdamW(model.parameters(), lr=3e-3))
+    dataloader = dataset.replay_buffer(64, generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(30):
+        batch = dataloader.sample()
+        metrics = trainer.train_step(
+            img=batch["img"], pred=batch["pred"], txt=batch["txt"], vec=batch["vec"],
+            timestep=batch["timestep"], step_idx=batch["step_idx"], target_correction=batch["target"],
+        )
+        losses.append(metrics["loss"])
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])

@@ -19,7 +19,7 @@ from fluxguide.algos.targets import (
     CFGDistillation,
     GuidanceDataCollector,
     ReferenceImage,
-    RewardGradient,
+    RewardGradientTargets,
     RewardGradientTeacher,
     UserTargets,
     make_target_strategy,
@@ -85,7 +85,7 @@ def test_cfg_distillation_targets_reproduce_cfg_on_cfgs_own_states(world: Shapes
 def test_reward_gradient_targets_are_the_gradient_of_the_reward(world: ShapesWorld) -> None:
     reward = CallableReward(redness)
     prompts = train_prompts()[:2]
-    chunk = GuidanceDataCollector(world, RewardGradient(reward, step_size=5.0, guide=False), num_steps=STEPS).collect(prompts)
+    chunk = GuidanceDataCollector(world, RewardGradientTargets(reward, step_size=5.0, guide=False), num_steps=STEPS).collect(prompts)
     img, pred, target = per_step(chunk, keys.IMG), per_step(chunk, keys.PRED), per_step(chunk, TARGET)
     ts = world.schedule(STEPS)
 
@@ -117,7 +117,7 @@ def test_reward_gradient_guided_collection_and_normalisation(world: ShapesWorld)
     assert torch.allclose(rms[rms > 0], torch.full_like(rms[rms > 0], 0.5), rtol=1e-4)
     assert float(redness(guided.episodes[FINAL_IMAGE], prompts).mean()) > float(redness(base.episodes[FINAL_IMAGE], prompts).mean())
     with pytest.raises(NotDifferentiableError):
-        RewardGradient(VerifierReward())
+        RewardGradientTargets(VerifierReward())
     with pytest.raises(ValueError, match="set teacher.prompts"):
         RewardGradientTeacher(reward, world.decode)(base.transitions[keys.IMG][:2], base.transitions[keys.PRED][:2],
                                                     None, None, torch.ones(2), 0)
@@ -172,7 +172,7 @@ def test_best_of_n_min_reward_drops_losers_and_checks_arguments(world: ShapesWor
 def test_reference_image_targets_steer_to_the_reference(world: ShapesWorld, guide: bool) -> None:
     prompts = train_prompts()[:2]
     reference = render_prompts(prompts, seed=0)[0]
-    strategy = ReferenceImage(lambda p: render_prompts(p, seed=0)[0], strength=1.0, guide=guide)
+    strategy = ReferenceImage(lambda p, g: render_prompts(p, seed=0)[0], strength=1.0, guide=guide)
     chunk = GuidanceDataCollector(world, strategy, num_steps=STEPS).collect(prompts)
     img, pred, tgt = per_step(chunk, keys.IMG), per_step(chunk, keys.PRED), per_step(chunk, TARGET)
     ts = world.schedule(STEPS)

@@ -1,0 +1,129 @@
+"""What CFG distillation buys: sampling time per episode of the distilled guidance policy against CFG's.
+
+One run samples the same held-out prompts, with the same noise, with three samplers on the shapes world:
+
+- ``base``:   the base model, one call per step;
+- ``CFG``:    classifier-free guidance, two model evaluations per step (one batched call of twice the size);
+- ``guided``: the base model plus the guidance policy (one base call and one small network per step).
+
+Times are wall-clock per episode (one image), measured round-robin (base, CFG, guided, base, ...) so load
+changes on a shared machine hit all three alike; the median over repeats is reported, with the ratio
+``guided / CFG``. With a trained policy (``--guidance-checkpoint``, default the output of
+``experiments/train_bc.py``) it also prints the held-out verifier pass rate of each sampler and the fraction
+of CFG's gain over the base sampler that the policy recovers. Without one, a fresh policy of the same
+architecture gives the same timing (its weights do not change its cost).
+
+Run::
+
+    .venv/bin/python benchmarks/cfg_distillation.py
+    .venv/bin/python benchmarks/cfg_distillation.py --guidance-checkpoint runs/bc/cfg_distillation/guidance.safetensors
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from fluxguide.backbones.shapes import ShapesWorld, heldout_prompts, verify
+from fluxguide.backbones.shapes.evaluation import sample_prompts
+from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, load_guidance_model
+
+
+@dataclass
+class Config:
+    guidance_checkpoint: Path = Path("runs/bc/cfg_distillation/guidance.safetensors")
+    """the distilled policy (fluxguide.policies.save_guidance_model); if missing, a fresh one (timing only)"""
+    cfg_scale: float = ShapesWorld.recommended_cfg_scale
+    """CFG scale (the one the policy was distilled from)"""
+    num_steps: int = 20
+    """sampling steps"""
+    batch: int = 64
+    """episodes sampled together in one timed call"""
+    repeats: int = 5
+    """timed calls per sampler (after one warm-up call each)"""
+    eval_samples_per_prompt: int = 4
+    """samples per held-out prompt for the pass rates (0 skips them)"""
+    threads: int = 1
+    """torch CPU threads"""
+    seed: int = 0
+    """seed of the noise"""
+
+
+def load_world() -> tuple[ShapesWorld, bool]:
+    """The pretrained shapes world, or (when its weights are absent) a random one for timing only."""
+    try:
+        return ShapesWorld.pretrained(), True
+    except FileNotFoundError:
+        from fluxguide.backbones.shapes import create_shapes_clip
+        from fluxguide.backbones.shapes.world import build_transformer
+
+        return ShapesWorld(create_shapes_clip(), build_transformer()), False
+
+
+def load_policy(cfg: Config, world: ShapesWorld) -> tuple[BaseGuidanceModel, bool]:
+    if cfg.guidance_checkpoint.is_file():
+        return load_guidance_model(cfg.guidance_checkpoint).eval(), True
+    cond = world.encode(["a red circle"])
+    side = int(world.latent_seq**0.5)
+    fresh = AttentionGuidanceModel(hidden_dim=64, num_heads=4, num_layers=2, latent_channels=world.latent_channels,
+                                   txt_dim=cond.txt.shape[-1], vec_dim=cond.vec.shape[-1], mlp_ratio=2.0,
+                                   grid_size=(side, side))
+    return fresh.eval(), False
+
+
+def main(cfg: Config) -> dict[str, float]:
+    torch.set_num_threads(cfg.threads)
+    world, pretrained = load_world()
+    policy, trained = load_policy(cfg, world)
+    held = heldout_prompts()
+    prompts = [held[i % len(held)] for i in range(cfg.batch)]
+    noise = torch.randn((cfg.batch, *world.latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
+    samplers = {
+        "base": {},
+        f"CFG {cfg.cfg_scale:g}": {"cfg_scale": cfg.cfg_scale},
+        "guided": {"guidance_model": policy},
+    }
+    times: dict[str, list[float]] = {name: [] for name in samplers}
+    for name, kw in samplers.items():  # warm-up
+        world.sample(prompts, num_steps=cfg.num_steps, noise=noise, **kw)
+    for _ in range(cfg.repeats):
+        for name, kw in samplers.items():
+            t0 = time.perf_counter()
+            world.sample(prompts, num_steps=cfg.num_steps, noise=noise, **kw)
+            times[name].append((time.perf_counter() - t0) / cfg.batch)
+    per_episode = {name: statistics.median(v) for name, v in times.items()}
+    cfg_name = f"CFG {cfg.cfg_scale:g}"
+    policy_params = sum(p.numel() for p in policy.parameters())
+    print(f"shapes world ({'pretrained' if pretrained else 'random weights'}), {cfg.num_steps} steps, batch "
+          f"{cfg.batch}, {torch.get_num_threads()} thread(s); policy {type(policy).__name__} "
+          f"({policy_params:,} parameters, {'trained: ' + str(cfg.guidance_checkpoint) if trained else 'untrained'})")
+    print(f"{'sampler':>10} | ms / episode | vs CFG")
+    for name, t in per_episode.items():
+        print(f"{name:>10} | {1000 * t:12.2f} | {t / per_episode[cfg_name]:.3f}")
+    out = {f"ms_per_episode/{k}": 1000 * v for k, v in per_episode.items()}
+    out["guided_over_cfg_time"] = per_episode["guided"] / per_episode[cfg_name]
+    print(f"guided sampler time per episode / CFG's: {out['guided_over_cfg_time']:.3f}")
+    if pretrained and trained and cfg.eval_samples_per_prompt > 0:
+        rates = {}
+        for name, kw in samplers.items():
+            images, all_prompts = sample_prompts(world, held, samples_per_prompt=cfg.eval_samples_per_prompt,
+                                                 seed=cfg.seed + 12345, num_steps=cfg.num_steps, **kw)
+            rates[name] = verify(images, all_prompts).accuracy
+        n = len(held) * cfg.eval_samples_per_prompt
+        print(f"held-out verifier pass rate ({n} images, same noise): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
+        gain = rates[cfg_name] - rates["base"]
+        if gain > 0:
+            out["cfg_gain_recovered"] = (rates["guided"] - rates["base"]) / gain
+            print(f"fraction of CFG's gain recovered by the guided sampler: {out['cfg_gain_recovered']:.3f}")
+        out.update({f"pass_rate/{k}": v for k, v in rates.items()})
+    return out
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))

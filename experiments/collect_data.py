@@ -1,0 +1,175 @@
+"""Collect behaviour-cloning data: sample trajectories, pair each visited state with a target correction.
+
+    python experiments/collect_data.py                                          # CFG distillation, shapes world
+    python experiments/collect_data.py --strategy best-of-n --out-dir runs/bc_data/best_of_n
+    python experiments/collect_data.py --help                                   # every option
+
+Prompts are the shapes world's *training* prompts (``--episodes`` of them, shuffled with the seed); every
+batch of ``--batch-size`` prompts is sampled with the chosen target strategy (``fluxguide.algos.targets``)
+and appended to the dataset folder ``--out-dir`` as one atomic chunk. The dataset is its own checkpoint:
+rerunning the same command skips the batches already on disk, so a killed collection finishes where it
+stopped and loses at most the batch in flight. Metrics (episodes kept, rewards, seconds per batch) go to W&B
+(offline unless ``--wandb-mode online``) and ``<out-dir>/run/metrics.jsonl``, against the number of
+trajectories sampled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from fluxguide.algos.collection import REWARD, GuidanceDataset
+from fluxguide.algos.targets import (
+    BestOfN,
+    CFGDistillation,
+    GuidanceDataCollector,
+    ReferenceImage,
+    RewardGradientTargets,
+    TargetStrategy,
+)
+from fluxguide.backbones.shapes import ShapesWorld, train_prompts
+from fluxguide.backbones.shapes.scenes import render_prompts
+from fluxguide.rewards import make_reward
+from fluxguide.tracking import Tracker
+
+Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
+
+
+@dataclass
+class Config:
+    out_dir: Path = Path("runs/bc_data/cfg_distillation")
+    """the dataset folder (created, or appended to; rerunning resumes)"""
+    strategy: Strategy = "cfg-distillation"
+    """where the targets come from (fluxguide.algos.targets.TARGET_STRATEGIES)"""
+    backbone: Literal["shapes", "shapes-random"] = "shapes"
+    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests)"""
+    episodes: int = 1024
+    """prompts to sample (training prompts, cycled and shuffled with the seed); best-of-N samples n per prompt"""
+    batch_size: int = 64
+    """prompts per batch; each batch is appended as one chunk"""
+    num_steps: int = 20
+    """sampling steps"""
+    cfg_scale: float | None = None
+    """CFG scale of cfg-distillation (default: ShapesWorld.recommended_cfg_scale)"""
+    reward: str = "verifier"
+    """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip)"""
+    step_size: float = 1.0
+    """reward-gradient: the teacher's step size"""
+    normalize: bool = True
+    """reward-gradient: rescale each sample's reward gradient to unit RMS"""
+    n: int = 8
+    """best-of-n: trajectories per prompt"""
+    top_k: int = 1
+    """best-of-n: trajectories kept per prompt"""
+    noise_level: float = 0.7
+    """best-of-n: SDE noise level a (Flow-GRPO); 0 draws ODE samples from different noise"""
+    bon_target: Literal["endpoint", "step"] = "endpoint"
+    """best-of-n: target of the kept trajectories (see fluxguide.algos.targets.BestOfN)"""
+    min_reward: float | None = None
+    """best-of-n: drop kept trajectories below this reward (1 with the verifier: only passing samples)"""
+    strength: float = 1.0
+    """reference-image: fraction of the way to the reference velocity"""
+    guide: bool = True
+    """reward-gradient / reference-image: visit the teacher-guided sampler's states (else the base sampler's)"""
+    seed: int = 0
+    """seed of the prompt order and the noise"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest on a shared 2-core machine)"""
+    device: str = "cpu"
+    """torch device"""
+    wandb_project: str = "fluxguide"
+    """W&B project"""
+    wandb_group: str = "collect"
+    """W&B group"""
+    wandb_mode: str | None = None
+    """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+
+
+def build_world(cfg: Config) -> ShapesWorld:
+    if cfg.backbone == "shapes-random":
+        from fluxguide.backbones.shapes import create_shapes_clip
+        from fluxguide.backbones.shapes.world import build_transformer
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            return ShapesWorld(create_shapes_clip(), build_transformer()).to(cfg.device)
+    return ShapesWorld.pretrained(device=cfg.device)
+
+
+def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
+    if cfg.strategy == "cfg-distillation":
+        scale = cfg.cfg_scale if cfg.cfg_scale is not None else ShapesWorld.recommended_cfg_scale
+        return CFGDistillation(scale)
+    reward = make_reward(cfg.reward, world=world) if cfg.reward.startswith("shapes") else make_reward(cfg.reward)
+    if cfg.strategy == "reward-gradient":
+        return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)
+    if cfg.strategy == "best-of-n":
+        return BestOfN(reward, n=cfg.n, top_k=cfg.top_k, noise_level=cfg.noise_level, target=cfg.bon_target,
+                       min_reward=cfg.min_reward)
+    # The shapes world renders a correct scene for any prompt: that is the reference image (a random
+    # placement drawn from the batch's generator, so a resumed collection renders the same ones).
+    def render_references(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        return render_prompts(prompts, seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))[0]
+
+    return ReferenceImage(render_references, strength=cfg.strength, guide=cfg.guide)
+
+
+def episode_prompts(cfg: Config) -> list[str]:
+    """``cfg.episodes`` training prompts: the training set cycled, each cycle shuffled with the seed."""
+    train = train_prompts()
+    g = torch.Generator().manual_seed(cfg.seed)
+    order: list[int] = []
+    while len(order) < cfg.episodes:
+        order += torch.randperm(len(train), generator=g).tolist()
+    return [train[i] for i in order[: cfg.episodes]]
+
+
+def main(cfg: Config) -> GuidanceDataset:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    world = build_world(cfg)
+    collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
+    dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
+    prompts = episode_prompts(cfg)
+    batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    done = {m.get("batch_index") for m in dataset.chunk_metadata if m.get("seed") == cfg.seed}
+    per_prompt = cfg.n if cfg.strategy == "best-of-n" else 1
+    sampled = sum(len(batches[i]) * per_prompt for i in done if i is not None and i < len(batches))
+    if done:
+        print(f"resuming: {dataset.num_episodes} episodes in {dataset.num_chunks} chunks already in {cfg.out_dir}")
+    config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    tracker = Tracker(cfg.out_dir / "run", config=config_dict, project=cfg.wandb_project, group=cfg.wandb_group,
+                      mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None)
+
+    bar = tqdm(enumerate(batches), total=len(batches), desc=f"collect {cfg.strategy}")
+    for batch_index, batch_prompts in bar:
+        if batch_index in done:
+            continue
+        t0 = time.perf_counter()
+        chunk = collector.collect(batch_prompts, seed=cfg.seed, batch_index=batch_index)
+        if chunk.num_episodes:
+            dataset.append(chunk)
+        sampled += len(batch_prompts) * per_prompt
+        metrics = {
+            "train/episodes_kept": chunk.num_episodes,
+            "train/dataset_episodes": dataset.num_episodes,
+            "perf/seconds_per_batch": time.perf_counter() - t0,
+        }
+        if REWARD in chunk.episodes and chunk.num_episodes:
+            metrics["train/kept_reward_mean"] = float(chunk.episodes[REWARD].mean())
+        tracker.log(metrics, sampled)
+        bar.set_postfix(episodes=dataset.num_episodes)
+    tracker.finish()
+    print(f"{cfg.out_dir}: {dataset.num_episodes} episodes, {dataset.num_transitions} transitions in "
+          f"{dataset.num_chunks} chunks ({cfg.strategy}; {sampled} trajectories sampled)")
+    return dataset
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
