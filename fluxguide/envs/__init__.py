@@ -5,6 +5,14 @@ One batched torch core (:class:`GuidanceCore`) and three faces over it: a Gymnas
 (:class:`GuidanceVectorEnv`) and a native TorchRL ``EnvBase`` (:class:`GuidanceTorchRLEnv`, ``batch_size=[B]``,
 tensors on the env's device). Importing this package registers ``fluxguide/Shapes-v0`` and
 ``fluxguide/Flux-v0`` with Gymnasium.
+
+Memory of per-episode constants: the TorchRL env returns the same ``txt`` / ``vec`` tensors at every step
+of an episode, and ``GuidanceTorchRLEnv.rollout(n, policy, return_contiguous=False)`` stacks the steps
+lazily, so a trajectory holds them once (and each observation once: a step's ``next`` observation is the
+following step's observation). That is the recommended way to collect trajectories with large text features
+(Flux's ``txt`` is 512 x 4096 per sample). A contiguous rollout, a collector's batch or a replay buffer
+copies them per step. The numpy faces copy them per step by Gymnasium's contract (every returned array is
+new memory).
 """
 
 from fluxguide.envs.core import GuidanceCore, StepResult, build_reward, make_core

@@ -128,7 +128,10 @@ class GuidanceEnv(gym.Env):
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         super().reset(seed=seed)
-        prompt = (options or {}).get("prompt")
+        options = dict(options or {})
+        prompt = options.pop("prompt", None)
+        if options:
+            raise ValueError(f"unknown reset options {sorted(options)}; valid: 'prompt'")
         obs, _ = self.core.reset(seed=seed, prompts=None if prompt is None else [prompt])
         return observation_to_numpy(obs, 0), {"prompt": self.core.prompts[0]}
 

@@ -8,7 +8,9 @@ factory below, and from there to :class:`fluxguide.envs.GuidanceCore`::
     envs = gymnasium.make_vec("fluxguide/Shapes-v0", num_envs=32)                      # GuidanceVectorEnv
     flux = gymnasium.make("fluxguide/Flux-v0", model_path="/models/FLUX.1-dev", prompts="prompts.txt")
 
-``gymnasium.make("fluxguide.envs:fluxguide/Shapes-v0")`` imports the module itself. TorchRL:
+``gymnasium.make("fluxguide.envs:fluxguide/Shapes-v0")`` imports the module itself. Gymnasium's wrappers
+deep-copy ``env.spec`` (keywords included) whenever ``env.spec`` is read, so pass a large ``backbone=`` to the
+classes (:class:`GuidanceEnv`, ...) rather than through ``gymnasium.make``. TorchRL:
 ``GymEnv("fluxguide/Shapes-v0")`` wraps the numpy env (batch 1); :func:`make_torchrl_env` builds the native
 batched TorchRL env from the same id and keywords.
 """

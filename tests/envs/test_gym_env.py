@@ -97,6 +97,8 @@ def test_bad_actions(world) -> None:
         env.step(np.zeros((64, 48), np.int32))
     with pytest.raises(TypeError, match="numpy array"):
         env.step([0.0] * 48)
+    with pytest.raises(ValueError, match="unknown reset options \\['prompts'\\]"):
+        env.reset(options={"prompts": ["a red circle"]})
     bad = np.zeros((64, 48), np.float32)
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN/inf"):

@@ -124,11 +124,12 @@ def test_rollout_storage_holds_txt_once_per_episode(world) -> None:
     assert 4 * (step_bytes + small) < 4 * (step_bytes + 2 * txt_bytes)
 
 
-def test_random_policy_rollout_at_batch_32(world) -> None:
-    env = make_env(world, batch_size=32, num_steps=2, reward=VerifierReward(), verify=True)
+def test_random_policy_rollout_at_batch_32_and_the_default_number_of_steps(world) -> None:
+    env = make_env(world, batch_size=32, reward=VerifierReward(), verify=True)
+    assert env.core.num_steps == world.default_num_steps
     env.set_seed(0)
-    rollout = env.rollout(2, return_contiguous=False)
-    assert rollout.batch_size == (32, 2)
+    rollout = env.rollout(env.core.num_steps, return_contiguous=False)  # random actions from the action spec
+    assert rollout.batch_size == (32, env.core.num_steps)
     assert rollout["next", "done"][:, -1].all()
     reward = rollout["next", "reward"][:, -1, 0]
     assert set(reward.unique().tolist()) <= {0.0, 1.0}
