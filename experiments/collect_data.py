@@ -35,6 +35,7 @@ from fluxguide.algos.targets import (
 )
 from fluxguide.backbones.shapes import ShapesWorld, train_prompts
 from fluxguide.backbones.shapes.scenes import render_prompts
+from fluxguide.policies import load_guidance_model
 from fluxguide.rewards import make_reward
 from fluxguide.tracking import Tracker
 
@@ -57,6 +58,9 @@ class Config:
     """sampling steps"""
     cfg_scale: float | None = None
     """CFG scale of cfg-distillation (default: ShapesWorld.recommended_cfg_scale)"""
+    student_checkpoint: Path | None = None
+    """cfg-distillation: a trained policy (train_bc.py's guidance.safetensors) that drives the sampler while CFG
+    labels the states (a DAgger round; append to the teacher's dataset with another --seed)"""
     reward: str = "verifier"
     """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip)"""
     step_size: float = 1.0
@@ -105,7 +109,10 @@ def build_world(cfg: Config) -> ShapesWorld:
 def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
     if cfg.strategy == "cfg-distillation":
         scale = cfg.cfg_scale if cfg.cfg_scale is not None else ShapesWorld.recommended_cfg_scale
-        return CFGDistillation(scale)
+        student = None
+        if cfg.student_checkpoint is not None:
+            student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
+        return CFGDistillation(scale, student=student)
     reward = make_reward(cfg.reward, world=world) if cfg.reward.startswith("shapes") else make_reward(cfg.reward)
     if cfg.strategy == "reward-gradient":
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)

@@ -208,25 +208,58 @@ def _collect_with_teacher(
     return chunk, final, states
 
 
+class LabelledGuidance(nn.Module):
+    """Sample with ``behaviour`` while recording ``teacher``'s correction at every visited state.
+
+    The guidance function of DAgger-style collection (Ross et al. 2011, "A Reduction of Imitation Learning
+    and Structured Prediction to No-Regret Online Learning"): the student drives, the teacher labels, so the
+    data covers the states the student actually reaches, including those its own errors lead to.
+    """
+
+    def __init__(self, behaviour: GuidanceFn, teacher: GuidanceFn) -> None:
+        super().__init__()
+        self.behaviour, self.teacher = behaviour, teacher
+        self.labels: list[torch.Tensor] = []
+
+    def forward(self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
+                timestep: torch.Tensor, step_idx: int | torch.Tensor) -> torch.Tensor:
+        self.labels.append(self.teacher(img, pred, txt, vec, timestep, step_idx).detach())
+        return self.behaviour(img, pred, txt, vec, timestep, step_idx)
+
+    def targets(self) -> torch.Tensor:
+        """The recorded corrections ``(B, T, seq, C)``."""
+        return torch.stack(self.labels, dim=1)
+
+
 class CFGDistillation(TargetStrategy):
     """Targets ``(w - 1) * (pred_cond - pred_uncond)`` at the states CFG's own sampler visits.
 
     Args:
         scale: the CFG scale ``w`` (the shapes world's is ``ShapesWorld.recommended_cfg_scale``).
+        student: a guidance model to drive the sampler instead of CFG (DAgger, see
+            :class:`LabelledGuidance`): the states are the student's, the targets still CFG's correction.
+        student_scale: the scale at which the student guides the sampler.
     """
 
     name = "cfg_distillation"
 
-    def __init__(self, scale: float) -> None:
+    def __init__(self, scale: float, student: GuidanceFn | None = None, student_scale: float = 1.0) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"the CFG scale must be finite, got {scale}")
         self.scale = float(scale)
+        self.student, self.student_scale = student, float(student_scale)
 
     def collect(self, batch: CollectionBatch) -> EpisodeChunk:
         teacher = CFGTeacher.from_backbone(batch.backbone, self.scale)
-        return _collect_with_teacher(batch, teacher, metadata=self.config())[0]
+        if self.student is None:
+            return _collect_with_teacher(batch, teacher, metadata={**self.config(), "visited_by": "teacher"})[0]
+        labelled = LabelledGuidance(self.student, teacher)
+        return _collect_with_teacher(batch, labelled, guidance_scale=self.student_scale,
+                                     targets=lambda states: labelled.targets(),
+                                     metadata={**self.config(), "visited_by": "student"})[0]
 
     def config(self) -> dict[str, Any]:
+        # The dataset-level settings: DAgger rounds (student-driven chunks) append to the teacher's dataset.
         return {"strategy": self.name, "cfg_scale": self.scale}
 
 

@@ -217,3 +217,25 @@ def test_collect_to_appends_batches_and_resumes_without_duplicates(world: Shapes
     assert torch.allclose(on_disk[TARGET], again.transitions[TARGET])
     with pytest.raises(Exception, match="cfg_scale"):
         GuidanceDataCollector(world, "cfg_distillation", num_steps=STEPS, scale=4.0).collect_to(tmp_path / "data", prompts)
+
+
+def test_cfg_distillation_with_a_student_labels_the_students_states(world: ShapesWorld) -> None:
+    """DAgger: the student drives the sampler, CFG's correction labels every state it visits."""
+    from fluxguide.policies import MLPGuidanceModel
+
+    torch.manual_seed(4)
+    student = MLPGuidanceModel(latent_channels=48, hidden_dim=16, num_layers=1, vec_dim=64)
+    torch.nn.init.normal_(student.out.weight, std=0.05)  # a student that is not CFG and not the base sampler
+    prompts = train_prompts()[:2]
+    collector = GuidanceDataCollector(world, CFGDistillation(3.0, student=student), num_steps=STEPS)
+    chunk = collector.collect(prompts, seed=2)
+    assert chunk.metadata["visited_by"] == "student"
+    noise = torch.randn((2, *world.latent_shape), generator=collector.batch_generator(2, 0))
+    assert torch.allclose(chunk.episodes[FINAL_IMAGE], world.sample(prompts, num_steps=STEPS, noise=noise,
+                                                                  guidance_model=student), atol=1e-5)
+    cfg, cond = world.with_cfg(3.0), world.encode(prompts)
+    img, pred, target = per_step(chunk, keys.IMG), per_step(chunk, keys.PRED), per_step(chunk, TARGET)
+    for k, t in enumerate(world.schedule(STEPS)[:-1]):
+        want = cfg(img=img[:, k], img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids,
+                   timesteps=torch.full((2,), t), y=cond.vec)
+        assert torch.allclose(pred[:, k] + target[:, k], want, atol=1e-4)

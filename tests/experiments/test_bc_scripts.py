@@ -114,6 +114,11 @@ def test_training_logs_the_references_resumes_and_saves_a_loadable_policy(tmp_pa
     assert isinstance(policy, AttentionGuidanceModel)
     assert float(policy.out.weight.detach().abs().max()) > 0  # trained: no longer the zero-initialised output layer
     assert (tmp_path / "run" / "samples" / "eval_000000192.png").is_file()
+    # A DAgger round: the trained policy drives, CFG labels; appended to the same dataset under another seed.
+    data = collect(["--episodes", "4", "--batch-size", "4", "--out-dir", str(tmp_path / "data"), "--seed", "1",
+                    "--student-checkpoint", str(tmp_path / "run" / "guidance.safetensors")])
+    assert data.num_episodes == 12
+    assert [m["visited_by"] for m in data.chunk_metadata] == ["teacher", "teacher", "student"]
 
 
 def test_training_on_a_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
