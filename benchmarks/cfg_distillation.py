@@ -38,6 +38,8 @@ from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, load_g
 class Config:
     guidance_checkpoint: Path = Path("runs/bc/cfg_distillation/guidance.safetensors")
     """the distilled policy (fluxguide.policies.save_guidance_model); if missing, a fresh one (timing only)"""
+    weights_dir: Path | None = None
+    """folder of the shapes world's weights (default: the ones shipped in the package)"""
     cfg_scale: float = ShapesWorld.recommended_cfg_scale
     """CFG scale (the one the policy was distilled from)"""
     num_steps: int = 20
@@ -54,10 +56,10 @@ class Config:
     """seed of the noise"""
 
 
-def load_world() -> tuple[ShapesWorld, bool]:
+def load_world(weights_dir: Path | None) -> tuple[ShapesWorld, bool]:
     """The pretrained shapes world, or (when its weights are absent) a random one for timing only."""
     try:
-        return ShapesWorld.pretrained(), True
+        return ShapesWorld.pretrained(weights_dir), True
     except FileNotFoundError:
         from fluxguide.backbones.shapes import create_shapes_clip
         from fluxguide.backbones.shapes.world import build_transformer
@@ -78,7 +80,7 @@ def load_policy(cfg: Config, world: ShapesWorld) -> tuple[BaseGuidanceModel, boo
 
 def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
-    world, pretrained = load_world()
+    world, pretrained = load_world(cfg.weights_dir)
     policy, trained = load_policy(cfg, world)
     held = heldout_prompts()
     prompts = [held[i % len(held)] for i in range(cfg.batch)]
@@ -109,19 +111,28 @@ def main(cfg: Config) -> dict[str, float]:
     out["guided_over_cfg_time"] = per_episode["guided"] / per_episode[cfg_name]
     print(f"guided sampler time per episode / CFG's: {out['guided_over_cfg_time']:.3f}")
     if pretrained and trained and cfg.eval_samples_per_prompt > 0:
-        rates = {}
+        rates, attributes = {}, {}
         for name, kw in samplers.items():
             images, all_prompts = sample_prompts(world, held, samples_per_prompt=cfg.eval_samples_per_prompt,
                                                  seed=cfg.seed + 12345, num_steps=cfg.num_steps, **kw)
-            rates[name] = verify(images, all_prompts).accuracy
+            result = verify(images, all_prompts)
+            rates[name] = result.accuracy
+            attributes[name] = float(torch.stack([v.float().mean() for v in result.scores.values()]).mean())
         n = len(held) * cfg.eval_samples_per_prompt
-        print(f"held-out verifier pass rate ({n} images, same noise): "
+        print(f"held-out verifier ({n} images, same noise), pass rate: "
               + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-        gain = rates[cfg_name] - rates["base"]
-        if gain > 0:
-            out["cfg_gain_recovered"] = (rates["guided"] - rates["base"]) / gain
-            print(f"fraction of CFG's gain recovered by the guided sampler: {out['cfg_gain_recovered']:.3f}")
+        print("held-out verifier mean attribute accuracy (count, colour, kind, position): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in attributes.items()))
+        for label, values in (("pass rate", rates), ("attribute accuracy", attributes)):
+            gain = values[cfg_name] - values["base"]
+            if gain > 0:
+                recovered = (values["guided"] - values["base"]) / gain
+                out[f"cfg_gain_recovered/{label}"] = recovered
+                print(f"fraction of CFG's {label} gain recovered by the guided sampler: {recovered:.3f}")
+            else:
+                print(f"CFG does not raise the {label} over the base sampler ({gain:+.3f}): no gain to recover")
         out.update({f"pass_rate/{k}": v for k, v in rates.items()})
+        out.update({f"attribute_mean/{k}": v for k, v in attributes.items()})
     return out
 
 

@@ -50,6 +50,8 @@ class Config:
     """where the targets come from (fluxguide.algos.targets.TARGET_STRATEGIES)"""
     backbone: Literal["shapes", "shapes-random"] = "shapes"
     """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests)"""
+    weights_dir: Path | None = None
+    """folder of the shapes world's weights (default: the ones shipped in the package)"""
     episodes: int = 1024
     """prompts to sample (training prompts, cycled and shuffled with the seed); best-of-N samples n per prompt"""
     batch_size: int = 64
@@ -103,7 +105,7 @@ def build_world(cfg: Config) -> ShapesWorld:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return ShapesWorld(create_shapes_clip(), build_transformer()).to(cfg.device)
-    return ShapesWorld.pretrained(device=cfg.device)
+    return ShapesWorld.pretrained(cfg.weights_dir, device=cfg.device)
 
 
 def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:

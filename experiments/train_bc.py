@@ -10,8 +10,9 @@ log-likelihood, ``fluxguide.algos.bc``). Every ``eval_every`` updates the policy
 *held-out* prompts with fixed noise, at one base-model call per step, and the exact verifier scores them; the
 base sampler and CFG are scored once with the same noise, so ``eval/verifier_pass_rate`` can be read against
 ``eval/base_pass_rate`` and ``eval/cfg_pass_rate`` (``eval/cfg_gain_recovered`` is the fraction of CFG's gain
-over the base sampler that the policy recovers). Metrics go to W&B (offline unless ``--wandb-mode online``)
-and ``<run_dir>/metrics.jsonl``, against the number of training pairs seen.
+over the base sampler that the policy recovers; ``eval/cfg_attribute_gain_recovered`` the same for the mean
+per-attribute accuracy, ``eval/verifier_attribute_mean``). Metrics go to W&B (offline unless
+``--wandb-mode online``) and ``<run_dir>/metrics.jsonl``, against the number of training pairs seen.
 
 Checkpoints are written every ``checkpoint_every`` updates; rerunning the same command resumes from the last
 one. The final policy is saved to ``<run_dir>/guidance.safetensors`` (``fluxguide.policies.load_guidance_model``
@@ -54,6 +55,8 @@ class Config:
     """run folder (checkpoints, metrics.jsonl, sample grids, W&B files, guidance.safetensors); rerunning resumes"""
     backbone: Literal["shapes", "shapes-random"] = "shapes"
     """the world to evaluate in (must be the one the dataset was collected with)"""
+    weights_dir: Path | None = None
+    """folder of the shapes world's weights (default: the ones shipped in the package)"""
     policy: Literal["mlp", "attention", "conv"] = "attention"
     """guidance architecture (attention sees every token and the text tokens, as CFG's difference needs)"""
     hidden_dim: int = 64
@@ -120,7 +123,7 @@ def build_world(cfg: Config) -> ShapesWorld:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             return ShapesWorld(create_shapes_clip(), build_transformer()).to(cfg.device)
-    return ShapesWorld.pretrained(device=cfg.device)
+    return ShapesWorld.pretrained(cfg.weights_dir, device=cfg.device)
 
 
 def build_policy(cfg: Config, dataset: GuidanceDataset) -> BaseGuidanceModel:
@@ -159,7 +162,10 @@ def pass_rate(cfg: Config, world: ShapesWorld, prompts: list[str], num_steps: in
     images, all_prompts = sample_prompts(world, prompts, samples_per_prompt=cfg.eval_samples_per_prompt,
                                          seed=cfg.seed + 12345, num_steps=num_steps, batch_size=128, **sampler)
     result = verify(images, all_prompts)
-    return {"pass_rate": result.accuracy, **{k: float(v.mean()) for k, v in result.scores.items()}}, images
+    scores = {k: float(v.mean()) for k, v in result.scores.items()}
+    # The mean attribute accuracy moves with every attribute an image gets right; the pass rate (all at once)
+    # sits near the floor on a weak world.
+    return {"pass_rate": result.accuracy, **scores, "attribute_mean": sum(scores.values()) / len(scores)}, images
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -203,8 +209,10 @@ def main(cfg: Config) -> dict[str, float]:
     if references is None:
         base, base_images = pass_rate(cfg, world, held, num_steps)
         cfg_metrics, cfg_images = pass_rate(cfg, world, held, num_steps, cfg_scale=cfg_scale)
-        references = {"base": base["pass_rate"], "cfg": cfg_metrics["pass_rate"]}
-        print(f"held-out pass rate: base {references['base']:.3f}, CFG {cfg_scale:g} {references['cfg']:.3f}")
+        references = {"base": base["pass_rate"], "cfg": cfg_metrics["pass_rate"],
+                      "base_attributes": base["attribute_mean"], "cfg_attributes": cfg_metrics["attribute_mean"]}
+        print(f"held-out pass rate: base {references['base']:.3f}, CFG {cfg_scale:g} {references['cfg']:.3f}; "
+              f"attribute accuracy: base {base['attribute_mean']:.3f}, CFG {cfg_metrics['attribute_mean']:.3f}")
     index = {p: i * cfg.eval_samples_per_prompt for i, p in enumerate(held)}
     grid_index = [index[p] for p in grid_prompts]
 
@@ -214,9 +222,14 @@ def main(cfg: Config) -> dict[str, float]:
                                     guidance_scale=cfg.guidance_scale)
         out = {f"eval/verifier_{k}" if k != "pass_rate" else "eval/verifier_pass_rate": v for k, v in metrics.items()}
         out["eval/base_pass_rate"], out["eval/cfg_pass_rate"] = references["base"], references["cfg"]
+        out["eval/base_attribute_mean"] = references["base_attributes"]
+        out["eval/cfg_attribute_mean"] = references["cfg_attributes"]
         gain = references["cfg"] - references["base"]
         if gain > 0:
             out["eval/cfg_gain_recovered"] = (metrics["pass_rate"] - references["base"]) / gain
+        gain = references["cfg_attributes"] - references["base_attributes"]
+        if gain > 0:
+            out["eval/cfg_attribute_gain_recovered"] = (metrics["attribute_mean"] - references["base_attributes"]) / gain
         out.update({f"eval/bc_{k}": v for k, v in bc_evaluate(loss_module, probe).items()})
         tracker.log(out, pairs_seen)
         columns = {"trained": images[grid_index]}
