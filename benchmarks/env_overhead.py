@@ -13,8 +13,9 @@ base sampler's trajectory). Timed per episode:
 * ``gym@1``: ``GuidanceEnv`` (one trajectory), against ``bare@1``, the bare loop at batch 1.
 
 Every env episode includes what the bare loop leaves out: encoding the prompts, drawing the noise, decoding,
-and the reward. Faces run round-robin, ``--repeats`` times; the ratios use each face's fastest episode (the
-least disturbed by other load on the machine) and, in brackets, the median. torch runs on ``--threads``
+and the reward. Faces run round-robin, ``--repeats`` rounds; ``ratio`` is the median over rounds of the
+face's time divided by the reference's time in the same round (robust to load from other processes that
+drifts over a run), with the spread of those paired ratios in brackets. torch runs on ``--threads``
 threads (default 1: on a shared 2-core machine two threads oversubscribe and make timings swing ~10x).
 Run::
 
@@ -27,6 +28,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,9 +40,9 @@ from fluxguide.policies import keys
 from fluxguide.sampling import denoise
 
 
-def load_world(device: str) -> tuple[ShapesWorld, str]:
-    if all((WEIGHTS_DIR / f).is_file() for f in ("clip.safetensors", "flux.safetensors")):
-        return ShapesWorld.pretrained(device=device), "pretrained"
+def load_world(device: str, weights_dir: Path) -> tuple[ShapesWorld, str]:
+    if all((weights_dir / f).is_file() for f in ("clip.safetensors", "flux.safetensors")):
+        return ShapesWorld.pretrained(weights_dir, device=device), f"pretrained, {weights_dir}"
     torch.manual_seed(0)
     return ShapesWorld(create_shapes_clip(), build_transformer()).to(device), "random (weights not built yet)"
 
@@ -62,10 +64,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="shapes-world weights")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    world, source = load_world(args.device)
+    world, source = load_world(args.device, args.weights_dir)
     b, n = args.batch, args.num_steps
 
     core_kwargs = {"num_steps": n}  # env defaults otherwise: reward "shapes-clip", verifier on
@@ -137,13 +140,14 @@ def main() -> None:
 
     print(f"shapes world ({source}), device {device}, batch {b}, {n} steps, {args.repeats} repeats, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'face':<17} {'best s':>8} {'median s':>9}  ratio to bare (best [median])")
+    print(f"{'face':<17} {'best s':>8} {'median s':>9}  {'ratio':>6}  [paired ratios: min .. max]")
     for name, ts in times.items():
-        ref = "bare@1" if name.endswith("@1") else "bare"
-        best, med = min(ts), statistics.median(ts)
-        ratio = best / min(times[ref])
-        ratio_med = med / statistics.median(times[ref])
-        print(f"{name:<17} {best:8.3f} {med:9.3f}  {ratio:.3f} [{ratio_med:.3f}]")
+        ref = times["bare@1" if name.endswith("@1") else "bare"]
+        paired = [t / r for t, r in zip(ts, ref)]  # same round: the same load on the machine
+        print(
+            f"{name:<17} {min(ts):8.3f} {statistics.median(ts):9.3f}  {statistics.median(paired):6.3f}  "
+            f"[{min(paired):.3f} .. {max(paired):.3f}]"
+        )
 
 
 if __name__ == "__main__":

@@ -126,7 +126,9 @@ class GuidanceCore:
             with ``k`` from :func:`fluxguide.policies.sde_action_coefficient` and ``u`` the policy's mean
             when the caller passes it (``step(action, loc=...)``; the TorchRL env reads ``loc`` from the
             tensordict), else the action. ``beta = 1`` in SDE mode is KL-regularised RL,
-            ``max E[R] - KL(p_policy || p_base)`` over whole trajectories.
+            ``max E[R] - KL(p_policy || p_base)`` over whole trajectories. (Without ``loc``, a sampled
+            action ``loc + sde_std * eps`` costs the KL plus ``seq * C / 2`` nats in expectation: the
+            SDE's own noise energy; pass the mean.)
         cfg_scale: classifier-free guidance of the base prediction (default: the backbone's
             ``default_cfg_scale``; 1 = off). ``pred`` is then the CFG prediction.
         samples_per_prompt: ``k`` consecutive trajectories share a prompt (``B`` must be a multiple of
