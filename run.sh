@@ -2,7 +2,7 @@
 # fluxguide's two entry points. Each installs what it needs into ./.venv first (idempotent).
 #   bash run.sh main [script options]   the main job (experiments/main.py)
 #   bash run.sh test [pytest options]   the test suite
-#   bash run.sh bench [NAME ...]        benchmarks/NAME.py (all of them by default)
+#   bash run.sh bench [NAME [options]]  benchmarks/NAME.py (all of them by default)
 #   bash run.sh py SCRIPT [options]     any script with the project's environment
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,9 +26,10 @@ case "$cmd" in
   main) exec "$VENV/bin/python" experiments/main.py "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
   bench)
-    names=("$@")
-    [ ${#names[@]} -gt 0 ] || names=($(ls benchmarks/*.py | xargs -n1 basename | sed 's/\.py$//'))
-    for n in "${names[@]}"; do echo "== benchmarks/$n.py"; "$VENV/bin/python" "benchmarks/$n.py"; done ;;
+    if [ $# -gt 0 ]; then
+      name=$1; shift; exec "$VENV/bin/python" "benchmarks/$name.py" "$@"
+    fi
+    for f in benchmarks/*.py; do echo "== $f"; "$VENV/bin/python" "$f"; done ;;
   py) exec "$VENV/bin/python" "$@" ;;
   *) echo "usage: bash run.sh {main|test|bench|py} [options]" >&2; exit 2 ;;
 esac

@@ -23,7 +23,12 @@ from tqdm import tqdm
 
 from fluxguide.backbones.base import Conditioning
 from fluxguide.backbones.shapes import heldout_prompts, train_prompts
-from fluxguide.backbones.shapes.clip import contrastive_loss, create_shapes_clip, encode_text_tokens, shapes_tokenizer
+from fluxguide.backbones.shapes.clip import (
+    contrastive_loss,
+    create_shapes_clip,
+    encode_text_tokens,
+    shapes_tokenizer,
+)
 from fluxguide.backbones.shapes.evaluation import clip_retrieval_accuracy, sample_prompts, verifier_pass_rate
 from fluxguide.backbones.shapes.quality import degrade, quality_score
 from fluxguide.backbones.shapes.scenes import all_prompts, render_prompts
@@ -52,6 +57,14 @@ class Config:
     """tiny-Flux rectified-flow training steps"""
     flux_batch: int = 64
     flux_lr: float = 1e-3
+    flux_head_dim: int = 16
+    """attention head width of the transformer (4 heads); its RoPE axes are split 1/4, 3/8, 3/8"""
+    flux_layers: int = 2
+    """double-stream (joint text/image) blocks"""
+    flux_single_layers: int = 4
+    """single-stream blocks"""
+    flux_save_every: int = 500
+    """write the EMA weights every this many steps, so an interrupted run leaves usable weights"""
     caption_dropout: float = 0.1
     """probability of training on the empty prompt, so classifier-free guidance works"""
     ema_decay: float = 0.999
@@ -108,7 +121,11 @@ def text_table(clip: torch.nn.Module, prompts: list[str]) -> dict[str, tuple[tor
 
 def train_flux(cfg: Config, pool: ScenePool, clip: torch.nn.Module, gen: torch.Generator) -> None:
     table = text_table(clip, all_prompts() + [""])
-    world = ShapesWorld(clip, build_transformer())
+    h = cfg.flux_head_dim
+    flux_config = {"attention_head_dim": h, "num_layers": cfg.flux_layers, "num_single_layers": cfg.flux_single_layers,
+                   "axes_dims_rope": [h // 4, 3 * h // 8, h - h // 4 - 3 * h // 8]}
+    write_json_atomic(flux_config, cfg.out_dir / "flux_config.json")
+    world = ShapesWorld(clip, build_transformer(flux_config))
     transformer = world.transformer
     transformer.requires_grad_(True).train()
     ema = AveragedModel(transformer, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
@@ -133,12 +150,13 @@ def train_flux(cfg: Config, pool: ScenePool, clip: torch.nn.Module, gen: torch.G
         ema.update_parameters(transformer)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
-    save_safetensors_atomic(ema.module.state_dict(), cfg.out_dir / "flux.safetensors")
+        if (step + 1) % cfg.flux_save_every == 0 or step + 1 == cfg.flux_steps:
+            save_safetensors_atomic(ema.module.state_dict(), cfg.out_dir / "flux.safetensors")
 
 
 def train_aesthetic(cfg: Config, pool: ScenePool, world: ShapesWorld, gen: torch.Generator) -> None:
-    from fluxguide.rewards.aesthetic import AestheticPredictor
     from fluxguide.backbones.shapes.clip import normalize_images
+    from fluxguide.rewards.aesthetic import AestheticPredictor
 
     train = train_prompts()
     generated, _ = sample_prompts(world, [train[i % len(train)] for i in range(cfg.aesthetic_generated)],
@@ -170,7 +188,7 @@ def evaluate(cfg: Config, world: ShapesWorld) -> dict:
         "clip_retrieval_accuracy_heldout": clip_retrieval_accuracy(world, images, prompts, all_prompts()),
         "clip_retrieval_chance": 1 / len(all_prompts()),
     }
-    kw = dict(samples_per_prompt=cfg.eval_samples_per_prompt, seed=cfg.seed + 3)
+    kw = {"samples_per_prompt": cfg.eval_samples_per_prompt, "seed": cfg.seed + 3}
     t0 = time.perf_counter()
     metrics["base"] = verifier_pass_rate(world, held, **kw)
     metrics["base_seconds"] = time.perf_counter() - t0

@@ -25,18 +25,19 @@ def prompt_grid(
         if images.shape[0] != n:
             raise ValueError(f"column {title!r} has {images.shape[0]} images for {n} prompts")
     font = ImageFont.load_default()
-    header = 18
-    canvas = Image.new("RGB", (caption_width + cell * len(columns), header + cell * n), "white")
+    header, gap = 18, 4
+    pitch = cell + gap  # white gutters keep neighbouring images apart
+    canvas = Image.new("RGB", (caption_width + pitch * len(columns), header + pitch * n), "white")
     draw = ImageDraw.Draw(canvas)
     for j, (title, images) in enumerate(columns.items()):
-        draw.text((caption_width + j * cell + 4, 2), title, fill="black", font=font)
+        draw.text((caption_width + j * pitch + 4, 2), title, fill="black", font=font)
         for i in range(n):
             array = (images[i].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round()
             tile = Image.fromarray(array.astype("uint8")).resize((cell, cell), Image.NEAREST)
-            canvas.paste(tile, (caption_width + j * cell, header + i * cell))
+            canvas.paste(tile, (caption_width + j * pitch, header + i * pitch))
     for i, prompt in enumerate(prompts):
         lines = textwrap.wrap(prompt, width=caption_width // 7)
-        draw.multiline_text((4, header + i * cell + cell // 2 - 6 * len(lines)), "\n".join(lines), fill="black", font=font)
+        draw.multiline_text((4, header + i * pitch + cell // 2 - 6 * len(lines)), "\n".join(lines), fill="black", font=font)
     return canvas
 
 

@@ -21,7 +21,17 @@ _LAZY = {
     "tiny_flux_transformer": "fluxguide.backbones.tiny_flux",
 }
 
-__all__ = ["Backbone", "Conditioning", *_LAZY]
+__all__ = [  # noqa: RUF022 - contract first, then the lazy exports
+    "Backbone",
+    "Conditioning",
+    "FluxBackbone",
+    "REQUIRED_SUBFOLDERS",
+    "BFLBackbone",
+    "ShapesWorld",
+    "save_tiny_flux_pipeline",
+    "tiny_flux_components",
+    "tiny_flux_transformer",
+]
 
 
 def __getattr__(name: str) -> Any:

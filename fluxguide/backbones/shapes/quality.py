@@ -23,7 +23,7 @@ _REFERENCE = torch.tensor([(0.0, 0.0, 0.0), *COLORS.values()])
 def quality_components(images: torch.Tensor) -> dict[str, torch.Tensor]:
     """The three components of :func:`quality_score`, each ``(B,)``."""
     x = images.float()
-    b, _, h, w = x.shape
+    h, w = x.shape[-2:]
     dist = (x.unsqueeze(1) - _REFERENCE.view(1, -1, 3, 1, 1).to(x)).norm(dim=2).amin(1)
     crisp = (dist < 0.25).float().mean((1, 2))
     bright = x.amax(1)
@@ -49,7 +49,7 @@ def quality_score(images: torch.Tensor) -> torch.Tensor:
 def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Randomly blurred, noisy, tinted versions of images: a spread of qualities to train the head on."""
     b = images.shape[0]
-    r = lambda: torch.rand(b, 1, 1, 1, generator=generator)  # noqa: E731
+    r = lambda: torch.rand(b, 1, 1, 1, generator=generator)
     blur = torch.nn.functional.avg_pool2d(torch.nn.functional.pad(images, (2, 2, 2, 2), mode="replicate"), 5, stride=1)
     x = images + r() * (blur - images)
     x = x + r() * 0.3 * torch.randn(x.shape, generator=generator)

@@ -55,9 +55,20 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from e
 
 
-def build_transformer() -> FluxTransformer2DModel:
-    """The tiny Flux transformer, randomly initialised."""
-    return FluxTransformer2DModel(**FLUX_CONFIG)
+def build_transformer(config: dict | None = None) -> FluxTransformer2DModel:
+    """The tiny Flux transformer, randomly initialised (``config`` overrides entries of ``FLUX_CONFIG``)."""
+    return FluxTransformer2DModel(**{**FLUX_CONFIG, **(config or {})})
+
+
+def read_flux_config(weights_dir: Path) -> dict:
+    """The transformer config stored beside the weights (``flux_config.json``), else the default."""
+    path = weights_dir / "flux_config.json"
+    if not path.is_file():
+        return dict(FLUX_CONFIG)
+    try:
+        return {**FLUX_CONFIG, **json.loads(path.read_text())}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"shapes-world config {path} is corrupt ({e}): rebuild the weights") from e
 
 
 class ShapesWorld(Backbone):
@@ -105,7 +116,7 @@ class ShapesWorld(Backbone):
         wdir = Path(weights_dir) if weights_dir is not None else WEIGHTS_DIR
         clip = create_shapes_clip()
         clip.load_state_dict({k: v.float() for k, v in load_weights(wdir / "clip.safetensors").items()})
-        transformer = build_transformer()
+        transformer = build_transformer(read_flux_config(wdir))
         transformer.load_state_dict({k: v.float() for k, v in load_weights(wdir / "flux.safetensors").items()})
         return cls(clip, transformer, wdir).to(device=device, dtype=dtype)
 

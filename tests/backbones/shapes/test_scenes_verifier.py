@@ -7,7 +7,13 @@ import pytest
 import torch
 
 from fluxguide.backbones.shapes import heldout_prompts, parse_prompt, train_prompts, verify
-from fluxguide.backbones.shapes.scenes import HELDOUT_COMBOS, all_prompts, render, render_prompts, sample_scenes
+from fluxguide.backbones.shapes.scenes import (
+    HELDOUT_COMBOS,
+    all_prompts,
+    render,
+    render_prompts,
+    sample_scenes,
+)
 
 
 def test_split_is_disjoint_and_holds_out_combinations() -> None:

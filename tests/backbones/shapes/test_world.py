@@ -104,7 +104,7 @@ def test_pretrain_script_short_run(tmp_path: Path) -> None:
         "--pool-size", "256", "--clip-steps", "3", "--flux-steps", "3", "--aesthetic-steps", "3",
         "--aesthetic-generated", "8", "--eval-samples-per-prompt", "1", "--eval-num-prompts", "2", "--threads", "1",
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "held-out verifier pass rate" in out.stdout
     for name in ("clip.safetensors", "flux.safetensors", "aesthetic.safetensors", "metrics.json"):
