@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,7 +29,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig
+from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig, straight_through_clamp
 from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.shapes import heldout_prompts, train_prompts, verify
 from fluxguide.backbones.shapes.evaluation import sample_prompts
@@ -48,6 +49,8 @@ class Config:
     backbone: BackboneName = "shapes"
     """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests);
     'tiny-flux': a tiny random diffusers Flux with a CLIP score over a tiny random open_clip (code-path test)"""
+    weights_dir: Path | None = None
+    """shapes-world weight folder (default: the weights shipped in the package)"""
     reward: str = "shapes-clip"
     """reward registry name (fluxguide.rewards.make_reward), built with world=<the shapes world>; must be
     differentiable. Ignored by tiny-flux, which uses its own tiny CLIP score"""
@@ -81,7 +84,13 @@ class Config:
     """AlignProp-style reward target: the loss is -min(reward, target)"""
     max_grad_norm: float | None = 1.0
     """clip the global gradient norm (None: no clipping)"""
+    reward_shift: int = 0
+    """score training images shifted by a random offset of up to this many pixels (robust to reward-model
+    artefacts such as textures aligned with a ViT's patch grid); evaluation scores unshifted images"""
     one_step: bool = False
+    straight_through: bool = False
+    """shapes world: give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through
+    clamp), so shapes can grow into the black background"""
     """train with the one-step variant (reward of the predicted clean image at a random step)"""
     total_updates: int = 200
     """optimizer updates of the whole run (a resumed run counts the updates already done)"""
@@ -137,7 +146,7 @@ def build_backbone(cfg: Config) -> tuple[Backbone, torch.nn.Module]:
             torch.manual_seed(cfg.seed)
             world = ShapesWorld(create_shapes_clip(), build_transformer()).to(device)
     else:
-        world = ShapesWorld.pretrained(device=device)
+        world = ShapesWorld.pretrained(cfg.weights_dir, device=device)
     return world, make_reward(cfg.reward, world=world)
 
 
@@ -163,6 +172,22 @@ def build_policy(cfg: Config, backbone: Backbone) -> BaseGuidanceModel:
     patch = 4 if cfg.backbone.startswith("shapes") else 2
     return ConvGuidanceModel(in_channels=backbone.latent_channels // patch**2, hidden_channels=cfg.hidden_dim,
                              num_blocks=cfg.num_layers, patch_size=patch, **kw)
+
+
+def straight_through_decoder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The shapes world's decoder (unpack, map [-1, 1] to [0, 1]) with a straight-through final clamp."""
+    from fluxguide.backbones.packing import unpack
+    from fluxguide.backbones.shapes import ShapesWorld
+    from fluxguide.backbones.shapes.world import PATCH
+
+    if not isinstance(backbone, ShapesWorld):
+        raise ValueError("--straight-through is implemented for the shapes world only (its decoder is a clamp)")
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        raw = (unpack(latents, backbone.image_height, backbone.image_width, PATCH) + 1) / 2
+        return straight_through_clamp(raw)
+
+    return decode
 
 
 @torch.no_grad()
@@ -225,8 +250,10 @@ def main(cfg: Config) -> dict[str, float]:
             num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, grad_last_k=cfg.grad_last_k,
             random_k=cfg.random_k, gradient_checkpointing=cfg.gradient_checkpointing,
             control_cost=cfg.control_cost, reward_target=cfg.reward_target, max_grad_norm=cfg.max_grad_norm,
+            reward_shift=cfg.reward_shift,
         ),
         one_step=cfg.one_step,
+        decode=straight_through_decoder(backbone) if cfg.straight_through else None,
     )
     train, held = train_prompts(), heldout_prompts()[: cfg.eval_num_prompts]
     grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]

@@ -13,7 +13,9 @@ from fluxguide.algos.reward_gradient import (
     draw_truncation,
     one_step_reward_loss,
     predicted_clean_latent,
+    random_translate,
     reward_gradient_loss,
+    straight_through_clamp,
     total_loss,
 )
 from fluxguide.algos.trainer import GuidanceModelTrainer
@@ -28,6 +30,8 @@ __all__ = [
     "draw_truncation",
     "one_step_reward_loss",
     "predicted_clean_latent",
+    "random_translate",
     "reward_gradient_loss",
+    "straight_through_clamp",
     "total_loss",
 ]

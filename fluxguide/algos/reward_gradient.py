@@ -54,6 +54,8 @@ class RewardGradientConfig:
         control_cost: weight of the control cost / KL term (0 disables it).
         reward_target: clip the reward at this value in the loss (``None``: no target).
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+        reward_shift: score each image translated by a random offset of up to this many pixels per axis
+            (see :func:`random_translate`); 0 scores the image as sampled.
     """
 
     num_steps: int = 20
@@ -64,6 +66,7 @@ class RewardGradientConfig:
     control_cost: float = 0.0
     reward_target: float | None = None
     max_grad_norm: float | None = 1.0
+    reward_shift: int = 0
 
     def __post_init__(self) -> None:
         if self.num_steps < 1:
@@ -76,6 +79,8 @@ class RewardGradientConfig:
             raise ValueError(f"control_cost must be >= 0, got {self.control_cost}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if self.reward_shift < 0:
+            raise ValueError(f"reward_shift must be >= 0 pixels, got {self.reward_shift}")
 
 
 @dataclass
@@ -119,15 +124,24 @@ class CorrectionRecorder(nn.Module):
     Summed over steps it is the KL of the whole trajectory (the chain rule of KL for Markov chains); the
     mean over steps keeps the weight independent of ``num_steps``.
 
+    With truncated backprop the steps before the last ``K`` run without grad, yet the policy acts there too;
+    so that the KL penalty still reaches it at those steps, the recorder recomputes nothing but evaluates the
+    policy with grad enabled on the (detached) sampler state and returns the correction detached: the
+    trajectory stays graph-free, while the cost keeps a small graph through the policy alone
+    (``cost_grad_all_steps``). Otherwise an untrained-for early-step correction could grow unchecked.
+
     Records are keyed by step, so the recomputation of a checkpointed step in the backward pass overwrites
     rather than duplicates them. Call :meth:`reset` before each trajectory.
     """
 
-    def __init__(self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int) -> None:
+    def __init__(
+        self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int, cost_grad_all_steps: bool = True
+    ) -> None:
         super().__init__()
         self.model = model
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
+        self.cost_grad_all_steps = cost_grad_all_steps
         self.costs: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -142,10 +156,12 @@ class CorrectionRecorder(nn.Module):
         timestep: torch.Tensor,
         step_idx: int,
     ) -> torch.Tensor:
-        correction = self.model(img, pred, txt, vec, timestep, step_idx)
         scale = scale_at(self.guidance_scale, int(step_idx), self.num_steps)
-        self.costs[int(step_idx)] = scale**2 * correction.float().square().flatten(1).mean(1)
-        return correction
+        detach = self.cost_grad_all_steps and not torch.is_grad_enabled()
+        with torch.set_grad_enabled(torch.is_grad_enabled() or detach):
+            correction = self.model(img, pred, txt, vec, timestep, step_idx)
+            self.costs[int(step_idx)] = scale**2 * correction.float().square().flatten(1).mean(1)
+        return correction.detach() if detach else correction
 
     def per_sample_cost(self) -> torch.Tensor:
         """``(B,)``: the mean over recorded steps of the per-step control cost."""
@@ -199,14 +215,14 @@ def reward_gradient_loss(
     if num_steps != config.num_steps:
         raise ValueError(f"got {num_steps + 1} timesteps but config.num_steps={config.num_steps}")
     k = draw_truncation(num_steps, config.grad_last_k, config.random_k, generator)
-    recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps)
+    recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps, cost_grad_all_steps=config.control_cost > 0)
     latents = denoise(
         model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
         guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,
         guidance_requires_grad=True, grad_last_k=k, gradient_checkpointing=config.gradient_checkpointing,
     )
     images = decode(latents)
-    rewards = reward(images, cond.prompts)
+    rewards = reward(random_translate(images, config.reward_shift, generator), cond.prompts)
     control = recorder.per_sample_cost()
     losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
     metrics = {
@@ -216,6 +232,33 @@ def reward_gradient_loss(
         "grad_last_k": float(k),
     }
     return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
+
+
+def straight_through_clamp(images: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Clamp to ``[low, high]`` in the forward pass, identity in the backward pass (straight-through).
+
+    A plain clamp gives zero gradient to every pixel outside the range, e.g. the black background a decoder
+    clamps to 0: the reward can then never ask for a shape to grow into it. The straight-through estimator
+    (Bengio et al. 2013) keeps the clamped values but lets the gradient through.
+    """
+    clamped = images.clamp(low, high)
+    return images + (clamped - images).detach()
+
+
+def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Translate each image by its own random integer offset in ``[-max_shift, max_shift]^2`` (zero fill).
+
+    Scoring randomly translated images optimises the reward's expectation over translations (Athalye et al.
+    2018, "expectation over transformation"): a correction that only fools the reward model at one alignment,
+    e.g. a texture locked to the patch grid of a ViT reward, stops paying, while real content keeps its score.
+    Differentiable (a crop of a zero-padded copy).
+    """
+    if max_shift == 0:
+        return images
+    b, _, h, w = images.shape
+    padded = torch.nn.functional.pad(images, (max_shift,) * 4)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
 def predicted_clean_latent(
@@ -272,7 +315,7 @@ def one_step_reward_loss(
     scale = scale_at(config.guidance_scale, step_idx, num_steps)
     x0 = predicted_clean_latent(img, pred, correction, t, scale)
     images = decode(x0)
-    rewards = reward(images, cond.prompts)
+    rewards = reward(random_translate(images, config.reward_shift, generator), cond.prompts)
     control = scale**2 * correction.float().square().flatten(1).mean(1)
     losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
     metrics = {
@@ -324,6 +367,8 @@ class RewardGradient:
         config: see :class:`RewardGradientConfig`.
         cfg_scale: classifier-free guidance of the base model during training (1 = none).
         one_step: use the one-step variant instead of the full trajectory.
+        decode: latents -> images for the reward (default ``backbone.decode``), e.g. a decoder whose final
+            clamp to [0, 1] passes gradients straight through (:func:`straight_through_clamp`).
 
     Example::
 
@@ -342,6 +387,7 @@ class RewardGradient:
         *,
         cfg_scale: float = 1.0,
         one_step: bool = False,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         require_differentiable(reward)
         self.backbone = backbone
@@ -351,6 +397,7 @@ class RewardGradient:
         self.config = config or RewardGradientConfig()
         self.cfg_scale = cfg_scale
         self.one_step = one_step
+        self.decode = decode if decode is not None else backbone.decode
         self.model: FluxModel = backbone if cfg_scale == 1.0 else backbone.with_cfg(cfg_scale)
         self.timesteps = backbone.schedule(self.config.num_steps)
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -378,7 +425,7 @@ class RewardGradient:
         noise = self.backbone.noise(len(prompts), generator)
         fn = one_step_reward_loss if self.one_step else reward_gradient_loss
         return fn(
-            self.model, self.backbone.decode, self.policy, self.reward, cond, noise, self.timesteps, self.config,
+            self.model, self.decode, self.policy, self.reward, cond, noise, self.timesteps, self.config,
             guidance=self.backbone.default_guidance, generator=generator,
         )
 

@@ -76,7 +76,7 @@ def test_control_cost_is_scaled_mean_square_correction_and_survives_checkpointin
     denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
             guidance_model=recorder, guidance_scale=0.5)
     assert sorted(recorder.costs) == [0, 1, 2]
-    assert costs[0] == pytest.approx(float(recorder.per_sample_cost().mean()), rel=1e-5)
+    assert costs[0] == pytest.approx(float(recorder.per_sample_cost().detach().mean()), rel=1e-5)
 
 
 def test_truncation_only_differentiates_the_last_k_steps(world) -> None:
@@ -143,3 +143,43 @@ def test_non_differentiable_reward_and_bad_settings_are_rejected(world) -> None:
         RewardGradientConfig(num_steps=4, grad_last_k=5)
     with pytest.raises(ValueError, match="no loss terms"):
         total_loss({"reward": torch.tensor(1.0)})
+
+
+def test_control_cost_reaches_the_policy_at_untruncated_steps_but_the_trajectory_stays_detached(world) -> None:
+    net = policy("mlp")
+    torch.nn.init.normal_(net.out.weight, std=0.05)
+    cond = world.encode(PROMPTS[:2])
+    out = reward_gradient_loss(world, world.decode, net, lambda x, p: x.mean((1, 2, 3)), cond,
+                               world.noise(2, torch.Generator().manual_seed(0)), world.schedule(4),
+                               RewardGradientConfig(num_steps=4, grad_last_k=1, control_cost=1.0))
+    net.zero_grad()
+    out.losses["loss_reward"].backward(retain_graph=True)
+    reward_only = net.out.weight.grad.clone()
+    net.zero_grad()
+    out.losses["loss_control"].backward()
+    assert net.out.weight.grad.abs().sum() > 0 and reward_only.abs().sum() > 0
+    # The early steps' costs carry a graph (through the policy alone).
+    recorder = CorrectionRecorder(net, 1.0, 4)
+    from fluxguide.sampling import denoise
+
+    final = denoise(world, world.noise(2, torch.Generator().manual_seed(0)), cond.img_ids, cond.txt, cond.txt_ids,
+                    cond.vec, world.schedule(4), guidance=None, guidance_model=recorder)
+    assert not final.requires_grad
+    assert all(recorder.costs[i].requires_grad for i in range(4))
+
+
+def test_straight_through_clamp_and_random_translation() -> None:
+    from fluxguide.algos import random_translate, straight_through_clamp
+
+    x = torch.tensor([-0.5, 0.5, 1.5], requires_grad=True)
+    y = straight_through_clamp(x)
+    assert y.tolist() == [0.0, 0.5, 1.0]
+    y.sum().backward()
+    assert x.grad.tolist() == [1.0, 1.0, 1.0]  # a plain clamp would give [0, 1, 0]
+    images = torch.rand(6, 3, 8, 8)
+    assert random_translate(images, 0) is images
+    shifted = random_translate(images, 2, torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    for i in range(6):  # each image is a translated copy: some offset reproduces it exactly
+        padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
+        assert any(torch.equal(padded[:, dy : dy + 8, dx : dx + 8], shifted[i]) for dy in range(5) for dx in range(5))
