@@ -181,7 +181,7 @@ def straight_through_decoder(backbone: Backbone) -> Callable[[torch.Tensor], tor
     from fluxguide.backbones.shapes.world import PATCH
 
     if not isinstance(backbone, ShapesWorld):
-        raise ValueError("--straight-through is implemented for the shapes world only (its decoder is a clamp)")
+        raise TypeError("--straight-through is implemented for the shapes world only (its decoder is a clamp)")
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         raw = (unpack(latents, backbone.image_height, backbone.image_width, PATCH) + 1) / 2
