@@ -9,7 +9,7 @@ batch of ``--batch-size`` prompts is sampled with the chosen target strategy (``
 and appended to the dataset folder ``--out-dir`` as one atomic chunk. The dataset is its own checkpoint:
 rerunning the same command skips the batches already on disk, so a killed collection finishes where it
 stopped and loses at most the batch in flight. Metrics (episodes kept, rewards, seconds per batch) go to W&B
-(offline unless ``--wandb-mode online``) and ``<out-dir>/run/metrics.jsonl``, against the number of
+(offline unless ``--wandb-mode online``) and ``<out-dir>/run_seed<seed>/metrics.jsonl``, against the number of
 trajectories sampled.
 """
 
@@ -33,10 +33,10 @@ from fluxguide.algos.targets import (
     RewardGradientTargets,
     TargetStrategy,
 )
-from fluxguide.backbones.shapes import ShapesWorld, train_prompts
+from fluxguide.backbones.shapes import ShapesWorld, train_prompts, verify
 from fluxguide.backbones.shapes.scenes import render_prompts
 from fluxguide.policies import load_guidance_model
-from fluxguide.rewards import make_reward
+from fluxguide.rewards import CallableReward, make_reward
 from fluxguide.tracking import Tracker
 
 Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
@@ -64,7 +64,9 @@ class Config:
     """cfg-distillation: a trained policy (train_bc.py's guidance.safetensors) that drives the sampler while CFG
     labels the states (a DAgger round; append to the teacher's dataset with another --seed)"""
     reward: str = "verifier"
-    """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip)"""
+    """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip);
+    or 'verifier-attributes': the verifier's mean per-attribute score (count, colour, kind, position), a graded
+    ranking where few samples pass outright"""
     step_size: float = 1.0
     """reward-gradient: the teacher's step size"""
     normalize: bool = True
@@ -75,7 +77,7 @@ class Config:
     """best-of-n: trajectories kept per prompt"""
     noise_level: float = 0.7
     """best-of-n: SDE noise level a (Flow-GRPO); 0 draws ODE samples from different noise"""
-    bon_target: Literal["endpoint", "step"] = "endpoint"
+    bon_target: Literal["renoise", "endpoint", "step"] = "renoise"
     """best-of-n: target of the kept trajectories (see fluxguide.algos.targets.BestOfN)"""
     min_reward: float | None = None
     """best-of-n: drop kept trajectories below this reward (1 with the verifier: only passing samples)"""
@@ -108,6 +110,12 @@ def build_world(cfg: Config) -> ShapesWorld:
     return ShapesWorld.pretrained(cfg.weights_dir, device=cfg.device)
 
 
+def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The shapes verifier's mean attribute score per image, in [0, 1] (1 = passes)."""
+    scores = verify(images, prompts).scores
+    return torch.stack([v.float() for v in scores.values()]).mean(0)
+
+
 def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
     if cfg.strategy == "cfg-distillation":
         scale = cfg.cfg_scale if cfg.cfg_scale is not None else ShapesWorld.recommended_cfg_scale
@@ -115,7 +123,12 @@ def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
         if cfg.student_checkpoint is not None:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
         return CFGDistillation(scale, student=student)
-    reward = make_reward(cfg.reward, world=world) if cfg.reward.startswith("shapes") else make_reward(cfg.reward)
+    if cfg.reward == "verifier-attributes":
+        reward = CallableReward(verifier_attribute_score, differentiable=False, name="verifier-attributes")
+    elif cfg.reward.startswith("shapes"):
+        reward = make_reward(cfg.reward, world=world)
+    else:
+        reward = make_reward(cfg.reward)
     if cfg.strategy == "reward-gradient":
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)
     if cfg.strategy == "best-of-n":
@@ -153,8 +166,9 @@ def main(cfg: Config) -> GuidanceDataset:
     if done:
         print(f"resuming: {dataset.num_episodes} episodes in {dataset.num_chunks} chunks already in {cfg.out_dir}")
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
-    tracker = Tracker(cfg.out_dir / "run", config=config_dict, project=cfg.wandb_project, group=cfg.wandb_group,
-                      mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None)
+    # One metrics log per seed: a DAgger round (another seed) appending to the dataset keeps the first's log.
+    tracker = Tracker(cfg.out_dir / f"run_seed{cfg.seed}", config=config_dict, project=cfg.wandb_project,
+                      group=cfg.wandb_group, mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None)
 
     bar = tqdm(enumerate(batches), total=len(batches), desc=f"collect {cfg.strategy}")
     for batch_index, batch_prompts in bar:

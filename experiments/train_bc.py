@@ -4,6 +4,14 @@
     python experiments/train_bc.py --dataset runs/bc_data/cfg_distillation          # then clone it
     python experiments/train_bc.py --help                                           # every option
 
+A DAgger round (Ross et al. 2011): let the trained policy drive the sampler while CFG labels its states, append
+those pairs to the dataset, and continue from the policy::
+
+    python experiments/collect_data.py --out-dir runs/bc_data/cfg_distillation --seed 1 --episodes 512 \
+        --student-checkpoint runs/bc/cfg_distillation/guidance.safetensors
+    python experiments/train_bc.py --dataset runs/bc_data/cfg_distillation --run-dir runs/bc/cfg_dagger \
+        --init-policy runs/bc/cfg_distillation/guidance.safetensors
+
 The dataset is loaded (all its appended chunks) into a TorchRL replay buffer; each update samples a batch of
 (observation, target correction) pairs and takes one optimizer step on the BC loss (MSE or Gaussian
 log-likelihood, ``fluxguide.algos.bc``). Every ``eval_every`` updates the policy samples the shapes world's
@@ -42,6 +50,7 @@ from fluxguide.policies import (
     BaseGuidanceModel,
     ConvGuidanceModel,
     MLPGuidanceModel,
+    load_guidance_model,
     save_guidance_model,
 )
 from fluxguide.tracking import Tracker
@@ -57,6 +66,9 @@ class Config:
     """the world to evaluate in (must be the one the dataset was collected with)"""
     weights_dir: Path | None = None
     """folder of the shapes world's weights (default: the ones shipped in the package)"""
+    init_policy: Path | None = None
+    """start from this saved policy (e.g. a previous run's guidance.safetensors, for a DAgger round); its
+    architecture replaces --policy / --hidden-dim / ..."""
     policy: Literal["mlp", "attention", "conv"] = "attention"
     """guidance architecture (attention sees every token and the text tokens, as CFG's difference needs)"""
     hidden_dim: int = 64
@@ -176,7 +188,10 @@ def main(cfg: Config) -> dict[str, float]:
     meta = dataset.metadata
     num_steps = cfg.num_steps or int(meta.get("num_steps", world.default_num_steps))
     cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", ShapesWorld.recommended_cfg_scale))
-    policy = build_policy(cfg, dataset)
+    if cfg.init_policy is not None:
+        policy = load_guidance_model(cfg.init_policy, device=cfg.device)
+    else:
+        policy = build_policy(cfg, dataset)
     check_dataset_matches_policy(dataset, policy)
     loss_module = BCLoss(policy, loss_type=cfg.loss).to(cfg.device)
     optimizer = torch.optim.AdamW(loss_module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

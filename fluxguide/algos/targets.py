@@ -304,15 +304,21 @@ class BestOfN(TargetStrategy):
 
     Each prompt is sampled ``n`` times with the SDE (``noise_level > 0``; 0 gives ``n`` ODE samples from
     different noise), the final images are scored, and the ``k`` best (at least ``min_reward``) are kept.
-    Targets on the kept trajectories' states ``x_k`` (with base prediction ``v_k`` and final latent ``x_0``):
+    The student should make the deterministic sampler produce what the selection produces, i.e. sample the
+    reward-tilted distribution of kept images (rejection-sampling fine-tuning, RAFT, Dong et al. 2023,
+    expressed as a correction). Targets, with ``x_0`` a kept final latent and ``v`` the base prediction:
 
-    - ``"endpoint"`` (default): ``(x_k - x_0) / t_k - v_k``, the correction whose clean-image estimate is
-      the trajectory's own final image (the reference-image target with ``x_ref = x_0``). Regressed by
-      MSE, the student learns ``E[(x_t - x_0) / t | x_t] - v``: the flow-matching velocity of the
-      *selected* samples minus the base velocity, i.e. the base sampler tilted toward what the reward
-      selects (rejection-sampling fine-tuning, as in RAFT, Dong et al. 2023, expressed as a correction).
-      When nothing is selected (``n = k = 1``) it is zero in expectation, leaving the base sampler.
-      Its variance stays bounded as steps get small.
+    - ``"renoise"`` (default): flow matching on the kept images. Each kept ``x_0`` is re-noised along the
+      forward process at every schedule time, ``x_t = (1 - t) x_0 + t eps`` with fresh ``eps``, the base
+      model predicts ``v(x_t)``, and the target is ``(x_t - x_0) / t - v(x_t) = eps - x_0 - v(x_t)``.
+      Regressed by MSE the student learns ``E[eps - x_0 | x_t]`` over the *kept* images minus the base
+      velocity: exactly the correction under which the Euler sampler follows the flow of the kept
+      distribution (if the base model is exact). Without selection (``n = k = 1``) its expectation is 0.
+      The states are the forward process's, not a sampler's.
+    - ``"endpoint"``: ``(x_k - x_0) / t_k - v_k`` on the kept trajectory's own states ``x_k``: the
+      correction whose clean-image estimate is that trajectory's final image. The states are the ones a
+      sampler visits, but the SDE's coupling of ``x_k`` and ``x_0`` is not the forward process's, so the
+      regression target is the tilted velocity only approximately (biased even without selection).
     - ``"step"``: ``(x_{k+1} - x_k) / (t_{k+1} - t_k) - v_k``, the correction with which the deterministic
       Euler step from ``x_k`` lands exactly on the kept trajectory's next state. Literal, but it holds the
       SDE's injected noise divided by the step size (variance ``O(1 / dt)``) and the SDE's drift
@@ -323,18 +329,19 @@ class BestOfN(TargetStrategy):
         n: trajectories per prompt.
         top_k: trajectories kept per prompt.
         noise_level: the SDE's ``a`` (Flow-GRPO); 0 draws ODE samples.
-        target: ``"endpoint"`` or ``"step"``.
+        target: ``"renoise"``, ``"endpoint"`` or ``"step"``.
         min_reward: drop kept trajectories whose reward is below this (e.g. 1 for a verifier: pass only).
     """
 
     name = "best_of_n"
 
     def __init__(self, reward: nn.Module, n: int = 8, top_k: int = 1, noise_level: float = 0.7,
-                 target: Literal["endpoint", "step"] = "endpoint", min_reward: float | None = None) -> None:
+                 target: Literal["renoise", "endpoint", "step"] = "renoise",
+                 min_reward: float | None = None) -> None:
         if not 1 <= top_k <= n:
             raise ValueError(f"best-of-N needs 1 <= top_k <= n, got top_k={top_k}, n={n}")
-        if target not in ("endpoint", "step"):
-            raise ValueError(f"best-of-N target must be 'endpoint' or 'step', got {target!r}")
+        if target not in ("renoise", "endpoint", "step"):
+            raise ValueError(f"best-of-N target must be 'renoise', 'endpoint' or 'step', got {target!r}")
         if target == "step" and noise_level == 0:
             raise ValueError("the 'step' target of ODE samples is zero: use noise_level > 0 or target='endpoint'")
         self.reward, self.n, self.top_k, self.noise_level = reward, int(n), int(top_k), float(noise_level)
@@ -361,7 +368,11 @@ class BestOfN(TargetStrategy):
         keep.scatter_(1, order, True)
         if self.min_reward is not None:
             keep &= rewards >= self.min_reward
-        if self.target == "endpoint":
+        keep = keep.flatten()
+        if self.target == "renoise" and bool(keep.any()):
+            return self._renoised_pairs(batch, final[keep], images[keep], rewards.flatten()[keep],
+                                        [p for p, k in zip(prompts, keep.tolist(), strict=True) if k])
+        if self.target == "endpoint" or self.target == "renoise":  # (renoise with nothing kept: an empty chunk)
             x0 = final[:, None].expand_as(states[keys.IMG])
             targets = reference_correction(states[keys.IMG], states[keys.PRED], x0, states[keys.T])
         else:
@@ -369,7 +380,30 @@ class BestOfN(TargetStrategy):
             targets = ((states[NEXT_IMG].float() - states[keys.IMG].float()) / dt - states[keys.PRED].float())
         chunk = create_training_pairs(states, prompts, targets.to(states[keys.PRED].dtype), final_image=images,
                                       rewards=rewards.flatten(), metadata=self.config())
-        return chunk.select_episodes(keep.flatten())
+        return chunk.select_episodes(keep)
+
+    @torch.no_grad()
+    def _renoised_pairs(self, batch: CollectionBatch, x0: torch.Tensor, images: torch.Tensor, rewards: torch.Tensor,
+                        prompts: list[str]) -> EpisodeChunk:
+        """Flow-matching pairs on the kept final latents ``x0`` (see the ``"renoise"`` target)."""
+        bb, e = batch.backbone, x0.shape[0]
+        times = torch.tensor(batch.timesteps, dtype=torch.float32)
+        num_steps = len(times) - 1
+        cond = bb.encode(prompts)
+        eps = torch.randn((e, num_steps, *x0.shape[1:]), generator=batch.generator,
+                          device=batch.generator.device).to(x0)
+        t = times[:-1].to(x0)[None, :, None, None]
+        x_t = (1 - t) * x0[:, None] + t * eps
+        pred = torch.stack([bb.velocity(x_t[:, k], float(times[k]), cond) for k in range(num_steps)], dim=1)
+        states = TensorDict({
+            keys.IMG: x_t, keys.PRED: pred, keys.T: times[:-1].expand(e, num_steps).clone(),
+            "t_prev": times[1:].expand(e, num_steps).clone(),
+            keys.STEP: torch.arange(num_steps).expand(e, num_steps).clone(),
+            keys.TXT: cond.txt, keys.VEC: cond.vec,
+        }, batch_size=[e])
+        targets = reference_correction(x_t, pred, x0[:, None].expand_as(x_t), states[keys.T])
+        return create_training_pairs(states, prompts, targets, final_image=images, rewards=rewards,
+                                     metadata=self.config())
 
     def config(self) -> dict[str, Any]:
         return {"strategy": self.name, "n": self.n, "top_k": self.top_k, "noise_level": self.noise_level,

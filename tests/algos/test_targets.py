@@ -123,7 +123,7 @@ def test_reward_gradient_guided_collection_and_normalisation(world: ShapesWorld)
                                                     None, None, torch.ones(2), 0)
 
 
-@pytest.mark.parametrize("target", ["endpoint", "step"])
+@pytest.mark.parametrize("target", ["renoise", "endpoint", "step"])
 def test_best_of_n_keeps_the_top_k_and_targets_their_trajectories(world: ShapesWorld, target: str) -> None:
     prompts = train_prompts()[:3]
     strategy = BestOfN(CallableReward(redness), n=4, top_k=2, noise_level=0.7, target=target)
@@ -139,13 +139,20 @@ def test_best_of_n_keeps_the_top_k_and_targets_their_trajectories(world: ShapesW
     final = world.encode_images(chunk.episodes[FINAL_IMAGE])
     ts = world.schedule(STEPS)
     for k in range(STEPS):
-        if target == "endpoint":
-            # The clean estimate of the corrected prediction is the trajectory's own final image (unclamped
-            # pixels only: decode clamps to [0, 1]).
+        if target in ("renoise", "endpoint"):
+            # The clean estimate of the corrected prediction is the kept final image (unclamped pixels only:
+            # decode clamps to [0, 1]).
             x0_hat = img[:, k] - ts[k] * (pred[:, k] + tgt[:, k])
             inside = final.abs() < 0.999
             assert torch.allclose(x0_hat[inside], final[inside], atol=1e-4)
-        else:
+        if target == "renoise":
+            # States are the forward process from the kept image: x_t = (1 - t) x_0 + t eps, eps ~ N(0, 1),
+            # and the observation's prediction is the base model's at that state.
+            eps = ((img[:, k] - (1 - ts[k]) * final) / ts[k])[inside]
+            assert abs(float(eps.std()) - 1) < 0.1
+            cond = world.encode(chunk.prompts)
+            assert torch.allclose(pred[:, k], world.velocity(img[:, k], ts[k], cond), atol=1e-5)
+        if target == "step":
             # The corrected Euler step lands on the trajectory's next state.
             nxt = euler_step(img[:, k], pred[:, k] + tgt[:, k], ts[k], ts[k + 1])
             if k + 1 < STEPS:
@@ -164,7 +171,7 @@ def test_best_of_n_min_reward_drops_losers_and_checks_arguments(world: ShapesWor
     assert bool((kept.episodes[REWARD] >= threshold).all())
     with pytest.raises(ValueError, match="1 <= top_k <= n"):
         BestOfN(VerifierReward(), n=2, top_k=3)
-    with pytest.raises(ValueError, match="'endpoint' or 'step'"):
+    with pytest.raises(ValueError, match="'renoise', 'endpoint' or 'step'"):
         BestOfN(VerifierReward(), target="last")
 
 

@@ -82,7 +82,7 @@ def test_killed_collection_reruns_to_the_uninterrupted_dataset(tmp_path: Path) -
 
 
 @pytest.mark.parametrize("argv", [
-    ["--strategy", "best-of-n", "--n", "3", "--top-k", "2"],
+    ["--strategy", "best-of-n", "--n", "3", "--top-k", "2", "--reward", "verifier-attributes"],
     ["--strategy", "reference-image"],
     ["--strategy", "reward-gradient", "--reward", "shapes-clip"],
 ], ids=["best-of-n", "reference-image", "reward-gradient"])
