@@ -224,6 +224,9 @@ def plot_curves(run_dir: Path) -> Path:
     for ax, (title, names) in zip(axes, panels):
         for name in names:
             xs, ys = metric_curve(records, name)
+            if name.startswith("train") and len(ys) >= 20:  # per-batch values are noisy: a running mean of 20
+                ys = torch.tensor(ys).unfold(0, 20, 1).mean(1).tolist()
+                xs, name = xs[19:], f"{name} (mean of 20 updates)"
             if xs:
                 ax.plot(xs, ys, marker="." if name.startswith("eval") else None, label=name)
         ax.set_xlabel("samples seen")

@@ -9,8 +9,10 @@ reward and ascend its gradient with respect to the guidance model's weights. Opt
   keeps the cheap late-step gradient and occasionally reaches the early, layout-deciding steps).
 - **Gradient checkpointing**: each step's activations are recomputed in the backward pass (memory O(1) in K).
 - **Control cost** (a KL to the base sampler): see :class:`CorrectionRecorder`.
-- **Reward target** (AlignProp's guard against over-optimisation): the reward term is ``-min(r, target)``,
-  so samples already past the target give no gradient.
+- **Reward target** (a cap against over-optimisation): the reward term is ``-min(r, target)``, so samples
+  already past the target give no gradient.
+- **Random translation of the scored image** (``reward_shift``, see :func:`random_translate`) and a
+  **straight-through clamp** for decoders (:func:`straight_through_clamp`): robustness of the reward signal.
 - **Gradient clipping** by global norm, and a hard stop on a non-finite loss or gradient
   (:class:`NonFiniteLossError`) *before* the optimizer step, so weights are never poisoned.
 
