@@ -111,28 +111,36 @@ def main(cfg: Config) -> dict[str, float]:
     out["guided_over_cfg_time"] = per_episode["guided"] / per_episode[cfg_name]
     print(f"guided sampler time per episode / CFG's: {out['guided_over_cfg_time']:.3f}")
     if pretrained and trained and cfg.eval_samples_per_prompt > 0:
-        rates, attributes = {}, {}
+        per_image = {}
         for name, kw in samplers.items():
             images, all_prompts = sample_prompts(world, held, samples_per_prompt=cfg.eval_samples_per_prompt,
                                                  seed=cfg.seed + 12345, num_steps=cfg.num_steps, **kw)
             result = verify(images, all_prompts)
-            rates[name] = result.accuracy
-            attributes[name] = float(torch.stack([v.float().mean() for v in result.scores.values()]).mean())
+            per_image[name] = {
+                "pass rate": result.passed.float(),
+                "attribute accuracy": torch.stack([v.float() for v in result.scores.values()]).mean(0),
+            }
         n = len(held) * cfg.eval_samples_per_prompt
-        print(f"held-out verifier ({n} images, same noise), pass rate: "
-              + ", ".join(f"{k} {v:.3f}" for k, v in rates.items()))
-        print("held-out verifier mean attribute accuracy (count, colour, kind, position): "
-              + ", ".join(f"{k} {v:.3f}" for k, v in attributes.items()))
-        for label, values in (("pass rate", rates), ("attribute accuracy", attributes)):
+        print(f"held-out verifier, {n} images (same noise for every sampler); attribute accuracy is the mean of "
+              f"count, colour, kind and position")
+        # Paired bootstrap over images: the three samplers share noise, so resample the same images for all.
+        g = torch.Generator().manual_seed(cfg.seed)
+        boot = torch.randint(n, (1000, n), generator=g)
+        for label in ("pass rate", "attribute accuracy"):
+            values = {k: float(v[label].mean()) for k, v in per_image.items()}
+            print(f"  {label}: " + ", ".join(f"{k} {v:.3f}" for k, v in values.items()))
+            out.update({f"{label}/{k}": v for k, v in values.items()})
             gain = values[cfg_name] - values["base"]
-            if gain > 0:
-                recovered = (values["guided"] - values["base"]) / gain
-                out[f"cfg_gain_recovered/{label}"] = recovered
-                print(f"fraction of CFG's {label} gain recovered by the guided sampler: {recovered:.3f}")
-            else:
-                print(f"CFG does not raise the {label} over the base sampler ({gain:+.3f}): no gain to recover")
-        out.update({f"pass_rate/{k}": v for k, v in rates.items()})
-        out.update({f"attribute_mean/{k}": v for k, v in attributes.items()})
+            if gain <= 0:
+                print(f"  CFG does not raise the {label} over the base sampler ({gain:+.3f}): no gain to recover")
+                continue
+            recovered = (values["guided"] - values["base"]) / gain
+            b = {k: v[label][boot].mean(1) for k, v in per_image.items()}
+            ratios = (b["guided"] - b["base"]) / (b[cfg_name] - b["base"])
+            lo, hi = torch.quantile(ratios[torch.isfinite(ratios)], torch.tensor([0.05, 0.95])).tolist()
+            out[f"cfg_gain_recovered/{label}"] = recovered
+            print(f"  fraction of CFG's {label} gain recovered by the guided sampler: {recovered:.3f} "
+                  f"(paired bootstrap 90% interval {lo:.2f} to {hi:.2f})")
     return out
 
 

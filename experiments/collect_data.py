@@ -79,6 +79,8 @@ class Config:
     """best-of-n: SDE noise level a (Flow-GRPO); 0 draws ODE samples from different noise"""
     bon_target: Literal["renoise", "endpoint", "step"] = "renoise"
     """best-of-n: target of the kept trajectories (see fluxguide.algos.targets.BestOfN)"""
+    renoise_samples: int = 1
+    """best-of-n with the renoise target: independent re-noisings of each kept image per schedule time"""
     min_reward: float | None = None
     """best-of-n: drop kept trajectories below this reward (1 with the verifier: only passing samples)"""
     strength: float = 1.0
@@ -133,7 +135,7 @@ def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)
     if cfg.strategy == "best-of-n":
         return BestOfN(reward, n=cfg.n, top_k=cfg.top_k, noise_level=cfg.noise_level, target=cfg.bon_target,
-                       min_reward=cfg.min_reward)
+                       min_reward=cfg.min_reward, renoise_samples=cfg.renoise_samples)
     # The shapes world renders a correct scene for any prompt: that is the reference image (a random
     # placement drawn from the batch's generator, so a resumed collection renders the same ones).
     def render_references(prompts: list[str], generator: torch.Generator) -> torch.Tensor:

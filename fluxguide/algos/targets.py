@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -331,21 +331,25 @@ class BestOfN(TargetStrategy):
         noise_level: the SDE's ``a`` (Flow-GRPO); 0 draws ODE samples.
         target: ``"renoise"``, ``"endpoint"`` or ``"step"``.
         min_reward: drop kept trajectories whose reward is below this (e.g. 1 for a verifier: pass only).
+        renoise_samples: with ``"renoise"``, independent re-noisings of each kept image per schedule time
+            (more pairs per kept image, at one base call each: the flow-matching target is noisy).
     """
 
     name = "best_of_n"
 
     def __init__(self, reward: nn.Module, n: int = 8, top_k: int = 1, noise_level: float = 0.7,
                  target: Literal["renoise", "endpoint", "step"] = "renoise",
-                 min_reward: float | None = None) -> None:
+                 min_reward: float | None = None, renoise_samples: int = 1) -> None:
         if not 1 <= top_k <= n:
             raise ValueError(f"best-of-N needs 1 <= top_k <= n, got top_k={top_k}, n={n}")
         if target not in ("renoise", "endpoint", "step"):
             raise ValueError(f"best-of-N target must be 'renoise', 'endpoint' or 'step', got {target!r}")
         if target == "step" and noise_level == 0:
             raise ValueError("the 'step' target of ODE samples is zero: use noise_level > 0 or target='endpoint'")
+        if renoise_samples < 1:
+            raise ValueError(f"renoise_samples must be >= 1, got {renoise_samples}")
         self.reward, self.n, self.top_k, self.noise_level = reward, int(n), int(top_k), float(noise_level)
-        self.target, self.min_reward = target, min_reward
+        self.target, self.min_reward, self.renoise_samples = target, min_reward, int(renoise_samples)
 
     def collect(self, batch: CollectionBatch) -> EpisodeChunk:
         bb, b = batch.backbone, len(batch.prompts)
@@ -389,16 +393,25 @@ class BestOfN(TargetStrategy):
         bb, e = batch.backbone, x0.shape[0]
         times = torch.tensor(batch.timesteps, dtype=torch.float32)
         num_steps = len(times) - 1
+        # Every schedule time, renoise_samples times: a per-episode "step" axis of length R * T.
+        step = torch.arange(num_steps).repeat(self.renoise_samples)
+        t_now, t_next = times[:-1][step], times[1:][step]
         cond = bb.encode(prompts)
-        eps = torch.randn((e, num_steps, *x0.shape[1:]), generator=batch.generator,
+        eps = torch.randn((e, len(step), *x0.shape[1:]), generator=batch.generator,
                           device=batch.generator.device).to(x0)
-        t = times[:-1].to(x0)[None, :, None, None]
+        t = t_now.to(x0)[None, :, None, None]
         x_t = (1 - t) * x0[:, None] + t * eps
-        pred = torch.stack([bb.velocity(x_t[:, k], float(times[k]), cond) for k in range(num_steps)], dim=1)
+        # The base predictions at every re-noised state, batched across episodes and times.
+        flat_x, flat_t = x_t.flatten(0, 1), t_now.to(x0).repeat(e)
+        flat_cond = cond.repeat_interleave(len(step))
+        pred = torch.cat([
+            bb.velocity(flat_x[i : i + 256], flat_t[i : i + 256],
+                        replace(flat_cond, txt=flat_cond.txt[i : i + 256], vec=flat_cond.vec[i : i + 256]))
+            for i in range(0, flat_x.shape[0], 256)
+        ]).reshape(x_t.shape)
         states = TensorDict({
-            keys.IMG: x_t, keys.PRED: pred, keys.T: times[:-1].expand(e, num_steps).clone(),
-            "t_prev": times[1:].expand(e, num_steps).clone(),
-            keys.STEP: torch.arange(num_steps).expand(e, num_steps).clone(),
+            keys.IMG: x_t, keys.PRED: pred, keys.T: t_now.expand(e, -1).clone(),
+            "t_prev": t_next.expand(e, -1).clone(), keys.STEP: step.expand(e, -1).clone(),
             keys.TXT: cond.txt, keys.VEC: cond.vec,
         }, batch_size=[e])
         targets = reference_correction(x_t, pred, x0[:, None].expand_as(x_t), states[keys.T])
@@ -407,7 +420,8 @@ class BestOfN(TargetStrategy):
 
     def config(self) -> dict[str, Any]:
         return {"strategy": self.name, "n": self.n, "top_k": self.top_k, "noise_level": self.noise_level,
-                "target": self.target, "min_reward": self.min_reward, "reward": type(self.reward).__name__}
+                "target": self.target, "min_reward": self.min_reward, "reward": type(self.reward).__name__,
+                "renoise_samples": self.renoise_samples}
 
 
 class ReferenceImage(TargetStrategy):

@@ -246,3 +246,24 @@ def test_cfg_distillation_with_a_student_labels_the_students_states(world: Shape
         want = cfg(img=img[:, k], img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids,
                    timesteps=torch.full((2,), t), y=cond.vec)
         assert torch.allclose(pred[:, k] + target[:, k], want, atol=1e-4)
+
+
+def test_best_of_n_renoises_each_kept_image_several_times(world: ShapesWorld) -> None:
+    prompts = train_prompts()[:2]
+    strategy = BestOfN(CallableReward(redness), n=3, top_k=1, renoise_samples=3)
+    chunk = GuidanceDataCollector(world, strategy, num_steps=STEPS).collect(prompts, seed=4)
+    assert chunk.num_episodes == 2 and chunk.num_transitions == 2 * 3 * STEPS
+    tr = chunk.transitions
+    assert torch.equal(tr[keys.STEP], torch.arange(STEPS).repeat(3).repeat(2))
+    ts = torch.tensor(world.schedule(STEPS))
+    assert torch.allclose(tr[keys.T], ts[tr[keys.STEP]])
+    final = world.encode_images(chunk.episodes[FINAL_IMAGE])[tr[EPISODE]]
+    x0_hat = tr[keys.IMG] - tr[keys.T][:, None, None] * (tr[keys.PRED] + tr[TARGET])
+    inside = final.abs() < 0.999
+    assert torch.allclose(x0_hat[inside], final[inside], atol=1e-4)
+    # The three re-noisings of one (image, time) differ; each prediction is the base model's at its state.
+    assert not torch.allclose(tr[keys.IMG][1], tr[keys.IMG][1 + STEPS])
+    cond = world.encode([chunk.prompts[i] for i in tr[EPISODE].tolist()])
+    assert torch.allclose(tr[keys.PRED], world.velocity(tr[keys.IMG], tr[keys.T], cond), atol=1e-5)
+    with pytest.raises(ValueError, match="renoise_samples must be >= 1"):
+        BestOfN(CallableReward(redness), renoise_samples=0)
