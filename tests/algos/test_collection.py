@@ -198,8 +198,7 @@ CRASHING_COLLECTION = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
     import fluxguide.algos.collection as collection
-    from fluxguide.backbones.shapes import train_prompts
-    from fluxguide.algos.collection import EpisodeChunk, GuidanceDataset, create_training_pairs
+    from fluxguide.algos.collection import GuidanceDataset, create_training_pairs
     from tensordict import TensorDict
     path, hang_in = Path(sys.argv[1]), sys.argv[2]
 
@@ -209,7 +208,7 @@ CRASHING_COLLECTION = textwrap.dedent("""
                        batch_size=[2])
         s["t"], s["t_prev"], s["step"] = torch.rand(2, 3), torch.rand(2, 3), torch.arange(3).expand(2, 3)
         s["txt"], s["vec"] = torch.randn(2, 16, 64), torch.randn(2, 64)
-        return create_training_pairs(s, train_prompts()[2 * i : 2 * i + 2])
+        return create_training_pairs(s, [f"prompt {2 * i}", f"prompt {2 * i + 1}"])
 
     def hang(*args, **kwargs):
         print("HANGING", flush=True)
@@ -251,7 +250,7 @@ def test_collection_killed_mid_append_loads_without_the_partial_chunk(tmp_path: 
     assert len(leftovers) == 3  # two complete chunks and the partial third
     with pytest.warns(UserWarning, match="interrupted append"):
         data = load_guidance_dataset(tmp_path / "data")
-    assert data.num_chunks == 2 and data.num_episodes == 4 and data.prompts == train_prompts()[:4]
+    assert data.num_chunks == 2 and data.num_episodes == 4 and data.prompts == [f"prompt {i}" for i in range(4)]
     assert data.transitions().batch_size == torch.Size([4 * 3])
 
 
