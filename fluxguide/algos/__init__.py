@@ -4,6 +4,14 @@
 - the seed's :class:`GuidanceModelTrainer` (supervised ``train_step``, one-step ``train_from_reward``).
 """
 
+from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
+from fluxguide.algos.collection import (
+    DatasetError,
+    GuidanceDataset,
+    StateCollectionCallback,
+    create_training_pairs,
+    load_guidance_dataset,
+)
 from fluxguide.algos.reward_gradient import (
     CorrectionRecorder,
     NonFiniteLossError,
@@ -18,16 +26,35 @@ from fluxguide.algos.reward_gradient import (
     straight_through_clamp,
     total_loss,
 )
+from fluxguide.algos.targets import (
+    TARGET_STRATEGIES,
+    GuidanceDataCollector,
+    TargetStrategy,
+    make_target_strategy,
+)
 from fluxguide.algos.trainer import GuidanceModelTrainer
 
 __all__ = [
+    "TARGET_STRATEGIES",
+    "BCLoss",
     "CorrectionRecorder",
+    "DatasetError",
+    "GuidanceDataCollector",
+    "GuidanceDataset",
     "GuidanceModelTrainer",
     "NonFiniteLossError",
     "RewardGradient",
     "RewardGradientConfig",
     "RewardGradientOutput",
+    "StateCollectionCallback",
+    "TargetStrategy",
+    "bc_evaluate",
+    "bc_update",
+    "check_dataset_matches_policy",
+    "create_training_pairs",
     "draw_truncation",
+    "load_guidance_dataset",
+    "make_target_strategy",
     "one_step_reward_loss",
     "predicted_clean_latent",
     "random_translate",
