@@ -20,7 +20,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import tyro
@@ -29,16 +28,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint_memory import LiveTensorMemory
 
 from fluxguide.algos import RewardGradient, RewardGradientConfig
+from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
 from fluxguide.backbones.shapes import train_prompts
+from fluxguide.policies.presets import PolicyName, build_policy
 
 
 @dataclass
 class Config:
     """Size of the benchmark. The defaults keep one run around a minute on a 2-core CPU."""
 
-    backbone: Literal["shapes", "shapes-random", "tiny-flux"] = "shapes-random"
+    backbone: BackboneName = "shapes-random"
     """'shapes' (pretrained weights), 'shapes-random' (same sizes, random weights) or 'tiny-flux'"""
-    policy: Literal["mlp", "attention", "conv"] = "attention"
+    policy: PolicyName = "attention"
     """guidance architecture"""
     hidden_dim: int = 64
     """policy width"""
@@ -90,16 +91,11 @@ def measure(cfg: Config, algo: RewardGradient, prompts: list[str], k: int, check
 
 
 def main(cfg: Config) -> list[dict]:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-    from train_reward_gradient import Config as TrainConfig
-    from train_reward_gradient import build_backbone, build_policy
-
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    train_cfg = TrainConfig(backbone=cfg.backbone, policy=cfg.policy, hidden_dim=cfg.hidden_dim, num_steps=cfg.steps,
-                            device=cfg.device, seed=cfg.seed)
-    backbone, reward = build_backbone(train_cfg)
-    policy = build_policy(train_cfg, backbone)
+    backbone = build_backbone(cfg.backbone, seed=cfg.seed, device=cfg.device, num_steps=cfg.steps)
+    reward = build_reward("shapes-clip", backbone, seed=cfg.seed)
+    policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     algo = RewardGradient(backbone, policy, reward, optimizer, RewardGradientConfig(num_steps=cfg.steps))
     prompts = train_prompts()[: cfg.batch]

@@ -33,6 +33,7 @@ from fluxguide.algos.targets import (
     RewardGradientTargets,
     TargetStrategy,
 )
+from fluxguide.backbones.presets import build_backbone
 from fluxguide.backbones.shapes import ShapesWorld, train_prompts, verify
 from fluxguide.backbones.shapes.scenes import render_prompts
 from fluxguide.policies import load_guidance_model
@@ -101,17 +102,6 @@ class Config:
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
 
-def build_world(cfg: Config) -> ShapesWorld:
-    if cfg.backbone == "shapes-random":
-        from fluxguide.backbones.shapes import create_shapes_clip
-        from fluxguide.backbones.shapes.world import build_transformer
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return ShapesWorld(create_shapes_clip(), build_transformer()).to(cfg.device)
-    return ShapesWorld.pretrained(cfg.weights_dir, device=cfg.device)
-
-
 def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """The shapes verifier's mean attribute score per image, in [0, 1] (1 = passes)."""
     scores = verify(images, prompts).scores
@@ -157,7 +147,7 @@ def episode_prompts(cfg: Config) -> list[str]:
 def main(cfg: Config) -> GuidanceDataset:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    world = build_world(cfg)
+    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device)
     collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
     dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
     prompts = episode_prompts(cfg)

@@ -57,8 +57,10 @@ class Config:
     """tiny-Flux rectified-flow training steps"""
     flux_batch: int = 64
     flux_lr: float = 1e-3
+    flux_heads: int = 4
+    """attention heads of the transformer (its width is heads x head dim)"""
     flux_head_dim: int = 16
-    """attention head width of the transformer (4 heads); its RoPE axes are split 1/4, 3/8, 3/8"""
+    """attention head width of the transformer; its RoPE axes are split 1/4, 3/8, 3/8"""
     flux_layers: int = 2
     """double-stream (joint text/image) blocks"""
     flux_single_layers: int = 4
@@ -122,7 +124,7 @@ def text_table(clip: torch.nn.Module, prompts: list[str]) -> dict[str, tuple[tor
 def train_flux(cfg: Config, pool: ScenePool, clip: torch.nn.Module, gen: torch.Generator) -> None:
     table = text_table(clip, all_prompts() + [""])
     h = cfg.flux_head_dim
-    flux_config = {"attention_head_dim": h, "num_layers": cfg.flux_layers, "num_single_layers": cfg.flux_single_layers,
+    flux_config = {"num_attention_heads": cfg.flux_heads, "attention_head_dim": h, "num_layers": cfg.flux_layers, "num_single_layers": cfg.flux_single_layers,
                    "axes_dims_rope": [h // 4, 3 * h // 8, h - h // 4 - 3 * h // 8]}
     write_json_atomic(flux_config, cfg.out_dir / "flux_config.json")
     world = ShapesWorld(clip, build_transformer(flux_config))

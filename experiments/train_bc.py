@@ -41,18 +41,16 @@ from tqdm import tqdm
 
 from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
 from fluxguide.algos.collection import GuidanceDataset
+from fluxguide.backbones.presets import build_backbone
 from fluxguide.backbones.shapes import ShapesWorld, heldout_prompts, verify
 from fluxguide.backbones.shapes.evaluation import sample_prompts
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from fluxguide.grids import save_prompt_grid
 from fluxguide.policies import (
-    AttentionGuidanceModel,
-    BaseGuidanceModel,
-    ConvGuidanceModel,
-    MLPGuidanceModel,
     load_guidance_model,
     save_guidance_model,
 )
+from fluxguide.policies.presets import PolicyName, build_policy
 from fluxguide.tracking import Tracker
 
 
@@ -69,7 +67,7 @@ class Config:
     init_policy: Path | None = None
     """start from this saved policy (e.g. a previous run's guidance.safetensors, for a DAgger round); its
     architecture replaces --policy / --hidden-dim / ..."""
-    policy: Literal["mlp", "attention", "conv"] = "attention"
+    policy: PolicyName = "attention"
     """guidance architecture (attention sees every token and the text tokens, as CFG's difference needs)"""
     hidden_dim: int = 64
     """policy width"""
@@ -127,36 +125,6 @@ class Config:
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
 
-def build_world(cfg: Config) -> ShapesWorld:
-    if cfg.backbone == "shapes-random":
-        from fluxguide.backbones.shapes import create_shapes_clip
-        from fluxguide.backbones.shapes.world import build_transformer
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            return ShapesWorld(create_shapes_clip(), build_transformer()).to(cfg.device)
-    return ShapesWorld.pretrained(cfg.weights_dir, device=cfg.device)
-
-
-def build_policy(cfg: Config, dataset: GuidanceDataset) -> BaseGuidanceModel:
-    """A fresh policy sized from the dataset (so its shapes match by construction)."""
-    spec = dataset.spec
-    if spec is None:
-        raise SystemExit(f"the dataset at {cfg.dataset} is empty: collect with experiments/collect_data.py first")
-    seq, channels = spec["transitions"]["img"]["shape"]
-    txt_dim, vec_dim = spec["episodes"]["txt"]["shape"][-1], spec["episodes"]["vec"]["shape"][-1]
-    side = math.isqrt(seq)
-    kw = {"vec_dim": vec_dim, "grid_size": (side, side), "device": cfg.device}
-    if cfg.policy == "mlp":
-        return MLPGuidanceModel(latent_channels=channels, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers, **kw)
-    if cfg.policy == "attention":
-        return AttentionGuidanceModel(hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                      latent_channels=channels, txt_dim=txt_dim, mlp_ratio=2.0, **kw)
-    patch = math.isqrt(channels // 3)  # the shapes world packs 3 pixel channels in p x p patches
-    return ConvGuidanceModel(in_channels=3, hidden_channels=cfg.hidden_dim, num_blocks=cfg.num_layers,
-                             patch_size=patch, **kw)
-
-
 def learning_rate(cfg: Config, update: int) -> float:
     """Linear warm-up, then constant or cosine decay to 0 at ``total_updates``."""
     if update < cfg.warmup_updates:
@@ -184,14 +152,15 @@ def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     dataset = GuidanceDataset(cfg.dataset)
-    world = build_world(cfg)
+    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device)
     meta = dataset.metadata
     num_steps = cfg.num_steps or int(meta.get("num_steps", world.default_num_steps))
     cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", ShapesWorld.recommended_cfg_scale))
     if cfg.init_policy is not None:
         policy = load_guidance_model(cfg.init_policy, device=cfg.device)
     else:
-        policy = build_policy(cfg, dataset)
+        policy = build_policy(cfg.policy, world, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
+                              num_heads=cfg.num_heads)
     check_dataset_matches_policy(dataset, policy)
     loss_module = BCLoss(policy, loss_type=cfg.loss).to(cfg.device)
     optimizer = torch.optim.AdamW(loss_module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

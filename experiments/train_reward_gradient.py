@@ -23,7 +23,6 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import tyro
@@ -31,15 +30,15 @@ from tqdm import tqdm
 
 from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig, straight_through_clamp
 from fluxguide.backbones.base import Backbone
-from fluxguide.backbones.shapes import heldout_prompts, train_prompts, verify
+from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
+from fluxguide.backbones.shapes import heldout_prompts, train_prompts
 from fluxguide.backbones.shapes.evaluation import sample_prompts
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from fluxguide.curves import plot_curves
+from fluxguide.evaluation import EVAL_SEED_OFFSET, evaluate_guidance
 from fluxguide.grids import save_prompt_grid
-from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
-from fluxguide.rewards import CLIPScore, load_open_clip, make_reward
-from fluxguide.tracking import Tracker, metric_curve, read_metrics
-
-BackboneName = Literal["shapes", "shapes-random", "tiny-flux"]
+from fluxguide.policies.presets import PolicyName, build_policy
+from fluxguide.tracking import Tracker
 
 
 @dataclass
@@ -54,7 +53,7 @@ class Config:
     reward: str = "shapes-clip"
     """reward registry name (fluxguide.rewards.make_reward), built with world=<the shapes world>; must be
     differentiable. Ignored by tiny-flux, which uses its own tiny CLIP score"""
-    policy: Literal["mlp", "attention", "conv"] = "attention"
+    policy: PolicyName = "attention"
     """guidance architecture (all know each token's position; attention also reads the text tokens)"""
     hidden_dim: int = 64
     """policy width"""
@@ -121,59 +120,6 @@ class Config:
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
 
-def build_backbone(cfg: Config) -> tuple[Backbone, torch.nn.Module]:
-    """The base model and the (differentiable) reward."""
-    device = torch.device(cfg.device)
-    if cfg.backbone == "tiny-flux":
-        from diffusers import FluxPipeline
-
-        from fluxguide.backbones.flux import FluxBackbone
-        from fluxguide.backbones.tiny_flux import tiny_flux_components
-
-        pipe = FluxPipeline(**tiny_flux_components(seed=cfg.seed))
-        backbone = FluxBackbone.from_pipeline(pipe, height=64, width=64, max_sequence_length=16,
-                                              num_steps=cfg.num_steps).to(device)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            clip, tokenizer = load_open_clip("fluxguide-tiny-random-clip", None, model_cfg=TINY_CLIP_CFG, device=device)
-        return backbone, CLIPScore(clip, tokenizer)
-    from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
-
-    if cfg.backbone == "shapes-random":
-        from fluxguide.backbones.shapes.world import build_transformer
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.seed)
-            world = ShapesWorld(create_shapes_clip(), build_transformer()).to(device)
-    else:
-        world = ShapesWorld.pretrained(cfg.weights_dir, device=device)
-    return world, make_reward(cfg.reward, world=world)
-
-
-#: A tiny random open_clip (ViT on 32x32 crops, 2-layer text tower) for the tiny-Flux code path.
-TINY_CLIP_CFG = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-
-
-def build_policy(cfg: Config, backbone: Backbone) -> BaseGuidanceModel:
-    cond = backbone.encode(["a red circle"])
-    grid = (int(cond.img_ids[:, 1].max()) + 1, int(cond.img_ids[:, 2].max()) + 1)  # (rows, cols) of Flux ids
-    kw = {"vec_dim": cond.vec.shape[-1], "grid_size": grid, "device": cfg.device}
-    if cfg.policy == "mlp":
-        return MLPGuidanceModel(latent_channels=backbone.latent_channels, hidden_dim=cfg.hidden_dim,
-                                num_layers=cfg.num_layers, **kw)
-    if cfg.policy == "attention":
-        return AttentionGuidanceModel(hidden_dim=cfg.hidden_dim, num_heads=cfg.num_heads, num_layers=cfg.num_layers,
-                                      latent_channels=backbone.latent_channels, txt_dim=cond.txt.shape[-1],
-                                      mlp_ratio=2.0, **kw)
-    patch = 4 if cfg.backbone.startswith("shapes") else 2
-    return ConvGuidanceModel(in_channels=backbone.latent_channels // patch**2, hidden_channels=cfg.hidden_dim,
-                             num_blocks=cfg.num_layers, patch_size=patch, **kw)
-
-
 def straight_through_decoder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
     """The shapes world's decoder (unpack, map [-1, 1] to [0, 1]) with a straight-through final clamp."""
     from fluxguide.backbones.packing import unpack
@@ -190,62 +136,14 @@ def straight_through_decoder(backbone: Backbone) -> Callable[[torch.Tensor], tor
     return decode
 
 
-@torch.no_grad()
-def evaluate(cfg: Config, backbone: Backbone, reward: torch.nn.Module, policy: torch.nn.Module,
-             prompts: list[str]) -> tuple[dict[str, float], torch.Tensor]:
-    """Held-out reward (and verifier pass rate on the shapes world) with fixed noise; returns metrics and images."""
-    policy.eval()
-    images, all_prompts = sample_prompts(backbone, prompts, samples_per_prompt=cfg.eval_samples_per_prompt,
-                                         seed=cfg.seed + 12345, guidance_model=policy,
-                                         guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps, batch_size=64)
-    rewards = torch.cat([reward(images[i : i + 64].to(cfg.device), all_prompts[i : i + 64]).float().cpu()
-                         for i in range(0, len(all_prompts), 64)])
-    metrics = {"eval/reward_mean": float(rewards.mean()), "eval/reward_std": float(rewards.std())}
-    if cfg.backbone.startswith("shapes"):
-        result = verify(images, all_prompts)
-        metrics["eval/verifier_pass_rate"] = result.accuracy
-        metrics.update({f"eval/verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
-    policy.train()
-    return metrics, images
-
-
-def plot_curves(run_dir: Path) -> Path:
-    """``<run_dir>/curves.png``: training and held-out reward, and the held-out verifier pass rate, against
-    samples seen (read from ``metrics.jsonl``, so it needs no W&B)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_metrics(run_dir)
-    panels = [("reward", ["train/reward_mean", "eval/reward_mean"]), ("held-out verifier pass rate",
-              ["eval/verifier_pass_rate"])]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, (title, names) in zip(axes, panels):
-        for name in names:
-            xs, ys = metric_curve(records, name)
-            if name.startswith("train") and len(ys) >= 20:  # per-batch values are noisy: a running mean of 20
-                ys = torch.tensor(ys).unfold(0, 20, 1).mean(1).tolist()
-                xs, name = xs[19:], f"{name} (mean of 20 updates)"
-            if xs:
-                ax.plot(xs, ys, marker="." if name.startswith("eval") else None, label=name)
-        ax.set_xlabel("samples seen")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend()
-    fig.tight_layout()
-    path = run_dir / "curves.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    backbone, reward = build_backbone(cfg)
-    policy = build_policy(cfg, backbone)
+    backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device,
+                              num_steps=cfg.num_steps)
+    reward = build_reward(cfg.reward, backbone, seed=cfg.seed)
+    policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
+                          num_heads=cfg.num_heads)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     algo = RewardGradient(
         backbone, policy, reward, optimizer,
@@ -277,7 +175,9 @@ def main(cfg: Config) -> dict[str, float]:
                       mode=cfg.wandb_mode, resume_samples_seen=samples_seen if ckpt is not None else None)
 
     def run_eval() -> dict[str, float]:
-        metrics, images = evaluate(cfg, backbone, reward, policy, held)
+        metrics, images = evaluate_guidance(backbone, reward, policy, held, seed=cfg.seed,
+                                            samples_per_prompt=cfg.eval_samples_per_prompt,
+                                            guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps)
         tracker.log(metrics, samples_seen)
         index = {p: i * cfg.eval_samples_per_prompt for i, p in enumerate(held)}
         columns = {"untrained": base_grid, f"{samples_seen} samples": images[[index[p] for p in grid_prompts]]}
@@ -285,7 +185,7 @@ def main(cfg: Config) -> dict[str, float]:
         tracker.log_image("eval/samples", path, samples_seen)
         return metrics
 
-    base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + 12345,
+    base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + EVAL_SEED_OFFSET,
                                num_steps=cfg.num_steps)[0]
     start = time.perf_counter() - elapsed
     if update == 0:

@@ -1,6 +1,7 @@
 """Training algorithms for guidance policies (DESIGN.md, "algos"): losses and update steps.
 
 - reward gradient (full trajectory with truncation / checkpointing / control cost, and the one-step form);
+- PPO over the denoising MDP with TorchRL (collector, ``ClipPPOLoss``, group or GAE advantages);
 - the seed's :class:`GuidanceModelTrainer` (supervised ``train_step``, one-step ``train_from_reward``).
 """
 
@@ -12,6 +13,7 @@ from fluxguide.algos.collection import (
     create_training_pairs,
     load_guidance_dataset,
 )
+from fluxguide.algos.ppo import PPO, PPOConfig, group_advantages, rewards_to_go
 from fluxguide.algos.reward_gradient import (
     CorrectionRecorder,
     NonFiniteLossError,
@@ -35,6 +37,7 @@ from fluxguide.algos.targets import (
 from fluxguide.algos.trainer import GuidanceModelTrainer
 
 __all__ = [
+    "PPO",
     "TARGET_STRATEGIES",
     "BCLoss",
     "CorrectionRecorder",
@@ -43,6 +46,7 @@ __all__ = [
     "GuidanceDataset",
     "GuidanceModelTrainer",
     "NonFiniteLossError",
+    "PPOConfig",
     "RewardGradient",
     "RewardGradientConfig",
     "RewardGradientOutput",
@@ -53,12 +57,14 @@ __all__ = [
     "check_dataset_matches_policy",
     "create_training_pairs",
     "draw_truncation",
+    "group_advantages",
     "load_guidance_dataset",
     "make_target_strategy",
     "one_step_reward_loss",
     "predicted_clean_latent",
     "random_translate",
     "reward_gradient_loss",
+    "rewards_to_go",
     "straight_through_clamp",
     "total_loss",
 ]

@@ -215,6 +215,7 @@ class GuidanceCore:
         # device. Until the first seeded reset it starts from fresh entropy (Gymnasium's convention).
         self.generator = torch.Generator("cpu")
         self.generator.seed()
+        self.episode_rng_state: torch.Tensor = self.generator.get_state()
         b = self.batch_size
         self.latent_shape: tuple[int, int] = tuple(backbone.latent_shape)  # type: ignore[assignment]
         # Model inputs, built once: the (B,) times of every step and the distilled guidance strength, in the
@@ -274,6 +275,9 @@ class GuidanceCore:
         """
         if seed is not None:
             self.seed(seed)
+        # Restoring this state into `generator` before a reset redraws this episode (resuming a run whose
+        # env had already reset for the next episode when it was checkpointed).
+        self.episode_rng_state = self.generator.get_state()
         if prompts is None:
             group_prompts = self.prompt_source.draw(self.num_groups, self.generator)
         else:

@@ -48,7 +48,9 @@ class GuidanceTorchRLEnv(EnvBase):
     ## Rewards
     ``reward`` ``(B, 1)``: 0 at every step but the last (minus the optional control / KL cost); at the last
     step the reward module on the decoded final images. The episode's prompts, reward components and
-    verifier result are in :attr:`last_info`; the final images in :attr:`final_images`.
+    verifier result are in :attr:`last_info` (until the next reset) and :attr:`terminal_info` (until the
+    next episode ends: a collector resets right after the last step); the final images in
+    :attr:`final_images`.
 
     ## Episode End
     ``terminated`` (and ``done``) at step ``num_steps``, for all ``B`` trajectories together; ``truncated``
@@ -99,6 +101,7 @@ class GuidanceTorchRLEnv(EnvBase):
             device=c.device,
         )
         self.last_info: dict[str, Any] = {}
+        self.terminal_info: dict[str, Any] = {}
         self._false = torch.zeros((b, 1), dtype=torch.bool, device=c.device)
 
     @property
@@ -159,7 +162,7 @@ class GuidanceTorchRLEnv(EnvBase):
         out = self._output(result.observation, result.terminated)
         out.set("reward", result.reward.unsqueeze(-1))
         if result.terminated:
-            self.last_info = result.info
+            self.last_info = self.terminal_info = result.info
         return out
 
     def _output(self, obs: dict[str, torch.Tensor], terminated: bool) -> TensorDictBase:

@@ -14,7 +14,9 @@ import pytest
 import torch
 import tyro
 
+from fluxguide.backbones.presets import build_backbone
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
+from fluxguide.policies.presets import build_policy
 from fluxguide.rewards import RewardModel, make_reward, register_reward
 from fluxguide.tracking import metric_curve, read_metrics
 
@@ -100,8 +102,9 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(tmp_path) -> None:
     with pytest.raises(SystemExit, match=r"(?s)stopping at update 3: non-finite loss.*No checkpoint was written"):
         run(argv)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000002"]
-    policy = script.build_policy(tyro.cli(script.Config, args=argv), script.build_backbone(
-        tyro.cli(script.Config, args=argv))[0])
+    cfg = tyro.cli(script.Config, args=argv)
+    policy = build_policy(cfg.policy, build_backbone(cfg.backbone, seed=cfg.seed), hidden_dim=cfg.hidden_dim,
+                          num_layers=cfg.num_layers, num_heads=cfg.num_heads)
     load_checkpoint(latest_checkpoint(tmp_path), modules={"policy": policy}, restore_global_rng=False)
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 

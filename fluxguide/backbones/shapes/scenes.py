@@ -28,8 +28,16 @@ RELATIONS: dict[str, str] = {"on the left of": "left", "above": "above"}
 # (color, kind) combinations that never appear in the RL training prompts (they do appear in the base
 # model's pretraining captions, so the base model can draw them): generalisation is measured on them.
 HELDOUT_COMBOS: frozenset[tuple[str, str]] = frozenset({("green", "square"), ("blue", "triangle")})
-SINGLE_SIZES = (9, 16)  # bounding-box side in pixels, inclusive range
-PAIR_SIZES = (8, 12)
+SINGLE_SIZES = (12, 16)  # bounding-box side in pixels, inclusive range
+PAIR_SIZES = (10, 12)
+# Layout: a single object sits within SINGLE_JITTER px of the centre; a pair's objects sit near the two
+# anchors PAIR_ANCHORS (along the relation's axis) within PAIR_JITTER px, and within ACROSS_JITTER px of the
+# centre across it. Layouts vary, but little: a 0.6M-parameter model trained for half an hour on two cores
+# learns to draw kinds it can place, which keeps the base sampler in the range where guidance has headroom.
+SINGLE_JITTER = 4.0
+PAIR_ANCHORS = (8.75, 23.25)
+PAIR_JITTER = 1.25
+ACROSS_JITTER = 3.0
 
 
 @dataclass(frozen=True)
@@ -137,16 +145,17 @@ def sample_prompt_spec(rng: np.random.Generator, single_fraction: float = 1 / 3)
 
 def place(spec: PromptSpec, rng: np.random.Generator) -> Scene:
     """Place the objects of ``spec`` on the canvas at random, respecting its relation."""
-    n = IMAGE_SIZE
+    mid = IMAGE_SIZE / 2
     if len(spec.objects) == 1:
         s = float(rng.integers(SINGLE_SIZES[0], SINGLE_SIZES[1] + 1))
-        cx, cy = rng.uniform(s / 2 + 1, n - s / 2 - 1, size=2)
+        cx, cy = mid + rng.uniform(-SINGLE_JITTER, SINGLE_JITTER, size=2)
         return Scene(spec, (PlacedShape(spec.objects[0], cx, cy, s),))
+    along, across = (0, 1) if spec.relation == "left" else (1, 0)
     while True:  # rejection sampling; accepts within a few tries
         sa, sb = (float(v) for v in rng.integers(PAIR_SIZES[0], PAIR_SIZES[1] + 1, size=2))
-        ca = rng.uniform([sa / 2 + 1] * 2, [n - sa / 2 - 1] * 2)
-        cb = rng.uniform([sb / 2 + 1] * 2, [n - sb / 2 - 1] * 2)
-        along, across = (0, 1) if spec.relation == "left" else (1, 0)
+        ca, cb = np.empty(2), np.empty(2)
+        ca[along], cb[along] = np.array(PAIR_ANCHORS) + rng.uniform(-PAIR_JITTER, PAIR_JITTER, size=2)
+        ca[across], cb[across] = mid + rng.uniform(-ACROSS_JITTER, ACROSS_JITTER, size=2)
         gap = cb[along] - ca[along]
         if gap >= (sa + sb) / 2 + 2 and abs(cb[across] - ca[across]) <= 0.5 * gap:
             return Scene(spec, (PlacedShape(spec.objects[0], *ca, sa), PlacedShape(spec.objects[1], *cb, sb)))

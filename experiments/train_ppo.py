@@ -1,0 +1,259 @@
+"""Train a guidance policy by PPO on the denoising MDP (TorchRL collector, ClipPPOLoss), against any reward.
+
+    python experiments/train_ppo.py                                   # shapes world, verifier reward, SDE
+    python experiments/train_ppo.py --advantage gae                   # GAE with a value network
+    python experiments/train_ppo.py --backbone tiny-flux --total-updates 5   # tiny random Flux code path
+    python experiments/train_ppo.py --help                            # every option
+
+Each update collects one episode of ``batch_size`` trajectories (``samples_per_prompt`` per *training*
+prompt) with the Gaussian policy on the TorchRL env -- in SDE mode (default) the policy's std is the SDE's,
+so exploration is the sampler's own noise (Flow-GRPO); in ODE mode it is a fixed Gaussian std -- computes
+advantages (per-prompt normalised returns, or GAE) and runs ``epochs`` passes of ClipPPOLoss over minibatches
+of whole trajectories (``fluxguide.algos.PPO``). Every ``eval_every`` updates the mean policy is evaluated
+on the *held-out* prompts with fixed noise and the deterministic (ODE) sampler: the reward and, on the
+shapes world, the verifier's pass rate, plus a PNG grid. Metrics go to W&B (offline unless
+``--wandb-mode online``) and ``<run_dir>/metrics.jsonl`` against ``charts/samples_seen``.
+
+Checkpoints are written every ``checkpoint_every`` updates to ``<run_dir>/checkpoints``; rerunning the same
+command continues from the last one with the same RNG streams. A non-finite loss or log-prob stops the run
+with a message and writes no checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+from tqdm import tqdm
+
+from fluxguide.algos import NonFiniteLossError
+from fluxguide.algos.ppo import PPO, AdvantageMode, PPOConfig
+from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
+from fluxguide.backbones.shapes import heldout_prompts, train_prompts
+from fluxguide.backbones.shapes.evaluation import sample_prompts
+from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
+from fluxguide.curves import plot_curves
+from fluxguide.envs import GuidanceTorchRLEnv
+from fluxguide.evaluation import EVAL_SEED_OFFSET, evaluate_guidance
+from fluxguide.grids import save_prompt_grid
+from fluxguide.policies import make_probabilistic_actor, make_value_network
+from fluxguide.policies.presets import PolicyName, build_policy, latent_grid
+from fluxguide.tracking import Tracker
+
+
+@dataclass
+class Config:
+    run_dir: Path = Path("runs/ppo/shapes")
+    """run folder (checkpoints, metrics.jsonl, sample grids, W&B files); rerunning with it resumes"""
+    backbone: BackboneName = "shapes"
+    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests);
+    'tiny-flux': a tiny random diffusers Flux with a tiny random CLIP score as reward (code-path test)"""
+    weights_dir: Path | None = None
+    """shapes-world weight folder (default: the weights shipped in the package)"""
+    reward: str = "verifier"
+    """reward registry name (fluxguide.rewards.make_reward); need not be differentiable. Ignored by tiny-flux"""
+    policy: PolicyName = "attention"
+    """guidance architecture of the policy's mean"""
+    hidden_dim: int = 64
+    """policy width"""
+    num_layers: int = 2
+    """policy depth (MLP layers / transformer blocks / conv blocks)"""
+    num_heads: int = 4
+    """attention heads (attention policy)"""
+    mode: Literal["sde", "ode"] = "sde"
+    """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
+    'ode': the Euler sampler with Gaussian policy noise of std --std"""
+    noise_level: float = 0.7
+    """SDE noise level a of sigma_t = a sqrt(t / (1 - t)) (SDE mode)"""
+    std: float = 0.1
+    """policy std in ODE mode (initial std with --learn-std)"""
+    learn_std: bool = False
+    """learn one log-std parameter (ODE mode)"""
+    log_prob_reduction: Literal["mean", "sum"] = "mean"
+    """reduce the per-element log-density by mean (sane ratios at high dimension) or sum (exact)"""
+    control_cost: float = 0.0
+    """KL penalty to the base sampler: the env's per-step control cost (exact Gaussian KL in SDE mode)"""
+    advantage: AdvantageMode = "group"
+    """'group': per-prompt normalised returns (critic-free, DDPO / GRPO); 'gae': GAE with a value network"""
+    gae_lambda: float = 0.95
+    """GAE lambda"""
+    critic_coef: float = 0.5
+    """weight of the critic loss (GAE)"""
+    clip_epsilon: float = 0.2
+    """PPO clip range"""
+    epochs: int = 2
+    """PPO passes over each collected batch"""
+    minibatch_trajectories: int = 16
+    """whole trajectories per minibatch"""
+    batch_size: int = 32
+    """trajectories per update (the env's batch)"""
+    samples_per_prompt: int = 8
+    """trajectories per prompt (the group of the per-prompt advantage)"""
+    num_steps: int = 20
+    """sampling steps"""
+    guidance_scale: float = 1.0
+    """scale of the policy's correction"""
+    lr: float = 3e-4
+    """Adam learning rate"""
+    entropy_coef: float = 0.0
+    """entropy bonus (only moves a learned std)"""
+    max_grad_norm: float | None = 1.0
+    """clip the global gradient norm (None: no clipping)"""
+    total_updates: int = 300
+    """updates of the whole run (a resumed run counts the updates already done)"""
+    time_budget_minutes: float | None = None
+    """stop (with a checkpoint) once the run has used this much wall time, evaluation included, summed over
+    resumes"""
+    eval_every: int = 20
+    """evaluate every N updates (and at the start and the end)"""
+    eval_num_prompts: int | None = None
+    """evaluate on the first N held-out prompts (default: all)"""
+    eval_samples_per_prompt: int = 2
+    """samples per held-out prompt in each evaluation (same noise every time: paired comparisons)"""
+    grid_prompts: int = 8
+    """held-out prompts shown in each sample grid"""
+    checkpoint_every: int = 20
+    """write a checkpoint every N updates (and at the end)"""
+    seed: int = 0
+    """seed of the policy initialisation, prompt sampling, noise and policy sampling"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest on a shared 2-core machine)"""
+    device: str = "cpu"
+    """torch device"""
+    wandb_project: str = "fluxguide"
+    """W&B project"""
+    wandb_group: str = "ppo"
+    """W&B group"""
+    wandb_mode: str | None = None
+    """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+
+
+def main(cfg: Config) -> dict[str, float]:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device,
+                              num_steps=cfg.num_steps)
+    reward = build_reward(cfg.reward, backbone, seed=cfg.seed)
+    train, held = train_prompts(), heldout_prompts()[: cfg.eval_num_prompts]
+    grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]
+    if cfg.backbone == "tiny-flux":  # its tokenizer knows English; the shapes captions serve as prompts
+        train = train[: cfg.batch_size // cfg.samples_per_prompt]
+    env = GuidanceTorchRLEnv(backbone, reward=reward, prompts=train, batch_size=cfg.batch_size,
+                             samples_per_prompt=cfg.samples_per_prompt, num_steps=cfg.num_steps,
+                             guidance_scale=cfg.guidance_scale, mode=cfg.mode, noise_level=cfg.noise_level,
+                             control_cost=cfg.control_cost)
+    env.set_seed(cfg.seed)
+    policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
+                          num_heads=cfg.num_heads)
+    actor = make_probabilistic_actor(policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode",
+                                     use_sde_std=cfg.mode == "sde", log_prob_reduction=cfg.log_prob_reduction)
+    critic = None
+    if cfg.advantage == "gae":
+        cond = backbone.encode([""])
+        critic = make_value_network(backbone.latent_channels, cfg.hidden_dim, cfg.num_layers, cond.vec.shape[-1],
+                                    latent_grid(backbone), device=cfg.device)
+    modules = {"actor": actor, **({"critic": critic} if critic is not None else {})}
+    params = [p for m in modules.values() for p in m.parameters()]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+
+    ppo = PPO(env, actor, optimizer, PPOConfig(
+        clip_epsilon=cfg.clip_epsilon, epochs=cfg.epochs, minibatch_trajectories=cfg.minibatch_trajectories,
+        advantage=cfg.advantage, lmbda=cfg.gae_lambda, critic_coef=cfg.critic_coef, entropy_coef=cfg.entropy_coef,
+        max_grad_norm=cfg.max_grad_norm,
+    ), critic=critic)
+
+    # Resume from the last checkpoint of this run folder, if any: weights, optimizer, RNG streams, and the env's
+    # generator as it was when the pending episode was drawn, which the collector then redraws.
+    update, samples_seen, elapsed = 0, 0, 0.0
+    last_eval: dict[str, float] = {}
+    ckpt = latest_checkpoint(cfg.run_dir)
+    if ckpt is not None:
+        loaded = load_checkpoint(ckpt, modules=modules, optimizers={"policy": optimizer},
+                                 generators={"env": env.core.generator})
+        ppo.restart_episode()
+        update, samples_seen, elapsed = loaded.step, loaded.state["samples_seen"], loaded.state["elapsed_seconds"]
+        last_eval = loaded.state.get("last_eval", {})
+        print(f"resuming from {ckpt} (update {update}, {samples_seen} samples seen)")
+    config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    tracker = Tracker(cfg.run_dir, config=config_dict, project=cfg.wandb_project, group=cfg.wandb_group,
+                      mode=cfg.wandb_mode, resume_samples_seen=samples_seen if ckpt is not None else None)
+
+    def run_eval() -> dict[str, float]:
+        metrics, images = evaluate_guidance(backbone, reward, policy, held, seed=cfg.seed,
+                                            samples_per_prompt=cfg.eval_samples_per_prompt,
+                                            guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps)
+        tracker.log(metrics, samples_seen)
+        index = {p: i * cfg.eval_samples_per_prompt for i, p in enumerate(held)}
+        columns = {"untrained": base_grid, f"{samples_seen} samples": images[[index[p] for p in grid_prompts]]}
+        path = save_prompt_grid(columns, grid_prompts, cfg.run_dir / "samples" / f"eval_{samples_seen:08d}.png")
+        tracker.log_image("eval/samples", path, samples_seen)
+        return metrics
+
+    base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + EVAL_SEED_OFFSET,
+                               num_steps=cfg.num_steps)[0]
+    start = time.perf_counter() - elapsed
+    if update == 0:
+        last_eval = run_eval()
+
+    def out_of_time() -> bool:
+        return cfg.time_budget_minutes is not None and time.perf_counter() - start >= 60 * cfg.time_budget_minutes
+
+    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="ppo")
+    for update in bar:
+        if out_of_time():
+            break
+        t0 = time.perf_counter()
+        try:
+            metrics = ppo.update()
+        except NonFiniteLossError as e:
+            tracker.finish()
+            last = latest_checkpoint(cfg.run_dir)
+            raise SystemExit(
+                f"stopping at update {update + 1}: {e}\nNo checkpoint was written for this update; the last good "
+                f"checkpoint is {last if last is not None else '(none)'}. Rerunning resumes from it: lower --lr, "
+                f"--clip-epsilon or --std."
+            ) from e
+        samples_seen += cfg.batch_size
+        done = update + 1
+        tracker.log({
+            **{f"train/{k}": metrics[k] for k in ("reward_mean", "reward_std", "group_reward_std",
+                                                  "zero_std_group_fraction", "verifier_pass_rate") if k in metrics},
+            **{f"losses/{k}": v for k, v in metrics.items() if k.startswith("loss") or k in (
+                "grad_norm", "clip_fraction", "kl_approx", "ESS", "mean_ratio", "max_ratio", "explained_variance",
+                "entropy", "first_mean_ratio", "first_max_ratio", "first_clip_fraction")},
+            "perf/seconds_per_update": time.perf_counter() - t0, "charts/updates": done,
+        }, samples_seen)
+        bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", **(
+            {"heldout_pass": f"{last_eval['eval/verifier_pass_rate']:.3f}"} if "eval/verifier_pass_rate" in last_eval
+            else {}))
+        stop = out_of_time()
+        last = done == cfg.total_updates or stop
+        if done % cfg.eval_every == 0 or last:
+            last_eval = run_eval()
+        if done % cfg.checkpoint_every == 0 or last:
+            episode = torch.Generator().manual_seed(0)
+            episode.set_state(env.core.episode_rng_state)  # the pending episode's draw, not the one after it
+            save_checkpoint(cfg.run_dir, done, modules=modules, optimizers={"policy": optimizer},
+                            generators={"env": episode},
+                            state={"samples_seen": samples_seen, "elapsed_seconds": time.perf_counter() - start,
+                                   "config": config_dict, "last_eval": last_eval})
+        if stop:
+            print(f"time budget of {cfg.time_budget_minutes} min used up after {done} updates")
+            break
+    bar.close()
+    ppo.shutdown()
+    tracker.finish()
+    plot_curves(cfg.run_dir)
+    if last_eval:
+        shown = {k: round(v, 4) for k, v in last_eval.items() if not math.isnan(v)}
+        print(f"final held-out evaluation after {samples_seen} samples: {shown}")
+    return last_eval
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
