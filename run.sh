@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # fluxguide's two entry points. Each installs what it needs into ./.venv first (idempotent).
-#   bash run.sh main [script options]   the main job (experiments/main.py)
+#   bash run.sh main [script options]   the main job (experiments/compare.py: every algorithm, compared)
 #   bash run.sh test [pytest options]   the test suite
 #   bash run.sh bench [NAME [options]]  benchmarks/NAME.py (all of them by default)
 #   bash run.sh py SCRIPT [options]     any script with the project's environment
@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=${WANDB_MODE:-offline}
 cmd=${1:-}
 shift || true
 case "$cmd" in
-  main) exec "$VENV/bin/python" experiments/main.py "$@" ;;
+  main) exec "$VENV/bin/python" experiments/compare.py "$@" ;;
   test) exec "$VENV/bin/python" -m pytest "$@" ;;
   bench)
     if [ $# -gt 0 ]; then

@@ -160,7 +160,8 @@ def main(cfg: Config) -> GuidanceDataset:
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     # One metrics log per seed: a DAgger round (another seed) appending to the dataset keeps the first's log.
     tracker = Tracker(cfg.out_dir / f"run_seed{cfg.seed}", config=config_dict, project=cfg.wandb_project,
-                      group=cfg.wandb_group, mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None)
+                      group=cfg.wandb_group, mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None,
+                      tags=("collect", cfg.strategy, cfg.reward, cfg.backbone))
 
     bar = tqdm(enumerate(batches), total=len(batches), desc=f"collect {cfg.strategy}")
     for batch_index, batch_prompts in bar:

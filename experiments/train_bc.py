@@ -185,7 +185,8 @@ def main(cfg: Config) -> dict[str, float]:
         print(f"resuming from {ckpt} (update {update}, {pairs_seen} pairs seen)")
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     tracker = Tracker(cfg.run_dir, config=config_dict, project=cfg.wandb_project, group=cfg.wandb_group,
-                      mode=cfg.wandb_mode, resume_samples_seen=pairs_seen if ckpt is not None else None)
+                      mode=cfg.wandb_mode, resume_samples_seen=pairs_seen if ckpt is not None else None,
+                      tags=("bc", str(dataset.metadata.get("strategy", "user")), cfg.loss, cfg.backbone))
 
     # The base sampler and CFG on the same held-out prompts and noise: the references of the pass rate.
     references = state.get("references")

@@ -35,8 +35,9 @@ from fluxguide.backbones.shapes import heldout_prompts, train_prompts
 from fluxguide.backbones.shapes.evaluation import sample_prompts
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from fluxguide.curves import plot_curves
-from fluxguide.evaluation import EVAL_SEED_OFFSET, evaluate_guidance
+from fluxguide.evaluation import CAPTION_METRICS, EVAL_SEED_OFFSET, evaluate_guidance
 from fluxguide.grids import save_prompt_grid
+from fluxguide.policies import save_guidance_model
 from fluxguide.policies.presets import PolicyName, build_policy
 from fluxguide.tracking import Tracker
 
@@ -172,7 +173,8 @@ def main(cfg: Config) -> dict[str, float]:
         print(f"resuming from {ckpt} (update {update}, {samples_seen} samples seen)")
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     tracker = Tracker(cfg.run_dir, config=config_dict, project=cfg.wandb_project, group=cfg.wandb_group,
-                      mode=cfg.wandb_mode, resume_samples_seen=samples_seen if ckpt is not None else None)
+                      mode=cfg.wandb_mode, resume_samples_seen=samples_seen if ckpt is not None else None,
+                      tags=("reward-gradient", cfg.reward, cfg.backbone))
 
     def run_eval() -> dict[str, float]:
         metrics, images = evaluate_guidance(backbone, reward, policy, held, seed=cfg.seed,
@@ -182,7 +184,8 @@ def main(cfg: Config) -> dict[str, float]:
         index = {p: i * cfg.eval_samples_per_prompt for i, p in enumerate(held)}
         columns = {"untrained": base_grid, f"{samples_seen} samples": images[[index[p] for p in grid_prompts]]}
         path = save_prompt_grid(columns, grid_prompts, cfg.run_dir / "samples" / f"eval_{samples_seen:08d}.png")
-        tracker.log_image("eval/samples", path, samples_seen)
+        tracker.log_image("eval/samples", path, samples_seen, caption=", ".join(
+            f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k in CAPTION_METRICS))
         return metrics
 
     base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + EVAL_SEED_OFFSET,
@@ -235,6 +238,7 @@ def main(cfg: Config) -> dict[str, float]:
             break
     bar.close()
     tracker.finish()
+    save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")  # for evaluate.py / main.py
     plot_curves(cfg.run_dir)
     if last_eval:
         shown = {k: round(v, 4) for k, v in last_eval.items() if not math.isnan(v)}

@@ -1,10 +1,16 @@
-"""Held-out evaluation of a guidance policy, shared by every training script.
+"""Held-out evaluation of guidance policies, shared by the training, evaluation and comparison scripts.
 
 A fixed prompt set sampled with fixed noise (so evaluations of one run, and of different runs with one seed,
-are paired comparisons), scored by the reward and, on the shapes world, by the exact verifier.
+are paired comparisons), scored by the rewards and, on the shapes world, by the exact verifier.
+:func:`evaluate_guidance` is the periodic evaluation of a training run; :func:`compare_samplers` puts a
+policy next to the base sampler, CFG and best-of-N, each with its cost in base-model calls per image.
 """
 
 from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -12,6 +18,8 @@ from torch import nn
 from fluxguide.backbones.base import Backbone
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
 
+#: The metrics shown in the caption of an evaluation's sample grid.
+CAPTION_METRICS: tuple[str, ...] = ("eval/verifier_pass_rate", "eval/reward_mean")
 #: Evaluation noise is seeded with ``seed + EVAL_SEED_OFFSET``, away from the training streams.
 EVAL_SEED_OFFSET = 12345
 
@@ -69,3 +77,124 @@ def evaluate_guidance(
         metrics["eval/verifier_pass_rate"] = result.accuracy
         metrics.update({f"eval/verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
     return metrics, images
+
+
+@dataclass
+class SamplerSpec:
+    """One row of a sampler comparison.
+
+    Attributes:
+        name: the row's label.
+        policy: a guidance model (``None``: no learned guidance).
+        guidance_scale: scale of the policy's correction.
+        cfg_scale: classifier-free guidance (1 = off; two base-model calls per step otherwise).
+        best_of: sample this many candidates per image and keep the one the picking reward scores highest.
+    """
+
+    name: str
+    policy: GuidanceFn | None = None
+    guidance_scale: float = 1.0
+    cfg_scale: float = 1.0
+    best_of: int = 1
+
+    def model_calls_per_image(self, num_steps: int) -> int:
+        """Base-model forward passes per kept image."""
+        return num_steps * (1 if self.cfg_scale == 1.0 else 2) * self.best_of
+
+
+@torch.no_grad()
+def compare_samplers(
+    backbone: Backbone,
+    specs: list[SamplerSpec],
+    prompts: list[str],
+    rewards: dict[str, nn.Module],
+    *,
+    pick_reward: str,
+    samples_per_prompt: int = 2,
+    seed: int = 0,
+    num_steps: int | None = None,
+    batch_size: int = 64,
+) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
+    """Sample ``prompts`` with every sampler (same noise for the first candidate of each) and score them.
+
+    Args:
+        backbone: the shapes world (the verifier needs its prompts).
+        specs: the samplers to compare.
+        prompts: held-out prompts, each sampled ``samples_per_prompt`` times.
+        rewards: name -> reward module; every kept image is scored by each.
+        pick_reward: the reward (a key of ``rewards``) that picks the best of N candidates.
+        seed: noise seed (offset by :data:`EVAL_SEED_OFFSET`).
+        num_steps: sampling steps (default: the backbone's).
+
+    Returns:
+        One row per sampler -- ``sampler``, ``model_calls_per_image``, ``seconds_per_image``,
+        ``verifier_pass_rate``, ``verifier_<attribute>``, ``reward/<name>`` -- and the kept images per
+        sampler, ``(len(prompts) * samples_per_prompt, 3, H, W)`` prompt-major.
+    """
+    from fluxguide.backbones.shapes import verify
+    from fluxguide.backbones.shapes.evaluation import sample_prompts
+
+    if pick_reward not in rewards:
+        raise ValueError(f"pick_reward {pick_reward!r} is not one of the rewards {sorted(rewards)}")
+    steps = num_steps or backbone.default_num_steps
+    rows, kept = [], {}
+    for spec in specs:
+        if spec.best_of < 1:
+            raise ValueError(f"best_of must be >= 1, got {spec.best_of} for sampler {spec.name!r}")
+        if isinstance(spec.policy, nn.Module):
+            spec.policy.eval()
+        start = time.perf_counter()
+        # Candidate k of sample j of a prompt is sample j * best_of + k: candidate 0 of best-of-1 is the noise
+        # every other sampler sees first.
+        images, _ = sample_prompts(backbone, prompts, samples_per_prompt=samples_per_prompt * spec.best_of,
+                                   seed=seed + EVAL_SEED_OFFSET, cfg_scale=spec.cfg_scale, guidance_model=spec.policy,
+                                   guidance_scale=spec.guidance_scale, num_steps=steps, batch_size=batch_size)
+        all_prompts = [p for p in prompts for _ in range(samples_per_prompt * spec.best_of)]
+        if spec.best_of > 1:
+            scores = _score(rewards[pick_reward], backbone, images, all_prompts, batch_size)
+            best = scores.view(-1, spec.best_of).argmax(1)
+            images = images.view(-1, spec.best_of, *images.shape[1:])[torch.arange(len(best)), best]
+        seconds = time.perf_counter() - start
+        final_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+        result = verify(images, final_prompts)
+        row: dict[str, float | str] = {
+            "sampler": spec.name,
+            "model_calls_per_image": spec.model_calls_per_image(steps),
+            "seconds_per_image": seconds / len(final_prompts),
+            "verifier_pass_rate": result.accuracy,
+            **{f"verifier_{k}": float(v.mean()) for k, v in result.scores.items()},
+        }
+        for name, reward in rewards.items():
+            row[f"reward/{name}"] = float(_score(reward, backbone, images, final_prompts, batch_size).mean())
+        rows.append(row)
+        kept[spec.name] = images
+    return rows, kept
+
+
+def _score(reward: nn.Module, backbone: Backbone, images: torch.Tensor, prompts: list[str], batch_size: int) -> torch.Tensor:
+    return torch.cat([reward(images[i : i + batch_size].to(backbone.device), prompts[i : i + batch_size]).float().cpu()
+                      for i in range(0, len(prompts), batch_size)])
+
+
+def write_table(rows: list[dict[str, float | str]], path: str | Path) -> tuple[Path, Path]:
+    """Write ``rows`` as ``<path>.md`` (a markdown table) and ``<path>.csv``; returns both paths."""
+    import csv
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+
+    def fmt(value: float | str | None) -> str:
+        if isinstance(value, float):
+            return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        return "" if value is None else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    md, csv_path = path.with_suffix(".md"), path.with_suffix(".csv")
+    md.write_text("\n".join(lines) + "\n")
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return md, csv_path

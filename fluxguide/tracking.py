@@ -229,6 +229,18 @@ class Tracker:
 
             self.run.log({SAMPLES_SEEN: int(samples_seen), name: wandb.Image(str(path), caption=caption)})
 
+    def log_table(self, name: str, rows: list[Mapping[str, Any]], samples_seen: int = 0) -> None:
+        """Log a table (e.g. the sampler comparison) as a ``wandb.Table``; ``metrics.jsonl`` gets the rows."""
+        check_metric_name(name)
+        rows = [dict(r) for r in rows]
+        self._append({SAMPLES_SEEN: int(samples_seen), name: rows})
+        if self.run is not None and rows:
+            import wandb
+
+            columns = list(dict.fromkeys(k for r in rows for k in r))
+            table = wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in rows])
+            self.run.log({SAMPLES_SEEN: int(samples_seen), name: table})
+
     def _append(self, record: dict[str, Any]) -> None:
         with self.metrics_path.open("a") as f:
             # NaN / inf are written as JSON's NaN / Infinity (Python's json reads them back): a diverged loss

@@ -1,0 +1,234 @@
+"""Train a guidance policy with every algorithm, evaluate them side by side, and plot their curves.
+
+    python experiments/compare.py                        # the README's main job: quick preset, ~15 min on 2 cores
+    python experiments/compare.py --preset full          # the budgets behind the README's numbers
+    python experiments/compare.py --seeds 0 1 2          # mean and spread over seeds
+    python experiments/compare.py --skip-training        # re-plot / re-evaluate finished runs in --out-dir
+
+For each algorithm and seed it runs the algorithm's own script (``train_reward_gradient.py``,
+``train_ppo.py``, and ``collect_data.py`` + ``train_bc.py`` for CFG-distillation behaviour cloning) as a
+subprocess with the preset's budget and ``--run-dir <out_dir>/runs/<algorithm>/seed<k>``, ``--parallel`` at
+a time. Each run logs its own W&B run (offline unless ``--wandb-mode online``) in group ``<algorithm>``, so
+they overlay in one W&B workspace against ``charts/samples_seen``. Then it writes, in ``--out-dir``:
+
+- ``curves.png``: held-out verifier pass rate against samples seen and against wall time, and each run's
+  training reward, mean and spread (min-max) over seeds;
+- ``evaluation.md`` / ``.csv`` and ``samples.png``: every algorithm's policy (first seed) next to the base
+  sampler, CFG and best-of-N on the held-out prompts (``experiments/evaluate.py``'s table);
+
+and logs both to a W&B run of group ``compare``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from fluxguide.tracking import Tracker, read_metrics
+
+EXPERIMENTS = Path(__file__).resolve().parent
+Algorithm = Literal["reward-gradient", "ppo", "bc"]
+
+#: Per preset and algorithm: the script arguments (besides run folder, seed, threads and W&B mode).
+#: "quick" is the main job (all three algorithms in about 15 minutes on two cores, evaluation included);
+#: "full" reproduces the README's learning results.
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "quick": {
+        "reward-gradient": ["--total-updates", "60", "--eval-every", "20", "--checkpoint-every", "20",
+                            "--eval-num-prompts", "30"],
+        "ppo": ["--total-updates", "40", "--eval-every", "10", "--checkpoint-every", "10", "--eval-num-prompts", "30"],
+        "bc-collect": ["--episodes", "256"],
+        "bc": ["--total-updates", "600", "--eval-every", "200", "--checkpoint-every", "200", "--eval-num-prompts", "30"],
+    },
+    "full": {
+        "reward-gradient": ["--time-budget-minutes", "15", "--total-updates", "100000", "--eval-every", "50",
+                            "--checkpoint-every", "50"],
+        "ppo": ["--time-budget-minutes", "30", "--total-updates", "100000", "--eval-every", "20",
+                "--checkpoint-every", "20"],
+        "bc-collect": ["--episodes", "1024"],
+        "bc": ["--total-updates", "2000"],
+    },
+}
+
+
+@dataclass
+class Config:
+    out_dir: Path = Path("outputs/compare")
+    """where the runs, curves.png, evaluation.md/.csv and samples.png go"""
+    preset: Literal["quick", "full"] = "quick"
+    """training budgets: 'quick' (the main job) or 'full' (the README's learning results)"""
+    algorithms: tuple[Algorithm, ...] = ("reward-gradient", "ppo", "bc")
+    """algorithms to train and compare"""
+    seeds: tuple[int, ...] = (0,)
+    """one run per algorithm and seed; curves show the mean and the min-max spread"""
+    parallel: int = 2
+    """runs at a time (one torch thread each)"""
+    skip_training: bool = False
+    """only plot and evaluate the runs already in out_dir"""
+    eval_num_prompts: int | None = 30
+    """held-out prompts of the final comparison table (default 30; None: all 90)"""
+    eval_samples_per_prompt: int = 2
+    """images per held-out prompt in the table"""
+    best_of: tuple[int, ...] = (2, 4, 8)
+    """best-of-N rows of the table"""
+    weights_dir: Path | None = None
+    """shapes-world weight folder (default: the weights shipped in the package)"""
+    wandb_mode: str | None = None
+    """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+
+
+def run_dir(cfg: Config, algorithm: str, seed: int) -> Path:
+    return cfg.out_dir / "runs" / algorithm / f"seed{seed}"
+
+
+def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
+    """The script invocations of one run (BC: collect, then train)."""
+    preset = PRESETS[cfg.preset]
+    common = ["--seed", str(seed), "--threads", "1"] + (["--wandb-mode", cfg.wandb_mode] if cfg.wandb_mode else [])
+    common += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
+    out = run_dir(cfg, algorithm, seed)
+    if algorithm == "reward-gradient":
+        return [[str(EXPERIMENTS / "train_reward_gradient.py"), "--run-dir", str(out), *common, *preset[algorithm]]]
+    if algorithm == "ppo":
+        return [[str(EXPERIMENTS / "train_ppo.py"), "--run-dir", str(out), *common, *preset[algorithm]]]
+    data = out / "data"
+    return [
+        [str(EXPERIMENTS / "collect_data.py"), "--out-dir", str(data), *common, *preset["bc-collect"]],
+        [str(EXPERIMENTS / "train_bc.py"), "--dataset", str(data), "--run-dir", str(out / "train"), *common,
+         *preset["bc"]],
+    ]
+
+
+def train(cfg: Config, algorithm: str, seed: int) -> float:
+    """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
+    out = run_dir(cfg, algorithm, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with (out / "log.txt").open("a") as log:
+        for argv in commands(cfg, algorithm, seed):
+            log.write(f"$ python {' '.join(argv)}\n")
+            log.flush()
+            done = subprocess.run([sys.executable, *argv], check=False, stdout=log, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode:
+                raise SystemExit(f"{algorithm} (seed {seed}) failed with exit code {done.returncode}: see {out / 'log.txt'}")
+    seconds = time.perf_counter() - start
+    print(f"{algorithm:>16} seed {seed}: done in {seconds / 60:.1f} min ({out})")
+    return seconds
+
+
+def training_run(cfg: Config, algorithm: str, seed: int) -> Path:
+    """The folder holding the run's metrics.jsonl and guidance.safetensors."""
+    out = run_dir(cfg, algorithm, seed)
+    return out / "train" if algorithm == "bc" else out
+
+
+def collection_offset(cfg: Config, algorithm: str, seed: int) -> tuple[int, float]:
+    """BC's cost before training starts: images sampled and wall seconds of its data collection."""
+    if algorithm != "bc":
+        return 0, 0.0
+    records = read_metrics(next((run_dir(cfg, algorithm, seed) / "data").glob("run_seed*"), Path("/nonexistent")))
+    if not records:
+        return 0, 0.0
+    last = records[-1]
+    return int(last.get("charts/samples_seen", 0)), float(last.get("perf/wall_seconds", 0.0))
+
+
+def plot(cfg: Config) -> Path:
+    """curves.png: verifier pass rate vs samples seen and vs wall time, training reward vs samples seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4))
+    panels = [(axes[0], "eval/verifier_pass_rate", "charts/samples_seen", "held-out verifier pass rate"),
+              (axes[1], "eval/verifier_pass_rate", "perf/wall_seconds", "held-out verifier pass rate"),
+              (axes[2], "train/reward_mean", "charts/samples_seen", "training reward (each run's own)")]
+    for ax, metric, xkey, title in panels:
+        for algorithm in cfg.algorithms:
+            curves = []
+            for seed in cfg.seeds:
+                records = read_metrics(training_run(cfg, algorithm, seed))
+                images, seconds = collection_offset(cfg, algorithm, seed)
+                pairs = [(r[xkey], r[metric]) for r in records if metric in r and xkey in r]
+                if algorithm == "bc" and xkey == "charts/samples_seen":
+                    # BC's cost in samples is its dataset: every point sits at the images collected.
+                    pairs = [(images, y) for _, y in pairs[-1:]]
+                elif xkey == "perf/wall_seconds":
+                    pairs = [(x + seconds, y) for x, y in pairs]
+                if pairs:
+                    curves.append(pairs)
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            xs = torch.tensor([[c[i][0] for i in range(n)] for c in curves], dtype=torch.float64).mean(0)
+            ys = torch.tensor([[c[i][1] for i in range(n)] for c in curves], dtype=torch.float64)
+            if xkey == "perf/wall_seconds":
+                xs = xs / 60
+            marker = "*" if n == 1 else "."
+            line = ax.plot(xs, ys.mean(0), marker=marker, markersize=10 if n == 1 else 5,
+                           label=f"{algorithm} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")[0]
+            if len(curves) > 1:
+                ax.fill_between(xs, ys.min(0).values, ys.max(0).values, alpha=0.2, color=line.get_color())
+        ax.set_xlabel("wall time (min)" if xkey == "perf/wall_seconds" else "samples seen")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_lines():
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = cfg.out_dir / "curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(cfg: Config) -> list[dict]:
+    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if not cfg.skip_training:
+        jobs = [(a, s) for s in cfg.seeds for a in cfg.algorithms]
+        with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
+            list(pool.map(lambda job: train(cfg, *job), jobs))
+    curves = plot(cfg)
+
+    evaluate = _load_script("evaluate")
+    policies = tuple(training_run(cfg, a, cfg.seeds[0]) for a in cfg.algorithms)
+    rows = evaluate.main(evaluate.Config(
+        policies=policies, names=cfg.algorithms, out_dir=cfg.out_dir, weights_dir=cfg.weights_dir,
+        num_prompts=cfg.eval_num_prompts, samples_per_prompt=cfg.eval_samples_per_prompt, best_of=cfg.best_of,
+    ))
+    with Tracker(cfg.out_dir / "wandb_compare", config={k: str(v) for k, v in asdict(cfg).items()},
+                 group="compare", mode=cfg.wandb_mode, tags=(cfg.preset, *cfg.algorithms)) as tracker:
+        tracker.log_image("eval/curves", curves, 0)
+        tracker.log_image("eval/samples", cfg.out_dir / "samples.png", 0)
+        tracker.log_table("eval/comparison", rows)
+    print(f"\nall done in {(time.perf_counter() - start) / 60:.1f} min. Results in {cfg.out_dir}:")
+    for name in ("curves.png", "evaluation.md", "evaluation.csv", "samples.png"):
+        print(f"  {cfg.out_dir / name}")
+    print(f"  W&B runs (offline unless online was asked for): {cfg.out_dir}/runs/*/*/**/wandb, "
+          f"{cfg.out_dir}/wandb_compare/wandb; upload with `wandb sync <folder>/offline-run-*`")
+    return rows
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Config))
