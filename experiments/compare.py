@@ -41,7 +41,16 @@ Algorithm = Literal["reward-gradient", "ppo", "bc"]
 #: Per preset and algorithm: the script arguments (besides run folder, seed, threads and W&B mode).
 #: "quick" is the main job (all three algorithms in about 15 minutes on two cores, evaluation included);
 #: "full" reproduces the README's learning results.
+_TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
+         "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
 PRESETS: dict[str, dict[str, list[str]]] = {
+    "smoke": {  # every code path in about a minute (the test suite's)
+        "reward-gradient": ["--batch-size", "2", "--total-updates", "2", *_TINY],
+        "ppo": ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2",
+                "--total-updates", "2", *_TINY],
+        "bc-collect": ["--episodes", "4", "--batch-size", "2", "--num-steps", "3"],
+        "bc": ["--batch-size", "16", "--total-updates", "2", *_TINY],
+    },
     "quick": {
         "reward-gradient": ["--total-updates", "60", "--eval-every", "20", "--checkpoint-every", "20",
                             "--eval-num-prompts", "30"],
@@ -64,8 +73,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
 class Config:
     out_dir: Path = Path("outputs/compare")
     """where the runs, curves.png, evaluation.md/.csv and samples.png go"""
-    preset: Literal["quick", "full"] = "quick"
-    """training budgets: 'quick' (the main job) or 'full' (the README's learning results)"""
+    preset: Literal["smoke", "quick", "full"] = "quick"
+    """training budgets: 'quick' (the main job), 'full' (the README's learning results), 'smoke' (tests)"""
     algorithms: tuple[Algorithm, ...] = ("reward-gradient", "ppo", "bc")
     """algorithms to train and compare"""
     seeds: tuple[int, ...] = (0,)

@@ -52,11 +52,15 @@ class Config:
     clip_steps: int = 1500
     """tiny-CLIP training steps"""
     clip_batch: int = 128
+    """tiny-CLIP batch size (the contrastive loss's negatives)"""
     clip_lr: float = 1e-3
+    """tiny-CLIP peak learning rate (warm-up, cosine decay to 10%)"""
     flux_steps: int = 6000
     """tiny-Flux rectified-flow training steps"""
     flux_batch: int = 64
+    """tiny-Flux batch size"""
     flux_lr: float = 1e-3
+    """tiny-Flux peak learning rate (warm-up, cosine decay to 10%)"""
     flux_heads: int = 4
     """attention heads of the transformer (its width is heads x head dim)"""
     flux_head_dim: int = 16
@@ -70,8 +74,11 @@ class Config:
     caption_dropout: float = 0.1
     """probability of training on the empty prompt, so classifier-free guidance works"""
     ema_decay: float = 0.999
+    """decay of the exponential moving average of the transformer's weights (the shipped weights)"""
     aesthetic_steps: int = 1500
+    """aesthetic-head training steps"""
     aesthetic_batch: int = 128
+    """aesthetic-head batch size (half rendered, half generated images; half of each degraded)"""
     aesthetic_generated: int = 512
     """generated images (base sampler) mixed into the aesthetic head's training set"""
     eval_samples_per_prompt: int = 4
@@ -81,6 +88,7 @@ class Config:
     cfg_scale: float = 3.0
     """classifier-free guidance scale evaluated against the base sampler"""
     threads: int = field(default_factory=torch.get_num_threads)
+    """torch CPU threads"""
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:

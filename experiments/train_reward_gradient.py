@@ -88,10 +88,10 @@ class Config:
     """score training images shifted by a random offset of up to this many pixels (robust to reward-model
     artefacts such as textures aligned with a ViT's patch grid); evaluation scores unshifted images"""
     one_step: bool = False
+    """train with the one-step variant (reward of the predicted clean image at a random step)"""
     straight_through: bool = False
     """shapes world: give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through
     clamp), so shapes can grow into the black background"""
-    """train with the one-step variant (reward of the predicted clean image at a random step)"""
     total_updates: int = 200
     """optimizer updates of the whole run (a resumed run counts the updates already done)"""
     time_budget_minutes: float | None = None
