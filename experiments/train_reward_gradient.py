@@ -14,6 +14,9 @@ hacking), plus a PNG grid of samples. Metrics go to W&B (offline unless ``--wand
 Checkpoints are written every ``checkpoint_every`` updates to ``<run_dir>/checkpoints``. Rerunning the same
 command continues from the last one (same update count, same RNG streams, so the curves continue where they
 stopped). A NaN/inf loss stops the run with a message and writes no checkpoint.
+
+Under ``torchrun`` every process trains data-parallel on its own prompts and noise (``--batch-size`` per
+process) and rank 0 logs the gathered metrics and writes the files (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from fluxguide import distributed
 from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig, straight_through_clamp
 from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
@@ -138,16 +142,20 @@ def straight_through_decoder(backbone: Backbone) -> Callable[[torch.Tensor], tor
 
 
 def main(cfg: Config) -> dict[str, float]:
+    device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device,
+    backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=device,
                               num_steps=cfg.num_steps)
     reward = build_reward(cfg.reward, backbone, seed=cfg.seed)
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads)
+    distributed.reseed_rank_streams(cfg.seed)  # same policy init on every rank, then each rank's own stream
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # DDP fits this loop: the sampler calls the policy at each step, and one backward through them all (with
+    # non-reentrant checkpointing) averages each gradient once over the ranks, before clipping.
     algo = RewardGradient(
-        backbone, policy, reward, optimizer,
+        backbone, distributed.data_parallel(policy), reward, optimizer,
         RewardGradientConfig(
             num_steps=cfg.num_steps, guidance_scale=cfg.guidance_scale, grad_last_k=cfg.grad_last_k,
             random_k=cfg.random_k, gradient_checkpointing=cfg.gradient_checkpointing,
@@ -159,15 +167,17 @@ def main(cfg: Config) -> dict[str, float]:
     )
     train, held = train_prompts(), heldout_prompts()[: cfg.eval_num_prompts]
     grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]
-    data_gen = torch.Generator().manual_seed(cfg.seed)  # prompts and noise of the training batches
+    data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))  # prompts and noise of the batches
 
     # Resume from the last checkpoint of this run folder, if any.
     update, samples_seen, elapsed = 0, 0, 0.0
     last_eval: dict[str, float] = {}
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
+        main_rank = distributed.is_main()  # the RNG states saved are rank 0's; other ranks start fresh streams
         loaded = load_checkpoint(ckpt, modules={"policy": policy}, optimizers={"policy": optimizer},
-                                 generators={"data": data_gen})
+                                 generators={"data": data_gen} if main_rank else {}, restore_global_rng=main_rank)
+        distributed.reseed_rank_streams(cfg.seed, data_gen, step=loaded.step)
         update, samples_seen, elapsed = loaded.step, loaded.state["samples_seen"], loaded.state["elapsed_seconds"]
         last_eval = loaded.state.get("last_eval", {})
         print(f"resuming from {ckpt} (update {update}, {samples_seen} samples seen)")
@@ -177,6 +187,8 @@ def main(cfg: Config) -> dict[str, float]:
                       tags=("reward-gradient", cfg.reward, cfg.backbone))
 
     def run_eval() -> dict[str, float]:
+        if not distributed.is_main():  # rank 0 evaluates (fixed noise; every rank holds the same policy)
+            return {}
         metrics, images = evaluate_guidance(backbone, reward, policy, held, seed=cfg.seed,
                                             samples_per_prompt=cfg.eval_samples_per_prompt,
                                             guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps)
@@ -189,16 +201,17 @@ def main(cfg: Config) -> dict[str, float]:
         return metrics
 
     base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + EVAL_SEED_OFFSET,
-                               num_steps=cfg.num_steps)[0]
+                               num_steps=cfg.num_steps)[0] if distributed.is_main() else None
     start = time.perf_counter() - elapsed
     if update == 0:
         last_eval = run_eval()
 
     def out_of_time() -> bool:
         return cfg.time_budget_minutes is not None and time.perf_counter() - start >= 60 * cfg.time_budget_minutes
-    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="reward-gradient")
+    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="reward-gradient",
+               disable=not distributed.is_main())
     for update in bar:
-        if out_of_time():  # a resumed run whose budget was already used up
+        if distributed.any_rank(out_of_time()):  # a resumed run whose budget was already used up
             break
         t0 = time.perf_counter()
         prompts = [train[i] for i in torch.randint(len(train), (cfg.batch_size,), generator=data_gen).tolist()]
@@ -212,7 +225,8 @@ def main(cfg: Config) -> dict[str, float]:
                 f"checkpoint is {last if last is not None else '(none)'}. Rerunning resumes from it: lower --lr "
                 f"or --guidance-scale, or add --control-cost."
             ) from e
-        samples_seen += cfg.batch_size
+        metrics = distributed.mean_over_ranks(metrics, pooled_std={"reward_std": "reward_mean"}, count=cfg.batch_size)
+        samples_seen += cfg.batch_size * distributed.world_size()
         done = update + 1
         tracker.log({
             "train/reward_mean": metrics["reward_mean"], "train/reward_std": metrics["reward_std"],
@@ -220,15 +234,16 @@ def main(cfg: Config) -> dict[str, float]:
             "losses/loss": metrics["loss"], "losses/loss_reward": metrics["loss_reward"],
             "losses/loss_control": metrics.get("loss_control", 0.0), "losses/grad_norm": metrics["grad_norm"],
             "perf/seconds_per_update": time.perf_counter() - t0, "charts/updates": done,
+            "charts/world_size": distributed.world_size(),
         }, samples_seen)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.4f}", **(
             {"heldout_pass": f"{last_eval['eval/verifier_pass_rate']:.3f}"} if "eval/verifier_pass_rate" in last_eval
             else {}))
-        stop = out_of_time()
+        stop = distributed.any_rank(out_of_time())
         last = done == cfg.total_updates or stop
         if done % cfg.eval_every == 0 or last:
             last_eval = run_eval()
-        if done % cfg.checkpoint_every == 0 or last:
+        if (done % cfg.checkpoint_every == 0 or last) and distributed.is_main():
             save_checkpoint(cfg.run_dir, done, modules={"policy": policy}, optimizers={"policy": optimizer},
                             generators={"data": data_gen},
                             state={"samples_seen": samples_seen, "elapsed_seconds": time.perf_counter() - start,
@@ -238,8 +253,11 @@ def main(cfg: Config) -> dict[str, float]:
             break
     bar.close()
     tracker.finish()
-    save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")  # for evaluate.py / main.py
-    plot_curves(cfg.run_dir)
+    distributed.check_in_sync(policy)  # data-parallel ranks must end with the same policy
+    if distributed.is_main():
+        save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")  # for evaluate.py / main.py
+        plot_curves(cfg.run_dir)
+    distributed.cleanup()
     if last_eval:
         shown = {k: round(v, 4) for k, v in last_eval.items() if not math.isnan(v)}
         print(f"final held-out evaluation after {samples_seen} samples: {shown}")

@@ -39,6 +39,7 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
+from fluxguide.distributed import is_main
 from fluxguide.serialization import write_json_atomic
 
 #: The x-axis of every metric: training samples (generated images) seen so far.
@@ -139,6 +140,9 @@ class Tracker:
         resume_samples_seen: resuming from a checkpoint taken at this many samples: keep the W&B run id and
             the records up to it; ``None`` starts afresh (an old ``metrics.jsonl`` is cleared).
         tags: W&B tags.
+        active: write anything at all; default: only on the main rank of a data-parallel run
+            (:func:`fluxguide.distributed.is_main`), so ``torchrun`` gives one W&B run and one ``metrics.jsonl``.
+            An inactive tracker accepts every call (metrics are still checked) and writes nothing.
     """
 
     def __init__(
@@ -152,20 +156,25 @@ class Tracker:
         mode: str | None = None,
         resume_samples_seen: int | None = None,
         tags: tuple[str, ...] = (),
+        active: bool | None = None,
     ) -> None:
         self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / METRICS_FILE
         self.mode = resolve_wandb_mode(mode)
         self._start = time.time()
+        self.active = is_main() if active is None else active
+        self.run = None
+        self.wandb_id: str | None = None
+        if not self.active:  # another rank of a data-parallel run: rank 0 logs the gathered metrics
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_samples_seen)
         tracking_path = self.run_dir / TRACKING_FILE
         info = json.loads(tracking_path.read_text()) if tracking_path.is_file() else {}
         if resume_samples_seen is None or "wandb_id" not in info:
             info = {"wandb_id": uuid.uuid4().hex[:12]}
             write_json_atomic(info, tracking_path)
-        self.wandb_id: str = info["wandb_id"]
-        self.run = None
+        self.wandb_id = info["wandb_id"]
         if self.mode != "disabled":
             import wandb
 
@@ -242,6 +251,8 @@ class Tracker:
             self.run.log({SAMPLES_SEEN: int(samples_seen), name: table})
 
     def _append(self, record: dict[str, Any]) -> None:
+        if not self.active:
+            return
         with self.metrics_path.open("a") as f:
             # NaN / inf are written as JSON's NaN / Infinity (Python's json reads them back): a diverged loss
             # stays visible in the curve.
