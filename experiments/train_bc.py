@@ -25,6 +25,9 @@ per-attribute accuracy, ``eval/verifier_attribute_mean``). Metrics go to W&B (of
 Checkpoints are written every ``checkpoint_every`` updates; rerunning the same command resumes from the last
 one. The final policy is saved to ``<run_dir>/guidance.safetensors`` (``fluxguide.policies.load_guidance_model``
 opens it; ``experiments/main.py --guidance-checkpoint`` samples with it).
+
+Under ``torchrun`` every process samples its own pairs (``--batch-size`` per process) and the gradients are
+averaged over processes; rank 0 evaluates, logs the gathered metrics and writes the files (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from fluxguide import distributed
 from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
 from fluxguide.algos.collection import GuidanceDataset
 from fluxguide.backbones.presets import build_backbone
@@ -149,26 +153,30 @@ def pass_rate(cfg: Config, world: ShapesWorld, prompts: list[str], num_steps: in
 
 
 def main(cfg: Config) -> dict[str, float]:
+    device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     dataset = GuidanceDataset(cfg.dataset)
-    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device)
+    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=device)
     meta = dataset.metadata
     num_steps = cfg.num_steps or int(meta.get("num_steps", world.default_num_steps))
     cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", ShapesWorld.recommended_cfg_scale))
     if cfg.init_policy is not None:
-        policy = load_guidance_model(cfg.init_policy, device=cfg.device)
+        policy = load_guidance_model(cfg.init_policy, device=device)
     else:
         policy = build_policy(cfg.policy, world, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                               num_heads=cfg.num_heads)
     check_dataset_matches_policy(dataset, policy)
-    loss_module = BCLoss(policy, loss_type=cfg.loss).to(cfg.device)
+    loss_module = BCLoss(policy, loss_type=cfg.loss).to(device)
+    distributed.reseed_rank_streams(cfg.seed)  # same init on every rank, then each rank's own stream
+    trained = distributed.data_parallel(loss_module)  # DDP under torchrun: one forward, one backward per update
     optimizer = torch.optim.AdamW(loss_module.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    data_gen = torch.Generator().manual_seed(cfg.seed)
-    replay = dataset.replay_buffer(cfg.batch_size, storage=cfg.storage, scratch_dir=cfg.run_dir / "replay",
-                                   device=cfg.device, generator=data_gen)
+    data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))  # each rank samples its own pairs
+    scratch = cfg.run_dir / ("replay" if distributed.is_main() else f"replay-rank{distributed.rank()}")
+    replay = dataset.replay_buffer(cfg.batch_size, storage=cfg.storage, scratch_dir=scratch,
+                                   device=device, generator=data_gen)
     probe = dataset.sample(min(1024, len(dataset)), generator=torch.Generator().manual_seed(cfg.seed + 1))
-    probe = probe.to(cfg.device)
+    probe = probe.to(device)
     held = heldout_prompts()[: cfg.eval_num_prompts]
     grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]
     print(f"{cfg.dataset}: {dataset.num_episodes} episodes, {len(dataset)} pairs ({meta.get('strategy')}); "
@@ -178,8 +186,10 @@ def main(cfg: Config) -> dict[str, float]:
     update, pairs_seen, elapsed, state = 0, 0, 0.0, {}
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
+        main_rank = distributed.is_main()  # the RNG states saved are rank 0's; other ranks start fresh streams
         loaded = load_checkpoint(ckpt, modules={"loss": loss_module}, optimizers={"policy": optimizer},
-                                 generators={"data": data_gen})
+                                 generators={"data": data_gen} if main_rank else {}, restore_global_rng=main_rank)
+        distributed.reseed_rank_streams(cfg.seed, data_gen, step=loaded.step)
         update, state = loaded.step, loaded.state
         pairs_seen, elapsed = state["pairs_seen"], state["elapsed_seconds"]
         print(f"resuming from {ckpt} (update {update}, {pairs_seen} pairs seen)")
@@ -191,7 +201,7 @@ def main(cfg: Config) -> dict[str, float]:
     # The base sampler and CFG on the same held-out prompts and noise: the references of the pass rate.
     references = state.get("references")
     base_images = cfg_images = None  # (a resumed run has the pass rates, not the images: its grids omit them)
-    if references is None:
+    if references is None and distributed.is_main():  # rank 0 evaluates
         base, base_images = pass_rate(cfg, world, held, num_steps)
         cfg_metrics, cfg_images = pass_rate(cfg, world, held, num_steps, cfg_scale=cfg_scale)
         references = {"base": base["pass_rate"], "cfg": cfg_metrics["pass_rate"],
@@ -202,6 +212,8 @@ def main(cfg: Config) -> dict[str, float]:
     grid_index = [index[p] for p in grid_prompts]
 
     def run_eval() -> dict[str, float]:
+        if not distributed.is_main():  # rank 0 evaluates (fixed noise; every rank holds the same policy)
+            return {}
         policy.eval()
         metrics, images = pass_rate(cfg, world, held, num_steps, guidance_model=policy,
                                     guidance_scale=cfg.guidance_scale)
@@ -233,32 +245,35 @@ def main(cfg: Config) -> dict[str, float]:
     def out_of_time() -> bool:
         return cfg.time_budget_minutes is not None and time.perf_counter() - start >= 60 * cfg.time_budget_minutes
 
-    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="bc")
+    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="bc",
+               disable=not distributed.is_main())
     for update in bar:
-        if out_of_time():
+        if distributed.any_rank(out_of_time()):
             break
         t0 = time.perf_counter()
         lr = learning_rate(cfg, update)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = replay.sample().to(cfg.device)
+        batch = replay.sample().to(device)
         try:
-            metrics = bc_update(loss_module, optimizer, batch, max_grad_norm=cfg.max_grad_norm)
+            metrics = bc_update(trained, optimizer, batch, max_grad_norm=cfg.max_grad_norm)
         except FloatingPointError as e:
             tracker.finish()
             raise SystemExit(f"stopping at update {update + 1}: {e}; the last checkpoint is "
                              f"{latest_checkpoint(cfg.run_dir)}. Rerun with a lower --lr.") from e
-        pairs_seen += cfg.batch_size
+        metrics = distributed.mean_over_ranks(metrics)  # equal batches per rank: the mean over all pairs
+        pairs_seen += cfg.batch_size * distributed.world_size()
         done = update + 1
         tracker.log({**{f"losses/{k}": v for k, v in metrics.items()}, "charts/learning_rate": lr,
-                     "charts/updates": done, "perf/seconds_per_update": time.perf_counter() - t0}, pairs_seen)
+                     "charts/updates": done, "perf/seconds_per_update": time.perf_counter() - t0,
+                     "charts/world_size": distributed.world_size()}, pairs_seen)
         bar.set_postfix(mse=f"{metrics['mse']:.4g}", rel=f"{metrics['relative_error']:.3f}", **(
             {"heldout_pass": f"{last_eval['eval/verifier_pass_rate']:.3f}"} if last_eval else {}))
-        stop = out_of_time()
+        stop = distributed.any_rank(out_of_time())
         last = done == cfg.total_updates or stop
         if done % cfg.eval_every == 0 or last:
             last_eval = run_eval()
-        if done % cfg.checkpoint_every == 0 or last:
+        if (done % cfg.checkpoint_every == 0 or last) and distributed.is_main():
             save_checkpoint(cfg.run_dir, done, modules={"loss": loss_module}, optimizers={"policy": optimizer},
                             generators={"data": data_gen},
                             state={"pairs_seen": pairs_seen, "elapsed_seconds": time.perf_counter() - start,
@@ -268,9 +283,12 @@ def main(cfg: Config) -> dict[str, float]:
             break
     bar.close()
     tracker.finish()
-    path = save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")
-    shown = {k: round(v, 4) for k, v in last_eval.items() if k.startswith("eval/") and "bc_" not in k}
-    print(f"final held-out evaluation after {pairs_seen} pairs: {shown}\nsaved the policy to {path}")
+    distributed.check_in_sync(loss_module)  # data-parallel ranks must end with the same policy
+    if distributed.is_main():
+        path = save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")
+        shown = {k: round(v, 4) for k, v in last_eval.items() if k.startswith("eval/") and "bc_" not in k}
+        print(f"final held-out evaluation after {pairs_seen} pairs: {shown}\nsaved the policy to {path}")
+    distributed.cleanup()
     return last_eval
 
 

@@ -17,6 +17,10 @@ shapes world, the verifier's pass rate, plus a PNG grid. Metrics go to W&B (offl
 Checkpoints are written every ``checkpoint_every`` updates to ``<run_dir>/checkpoints``; rerunning the same
 command continues from the last one with the same RNG streams. A non-finite loss or log-prob stops the run
 with a message and writes no checkpoint.
+
+Under ``torchrun`` every process collects its own episodes (``--batch-size`` trajectories per process, its own
+prompts and noise) and the gradients are averaged over processes; rank 0 logs the gathered metrics and writes
+the files (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import tyro
 from tqdm import tqdm
 
+from fluxguide import distributed
 from fluxguide.algos import NonFiniteLossError
 from fluxguide.algos.ppo import PPO, AdvantageMode, PPOConfig
 from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
@@ -134,9 +139,10 @@ class Config:
 
 
 def main(cfg: Config) -> dict[str, float]:
+    device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device,
+    backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=device,
                               num_steps=cfg.num_steps)
     reward = build_reward(cfg.reward, backbone, seed=cfg.seed)
     train, held = train_prompts(), heldout_prompts()[: cfg.eval_num_prompts]
@@ -147,7 +153,7 @@ def main(cfg: Config) -> dict[str, float]:
                              samples_per_prompt=cfg.samples_per_prompt, num_steps=cfg.num_steps,
                              guidance_scale=cfg.guidance_scale, mode=cfg.mode, noise_level=cfg.noise_level,
                              control_cost=cfg.control_cost)
-    env.set_seed(cfg.seed)
+    env.set_seed(distributed.rank_seed(cfg.seed))  # each rank its own prompts and noise
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads)
     actor = make_probabilistic_actor(policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode",
@@ -156,10 +162,11 @@ def main(cfg: Config) -> dict[str, float]:
     if cfg.advantage == "gae":
         cond = backbone.encode([""])
         critic = make_value_network(backbone.latent_channels, cfg.hidden_dim, cfg.num_layers, cond.vec.shape[-1],
-                                    latent_grid(backbone), device=cfg.device)
+                                    latent_grid(backbone), device=device)
     modules = {"actor": actor, **({"critic": critic} if critic is not None else {})}
     params = [p for m in modules.values() for p in m.parameters()]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    distributed.reseed_rank_streams(cfg.seed)  # same init on every rank, then each rank's own policy sampling
 
     ppo = PPO(env, actor, optimizer, PPOConfig(
         clip_epsilon=cfg.clip_epsilon, epochs=cfg.epochs, minibatch_trajectories=cfg.minibatch_trajectories,
@@ -173,8 +180,11 @@ def main(cfg: Config) -> dict[str, float]:
     last_eval: dict[str, float] = {}
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
+        main_rank = distributed.is_main()  # the RNG states saved are rank 0's; other ranks start fresh streams
         loaded = load_checkpoint(ckpt, modules=modules, optimizers={"policy": optimizer},
-                                 generators={"env": env.core.generator})
+                                 generators={"env": env.core.generator} if main_rank else {},
+                                 restore_global_rng=main_rank)
+        distributed.reseed_rank_streams(cfg.seed, env.core.generator, step=loaded.step)
         ppo.restart_episode()
         update, samples_seen, elapsed = loaded.step, loaded.state["samples_seen"], loaded.state["elapsed_seconds"]
         last_eval = loaded.state.get("last_eval", {})
@@ -185,6 +195,8 @@ def main(cfg: Config) -> dict[str, float]:
                       tags=("ppo", cfg.reward, cfg.backbone, cfg.mode, cfg.advantage))
 
     def run_eval() -> dict[str, float]:
+        if not distributed.is_main():  # rank 0 evaluates (fixed noise; every rank holds the same policy)
+            return {}
         metrics, images = evaluate_guidance(backbone, reward, policy, held, seed=cfg.seed,
                                             samples_per_prompt=cfg.eval_samples_per_prompt,
                                             guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps)
@@ -197,7 +209,7 @@ def main(cfg: Config) -> dict[str, float]:
         return metrics
 
     base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + EVAL_SEED_OFFSET,
-                               num_steps=cfg.num_steps)[0]
+                               num_steps=cfg.num_steps)[0] if distributed.is_main() else None
     start = time.perf_counter() - elapsed
     if update == 0:
         last_eval = run_eval()
@@ -205,9 +217,10 @@ def main(cfg: Config) -> dict[str, float]:
     def out_of_time() -> bool:
         return cfg.time_budget_minutes is not None and time.perf_counter() - start >= 60 * cfg.time_budget_minutes
 
-    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="ppo")
+    bar = tqdm(range(update, cfg.total_updates), initial=update, total=cfg.total_updates, desc="ppo",
+               disable=not distributed.is_main())
     for update in bar:
-        if out_of_time():
+        if distributed.any_rank(out_of_time()):
             break
         t0 = time.perf_counter()
         try:
@@ -220,7 +233,7 @@ def main(cfg: Config) -> dict[str, float]:
                 f"checkpoint is {last if last is not None else '(none)'}. Rerunning resumes from it: lower --lr, "
                 f"--clip-epsilon or --std."
             ) from e
-        samples_seen += cfg.batch_size
+        samples_seen += cfg.batch_size * distributed.world_size()
         done = update + 1
         tracker.log({
             **{f"train/{k}": metrics[k] for k in ("reward_mean", "reward_std", "group_reward_std",
@@ -229,15 +242,16 @@ def main(cfg: Config) -> dict[str, float]:
                 "grad_norm", "clip_fraction", "kl_approx", "ESS", "mean_ratio", "max_ratio", "explained_variance",
                 "entropy", "first_mean_ratio", "first_max_ratio", "first_clip_fraction")},
             "perf/seconds_per_update": time.perf_counter() - t0, "charts/updates": done,
+            "charts/world_size": distributed.world_size(),
         }, samples_seen)
         bar.set_postfix(reward=f"{metrics['reward_mean']:.3f}", **(
             {"heldout_pass": f"{last_eval['eval/verifier_pass_rate']:.3f}"} if "eval/verifier_pass_rate" in last_eval
             else {}))
-        stop = out_of_time()
+        stop = distributed.any_rank(out_of_time())
         last = done == cfg.total_updates or stop
         if done % cfg.eval_every == 0 or last:
             last_eval = run_eval()
-        if done % cfg.checkpoint_every == 0 or last:
+        if (done % cfg.checkpoint_every == 0 or last) and distributed.is_main():
             episode = torch.Generator().manual_seed(0)
             episode.set_state(env.core.episode_rng_state)  # the pending episode's draw, not the one after it
             save_checkpoint(cfg.run_dir, done, modules=modules, optimizers={"policy": optimizer},
@@ -250,8 +264,12 @@ def main(cfg: Config) -> dict[str, float]:
     bar.close()
     ppo.shutdown()
     tracker.finish()
-    save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")  # for evaluate.py / main.py
-    plot_curves(cfg.run_dir)
+    for name, module in modules.items():  # data-parallel ranks must end with the same weights
+        distributed.check_in_sync(module, name)
+    if distributed.is_main():
+        save_guidance_model(policy, cfg.run_dir / "guidance.safetensors")  # for evaluate.py / main.py
+        plot_curves(cfg.run_dir)
+    distributed.cleanup()
     if last_eval:
         shown = {k: round(v, 4) for k, v in last_eval.items() if not math.isnan(v)}
         print(f"final held-out evaluation after {samples_seen} samples: {shown}")

@@ -335,7 +335,7 @@ def mean_over_ranks(
     result = dict(zip(names, means[: len(names)], strict=True))
     var_mean = means[len(names): len(names) + len(pairs)]
     sq_mean = means[len(names) + len(pairs):]
-    total = count * size
+    total = (count or 0) * size
     for (std_key, mean_key), v, m2 in zip(pairs.items(), var_mean, sq_mean, strict=True):
         # Sum of squares of all samples: per rank (n - 1) s^2 + n m^2; then the unbiased variance of the pool.
         ss = size * ((count - 1) * v + count * m2)

@@ -14,6 +14,10 @@ The KL penalty to the base sampler is the env's ``control_cost``: the per-step G
 step to the base step (SDE mode, exact) or the squared correction (ODE mode), subtracted from the reward
 at every step, i.e. KL-regularised RL. Log-probs are reduced over the action by mean (default) or sum
 (:class:`fluxguide.policies.ReducedNormal`).
+
+Data-parallel (``torchrun``, :mod:`fluxguide.distributed`): each rank collects its own episode (its own
+prompts, so every group stays on one rank), averages the gradients over ranks after each minibatch's
+backward pass, and returns metrics gathered over every rank's trajectories.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ except ImportError:  # pragma: no cover - older torchrl
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
+from fluxguide import distributed
 from fluxguide.algos.reward_gradient import NonFiniteLossError
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
 from fluxguide.policies import keys
@@ -156,7 +161,14 @@ class PPO:
         self.config = cfg = config or PPOConfig()
         if cfg.advantage == "gae" and critic is None:
             raise ValueError("advantage='gae' needs a critic (fluxguide.policies.make_value_network)")
+        if cfg.advantage == "group" and env.core.samples_per_prompt < 2:
+            raise ValueError(
+                "advantage='group' normalises returns within groups of trajectories of one prompt, but the env has "
+                "samples_per_prompt=1 (every advantage would be 0): build the env with samples_per_prompt >= 2, "
+                "or use advantage='gae' with a critic"
+            )
         self.critic = critic if cfg.advantage == "gae" else None
+        distributed.broadcast_parameters(self.parameters())  # every rank starts from rank 0's weights
         self.num_trajectories = env.core.batch_size
         self.num_steps = env.core.num_steps
         if cfg.minibatch_trajectories > self.num_trajectories:
@@ -227,6 +239,9 @@ class PPO:
         if cfg.advantage == "group":
             adv, stats = group_advantages(rewards, self.env.core.samples_per_prompt, cfg.gamma, cfg.group_std_eps)
             batch.set("advantage", adv.unsqueeze(-1))
+            if distributed.world_size() > 1:  # the statistics of every rank's groups (a group is on one rank)
+                stats = group_advantages(distributed.all_gather(rewards), self.env.core.samples_per_prompt,
+                                         cfg.gamma, cfg.group_std_eps)[1]
         else:
             with torch.no_grad():
                 self.loss.value_estimator(batch)
@@ -244,12 +259,13 @@ class PPO:
         """
         cfg = self.config
         batch = self.collect()
-        terminal = batch.get(("next", "reward"))[:, -1, 0]
+        terminal = distributed.all_gather(batch.get(("next", "reward"))[:, -1, 0])  # every rank's trajectories
         metrics: dict[str, float] = {"reward_mean": float(terminal.mean()), "reward_std": float(terminal.std())}
         metrics.update(self.advantages(batch))
         self.buffer.empty()
         self.buffer.extend(batch)
         sums: dict[str, float] = {}
+        first: dict[str, float] = {}
         count = 0
         for _ in range(cfg.epochs):
             for _ in range(self.num_trajectories // cfg.minibatch_trajectories):
@@ -264,6 +280,10 @@ class PPO:
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                # An explicit all-reduce rather than DDP: the actor is also run by the collector (no grad) and
+                # the trained parameters span the actor's Gaussian head and the critic; averaging the gradients
+                # here, before clipping, is what DDP would do, and a no-op on one process.
+                distributed.average_gradients(self.parameters())
                 grad_norm = nn.utils.clip_grad_norm_(
                     self.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
                 )
@@ -274,14 +294,15 @@ class PPO:
                 values["grad_norm"] = float(grad_norm)
                 values["loss"] = float(loss.detach())
                 if count == 0:
-                    metrics.update({f"first_{k}": values[k] for k in ("mean_ratio", "max_ratio", "clip_fraction")})
+                    first = {f"first_{k}": values[k] for k in ("mean_ratio", "max_ratio", "clip_fraction")}
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 count += 1
-        metrics.update({k: v / count for k, v in sums.items()})
+        local = {**first, **{k: v / count for k, v in sums.items()}}
         verifier = self.env.terminal_info.get("verifier")
         if verifier is not None:
-            metrics["verifier_pass_rate"] = float(verifier["passed"].float().mean())
+            local["verifier_pass_rate"] = float(verifier["passed"].float().mean())
+        metrics.update(distributed.mean_over_ranks(local))  # equal batches per rank: the mean over all of them
         return metrics
 
     def shutdown(self) -> None:
