@@ -317,15 +317,15 @@ def mean_over_ranks(
         ValueError: ``pooled_std`` without ``count``, or a name not in ``metrics``.
     """
     out = {k: float(v) for k, v in metrics.items()}
-    size = world_size()
-    if size == 1:
-        return out
     pairs = dict(pooled_std or {})
     if pairs and count is None:
         raise ValueError("pooled_std needs count, the samples per rank behind each standard deviation")
     unknown = [k for k in (*pairs, *pairs.values()) if k not in out]
     if unknown:
         raise ValueError(f"pooled_std names {unknown}, which are not among the metrics {sorted(out)}")
+    size = world_size()
+    if size == 1:
+        return out
     names = sorted(out)
     values = [out[k] for k in names]
     values += [out[s] ** 2 for s in pairs] + [out[m] ** 2 for m in pairs.values()]
