@@ -24,6 +24,7 @@ script calls them unconditionally. The scheme (DDP-style data parallelism):
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 
@@ -191,7 +192,9 @@ def data_parallel(module: nn.Module, **ddp_kwargs: object) -> nn.Module:
     params = [p for p in module.parameters() if p.requires_grad]
     device = params[0].device if params else torch.device("cpu")
     ids = [device.index] if device.type == "cuda" else None
-    kwargs = {"broadcast_buffers": False, **ddp_kwargs}
+    # Newer torch names "no buffer sync at every forward" forward_sync_buffers (broadcast_buffers warns there).
+    newer = "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+    kwargs = {"forward_sync_buffers" if newer else "broadcast_buffers": False, **ddp_kwargs}
     return DistributedDataParallel(module, device_ids=ids, **kwargs)
 
 
