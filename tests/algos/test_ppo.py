@@ -118,3 +118,6 @@ def test_bad_configurations_raise_clear_errors(world) -> None:
         PPO(ppo.env, ppo.actor, ppo.optimizer, PPOConfig(advantage="gae"))
     with pytest.raises(ValueError, match="minibatch_trajectories=16 exceeds"):
         PPO(ppo.env, ppo.actor, ppo.optimizer, PPOConfig(minibatch_trajectories=16))
+    single = make_ppo(world, samples_per_prompt=1, advantage="gae")
+    with pytest.raises(ValueError, match="samples_per_prompt=1"):
+        PPO(single.env, single.actor, single.optimizer, PPOConfig(advantage="group", minibatch_trajectories=4))
