@@ -2,6 +2,9 @@
 
     python experiments/train_reward_gradient.py                                # shapes world, tiny-CLIP reward
     python experiments/train_reward_gradient.py --backbone tiny-flux --total-updates 20   # tiny random Flux
+    python experiments/train_reward_gradient.py --backbone flux --model-path black-forest-labs/FLUX.1-dev \
+        --device cuda --reward clip --reward-kwargs '{"model_name": "ViT-L-14-quickgelu", "pretrained": "openai"}' \
+        --train-prompts prompts.txt --eval-prompts heldout.txt   # real Flux (docs/guide.md)
     python experiments/train_reward_gradient.py --help                         # every option
 
 Each update samples a batch of *training* prompts, runs the guided sampler with a graph through the last K
@@ -34,11 +37,11 @@ from tqdm import tqdm
 from fluxguide import distributed
 from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig, straight_through_clamp
 from fluxguide.backbones.base import Backbone
-from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
-from fluxguide.backbones.shapes import heldout_prompts, train_prompts
+from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward, parse_reward_kwargs
 from fluxguide.backbones.shapes.evaluation import sample_prompts
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from fluxguide.curves import plot_curves
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.evaluation import CAPTION_METRICS, EVAL_SEED_OFFSET, evaluate_guidance
 from fluxguide.grids import save_prompt_grid
 from fluxguide.policies import save_guidance_model
@@ -52,12 +55,29 @@ class Config:
     """run folder (checkpoints, metrics.jsonl, sample grids, W&B files); rerunning with it resumes"""
     backbone: BackboneName = "shapes"
     """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests);
-    'tiny-flux': a tiny random diffusers Flux with a CLIP score over a tiny random open_clip (code-path test)"""
+    'tiny-flux': a tiny random diffusers Flux with a CLIP score over a tiny random open_clip (code-path test);
+    'flux': real Flux weights from --model-path"""
+    model_path: str | None = None
+    """flux: a local diffusers FluxPipeline folder or a hub id (e.g. black-forest-labs/FLUX.1-dev)"""
+    height: int = 1024
+    """flux: image height (a multiple of 16)"""
+    width: int = 1024
+    """flux: image width (a multiple of 16)"""
+    max_sequence_length: int = 512
+    """flux: T5 tokens per prompt (512 for FLUX.1-dev, at most 256 for FLUX.1-schnell)"""
     weights_dir: Path | None = None
     """shapes-world weight folder (default: the weights shipped in the package)"""
     reward: str = "shapes-clip"
-    """reward registry name (fluxguide.rewards.make_reward), built with world=<the shapes world>; must be
-    differentiable. Ignored by tiny-flux, which uses its own tiny CLIP score"""
+    """reward registry name (fluxguide.rewards.make_reward), built with world=<the shapes world> on the shapes
+    world; must be differentiable. Ignored by tiny-flux, which uses its own tiny CLIP score; on flux e.g. 'clip'
+    with --reward-kwargs"""
+    reward_kwargs: str | None = None
+    """keyword arguments of the reward as a JSON object, e.g. '{"model_name": "ViT-L-14", "pretrained":
+    "/weights/open_clip_vitl14.safetensors"}' (a local open_clip weights file or an open_clip tag)"""
+    train_prompts: str = "shapes-train"
+    """training prompts: a text file with one prompt per line, or a named set ('shapes-train', 'shapes-heldout')"""
+    eval_prompts: str = "shapes-heldout"
+    """held-out evaluation prompts: a text file with one prompt per line, or a named set"""
     policy: PolicyName = "attention"
     """guidance architecture (all know each token's position; attention also reads the text tokens)"""
     hidden_dim: int = 64
@@ -104,7 +124,7 @@ class Config:
     eval_every: int = 20
     """evaluate every N updates (and at the start and the end)"""
     eval_num_prompts: int | None = None
-    """evaluate on the first N held-out prompts (default: all)"""
+    """evaluate on the first N evaluation prompts (default: all)"""
     eval_samples_per_prompt: int = 2
     """samples per held-out prompt in each evaluation (same noise every time: paired comparisons)"""
     grid_prompts: int = 8
@@ -146,8 +166,9 @@ def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     backbone = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=device,
-                              num_steps=cfg.num_steps)
-    reward = build_reward(cfg.reward, backbone, seed=cfg.seed)
+                              num_steps=cfg.num_steps, model_path=cfg.model_path, height=cfg.height, width=cfg.width,
+                              max_sequence_length=cfg.max_sequence_length)
+    reward = build_reward(cfg.reward, backbone, seed=cfg.seed, **parse_reward_kwargs(cfg.reward_kwargs))
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads)
     distributed.reseed_rank_streams(cfg.seed)  # same policy init on every rank, then each rank's own stream
@@ -165,7 +186,7 @@ def main(cfg: Config) -> dict[str, float]:
         one_step=cfg.one_step,
         decode=straight_through_decoder(backbone) if cfg.straight_through else None,
     )
-    train, held = train_prompts(), heldout_prompts()[: cfg.eval_num_prompts]
+    train, held = resolve_prompts(cfg.train_prompts), resolve_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
     grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))  # prompts and noise of the batches
 

@@ -2,22 +2,24 @@
 
 ``"shapes"`` is the pretrained shapes world (the default of every script), ``"shapes-random"`` a randomly
 initialised one (smoke tests: every code path in seconds), ``"tiny-flux"`` a tiny random diffusers Flux with
-a CLIP score over a tiny random open_clip (the real-Flux code path, end to end, without weights). For real
-Flux weights build :class:`fluxguide.backbones.FluxBackbone` with ``from_pretrained`` (a local folder or a
-hub id) and pass it and a reward to the algorithms directly.
+a CLIP score over a tiny random open_clip (the real-Flux code path, end to end, without weights), and
+``"flux"`` real Flux weights through :meth:`fluxguide.backbones.FluxBackbone.from_pretrained` (``model_path``:
+a local diffusers FluxPipeline folder or a hub id such as ``black-forest-labs/FLUX.1-dev``), trained against
+any registry reward built with the user's keyword arguments (e.g. ``make_reward("clip", model_name=...,
+pretrained=<local open_clip weights>)``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone
 
-BackboneName = Literal["shapes", "shapes-random", "tiny-flux"]
+BackboneName = Literal["shapes", "shapes-random", "tiny-flux", "flux"]
 
 #: A tiny random open_clip (ViT on 32x32 crops, 2-layer text tower): the reward of the tiny-Flux code path.
 TINY_CLIP_CFG: dict = {
@@ -34,16 +36,35 @@ def build_backbone(
     seed: int = 0,
     device: torch.device | str = "cpu",
     num_steps: int | None = None,
+    model_path: str | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    max_sequence_length: int = 512,
 ) -> Backbone:
     """The backbone called ``name`` (random ones are initialised from ``seed`` without touching the global RNG).
 
     Args:
-        name: ``"shapes"``, ``"shapes-random"`` or ``"tiny-flux"``.
+        name: ``"shapes"``, ``"shapes-random"``, ``"tiny-flux"`` or ``"flux"``.
         weights_dir: the shapes world's weight folder (default: the weights shipped in the package).
         seed: initialisation seed of the random backbones.
         device: where to put it.
-        num_steps: the tiny Flux's default number of sampling steps.
+        num_steps: the Flux backbones' default number of sampling steps.
+        model_path: ``"flux"`` only (and required there): a local diffusers FluxPipeline folder or a hub id.
+        height, width: ``"flux"`` only: image size, multiples of 16.
+        max_sequence_length: ``"flux"`` only: T5 tokens per prompt (512 for FLUX.1-dev, at most 256 for
+            FLUX.1-schnell).
     """
+    if name == "flux":
+        from fluxguide.backbones.flux import FluxBackbone
+
+        if model_path is None:
+            raise ValueError(
+                "backbone 'flux' needs model_path: a local diffusers FluxPipeline folder or a hub id such as "
+                "'black-forest-labs/FLUX.1-dev' (scripts: --model-path)"
+            )
+        kwargs = {} if num_steps is None else {"num_steps": num_steps}
+        return FluxBackbone.from_pretrained(model_path, device=device, height=height, width=width,
+                                            max_sequence_length=max_sequence_length, **kwargs)
     if name == "tiny-flux":
         from diffusers import FluxPipeline
 
@@ -51,8 +72,10 @@ def build_backbone(
         from fluxguide.backbones.tiny_flux import tiny_flux_components
 
         pipe = FluxPipeline(**tiny_flux_components(seed=seed))
-        return FluxBackbone.from_pipeline(pipe, height=64, width=64, max_sequence_length=16,
-                                          num_steps=num_steps).to(device)
+        backbone = FluxBackbone.from_pipeline(pipe, height=64, width=64, max_sequence_length=16,
+                                              num_steps=num_steps).to(device)
+        backbone.preset_name = "tiny-flux"  # build_reward gives it the tiny random CLIP score
+        return backbone
     from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
 
     if name == "shapes-random":
@@ -66,22 +89,53 @@ def build_backbone(
     raise ValueError(f"unknown backbone {name!r}: choose one of {BackboneName.__args__}")
 
 
-def build_reward(name: str, backbone: Backbone, *, seed: int = 0) -> nn.Module:
-    """The reward ``name`` (a :func:`fluxguide.rewards.make_reward` name) for ``backbone``.
+def build_reward(name: str, backbone: Backbone, *, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """The reward ``name`` (a :func:`fluxguide.rewards.make_reward` name) for ``backbone``, built with ``kwargs``.
 
     On the shapes world this is :func:`fluxguide.envs.core.build_reward` (its ``shapes-*`` rewards share the
-    world's tiny CLIP). Any other backbone here is
-    the tiny random Flux, whose reward is a CLIP score over a tiny random open_clip whatever ``name`` says
-    (there is no trained reward model for random images).
+    world's tiny CLIP). The ``"tiny-flux"`` backbone's reward is a CLIP score over a tiny random open_clip
+    whatever ``name`` and ``kwargs`` say (there is no trained reward model for random images). Any other
+    backbone (real Flux) gets ``make_reward(name, **kwargs)``, on the backbone's device unless ``kwargs`` name
+    one, e.g. ``build_reward("clip", flux, model_name="ViT-L-14", pretrained="/weights/vitl14.safetensors")``.
     """
     from fluxguide.backbones.shapes import ShapesWorld
     from fluxguide.envs.core import build_reward as build_env_reward
-    from fluxguide.rewards import CLIPScore, load_open_clip
+    from fluxguide.rewards import CLIPScore, load_open_clip, make_reward
 
     if isinstance(backbone, ShapesWorld):
-        return build_env_reward(name, backbone, None)
+        return build_env_reward(name, backbone, kwargs)
+    if getattr(backbone, "preset_name", None) != "tiny-flux":
+        key = name.strip().lower().replace("_", "-")
+        if key.startswith("shapes-") or key in ("verifier", "verifier-attributes"):
+            raise ValueError(
+                f"reward {name!r} belongs to the shapes world and cannot score {type(backbone).__name__} images; "
+                "use e.g. 'clip' with its weights (scripts: --reward clip --reward-kwargs "
+                "'{\"model_name\": \"ViT-L-14\", \"pretrained\": \"/weights/open_clip_vitl14.safetensors\"}')"
+            )
+        if key in ("clip", "style", "aesthetic"):  # the open_clip rewards: next to the backbone by default
+            kwargs.setdefault("device", backbone.device)
+        return make_reward(name, **kwargs)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip, tokenizer = load_open_clip("fluxguide-tiny-random-clip", None, model_cfg=TINY_CLIP_CFG,
                                          device=backbone.device)
     return CLIPScore(clip, tokenizer)
+
+
+def parse_reward_kwargs(text: str | None) -> dict[str, Any]:
+    """The keyword arguments of a reward from a JSON object string (the scripts' ``--reward-kwargs``); ``{}``
+    for ``None`` or an empty string."""
+    import json
+
+    if text is None or not text.strip():
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"--reward-kwargs {text!r} is not valid JSON ({e}); pass a JSON object such as "
+            '\'{"model_name": "ViT-L-14", "pretrained": "/weights/open_clip_vitl14.safetensors"}\''
+        ) from e
+    if not isinstance(kwargs, dict):
+        raise TypeError(f"--reward-kwargs must be a JSON object ({{\"key\": value, ...}}), got {text!r}")
+    return kwargs
