@@ -6,7 +6,8 @@ Built-in names:
 - ``"style"``: :class:`StyleSimilarity` (``references=`` and ``model=`` or ``model_name=`` + ``pretrained=``).
 - ``"aesthetic"``: :class:`AestheticReward` (``clip_model=`` + ``predictor=``, or ``predictor_path=`` and
   optionally ``clip_model=`` / ``clip_model_name=`` + ``clip_pretrained=``).
-- ``"shapes-clip"``, ``"shapes-aesthetic"``, ``"verifier"``: the shapes world's rewards (``world=``).
+- ``"shapes-clip"``, ``"shapes-aesthetic"``, ``"verifier"``: the shapes world's rewards (``world=``);
+  ``"verifier-partial"``: the verifier with partial credit 0.5 for the attributes it gets right.
 - ``"weighted-sum"`` (alias ``"sum"``): :class:`WeightedSum`; ``parts={name: spec}`` where a spec is a
   reward, ``(reward, weight)``, ``(registry_name, weight)`` or ``(registry_name, weight, kwargs)``.
 - ``"callable"``: :class:`CallableReward` (``fn=``, ``differentiable=``).
@@ -137,6 +138,13 @@ def _make_aesthetic(
 register_reward("shapes-clip")(shapes_clip_score)
 register_reward("shapes-aesthetic")(shapes_aesthetic)
 register_reward("verifier")(VerifierReward)
+
+
+@register_reward("verifier-partial")
+def _make_verifier_partial(partial_credit: float = 0.5, **kwargs: Any) -> VerifierReward:
+    """The verifier with partial credit for the attributes it gets right (a denser reward for PPO)."""
+    return VerifierReward(partial_credit=partial_credit, **kwargs)
+
 register_reward("callable")(CallableReward)
 
 

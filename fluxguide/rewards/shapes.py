@@ -7,6 +7,7 @@ loads (and the other rewards work) without it. Passing ``world=`` shares one loa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -67,18 +68,29 @@ class VerifierReward(RewardModel):
     real improvement from reward hacking. After each call ``last_components`` holds the verifier's
     per-attribute scores (``count``, ``kind``, ``color``, ``position``).
 
+    With ``partial_credit = c > 0`` the reward is ``passed + c * mean(attribute scores)``: still the
+    verifier's judgement, but an image that gets three of four attributes right scores above one that gets
+    none, so a group of samples of one prompt that all fail still ranks them (the all-or-nothing pass is
+    rare early in training, and PPO's per-prompt advantages are zero for groups that all score the same).
+
     Args:
         verify: ``verify(images, prompts)`` returning an object with ``.passed`` (bool ``(B,)``) and
             ``.scores`` (``{name: (B,)}``); default: ``fluxguide.backbones.shapes.verifier.verify``.
+        partial_credit: weight ``c`` of the mean attribute score (0: pass/fail only).
     """
 
     differentiable = False
 
-    def __init__(self, verify: Callable[[torch.Tensor, list[str]], Any] | None = None) -> None:
+    def __init__(
+        self, verify: Callable[[torch.Tensor, list[str]], Any] | None = None, partial_credit: float = 0.0
+    ) -> None:
         super().__init__()
         if verify is None:
             from fluxguide.backbones.shapes.verifier import verify
+        if not (partial_credit >= 0 and math.isfinite(partial_credit)):
+            raise ValueError(f"partial_credit must be a finite number >= 0, got {partial_credit}")
         self.verify = verify
+        self.partial_credit = float(partial_credit)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         with torch.no_grad():
@@ -87,4 +99,7 @@ class VerifierReward(RewardModel):
             name: torch.as_tensor(values).detach().float().to(images.device)
             for name, values in result.scores.items()
         }
-        return torch.as_tensor(result.passed).float().to(images.device)
+        reward = torch.as_tensor(result.passed).float().to(images.device)
+        if self.partial_credit > 0:
+            reward = reward + self.partial_credit * torch.stack(list(self.last_components.values())).mean(0)
+        return reward

@@ -83,3 +83,18 @@ def test_verifier_reward_equals_pass_rate_with_components(heldout_renders) -> No
         torch.testing.assert_close(reward.last_components[name], scores.float())
     with pytest.raises(NotDifferentiableError, match="VerifierReward is not differentiable.*PPO"):
         reward_with_grad(reward, images, mixed)
+
+
+def test_verifier_partial_credit_adds_the_mean_attribute_score(heldout_renders) -> None:
+    images, prompts = heldout_renders
+    mixed = [p if i % 2 == 0 else prompts[(i + 7) % len(prompts)] for i, p in enumerate(prompts)]
+    result = shapes.verify(images, mixed)
+    attributes = torch.stack([result.scores[k].float() for k in ("count", "color", "kind", "position")]).mean(0)
+    values = make_reward("verifier-partial")(images, mixed)
+    torch.testing.assert_close(values, result.passed.float() + 0.5 * attributes)
+    # A wrong caption that still gets some attributes right ranks above one that gets none.
+    failed = ~result.passed
+    assert bool((values[failed] > 0).any()) and bool((values[failed] < 0.5).all())
+    torch.testing.assert_close(VerifierReward(partial_credit=0.0)(images, mixed), result.passed.float())
+    with pytest.raises(ValueError, match="partial_credit"):
+        VerifierReward(partial_credit=-1.0)
