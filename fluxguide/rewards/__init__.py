@@ -12,18 +12,25 @@ from fluxguide.rewards.base import (
     reward_with_grad,
 )
 from fluxguide.rewards.callable_reward import CallableReward
-from fluxguide.rewards.clip_score import CLIPScore
+from fluxguide.rewards.clip_score import CLIPCaptionLogProb, CLIPScore
 from fluxguide.rewards.composite import WeightedSum
 from fluxguide.rewards.inputs import check_images, check_prompts, check_reward_output
 from fluxguide.rewards.open_clip_models import load_open_clip
 from fluxguide.rewards.preprocess import CLIPPreprocess
 from fluxguide.rewards.registry import available_rewards, make_reward, register_reward
-from fluxguide.rewards.shapes import VerifierReward, load_shapes_world, shapes_aesthetic, shapes_clip_score
+from fluxguide.rewards.shapes import (
+    VerifierReward,
+    load_shapes_world,
+    shapes_aesthetic,
+    shapes_clip_retrieval,
+    shapes_clip_score,
+)
 from fluxguide.rewards.style import StyleSimilarity
 
 __all__ = [
     "AestheticPredictor",
     "AestheticReward",
+    "CLIPCaptionLogProb",
     "CLIPPreprocess",
     "CLIPScore",
     "CallableReward",
@@ -44,5 +51,6 @@ __all__ = [
     "require_differentiable",
     "reward_with_grad",
     "shapes_aesthetic",
+    "shapes_clip_retrieval",
     "shapes_clip_score",
 ]

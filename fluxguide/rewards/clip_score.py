@@ -112,3 +112,35 @@ class CLIPScore(RewardModel):
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}, cache_text={self.cache_text}"
+
+
+class CLIPCaptionLogProb(CLIPScore):
+    """CLIP's zero-shot log-probability of the prompt among candidate captions (a contrastive CLIP score).
+
+    ``log softmax_j(logit_scale * cos(image, caption_j))`` at the prompt, over ``candidates`` plus the prompt.
+    Unlike the raw similarity, whose value is dominated by what every caption of an image shares (its
+    colours, say), this rewards exactly what tells the prompt apart from the other captions, as CLIP's
+    zero-shot classification does (Radford et al. 2021, section 3.1.2). Differentiable like :class:`CLIPScore`.
+
+    Args:
+        model, tokenizer: an open_clip model and its tokenizer.
+        candidates: the competing captions (e.g. every caption of the shapes world's grammar).
+        **kwargs: :class:`CLIPScore` options.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer: Any, candidates: list[str], **kwargs: Any) -> None:
+        super().__init__(model, tokenizer, **kwargs)
+        if not candidates:
+            raise ValueError("CLIPCaptionLogProb needs at least one candidate caption")
+        self.candidates = list(dict.fromkeys(candidates))
+
+    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        img = image_embeddings(self.model, self.preprocess, images)
+        captions = list(dict.fromkeys([*self.candidates, *prompts]))
+        index = {c: i for i, c in enumerate(captions)}
+        txt = self.text_features(captions, img.device)
+        logit_scale = self.model.logit_scale.exp() if hasattr(self.model, "logit_scale") else 100.0
+        logp = torch.log_softmax(logit_scale * img @ txt.T, dim=-1)
+        target = torch.tensor([index[p] for p in prompts], device=img.device)
+        return self.scale * logp.gather(1, target[:, None]).squeeze(1)
+

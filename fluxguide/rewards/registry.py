@@ -7,7 +7,8 @@ Built-in names:
 - ``"aesthetic"``: :class:`AestheticReward` (``clip_model=`` + ``predictor=``, or ``predictor_path=`` and
   optionally ``clip_model=`` / ``clip_model_name=`` + ``clip_pretrained=``).
 - ``"shapes-clip"``, ``"shapes-aesthetic"``, ``"verifier"``: the shapes world's rewards (``world=``);
-  ``"verifier-partial"``: the verifier with partial credit 0.5 for the attributes it gets right.
+  ``"verifier-partial"``: the verifier with partial credit 0.5 for the attributes it gets right;
+  ``"shapes-clip-retrieval"``: the tiny CLIP's log-probability of the prompt among all captions.
 - ``"weighted-sum"`` (alias ``"sum"``): :class:`WeightedSum`; ``parts={name: spec}`` where a spec is a
   reward, ``(reward, weight)``, ``(registry_name, weight)`` or ``(registry_name, weight, kwargs)``.
 - ``"callable"``: :class:`CallableReward` (``fn=``, ``differentiable=``).
@@ -28,7 +29,12 @@ from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward
 from fluxguide.rewards.callable_reward import CallableReward
 from fluxguide.rewards.clip_score import CLIPScore
 from fluxguide.rewards.composite import WeightedSum
-from fluxguide.rewards.shapes import VerifierReward, shapes_aesthetic, shapes_clip_score
+from fluxguide.rewards.shapes import (
+    VerifierReward,
+    shapes_aesthetic,
+    shapes_clip_retrieval,
+    shapes_clip_score,
+)
 from fluxguide.rewards.style import StyleSimilarity
 
 RewardFactory = Callable[..., nn.Module]
@@ -136,6 +142,7 @@ def _make_aesthetic(
 
 
 register_reward("shapes-clip")(shapes_clip_score)
+register_reward("shapes-clip-retrieval")(shapes_clip_retrieval)
 register_reward("shapes-aesthetic")(shapes_aesthetic)
 register_reward("verifier")(VerifierReward)
 

@@ -15,7 +15,7 @@ import torch
 
 from fluxguide.rewards.aesthetic import LAION_DROPOUTS, AestheticPredictor, AestheticReward
 from fluxguide.rewards.base import RewardModel
-from fluxguide.rewards.clip_score import CLIPScore
+from fluxguide.rewards.clip_score import CLIPCaptionLogProb, CLIPScore
 
 
 def load_shapes_world(world: Any = None, device: torch.device | str = "cpu") -> Any:
@@ -37,6 +37,20 @@ def shapes_clip_score(world: Any = None, *, device: torch.device | str = "cpu", 
     """
     world = load_shapes_world(world, device)
     return CLIPScore(world.clip, world.tokenizer, **kwargs)
+
+
+def shapes_clip_retrieval(
+    world: Any = None, *, device: torch.device | str = "cpu", **kwargs: Any
+) -> CLIPCaptionLogProb:
+    """The tiny CLIP's log-probability of the prompt among all 300 captions of the world's grammar.
+
+    A contrastive form of :func:`shapes_clip_score`: its gradient points at what distinguishes the prompt
+    from captions that differ in one attribute (a circle's from a square's outline), not at what they share.
+    """
+    from fluxguide.backbones.shapes.scenes import all_prompts
+
+    world = load_shapes_world(world, device)
+    return CLIPCaptionLogProb(world.clip, world.tokenizer, all_prompts(), **kwargs)
 
 
 def shapes_aesthetic(world: Any = None, *, device: torch.device | str = "cpu") -> AestheticReward:

@@ -98,3 +98,29 @@ def test_verifier_partial_credit_adds_the_mean_attribute_score(heldout_renders) 
     torch.testing.assert_close(VerifierReward(partial_credit=0.0)(images, mixed), result.passed.float())
     with pytest.raises(ValueError, match="partial_credit"):
         VerifierReward(partial_credit=-1.0)
+
+
+def test_clip_retrieval_reward_is_the_caption_log_probability(world, heldout_renders) -> None:
+    from fluxguide.backbones.shapes.scenes import all_prompts
+    from fluxguide.rewards import reward_with_grad
+
+    images, prompts = heldout_renders
+    reward = make_reward("shapes-clip-retrieval", world=world)
+    assert reward.differentiable
+    values = reward(images, prompts)
+    # Direct: log-softmax over every caption of the grammar of CLIP's scaled cosine similarities.
+    clip, captions = world.clip, all_prompts()
+    from fluxguide.backbones.shapes.clip import normalize_images
+
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(clip.encode_image(normalize_images(images)), dim=-1)
+        txt = torch.nn.functional.normalize(clip.encode_text(world.tokenize(captions)), dim=-1)
+        logp = torch.log_softmax(clip.logit_scale.exp() * img @ txt.T, dim=-1)
+    expected = logp[torch.arange(len(prompts)), torch.tensor([captions.index(p) for p in prompts])]
+    torch.testing.assert_close(values, expected, atol=1e-4, rtol=1e-4)
+    assert bool((values <= 0).all())
+    wrong = [prompts[(i + 7) % len(prompts)] for i in range(len(prompts))]
+    assert (values > reward(images, wrong)).float().mean() > 0.9
+    x = images.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(reward_with_grad(reward, x, prompts).sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
