@@ -38,11 +38,15 @@ from fluxguide.tracking import Tracker, read_metrics
 EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
 
+#: The rewards and settings of the README's results: reward gradient on the tiny CLIP's caption log-probability
+#: (scored on randomly shifted images against patch-grid textures), PPO on the verifier with partial credit.
+_RG = ["--reward", "shapes-clip-retrieval", "--reward-shift", "2"]
+_PPO = ["--reward", "verifier-partial", "--lr", "5e-4"]
+_TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
+         "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
 #: Per preset and algorithm: the script arguments (besides run folder, seed, threads and W&B mode).
 #: "quick" is the main job (all three algorithms in about 15 minutes on two cores, evaluation included);
 #: "full" reproduces the README's learning results.
-_TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
-         "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
 PRESETS: dict[str, dict[str, list[str]]] = {
     "smoke": {  # every code path in about a minute (the test suite's)
         "reward-gradient": ["--batch-size", "2", "--total-updates", "2", *_TINY],
@@ -52,16 +56,17 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "bc": ["--batch-size", "16", "--total-updates", "2", *_TINY],
     },
     "quick": {
-        "reward-gradient": ["--total-updates", "60", "--eval-every", "20", "--checkpoint-every", "20",
+        "reward-gradient": [*_RG, "--total-updates", "60", "--eval-every", "20", "--checkpoint-every", "20",
                             "--eval-num-prompts", "30"],
-        "ppo": ["--total-updates", "40", "--eval-every", "10", "--checkpoint-every", "10", "--eval-num-prompts", "30"],
+        "ppo": [*_PPO, "--total-updates", "40", "--eval-every", "10", "--checkpoint-every", "10",
+                "--eval-num-prompts", "30"],
         "bc-collect": ["--episodes", "256"],
         "bc": ["--total-updates", "600", "--eval-every", "200", "--checkpoint-every", "200", "--eval-num-prompts", "30"],
     },
     "full": {
-        "reward-gradient": ["--time-budget-minutes", "15", "--total-updates", "100000", "--eval-every", "50",
-                            "--checkpoint-every", "50"],
-        "ppo": ["--time-budget-minutes", "30", "--total-updates", "100000", "--eval-every", "20",
+        "reward-gradient": [*_RG, "--time-budget-minutes", "15", "--total-updates", "100000", "--eval-every", "40",
+                            "--checkpoint-every", "40"],
+        "ppo": [*_PPO, "--time-budget-minutes", "30", "--total-updates", "100000", "--eval-every", "20",
                 "--checkpoint-every", "20"],
         "bc-collect": ["--episodes", "1024"],
         "bc": ["--total-updates", "2000"],

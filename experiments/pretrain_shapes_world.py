@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,19 +49,19 @@ class Config:
     """one seed for data, initialisation and evaluation noise"""
     pool_size: int = 40_000
     """number of rendered (image, caption) pairs to train on"""
-    clip_steps: int = 1500
+    clip_steps: int = 1200
     """tiny-CLIP training steps"""
     clip_batch: int = 128
     """tiny-CLIP batch size (the contrastive loss's negatives)"""
     clip_lr: float = 1e-3
     """tiny-CLIP peak learning rate (warm-up, cosine decay to 10%)"""
-    flux_steps: int = 6000
+    flux_steps: int = 3600
     """tiny-Flux rectified-flow training steps"""
     flux_batch: int = 64
     """tiny-Flux batch size"""
     flux_lr: float = 1e-3
     """tiny-Flux peak learning rate (warm-up, cosine decay to 10%)"""
-    flux_heads: int = 4
+    flux_heads: int = 6
     """attention heads of the transformer (its width is heads x head dim)"""
     flux_head_dim: int = 16
     """attention head width of the transformer; its RoPE axes are split 1/4, 3/8, 3/8"""
@@ -75,7 +75,7 @@ class Config:
     """probability of training on the empty prompt, so classifier-free guidance works"""
     ema_decay: float = 0.999
     """decay of the exponential moving average of the transformer's weights (the shipped weights)"""
-    aesthetic_steps: int = 1500
+    aesthetic_steps: int = 1000
     """aesthetic-head training steps"""
     aesthetic_batch: int = 128
     """aesthetic-head batch size (half rendered, half generated images; half of each degraded)"""
@@ -87,7 +87,7 @@ class Config:
     """evaluate on the first N held-out prompts only (default: all 90)"""
     cfg_scale: float = 3.0
     """classifier-free guidance scale evaluated against the base sampler"""
-    threads: int = field(default_factory=torch.get_num_threads)
+    threads: int = 1
     """torch CPU threads"""
 
 

@@ -81,16 +81,24 @@ def test_clip_retrieves_true_captions_well_above_chance(world: ShapesWorld) -> N
     assert accuracy >= 20 / len(all_prompts()), f"retrieval accuracy {accuracy:.3f} is not well above chance"
 
 
-@pytest.mark.xfail(
-    reason="issue 3 open: the shipped 0.6M-parameter transformer draws blobs whose kind the verifier rejects "
-    "(held-out pass rate 0.6% base, 1.1% CFG); a larger model is to be pretrained",
-    strict=False,
-)
-def test_shipped_figures_leave_headroom_and_cfg_helps() -> None:
+def test_shipped_figures_cfg_raises_the_pass_rate_by_ten_points() -> None:
     metrics = json.loads((WEIGHTS_DIR / "metrics.json").read_text())
     base, cfg = metrics["base"]["pass_rate"], metrics["cfg"]["pass_rate"]
-    assert 0.20 <= base <= 0.75, f"base pass rate {base} leaves no headroom"
-    assert cfg - base >= 0.10, f"CFG raises the pass rate by only {cfg - base:.3f}"
+    # Pass rates are counts over num_images stored as float32: compare counts, not rounded fractions.
+    n = metrics["base"]["num_images"]
+    assert round(cfg * n) - round(base * n) >= 0.10 * n, f"CFG raises the pass rate by only {cfg - base:.3f}"
+    assert metrics["clip_retrieval_accuracy_heldout"] > 50 * metrics["clip_retrieval_chance"]
+
+
+@pytest.mark.xfail(
+    reason="issue 3 open: the shipped transformer draws shapes of the right colour, count and place but often "
+    "the wrong kind (held-out pass rate 4.2% base, 14.2% with CFG 3): below the 20% floor",
+    strict=False,
+)
+def test_shipped_base_pass_rate_leaves_headroom_both_ways() -> None:
+    metrics = json.loads((WEIGHTS_DIR / "metrics.json").read_text())
+    base = metrics["base"]["pass_rate"]
+    assert 0.20 <= base <= 0.75, f"base pass rate {base} is outside [0.20, 0.75]"
 
 
 def test_weights_stay_small() -> None:
