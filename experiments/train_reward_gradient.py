@@ -38,12 +38,10 @@ from fluxguide import distributed
 from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig, straight_through_clamp
 from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward, parse_reward_kwargs
-from fluxguide.backbones.shapes.evaluation import sample_prompts
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
 from fluxguide.curves import plot_curves
 from fluxguide.envs.prompts import resolve_prompts
-from fluxguide.evaluation import CAPTION_METRICS, EVAL_SEED_OFFSET, evaluate_guidance
-from fluxguide.grids import save_prompt_grid
+from fluxguide.evaluation import HeldoutEvaluator
 from fluxguide.policies import save_guidance_model
 from fluxguide.policies.presets import PolicyName, build_policy
 from fluxguide.tracking import Tracker
@@ -187,7 +185,6 @@ def main(cfg: Config) -> dict[str, float]:
         decode=straight_through_decoder(backbone) if cfg.straight_through else None,
     )
     train, held = resolve_prompts(cfg.train_prompts), resolve_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
-    grid_prompts = [held[i * len(held) // cfg.grid_prompts] for i in range(cfg.grid_prompts)]
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))  # prompts and noise of the batches
 
     # Resume from the last checkpoint of this run folder, if any.
@@ -207,22 +204,14 @@ def main(cfg: Config) -> dict[str, float]:
                       mode=cfg.wandb_mode, resume_samples_seen=samples_seen if ckpt is not None else None,
                       tags=("reward-gradient", cfg.reward, cfg.backbone))
 
-    def run_eval() -> dict[str, float]:
-        if not distributed.is_main():  # rank 0 evaluates (fixed noise; every rank holds the same policy)
-            return {}
-        metrics, images = evaluate_guidance(backbone, reward, policy, held, seed=cfg.seed,
-                                            samples_per_prompt=cfg.eval_samples_per_prompt,
-                                            guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps)
-        tracker.log(metrics, samples_seen)
-        index = {p: i * cfg.eval_samples_per_prompt for i, p in enumerate(held)}
-        columns = {"untrained": base_grid, f"{samples_seen} samples": images[[index[p] for p in grid_prompts]]}
-        path = save_prompt_grid(columns, grid_prompts, cfg.run_dir / "samples" / f"eval_{samples_seen:08d}.png")
-        tracker.log_image("eval/samples", path, samples_seen, caption=", ".join(
-            f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k in CAPTION_METRICS))
-        return metrics
+    evaluator = HeldoutEvaluator(backbone, reward, held, cfg.run_dir, num_grid_prompts=cfg.grid_prompts,
+                                 samples_per_prompt=cfg.eval_samples_per_prompt, seed=cfg.seed,
+                                 guidance_scale=cfg.guidance_scale, num_steps=cfg.num_steps) if distributed.is_main() else None
 
-    base_grid = sample_prompts(backbone, grid_prompts, samples_per_prompt=1, seed=cfg.seed + EVAL_SEED_OFFSET,
-                               num_steps=cfg.num_steps)[0] if distributed.is_main() else None
+    def run_eval() -> dict[str, float]:
+        # rank 0 evaluates (fixed noise; every rank holds the same policy)
+        return evaluator(policy, tracker, samples_seen) if evaluator is not None else {}
+
     start = time.perf_counter() - elapsed
     if update == 0:
         last_eval = run_eval()

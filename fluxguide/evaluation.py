@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -198,3 +199,51 @@ def write_table(rows: list[dict[str, float | str]], path: str | Path) -> tuple[P
         writer.writeheader()
         writer.writerows(rows)
     return md, csv_path
+
+
+class HeldoutEvaluator:
+    """The periodic held-out evaluation of a training run: metrics to the tracker plus a sample grid.
+
+    Built once per run (it samples the untrained grid column with the base sampler); each call evaluates
+    the policy with :func:`evaluate_guidance`, logs the metrics at ``samples_seen``, writes
+    ``<run_dir>/samples/eval_<samples_seen>.png`` (untrained vs now, on ``num_grid_prompts`` prompts spread
+    over the set) and logs it with the headline metrics as its caption.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        reward: nn.Module,
+        prompts: list[str],
+        run_dir: str | Path,
+        *,
+        num_grid_prompts: int = 8,
+        samples_per_prompt: int = 2,
+        seed: int = 0,
+        guidance_scale: GuidanceScale = 1.0,
+        num_steps: int | None = None,
+    ) -> None:
+        from fluxguide.backbones.shapes.evaluation import sample_prompts
+
+        self.backbone, self.reward, self.prompts, self.run_dir = backbone, reward, list(prompts), Path(run_dir)
+        self.samples_per_prompt, self.seed = samples_per_prompt, seed
+        self.guidance_scale, self.num_steps = guidance_scale, num_steps
+        n = len(self.prompts)
+        self.grid_prompts = [self.prompts[i * n // num_grid_prompts] for i in range(num_grid_prompts)]
+        self.base_grid = sample_prompts(backbone, self.grid_prompts, samples_per_prompt=1,
+                                        seed=seed + EVAL_SEED_OFFSET, num_steps=num_steps)[0]
+
+    def __call__(self, policy: GuidanceFn | None, tracker: Any, samples_seen: int) -> dict[str, float]:
+        from fluxguide.grids import save_prompt_grid
+
+        metrics, images = evaluate_guidance(self.backbone, self.reward, policy, self.prompts, seed=self.seed,
+                                            samples_per_prompt=self.samples_per_prompt,
+                                            guidance_scale=self.guidance_scale, num_steps=self.num_steps)
+        tracker.log(metrics, samples_seen)
+        index = {p: i * self.samples_per_prompt for i, p in enumerate(self.prompts)}
+        columns = {"untrained": self.base_grid,
+                   f"{samples_seen} samples": images[[index[p] for p in self.grid_prompts]]}
+        path = save_prompt_grid(columns, self.grid_prompts, self.run_dir / "samples" / f"eval_{samples_seen:08d}.png")
+        tracker.log_image("eval/samples", path, samples_seen, caption=", ".join(
+            f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k in CAPTION_METRICS))
+        return metrics
