@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -265,7 +266,10 @@ def check_in_sync(module: nn.Module, name: str = "policy") -> str:
         return digest
     digests: list[str | None] = [None] * world_size()
     dist.all_gather_object(digests, digest)
-    print(f"rank {rank()}/{world_size()}: {name} sha256 {digest}", flush=True)
+    # One write of one short line: ranks share the launcher's stdout pipe, and print()'s separate write of the
+    # newline let two ranks' lines run together.
+    sys.stdout.write(f"rank {rank()}/{world_size()}: {name} sha256 {digest}\n")
+    sys.stdout.flush()
     differ = [r for r, d in enumerate(digests) if d != digests[0]]
     if differ:
         raise RuntimeError(

@@ -28,7 +28,8 @@ NPROC = 2
 #: The tiny settings of the script tests (tests/experiments), with W&B offline to count its runs.
 TINY = ["--backbone", "shapes-random", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1",
         "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode", "offline"]
-DIGEST = re.compile(r"^rank (\d+)/(\d+): (\S+) sha256 ([0-9a-f]{64})$", re.MULTILINE)
+# Not anchored to line starts: other ranks' output may share a line with a digest.
+DIGEST = re.compile(r"rank (\d+)/(\d+): (\S+) sha256 ([0-9a-f]{64})")
 
 
 def load_script(name: str):
