@@ -55,6 +55,7 @@ from fluxguide.policies import (
     save_guidance_model,
 )
 from fluxguide.policies.presets import PolicyName, build_policy
+from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 from fluxguide.tracking import Tracker
 
 
@@ -184,11 +185,13 @@ def main(cfg: Config) -> dict[str, float]:
 
     # Resume from the last checkpoint of this run folder, if any.
     update, pairs_seen, elapsed, state = 0, 0, 0.0, {}
+    fingerprint = backbone_fingerprint(world)  # stored in every checkpoint; a resume must match it
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
         main_rank = distributed.is_main()  # the RNG states saved are rank 0's; other ranks start fresh streams
         loaded = load_checkpoint(ckpt, modules={"loss": loss_module}, optimizers={"policy": optimizer},
                                  generators={"data": data_gen} if main_rank else {}, restore_global_rng=main_rank)
+        check_resume_fingerprint(loaded.state.get("backbone_fingerprint"), fingerprint, ckpt)
         distributed.reseed_rank_streams(cfg.seed, data_gen, step=loaded.step)
         update, state = loaded.step, loaded.state
         pairs_seen, elapsed = state["pairs_seen"], state["elapsed_seconds"]
@@ -277,7 +280,8 @@ def main(cfg: Config) -> dict[str, float]:
             save_checkpoint(cfg.run_dir, done, modules={"loss": loss_module}, optimizers={"policy": optimizer},
                             generators={"data": data_gen},
                             state={"pairs_seen": pairs_seen, "elapsed_seconds": time.perf_counter() - start,
-                                   "config": config_dict, "last_eval": last_eval, "references": references})
+                                   "backbone_fingerprint": fingerprint, "config": config_dict, "last_eval": last_eval,
+                                   "references": references})
         if stop:
             print(f"time budget of {cfg.time_budget_minutes} min used up after {done} updates")
             break

@@ -49,6 +49,7 @@ from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.evaluation import HeldoutEvaluator
 from fluxguide.policies import make_probabilistic_actor, make_value_network, save_guidance_model
 from fluxguide.policies.presets import PolicyName, build_policy, latent_grid
+from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 from fluxguide.tracking import Tracker
 
 
@@ -196,12 +197,14 @@ def main(cfg: Config) -> dict[str, float]:
     # generator as it was when the pending episode was drawn, which the collector then redraws.
     update, samples_seen, elapsed = 0, 0, 0.0
     last_eval: dict[str, float] = {}
+    fingerprint = backbone_fingerprint(backbone)  # stored in every checkpoint; a resume must match it
     ckpt = latest_checkpoint(cfg.run_dir)
     if ckpt is not None:
         main_rank = distributed.is_main()  # the RNG states saved are rank 0's; other ranks start fresh streams
         loaded = load_checkpoint(ckpt, modules=modules, optimizers={"policy": optimizer},
                                  generators={"env": env.core.generator} if main_rank else {},
                                  restore_global_rng=main_rank)
+        check_resume_fingerprint(loaded.state.get("backbone_fingerprint"), fingerprint, ckpt)
         distributed.reseed_rank_streams(cfg.seed, env.core.generator, step=loaded.step)
         ppo.restart_episode()
         update, samples_seen, elapsed = loaded.step, loaded.state["samples_seen"], loaded.state["elapsed_seconds"]
@@ -267,7 +270,7 @@ def main(cfg: Config) -> dict[str, float]:
             save_checkpoint(cfg.run_dir, done, modules=modules, optimizers={"policy": optimizer},
                             generators={"env": episode},
                             state={"samples_seen": samples_seen, "elapsed_seconds": time.perf_counter() - start,
-                                   "config": config_dict, "last_eval": last_eval})
+                                   "backbone_fingerprint": fingerprint, "config": config_dict, "last_eval": last_eval})
         if stop:
             print(f"time budget of {cfg.time_budget_minutes} min used up after {done} updates")
             break

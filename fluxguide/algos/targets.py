@@ -34,6 +34,7 @@ from torch import nn
 from fluxguide.algos.collection import EpisodeChunk, GuidanceDataset, create_training_pairs
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.policies import keys
+from fluxguide.provenance import backbone_fingerprint
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
 from fluxguide.sampling.instrumented import NEXT_IMG, denoise_with_state_collection
@@ -536,8 +537,10 @@ class GuidanceDataCollector:
         self.timesteps = backbone.schedule(self.num_steps)
 
     def metadata(self) -> dict[str, Any]:
-        """Dataset-level facts: the strategy's settings, the backbone and the number of steps."""
-        return {**self.strategy.config(), "backbone": type(self.backbone).__name__, "num_steps": self.num_steps}
+        """Dataset-level facts: the strategy's settings, the backbone (class and weights) and the number of steps."""
+        # The fingerprint makes appending to a dataset of another base model's states an error (see create).
+        return {**self.strategy.config(), "backbone": type(self.backbone).__name__, "num_steps": self.num_steps,
+                "backbone_fingerprint": backbone_fingerprint(self.backbone)}
 
     def batch_generator(self, seed: int, batch_index: int) -> torch.Generator:
         """The generator of batch ``batch_index``: a function of both, so a resumed collection draws the same."""

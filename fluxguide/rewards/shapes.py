@@ -45,7 +45,7 @@ def shapes_clip_retrieval(
     """The tiny CLIP's log-probability of the prompt among all 300 captions of the world's grammar.
 
     A contrastive form of :func:`shapes_clip_score`: its gradient points at what distinguishes the prompt
-    from captions that differ in one attribute (a circle's from a square's outline), not at what they share.
+    from captions that differ in one attribute (a circle's from a bar's outline), not at what they share.
     """
     from fluxguide.backbones.shapes.scenes import all_prompts
 

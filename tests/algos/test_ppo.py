@@ -30,7 +30,7 @@ def make_ppo(world: ShapesWorld, mode: str = "sde", advantage: str = "group", re
              clip_epsilon: float = 0.2, lr: float = 3e-3, reward=redness, batch_size: int = 8,
              samples_per_prompt: int = 4, num_steps: int = 4, seed: int = 0) -> PPO:
     env = GuidanceTorchRLEnv(world, reward=CallableReward(reward) if callable(reward) else reward,
-                             prompts=["a red circle", "a blue square"], batch_size=batch_size,
+                             prompts=["a red circle", "a blue bar"], batch_size=batch_size,
                              samples_per_prompt=samples_per_prompt, num_steps=num_steps, mode=mode)
     env.set_seed(seed)
     torch.manual_seed(seed)

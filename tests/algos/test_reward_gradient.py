@@ -21,7 +21,7 @@ from fluxguide.backbones.shapes.world import build_transformer
 from fluxguide.policies import AttentionGuidanceModel, MLPGuidanceModel
 from fluxguide.rewards import CallableReward, NotDifferentiableError, make_reward
 
-PROMPTS = ["a red circle", "a blue square on the left of a green triangle", "a yellow triangle above a red square"]
+PROMPTS = ["a red circle", "a blue bar on the left of a green triangle", "a yellow triangle above a red bar"]
 
 
 @pytest.fixture(scope="module")

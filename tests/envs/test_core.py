@@ -154,8 +154,8 @@ def test_samples_per_prompt_groups_identical_prompts_with_different_noise(world)
     txt = obs[keys.TXT]
     assert torch.equal(txt[0], txt[2]) and torch.equal(txt[3], txt[5])
     assert not torch.equal(obs[keys.IMG][0], obs[keys.IMG][1])
-    obs, info = core.reset(prompts=["a red circle", "a blue square"])
-    assert info["prompts"] == ["a red circle"] * 3 + ["a blue square"] * 3
+    obs, info = core.reset(prompts=["a red circle", "a blue bar"])
+    assert info["prompts"] == ["a red circle"] * 3 + ["a blue bar"] * 3
     with pytest.raises(ValueError, match="one prompt per group: 2"):
         core.reset(prompts=["a red circle"])
 
@@ -178,10 +178,10 @@ def test_same_seed_same_episode_and_different_seed_differs(world) -> None:
 def test_prompt_sources(tmp_path) -> None:
     assert resolve_prompts("shapes-train") == train_prompts()
     assert resolve_prompts("shapes-heldout") == heldout_prompts()
-    assert resolve_prompts(["a red circle", "a blue square"]) == ["a red circle", "a blue square"]
+    assert resolve_prompts(["a red circle", "a blue bar"]) == ["a red circle", "a blue bar"]
     path = tmp_path / "prompts.txt"
-    path.write_text("a red circle\n\n  a green triangle above a blue square \n")
-    assert resolve_prompts(path) == ["a red circle", "a green triangle above a blue square"]
+    path.write_text("a red circle\n\n  a green triangle above a blue bar \n")
+    assert resolve_prompts(path) == ["a red circle", "a green triangle above a blue bar"]
     assert resolve_prompts(str(path)) == resolve_prompts(path)
     with pytest.raises(ValueError, match=r"unknown prompt source 'shapes-test'.*text file.*'shapes-train', 'shapes-heldout'"):
         resolve_prompts("shapes-test")

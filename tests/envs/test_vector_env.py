@@ -95,8 +95,8 @@ def test_seeded_reset_is_reproducible_and_prompts_can_be_fixed(world) -> None:
     a, info_a = envs.reset(seed=5)
     b, info_b = envs.reset(seed=5)
     assert all(np.array_equal(a[k], b[k]) for k in a) and list(info_a["prompt"]) == list(info_b["prompt"])
-    _, info = envs.reset(options={"prompts": ["a red circle", "a blue square"]})
-    assert list(info["prompt"]) == ["a red circle", "a blue square"]
+    _, info = envs.reset(options={"prompts": ["a red circle", "a blue bar"]})
+    assert list(info["prompt"]) == ["a red circle", "a blue bar"]
 
 
 def test_bad_input(world) -> None:

@@ -120,3 +120,12 @@ def test_tiny_flux_run_completes(tmp_path) -> None:
     assert load_checkpoint(latest_checkpoint(tmp_path), restore_global_rng=False).step == 3
     assert (tmp_path / "samples" / "eval_00000006.png").is_file()
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_resuming_under_another_base_model_is_refused(tmp_path) -> None:
+    # --seed draws another random shapes world: the checkpoint's fingerprint no longer matches.
+    argv = SMALL + ["--run-dir", str(tmp_path), "--reward", "shapes-clip", "--total-updates", "1", "--eval-every", "100"]
+    run(argv)
+    saved = load_checkpoint(latest_checkpoint(tmp_path), restore_global_rng=False).state["backbone_fingerprint"]
+    with pytest.raises(RuntimeError, match=rf"trained against another base model \(backbone fingerprint {saved};"):
+        run(argv + ["--seed", "1", "--total-updates", "2"])

@@ -46,7 +46,7 @@ def prompts() -> list[str]:
     """Four prompts for :func:`images`, one repeated (as with several samples per prompt)."""
     return [
         "a red circle",
-        "a blue square on the left of a green triangle",
+        "a blue bar on the left of a green triangle",
         "a red circle",
-        "a yellow square",
+        "a yellow bar",
     ]

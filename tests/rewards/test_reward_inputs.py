@@ -20,7 +20,7 @@ def reward(request, tiny_clip):
 
 
 GOOD = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-PROMPTS = ["a red circle", "a blue square"]
+PROMPTS = ["a red circle", "a blue bar"]
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,9 @@ It segments the image into coloured connected components and checks count, colou
 It reads pixels, not render metadata, so it works on generated images: a pixel is foreground when its
 brightest channel exceeds ``FOREGROUND``, its colour is the palette colour of nearest chromaticity, and
 components smaller than ``MIN_AREA`` pixels are ignored as noise. A component's kind comes from two shape
-statistics of its pixel mask: triangles (apex up) are much narrower in the top quarter of their bounding box
-than in the bottom quarter and have their centroid at 2/3 of their height; squares fill their bounding box;
-circles fill about pi/4 of it. A component that fits none of these is of kind "unknown" and matches nothing.
+statistics of its pixel mask: bars are twice as wide as tall; triangles (apex up) are much narrower in the top
+quarter of their bounding box than in the bottom quarter and have their centroid at 2/3 of their height;
+circles are as wide as tall and fill about pi/4 of their box. A component that fits none of these is of kind "unknown" and matches nothing.
 """
 
 from __future__ import annotations
@@ -52,18 +52,22 @@ class VerificationResult:
         return float(self.passed.float().mean())
 
 
-def classify_kind(fill: float, taper: float, centroid: float) -> str:
-    """Kind of a component from its fill of the bounding box, its top/bottom taper and relative centroid height.
+def classify_kind(fill: float, taper: float, centroid: float, aspect: float) -> str:
+    """Kind of a component from its fill of the bounding box, top/bottom taper, relative centroid height and
+    aspect (bounding-box width over height).
 
-    Thresholds sit between the ranges measured on 1,500 renders of each kind at every size the world draws
-    (fill: circle 0.66-0.85, square 0.96-1.0, triangle 0.50-0.67; taper: circle >= 0.64, triangle <= 0.29;
-    centroid: circle/square 0.46-0.53, triangle 0.62-0.67).
+    Thresholds sit between the ranges measured on 980 renders of each kind at every size and place the world
+    draws (fill: circle 0.65-0.82, bar 0.94-1.0, triangle 0.50-0.64; taper: circle >= 0.57, bar 0.82-1.22,
+    triangle <= 0.27; centroid: circle/bar 0.46-0.54, triangle 0.62-0.66; aspect: circle/triangle 0.90-1.11,
+    bar 1.67-2.40). A bar with rounded corners (fill from 0.7) is still a bar: it is the only wide kind.
     """
+    if aspect >= 1.45:
+        return "bar" if fill >= 0.7 and 0.6 <= taper <= 1.6 else "unknown"
+    if aspect < 0.7:
+        return "unknown"
     if taper < 0.45 and centroid > 0.575:
         return "triangle"
-    if fill >= 0.9 and 0.8 <= taper <= 1.25:
-        return "square"
-    if 0.62 <= fill < 0.9 and taper >= 0.5 and centroid <= 0.56:
+    if 0.62 <= fill < 0.9 and taper >= 0.5 and centroid <= 0.56 and aspect <= 1.3:
         return "circle"
     return "unknown"
 
@@ -123,7 +127,7 @@ def find_components(images: torch.Tensor) -> list[list[Component]]:
             fill = area / (bh * bw)
             taper = top / max(bottom, 1)
             centroid = (float(ys.float().mean()) + 0.5 - y0) / bh
-            kind = classify_kind(fill, taper, centroid)
+            kind = classify_kind(fill, taper, centroid, bw / bh)
             color = names[int(classes[b, ys[0], xs[0]]) - 1]
             comps.append(Component(color, kind, area, float(xs.float().mean()) + 0.5, float(ys.float().mean()) + 0.5,
                                    (x0, y0, x1, y1)))

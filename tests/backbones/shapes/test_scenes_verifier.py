@@ -33,13 +33,13 @@ def test_parse_roundtrip_and_errors() -> None:
     with pytest.raises(ValueError, match="purple"):
         parse_prompt("a purple circle")
     with pytest.raises(ValueError, match="not a shapes-world prompt"):
-        parse_prompt("a red circle below a blue square")
+        parse_prompt("a red circle below a blue bar")
 
 
 def test_rendering_is_deterministic_from_seed() -> None:
-    a, _ = render_prompts(["a red circle above a blue square"] * 4, seed=3)
-    b, _ = render_prompts(["a red circle above a blue square"] * 4, seed=3)
-    c, _ = render_prompts(["a red circle above a blue square"] * 4, seed=4)
+    a, _ = render_prompts(["a red circle above a blue bar"] * 4, seed=3)
+    b, _ = render_prompts(["a red circle above a blue bar"] * 4, seed=3)
+    c, _ = render_prompts(["a red circle above a blue bar"] * 4, seed=4)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.shape == (4, 3, 32, 32) and 0 <= a.min() and a.max() <= 1
 
@@ -75,10 +75,10 @@ def test_verifier_rejects_wrong_captions(renders) -> None:
     ("truth", "lie", "attribute"),
     [
         ("a red circle", "a blue circle", "color"),
-        ("a red circle", "a red square", "kind"),
+        ("a red circle", "a red bar", "kind"),
         ("a red circle", "a red circle on the left of a red circle", "count"),
-        ("a red circle on the left of a blue square", "a blue square on the left of a red circle", "position"),
-        ("a red circle above a blue square", "a red circle on the left of a blue square", "position"),
+        ("a red circle on the left of a blue bar", "a blue bar on the left of a red circle", "position"),
+        ("a red circle above a blue bar", "a red circle on the left of a blue bar", "position"),
     ],
 )
 def test_verifier_names_the_failing_attribute(truth: str, lie: str, attribute: str) -> None:

@@ -1,0 +1,44 @@
+"""Which base model a run or dataset was made with, so a resume never mixes two of them.
+
+A checkpoint of a guidance policy, or a dataset of target corrections, is only meaningful against the base
+model it was trained or collected on: resuming a run after the backbone's weights changed (new shipped
+shapes-world weights, another Flux checkpoint) would silently continue on a different problem, and a BC run
+would keep the stale base / CFG reference pass rates. :func:`backbone_fingerprint` names the weights;
+the training scripts store it in every checkpoint and refuse to resume under another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from torch import nn
+
+SAMPLES_PER_TENSOR = 1024
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short SHA-256 of ``model``'s state dict: every name, shape and dtype, and up to 1,024 evenly spaced
+    values of each tensor (cheap for a 12 B-parameter Flux, and any retraining changes the sampled values)."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        flat = value.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR]
+        h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
+        h.update(sample.float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def check_resume_fingerprint(saved: str | None, current: str, checkpoint: str | Path) -> None:
+    """Raise if ``checkpoint`` was written against another base model than the one loaded now.
+
+    Checkpoints written before fingerprints existed (``saved`` is ``None``) resume as before.
+    """
+    if saved is not None and saved != current:
+        run_dir = Path(checkpoint).parent.parent
+        raise RuntimeError(
+            f"{checkpoint} was trained against another base model (backbone fingerprint {saved}; the one loaded "
+            f"now is {current}): its policy, optimizer and reference figures do not carry over. Start a new run "
+            f"with another --run-dir, or delete {run_dir} to restart this one, or load the original weights "
+            "(--weights-dir / --model-path)."
+        )
