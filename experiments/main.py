@@ -1,9 +1,9 @@
-"""The main job: sample held-out prompts with the base sampler, CFG and a guidance model; save a PNG grid.
+"""Sample held-out prompts with the base sampler, CFG and a guidance model; save a PNG grid (the README's).
 
-    bash run.sh main                      # shapes world, writes outputs/main/samples.png
-    bash run.sh main --help               # every option
+    bash run.sh py experiments/main.py --out-dir docs      # writes docs/samples.png
+    bash run.sh py experiments/main.py --help              # every option
 
-Later issues grow this into the full job (train every algorithm, compare them on one dashboard).
+(The README's main job, ``bash run.sh main``, is ``experiments/compare.py``: it trains every algorithm.)
 """
 
 from __future__ import annotations

@@ -102,6 +102,9 @@ class Config:
     """reduce the per-element log-density by mean (sane ratios at high dimension) or sum (exact)"""
     control_cost: float = 0.0
     """KL penalty to the base sampler: the env's per-step control cost (exact Gaussian KL in SDE mode)"""
+    shared_group_noise: bool = False
+    """start the trajectories of a prompt group from one initial noise (common random numbers, as in
+    DanceGRPO): their rewards then differ only through the exploration noise"""
     advantage: AdvantageMode = "group"
     """'group': per-prompt normalised returns (critic-free, DDPO / GRPO); 'gae': GAE with a value network"""
     gae_lambda: float = 0.95
@@ -171,7 +174,7 @@ def main(cfg: Config) -> dict[str, float]:
     env = GuidanceTorchRLEnv(backbone, reward=reward, prompts=train, batch_size=cfg.batch_size,
                              samples_per_prompt=cfg.samples_per_prompt, num_steps=cfg.num_steps,
                              guidance_scale=cfg.guidance_scale, mode=cfg.mode, noise_level=cfg.noise_level,
-                             control_cost=cfg.control_cost)
+                             control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(cfg.seed))  # each rank its own prompts and noise
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads)

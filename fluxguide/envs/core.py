@@ -133,6 +133,9 @@ class GuidanceCore:
             ``default_cfg_scale``; 1 = off). ``pred`` is then the CFG prediction.
         samples_per_prompt: ``k`` consecutive trajectories share a prompt (``B`` must be a multiple of
             ``k``), for per-prompt advantage normalisation.
+        shared_group_noise: the ``k`` trajectories of a group also start from the same initial noise, so
+            their rewards differ only through the policy's (or the SDE's) noise: common random numbers for
+            the per-prompt advantage, as DanceGRPO (Xue et al. 2025) does. Needs a stochastic policy.
         reward_kwargs: keyword arguments for ``make_reward`` when ``reward`` is a name.
         verify: run the shapes world's verifier on the final images and report it in ``info``
             (default: on for the shapes world).
@@ -153,6 +156,7 @@ class GuidanceCore:
         control_cost: float = 0.0,
         cfg_scale: float | None = None,
         samples_per_prompt: int = 1,
+        shared_group_noise: bool = False,
         reward_kwargs: Mapping[str, Any] | None = None,
         verify: bool | None = None,
     ) -> None:
@@ -172,6 +176,7 @@ class GuidanceCore:
         self.backbone = backbone
         self.batch_size = int(batch_size)
         self.samples_per_prompt = int(samples_per_prompt)
+        self.shared_group_noise = bool(shared_group_noise)
         self.mode: Mode = mode
         self.noise_level = _finite("noise_level", noise_level)
         if mode == "sde" and self.noise_level <= 0:
@@ -292,7 +297,11 @@ class GuidanceCore:
         if self.samples_per_prompt > 1:
             cond = cond.repeat_interleave(self.samples_per_prompt)
         self.cond = cond
-        self.img = self.backbone.noise(self.batch_size, self.generator).to(device=self.device, dtype=torch.float32)
+        if self.shared_group_noise:
+            noise = self.backbone.noise(self.num_groups, self.generator).repeat_interleave(self.samples_per_prompt, 0)
+        else:
+            noise = self.backbone.noise(self.batch_size, self.generator)
+        self.img = noise.to(device=self.device, dtype=torch.float32)
         self.step_idx = 0
         self.pred = self._predict(self.img, 0)
         self.final_images = None

@@ -266,3 +266,12 @@ def test_cfg_scale_makes_pred_the_cfg_prediction(world) -> None:
 def test_bad_configuration(world, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         make_core(world, **kwargs)
+
+
+def test_shared_group_noise_starts_a_group_from_one_noise(world) -> None:
+    core = GuidanceCore(world, batch_size=6, samples_per_prompt=3, shared_group_noise=True, num_steps=2)
+    core.seed(0)
+    core.reset()
+    img = core.img
+    assert torch.equal(img[0], img[1]) and torch.equal(img[0], img[2]) and torch.equal(img[3], img[5])
+    assert not torch.equal(img[0], img[3])
