@@ -39,9 +39,10 @@ EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
 
 #: The rewards and settings of the README's results: reward gradient on the tiny CLIP's caption log-probability
-#: (scored on randomly shifted images against patch-grid textures), PPO on the verifier with partial credit.
+#: (scored on randomly shifted images against patch-grid textures), PPO on the verifier with partial credit
+#: and one initial noise per prompt group.
 _RG = ["--reward", "shapes-clip-retrieval", "--reward-shift", "2"]
-_PPO = ["--reward", "verifier-partial", "--lr", "5e-4"]
+_PPO = ["--reward", "verifier-partial", "--shared-group-noise"]
 _TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
          "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
 #: Per preset and algorithm: the script arguments (besides run folder, seed, threads and W&B mode).
@@ -69,7 +70,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "ppo": [*_PPO, "--time-budget-minutes", "30", "--total-updates", "100000", "--eval-every", "20",
                 "--checkpoint-every", "20"],
         "bc-collect": ["--episodes", "1024"],
-        "bc": ["--total-updates", "2000"],
+        "bc": ["--hidden-dim", "128", "--num-layers", "3", "--total-updates", "3000", "--eval-every", "500",
+               "--checkpoint-every", "500"],
     },
 }
 
