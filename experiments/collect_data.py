@@ -90,6 +90,9 @@ class Config:
     """reward-gradient / reference-image: visit the teacher-guided sampler's states (else the base sampler's)"""
     seed: int = 0
     """seed of the prompt order and the noise"""
+    backbone_seed: int | None = None
+    """seed of the randomly initialised world of --backbone shapes-random (default: --seed); a DAgger round
+    under another --seed passes the first round's here, since a dataset holds one base model's states"""
     threads: int = 1
     """torch CPU threads (1 is fastest on a shared 2-core machine)"""
     device: str = "cpu"
@@ -147,7 +150,8 @@ def episode_prompts(cfg: Config) -> list[str]:
 def main(cfg: Config) -> GuidanceDataset:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=cfg.seed, device=cfg.device)
+    backbone_seed = cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed
+    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=backbone_seed, device=cfg.device)
     collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
     dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
     prompts = episode_prompts(cfg)

@@ -151,9 +151,11 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_reward_gradient(ranks)
         assert torch.equal(torch.cat([ranks[r]["rg"][1][u] for r in range(WORLD)]), single_noise[u])
     assert_same(ranks[0]["rg"][0], ranks[1]["rg"][0])  # the ranks stay identical, bit for bit
     # ... and equal to the single process up to float rounding (summation order of the averaged gradients).
+    # Adam divides by the gradient's RMS, so rounding in a near-zero gradient can move a weight by a visible
+    # fraction of one step (lr 1e-2; 3.8e-5 was seen): the tolerance is 1% of a step.
     changed = [k for k in single_params if not torch.equal(single_params[k], build()[1].state_dict()[k])]
     assert len(changed) > 10, "the updates should move the hidden layers, not only the zero-initialised output"
-    assert_same(ranks[0]["rg"][0], single_params, atol=2e-5)
+    assert_same(ranks[0]["rg"][0], single_params, atol=1e-4)
     for u in range(UPDATES):  # the gathered metrics are those of the whole batch
         for k in ("reward_mean", "reward_std", "loss", "grad_norm"):
             assert ranks[0]["rg"][2][u][k] == pytest.approx(single_metrics[u][k], rel=1e-4, abs=1e-6), (u, k)

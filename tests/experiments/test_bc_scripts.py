@@ -18,7 +18,7 @@ import pytest
 import torch
 import tyro
 
-from fluxguide.algos.collection import EPISODE, GuidanceDataset, load_guidance_dataset
+from fluxguide.algos.collection import EPISODE, DatasetError, GuidanceDataset, load_guidance_dataset
 from fluxguide.checkpointing import latest_checkpoint
 from fluxguide.policies import AttentionGuidanceModel, load_guidance_model
 from fluxguide.tracking import metric_curve, read_metrics
@@ -115,8 +115,12 @@ def test_training_logs_the_references_resumes_and_saves_a_loadable_policy(tmp_pa
     assert float(policy.out.weight.detach().abs().max()) > 0  # trained: no longer the zero-initialised output layer
     assert (tmp_path / "run" / "samples" / "eval_000000192.png").is_file()
     # A DAgger round: the trained policy drives, CFG labels; appended to the same dataset under another seed.
-    data = collect(["--episodes", "4", "--batch-size", "4", "--out-dir", str(tmp_path / "data"), "--seed", "1",
-                    "--student-checkpoint", str(tmp_path / "run" / "guidance.safetensors")])
+    # The random world follows --seed unless told otherwise: another world's states are refused...
+    dagger = ["--episodes", "4", "--batch-size", "4", "--out-dir", str(tmp_path / "data"), "--seed", "1",
+              "--student-checkpoint", str(tmp_path / "run" / "guidance.safetensors")]
+    with pytest.raises(DatasetError, match="backbone_fingerprint"):
+        collect(dagger)
+    data = collect(dagger + ["--backbone-seed", "0"])  # ... the first round's world is accepted
     assert data.num_episodes == 12
     assert [m["visited_by"] for m in data.chunk_metadata] == ["teacher", "teacher", "student"]
 
