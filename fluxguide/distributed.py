@@ -33,6 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fluxguide.provenance import state_dict_digest
+
 #: Seed offset between ranks' data / noise streams (``seed + RANK_SEED_STRIDE * rank``).
 RANK_SEED_STRIDE = 1000
 #: The environment variables ``torchrun`` sets for each worker.
@@ -244,12 +246,7 @@ def average_gradients(parameters: Iterable[nn.Parameter]) -> None:
 
 def parameter_digest(module: nn.Module) -> str:
     """SHA-256 of ``module``'s state dict (names, shapes, dtypes and bytes): equal iff the values are equal."""
-    h = hashlib.sha256()
-    for name, value in sorted(module.state_dict().items()):
-        t = value.detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+    return state_dict_digest(module)
 
 
 def check_in_sync(module: nn.Module, name: str = "policy") -> str:

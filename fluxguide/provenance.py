@@ -12,21 +12,31 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 SAMPLES_PER_TENSOR = 1024
 
 
-def backbone_fingerprint(model: nn.Module) -> str:
-    """A short SHA-256 of ``model``'s state dict: every name, shape and dtype, and up to 1,024 evenly spaced
-    values of each tensor (cheap for a 12 B-parameter Flux, and any retraining changes the sampled values)."""
+def state_dict_digest(module: nn.Module, values_per_tensor: int | None = None) -> str:
+    """SHA-256 of ``module``'s state dict: every name, shape and dtype, and the bytes of every value, or of up
+    to ``values_per_tensor`` evenly spaced values of each tensor."""
     h = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        flat = value.detach().reshape(-1)
-        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR]
+    for name, value in sorted(module.state_dict().items()):
+        t = value.detach()
+        if values_per_tensor is not None:
+            flat = t.reshape(-1)
+            t = flat[:: max(1, flat.numel() // values_per_tensor)][:values_per_tensor]
+        t = t.cpu().contiguous()
         h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
-        h.update(sample.float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def backbone_fingerprint(model: nn.Module) -> str:
+    """A short digest of the base model's weights: names, shapes, dtypes and up to 1,024 evenly spaced values
+    of each tensor (cheap for a 12 B-parameter Flux, and any retraining changes the sampled values)."""
+    return state_dict_digest(model, SAMPLES_PER_TENSOR)[:16]
 
 
 def check_resume_fingerprint(saved: str | None, current: str, checkpoint: str | Path) -> None:
