@@ -6,7 +6,8 @@ brightest channel exceeds ``FOREGROUND``, its colour is the palette colour of ne
 components smaller than ``MIN_AREA`` pixels are ignored as noise. A component's kind comes from two shape
 statistics of its pixel mask: bars are twice as wide as tall; triangles (apex up) are much narrower in the top
 quarter of their bounding box than in the bottom quarter and have their centroid at 2/3 of their height;
-circles are as wide as tall and fill about pi/4 of their box. A component that fits none of these is of kind "unknown" and matches nothing.
+circles are as wide as tall and fill about pi/4 of their box. A component that fits none of these is of kind
+"unknown" and matches nothing.
 """
 
 from __future__ import annotations
