@@ -80,6 +80,10 @@ class Config:
     """policy depth (MLP layers / transformer blocks / conv blocks)"""
     num_heads: int = 4
     """attention heads (attention policy)"""
+    text_conditioning: bool = True
+    """attention policy: read the text tokens and pooled embedding; --no-text-conditioning builds a text-blind
+    student (img, pred and t only), which is all CFG's correction (w - 1) * (pred - pred_uncond(img, t)) needs
+    and which carries over to prompts with unseen word combinations"""
     loss: Literal["mse", "gaussian_nll"] = "mse"
     """BC loss"""
     lr: float = 1e-3
@@ -166,7 +170,7 @@ def main(cfg: Config) -> dict[str, float]:
         policy = load_guidance_model(cfg.init_policy, device=device)
     else:
         policy = build_policy(cfg.policy, world, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
-                              num_heads=cfg.num_heads)
+                              num_heads=cfg.num_heads, text_conditioning=cfg.text_conditioning)
     check_dataset_matches_policy(dataset, policy)
     loss_module = BCLoss(policy, loss_type=cfg.loss).to(device)
     distributed.reseed_rank_streams(cfg.seed)  # same init on every rank, then each rank's own stream

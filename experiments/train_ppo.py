@@ -89,6 +89,13 @@ class Config:
     """policy depth (MLP layers / transformer blocks / conv blocks)"""
     num_heads: int = 4
     """attention heads (attention policy)"""
+    policy_min_t: float = 0.0
+    """guide only at times t >= this (1 = noise; e.g. 0.64 = the first 10 of 20 shapes-world steps): the policy's
+    mean is zero later, so those steps' exploration noise adds nothing to the policy gradient (0: every step)"""
+    text_conditioning: bool = True
+    """attention policy: read the text tokens and pooled embedding; --no-text-conditioning builds a text-blind
+    policy (img, pred and t only) that acts on the prompt only through the base model's prediction, as CFG does,
+    and so cannot tie what it learns to the training prompts' word combinations"""
     mode: Literal["sde", "ode"] = "sde"
     """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
@@ -177,7 +184,8 @@ def main(cfg: Config) -> dict[str, float]:
                              control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(cfg.seed))  # each rank its own prompts and noise
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
-                          num_heads=cfg.num_heads)
+                          num_heads=cfg.num_heads, min_t=cfg.policy_min_t,
+                          text_conditioning=cfg.text_conditioning)
     actor = make_probabilistic_actor(policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode",
                                      use_sde_std=cfg.mode == "sde", log_prob_reduction=cfg.log_prob_reduction)
     critic = None

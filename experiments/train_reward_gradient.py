@@ -85,6 +85,14 @@ class Config:
     """policy depth (MLP layers / transformer blocks / conv blocks)"""
     num_heads: int = 4
     """attention heads (attention policy)"""
+    text_conditioning: bool = True
+    """attention policy: read the text tokens and pooled embedding; --no-text-conditioning builds a text-blind
+    policy (img, pred and t only) that acts on the prompt only through the base model's prediction, as CFG does,
+    and so cannot tie what it learns to the training prompts' word combinations"""
+    policy_min_t: float = 0.0
+    """guide only at times t >= this (1 = noise; e.g. 0.64 = the first 10 of 20 shapes-world steps) and leave the
+    later steps to the base model, so that the reward can only be raised through the layout and shapes the
+    early steps decide (0: guide every step)"""
     lr: float = 1e-3
     """AdamW learning rate"""
     weight_decay: float = 0.0
@@ -169,7 +177,8 @@ def main(cfg: Config) -> dict[str, float]:
                               max_sequence_length=cfg.max_sequence_length)
     reward = build_reward(cfg.reward, backbone, seed=cfg.seed, **parse_reward_kwargs(cfg.reward_kwargs))
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
-                          num_heads=cfg.num_heads)
+                          num_heads=cfg.num_heads, min_t=cfg.policy_min_t,
+                          text_conditioning=cfg.text_conditioning)
     distributed.reseed_rank_streams(cfg.seed)  # same policy init on every rank, then each rank's own stream
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     # DDP fits this loop: the sampler calls the policy at each step, and one backward through them all (with

@@ -53,23 +53,27 @@ class _Block(nn.Module):
         mlp_ratio: float,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        cross_attention: bool = True,
     ) -> None:
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.norm_self = AdaLayerNorm(dim, dim, **kw)
         self.self_attn = _Attention(dim, num_heads, **kw)
-        self.norm_cross = nn.LayerNorm(dim, eps=1e-6, **kw)
-        self.cross_attn = _Attention(dim, num_heads, **kw)
+        self.cross_attention = cross_attention
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(dim, eps=1e-6, **kw)
+            self.cross_attn = _Attention(dim, num_heads, **kw)
         self.norm_mlp = AdaLayerNorm(dim, dim, **kw)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden, **kw), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim, **kw)
         )
 
-    def forward(self, h: torch.Tensor, txt: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, txt: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         x = self.norm_self(h, cond)
         h = h + self.self_attn(x, x)
-        h = h + self.cross_attn(self.norm_cross(h), txt)
+        if self.cross_attention:
+            h = h + self.cross_attn(self.norm_cross(h), txt)
         return h + self.mlp(self.norm_mlp(h, cond))
 
 
@@ -87,6 +91,11 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         grid_size: the token grid ``(rows, cols)``; ``None`` assumes a square grid of ``seq`` tokens.
         pos_frequencies: Fourier frequencies per axis of the position embedding.
         time_embed_dim: width of the sinusoidal timestep embedding.
+        text_conditioning: read ``txt`` (cross-attention) and ``vec`` (adaLN). ``False`` builds a *text-blind*
+            model that sees only ``img``, ``pred`` and ``t``. That is enough for classifier-free guidance, whose
+            correction ``(w - 1) * (pred - pred_uncond(img, t))`` depends on the prompt only through ``pred``:
+            a text-blind student cannot tie what it learns to the prompts it was trained on, so it carries over
+            to unseen combinations of words (docs/guide.md, "What the policy may see and when it acts").
         device, dtype: where and in which dtype to create the parameters.
     """
 
@@ -102,6 +111,7 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         grid_size: int | tuple[int, int] | None = None,
         pos_frequencies: int = 8,
         time_embed_dim: int = 256,
+        text_conditioning: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -128,6 +138,7 @@ class AttentionGuidanceModel(BaseGuidanceModel):
             grid_size=None if grid is None else list(grid),
             pos_frequencies=pos_frequencies,
             time_embed_dim=time_embed_dim,
+            **({} if text_conditioning else {"text_conditioning": False}),  # older configs stay as they were
         )
         self.latent_channels, self.txt_dim, self.vec_dim, self.grid_size = (
             latent_channels,
@@ -136,14 +147,17 @@ class AttentionGuidanceModel(BaseGuidanceModel):
             grid,
         )
         self.pos_frequencies = pos_frequencies
+        self.text_conditioning = text_conditioning
         kw = {"device": device, "dtype": dtype}
-        self.cond = ConditionEmbedding(hidden_dim, vec_dim, time_embed_dim, **kw)
+        self.cond = ConditionEmbedding(hidden_dim, vec_dim if text_conditioning else None, time_embed_dim, **kw)
         self.img_in = nn.Linear(2 * latent_channels, hidden_dim, **kw)
         self.pos_proj = nn.Linear(4 * pos_frequencies, hidden_dim, **kw)
         self.txt_in = nn.Sequential(
             nn.Linear(txt_dim, hidden_dim, **kw), nn.LayerNorm(hidden_dim, eps=1e-6, **kw)
+        ) if text_conditioning else None
+        self.blocks = nn.ModuleList(
+            _Block(hidden_dim, num_heads, mlp_ratio, cross_attention=text_conditioning, **kw) for _ in range(num_layers)
         )
-        self.blocks = nn.ModuleList(_Block(hidden_dim, num_heads, mlp_ratio, **kw) for _ in range(num_layers))
         self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
         self.out = zero_module(nn.Linear(hidden_dim, latent_channels, **kw))
 
@@ -161,7 +175,7 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         pos = grid_position_features(*inputs.grid, self.pos_frequencies, device=img.device).to(dtype)
         cond = self.cond(inputs.timestep, vec)
         h = self.img_in(torch.cat([img, pred], dim=-1).to(dtype)) + self.pos_proj(pos)[None]
-        txt_h = self.txt_in(txt.to(dtype))
+        txt_h = None if self.txt_in is None else self.txt_in(txt.to(dtype))
         for block in self.blocks:
             h = block(h, txt_h, cond)
         return self.out(self.out_norm(h, cond)).to(pred.dtype)

@@ -54,7 +54,7 @@ class ConditionEmbedding(nn.Module):
     def __init__(
         self,
         dim: int,
-        vec_dim: int,
+        vec_dim: int | None,
         time_embed_dim: int = 256,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -65,12 +65,13 @@ class ConditionEmbedding(nn.Module):
         self.time_mlp = nn.Sequential(
             nn.Linear(time_embed_dim, dim, **kw), nn.SiLU(), nn.Linear(dim, dim, **kw)
         )
-        self.vec_proj = nn.Linear(vec_dim, dim, **kw)
+        # vec_dim None: the time alone (a text-blind model ignores the pooled embedding)
+        self.vec_proj = None if vec_dim is None else nn.Linear(vec_dim, dim, **kw)
 
     def forward(self, timestep: torch.Tensor, vec: torch.Tensor) -> torch.Tensor:
-        dtype = self.vec_proj.weight.dtype
-        t_emb = timestep_embedding(timestep, self.time_embed_dim).to(dtype)
-        return self.time_mlp(t_emb) + self.vec_proj(vec.to(dtype))
+        dtype = self.time_mlp[0].weight.dtype
+        t_emb = self.time_mlp(timestep_embedding(timestep, self.time_embed_dim).to(dtype))
+        return t_emb if self.vec_proj is None else t_emb + self.vec_proj(vec.to(dtype))
 
 
 class AdaLayerNorm(nn.Module):

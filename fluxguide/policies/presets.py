@@ -9,6 +9,7 @@ import torch
 from fluxguide.backbones.base import Backbone
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel
+from fluxguide.policies.composite import TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.mlp import MLPGuidanceModel
 
@@ -36,6 +37,8 @@ def build_policy(
     hidden_dim: int = 64,
     num_layers: int = 2,
     num_heads: int = 4,
+    min_t: float = 0.0,
+    text_conditioning: bool = True,
     device: torch.device | str | None = None,
 ) -> BaseGuidanceModel:
     """A fresh guidance network of architecture ``name`` whose shapes match ``backbone``'s observations.
@@ -46,8 +49,27 @@ def build_policy(
         backbone: the base model whose latents, text features and pooled embedding the policy reads.
         hidden_dim: width; num_layers: MLP layers / transformer blocks / conv blocks; num_heads: attention
             heads.
+        min_t: guide only at times ``t >= min_t`` (1 = noise) and output zero later: the network is wrapped in a
+            :class:`TimestepRangeGuidance` (saved with it). Early steps decide the layout and the kind of each
+            object; a correction there is carried to the image by the base model's own later steps, which keep
+            it on the data manifold, while a late correction can paint pixels that fool a reward model.
+        text_conditioning: ``False``: a text-blind attention network (sees ``img``, ``pred`` and ``t`` only), the
+            right student for classifier-free guidance (see :class:`AttentionGuidanceModel`).
         device: where to create it (default: the backbone's device).
     """
+    if not text_conditioning and name != "attention":
+        raise ValueError(f"text_conditioning=False is implemented by the 'attention' policy, not {name!r}")
+    if not 0.0 <= min_t < 1.0:
+        raise ValueError(f"min_t must be in [0, 1) (guide at times t >= min_t; 0 guides every step), got {min_t}")
+    model = _build_network(name, backbone, hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads,
+                           text_conditioning=text_conditioning, device=device)
+    return TimestepRangeGuidance([((min_t, 1.0), model)]) if min_t > 0 else model
+
+
+def _build_network(
+    name: PolicyName, backbone: Backbone, *, hidden_dim: int, num_layers: int, num_heads: int,
+    text_conditioning: bool, device: torch.device | str | None,
+) -> BaseGuidanceModel:
     cond = backbone.encode([""])
     kw = {"vec_dim": cond.vec.shape[-1], "grid_size": latent_grid(backbone), "device": device or backbone.device}
     if name == "mlp":
@@ -56,7 +78,7 @@ def build_policy(
     if name == "attention":
         return AttentionGuidanceModel(hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
                                       latent_channels=backbone.latent_channels, txt_dim=cond.txt.shape[-1],
-                                      mlp_ratio=2.0, **kw)
+                                      mlp_ratio=2.0, text_conditioning=text_conditioning, **kw)
     if name == "conv":
         patch = pixel_patch(backbone)
         return ConvGuidanceModel(in_channels=backbone.latent_channels // patch**2, hidden_channels=hidden_dim,

@@ -120,3 +120,14 @@ def test_help_documents_every_option(capsys) -> None:
         assert flag in text, flag
     docs = [f for f in dataclasses.fields(script.Config)]
     assert len(docs) > 30
+
+
+def test_early_steps_text_blind_policy_trains_and_is_saved_as_such(tmp_path) -> None:
+    """--policy-min-t and --no-text-conditioning reach the actor: the saved policy guides early steps only."""
+    from fluxguide.policies import TimestepRangeGuidance, load_guidance_model
+
+    run([*SMALL, "--run-dir", str(tmp_path), "--total-updates", "1", "--eval-every", "1",
+         "--checkpoint-every", "1", "--policy-min-t", "0.5", "--no-text-conditioning"])
+    policy = load_guidance_model(tmp_path / "guidance.safetensors")
+    assert isinstance(policy, TimestepRangeGuidance) and policy.ranges == [(0.5, 1.0)]
+    assert policy.config["models"][0]["model"]["text_conditioning"] is False

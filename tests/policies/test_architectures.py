@@ -103,6 +103,23 @@ def test_only_attention_reads_txt(world, make_guidance, make_observation, pertur
             assert torch.equal(a, b)
 
 
+def test_text_blind_attention_ignores_the_prompt_but_not_the_state(world, make_observation, perturb, tmp_path):
+    """A text-blind student sees img, pred and t only: another txt / vec leaves its output unchanged."""
+    model = perturb(AttentionGuidanceModel(hidden_dim=32, num_heads=4, num_layers=2, latent_channels=world.channels,
+                                           txt_dim=world.txt_dim, vec_dim=world.vec_dim, text_conditioning=False))
+    obs = make_observation(world)
+    a = call(model, obs)
+    b = model(obs["img"], obs["pred"], torch.randn_like(obs["txt"]), torch.randn_like(obs["vec"]), obs["t"], 4)
+    assert torch.equal(a, b)
+    c = model(obs["img"], obs["pred"] + 0.5, obs["txt"], obs["vec"], obs["t"], 4)
+    assert (a - c).abs().max() > 1e-4
+    assert not any("txt_in" in n or "cross" in n or "vec_proj" in n for n, _ in model.named_parameters())
+    save_guidance_model(model, tmp_path / "blind.safetensors")
+    loaded = load_guidance_model(tmp_path / "blind.safetensors")
+    assert loaded.config["text_conditioning"] is False
+    assert torch.equal(call(loaded, obs), a)
+
+
 def test_timestep_forms_agree(make_guidance, make_observation, perturb, world):
     model = perturb(make_guidance("mlp", world))
     obs = make_observation(world)
