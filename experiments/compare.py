@@ -39,9 +39,11 @@ EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
 
 #: The rewards and settings of the README's results: reward gradient on the tiny CLIP's caption log-probability
-#: (scored on randomly shifted images against patch-grid textures), PPO on the verifier with partial credit
-#: and one initial noise per prompt group.
-_RG = ["--reward", "shapes-clip-retrieval", "--reward-shift", "2"]
+#: (scored on randomly shifted images against patch-grid textures) with a text-blind policy that guides the first
+#: 10 of 20 steps and a reward target (AlignProp's cap), PPO on the verifier with partial credit and one initial
+#: noise per prompt group.
+_RG = ["--reward", "shapes-clip-retrieval", "--reward-shift", "2", "--policy-min-t", "0.64", "--no-text-conditioning",
+       "--reward-target=-0.1"]
 _PPO = ["--reward", "verifier-partial", "--shared-group-noise"]
 _TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
          "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
