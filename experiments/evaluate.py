@@ -19,7 +19,8 @@ import torch
 import tyro
 
 from fluxguide.backbones.presets import build_backbone, build_reward
-from fluxguide.backbones.shapes import ShapesWorld, heldout_prompts
+from fluxguide.backbones.shapes import ShapesWorld
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.evaluation import SamplerSpec, compare_samplers, write_table
 from fluxguide.grids import save_prompt_grid
 from fluxguide.policies import load_guidance_model
@@ -47,8 +48,11 @@ class Config:
     """scale of the policies' corrections"""
     num_steps: int | None = None
     """sampling steps (default: the world's)"""
+    prompts: str = "shapes-heldout"
+    """the prompt set: 'shapes-heldout' (the 90 held-out prompts), 'shapes-train' (training prompts, e.g. to choose
+    a guidance scale without looking at the held-out set) or a text file with one prompt per line"""
     num_prompts: int | None = None
-    """evaluate on the first N held-out prompts (default: all 90)"""
+    """evaluate on the first N prompts of the set (default: all)"""
     samples_per_prompt: int = 4
     """images per held-out prompt"""
     grid_prompts: int = 8
@@ -75,7 +79,7 @@ def main(cfg: Config) -> list[dict]:
         raise SystemExit(f"--names has {len(cfg.names)} labels for {len(cfg.policies)} policies")
     world = build_backbone("shapes", weights_dir=cfg.weights_dir, device=cfg.device)
     rewards = {name: build_reward(name, world) for name in dict.fromkeys((*cfg.rewards, cfg.pick_reward))}
-    held = heldout_prompts()[: cfg.num_prompts]
+    held = resolve_prompts(cfg.prompts)[: cfg.num_prompts]
     specs = [SamplerSpec("base"), SamplerSpec(f"CFG {cfg.cfg_scale:g}", cfg_scale=cfg.cfg_scale)]
     specs += [SamplerSpec(f"best-of-{n} ({cfg.pick_reward})", best_of=n) for n in cfg.best_of]
     for i, path in enumerate(cfg.policies):

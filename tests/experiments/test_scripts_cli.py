@@ -86,3 +86,21 @@ def test_evaluate_rejects_a_missing_policy(tmp_path) -> None:
     with pytest.raises(SystemExit, match="no saved policy"):
         evaluate.main(evaluate.Config(policies=(tmp_path,), out_dir=tmp_path, num_prompts=1, samples_per_prompt=1,
                                       best_of=()))
+
+
+def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path) -> None:
+    """--prompts picks the prompt set (training prompts: choose a scale without looking at the held-out set)."""
+    from fluxguide.backbones.presets import build_backbone
+    from fluxguide.policies import save_guidance_model
+    from fluxguide.policies.presets import build_policy
+
+    evaluate = load_script(ROOT / "experiments" / "evaluate.py")
+    save_guidance_model(build_policy("attention", build_backbone("shapes"), hidden_dim=16, num_layers=1, min_t=0.6,
+                                     text_conditioning=False), tmp_path / "guidance.safetensors")
+    rows = evaluate.main(evaluate.Config(policies=(tmp_path,), names=("blind",), out_dir=tmp_path / "eval",
+                                         prompts="shapes-train", num_prompts=2, samples_per_prompt=1, best_of=(),
+                                         grid_prompts=2))
+    assert [r["sampler"] for r in rows] == ["base", "CFG 3", "blind"]
+    # a fresh policy outputs zero corrections: it reproduces the base sampler on the same noise
+    assert rows[2]["verifier_pass_rate"] == rows[0]["verifier_pass_rate"]
+    assert (tmp_path / "eval" / "evaluation.csv").is_file() and (tmp_path / "eval" / "samples.png").is_file()
