@@ -82,8 +82,7 @@ class Config:
     """attention heads (attention policy)"""
     text_conditioning: bool = True
     """attention policy: read the text tokens and pooled embedding; --no-text-conditioning builds a text-blind
-    student (img, pred and t only), which is all CFG's correction (w - 1) * (pred - pred_uncond(img, t)) needs
-    and which carries over to prompts with unseen word combinations"""
+    student (img, pred and t only), which is all CFG's correction (w - 1) * (pred - pred_uncond(img, t)) needs"""
     loss: Literal["mse", "gaussian_nll"] = "mse"
     """BC loss"""
     lr: float = 1e-3

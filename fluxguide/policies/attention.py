@@ -94,8 +94,8 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         text_conditioning: read ``txt`` (cross-attention) and ``vec`` (adaLN). ``False`` builds a *text-blind*
             model that sees only ``img``, ``pred`` and ``t``. That is enough for classifier-free guidance, whose
             correction ``(w - 1) * (pred - pred_uncond(img, t))`` depends on the prompt only through ``pred``:
-            a text-blind student cannot tie what it learns to the prompts it was trained on, so it carries over
-            to unseen combinations of words (docs/guide.md, "What the policy may see and when it acts").
+            a text-blind policy cannot tie what it learns to the words of the prompts it was trained on
+            (docs/guide.md, "What the policy may see and when it acts").
         device, dtype: where and in which dtype to create the parameters.
     """
 
