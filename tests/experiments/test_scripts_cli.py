@@ -104,3 +104,11 @@ def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path) -> None:
     # a fresh policy outputs zero corrections: it reproduces the base sampler on the same noise
     assert rows[2]["verifier_pass_rate"] == rows[0]["verifier_pass_rate"]
     assert (tmp_path / "eval" / "evaluation.csv").is_file() and (tmp_path / "eval" / "samples.png").is_file()
+
+
+def test_main_sample_grid_script_writes_its_grid(tmp_path, capsys) -> None:
+    main = load_script(ROOT / "experiments" / "main.py")
+    main.main(main.Config(out_dir=tmp_path, num_prompts=2))
+    assert (tmp_path / "samples.png").is_file()
+    out = capsys.readouterr().out
+    assert "base: verifier passes" in out and "guided: verifier passes" in out

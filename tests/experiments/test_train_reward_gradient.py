@@ -110,10 +110,17 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(tmp_path) -> None:
 
 
 def test_tiny_flux_run_completes(tmp_path) -> None:
+    """The README's settings (early steps, text-blind, a reward target) on a tiny random Flux: the real-Flux path."""
+    from fluxguide.policies import TimestepRangeGuidance, load_guidance_model
+
     final = run(["--backbone", "tiny-flux", "--run-dir", str(tmp_path), "--batch-size", "2", "--num-steps", "3",
                  "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--total-updates", "3",
                  "--eval-every", "3", "--checkpoint-every", "3", "--eval-num-prompts", "2",
-                 "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode", "offline"])
+                 "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode", "offline",
+                 "--policy-min-t", "0.5", "--no-text-conditioning", "--reward-target", "1.0"])
+    policy = load_guidance_model(tmp_path / "guidance.safetensors")
+    assert isinstance(policy, TimestepRangeGuidance)
+    assert policy.config["models"][0]["model"]["text_conditioning"] is False
     assert set(final) == {"eval/reward_mean", "eval/reward_std"}  # no verifier for Flux
     losses = metric_curve(read_metrics(tmp_path), "losses/loss")[1]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
