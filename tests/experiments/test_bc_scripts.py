@@ -65,13 +65,13 @@ def test_killed_collection_reruns_to_the_uninterrupted_dataset(tmp_path: Path) -
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        if (out / "chunk-000001").exists():  # killed while appending the third chunk or soon after
+        if (out / "chunk-000001").exists():  # killed while appending the second chunk or soon after
             break
         time.sleep(0.005)
     proc.kill()
     proc.wait()
-    partial = load_guidance_dataset(out)
-    assert 2 <= partial.num_chunks < 6, f"not killed mid-way: {partial.num_chunks} chunks on disk"
+    partial = load_guidance_dataset(out)  # a chunk killed mid-append is ignored, so 1 or more are on disk
+    assert 1 <= partial.num_chunks < 6, f"not killed mid-way: {partial.num_chunks} chunks on disk"
 
     resumed = collect(common + ["--out-dir", str(out)])
     assert resumed.num_chunks == 6 and resumed.prompts == reference.prompts
