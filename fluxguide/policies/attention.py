@@ -59,10 +59,9 @@ class _Block(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.norm_self = AdaLayerNorm(dim, dim, **kw)
         self.self_attn = _Attention(dim, num_heads, **kw)
-        self.cross_attention = cross_attention
-        if cross_attention:
-            self.norm_cross = nn.LayerNorm(dim, eps=1e-6, **kw)
-            self.cross_attn = _Attention(dim, num_heads, **kw)
+        # a text-blind block has no cross-attention (its parameters do not exist, so nothing trains them)
+        self.norm_cross = nn.LayerNorm(dim, eps=1e-6, **kw) if cross_attention else None
+        self.cross_attn = _Attention(dim, num_heads, **kw) if cross_attention else None
         self.norm_mlp = AdaLayerNorm(dim, dim, **kw)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(
@@ -72,7 +71,7 @@ class _Block(nn.Module):
     def forward(self, h: torch.Tensor, txt: torch.Tensor | None, cond: torch.Tensor) -> torch.Tensor:
         x = self.norm_self(h, cond)
         h = h + self.self_attn(x, x)
-        if self.cross_attention:
+        if self.cross_attn is not None:
             h = h + self.cross_attn(self.norm_cross(h), txt)
         return h + self.mlp(self.norm_mlp(h, cond))
 
@@ -147,7 +146,6 @@ class AttentionGuidanceModel(BaseGuidanceModel):
             grid,
         )
         self.pos_frequencies = pos_frequencies
-        self.text_conditioning = text_conditioning
         kw = {"device": device, "dtype": dtype}
         self.cond = ConditionEmbedding(hidden_dim, vec_dim if text_conditioning else None, time_embed_dim, **kw)
         self.img_in = nn.Linear(2 * latent_channels, hidden_dim, **kw)
