@@ -48,7 +48,7 @@ from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.evaluation import HeldoutEvaluator
 from fluxguide.policies import make_probabilistic_actor, make_value_network, save_guidance_model
-from fluxguide.policies.presets import PolicyName, build_policy, latent_grid
+from fluxguide.policies.presets import PolicyName, build_policy, image_channels, latent_grid
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 from fluxguide.tracking import Tracker
 
@@ -91,11 +91,14 @@ class Config:
     """attention heads (attention policy)"""
     policy_min_t: float = 0.0
     """guide only at times t >= this (1 = noise; e.g. 0.64 = the first 10 of 20 shapes-world steps): the policy's
-    mean is zero later, so those steps' exploration noise adds nothing to the policy gradient (0: every step)"""
+    mean is zero later, and in ODE mode it explores only where it acts (later noise would only blur the reward)"""
     text_conditioning: bool = True
     """attention policy: read the text tokens and pooled embedding; --no-text-conditioning builds a text-blind
     policy (img, pred and t only) that acts on the prompt only through the base model's prediction, as CFG does,
     and so cannot tie what it learns to the training prompts' word combinations"""
+    coarse_actions: bool = False
+    """explore and correct with coarse corrections, one value per token and image channel (192 numbers per
+    shapes-world step instead of 3,072): the policy-gradient noise shrinks with the action's dimension (ODE mode)"""
     mode: Literal["sde", "ode"] = "sde"
     """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
@@ -185,9 +188,11 @@ def main(cfg: Config) -> dict[str, float]:
     env.set_seed(distributed.rank_seed(cfg.seed))  # each rank its own prompts and noise
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads, min_t=cfg.policy_min_t,
-                          text_conditioning=cfg.text_conditioning)
+                          text_conditioning=cfg.text_conditioning, coarse=cfg.coarse_actions)
     actor = make_probabilistic_actor(policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode",
-                                     use_sde_std=cfg.mode == "sde", log_prob_reduction=cfg.log_prob_reduction)
+                                     use_sde_std=cfg.mode == "sde", log_prob_reduction=cfg.log_prob_reduction,
+                                     coarse_channels=image_channels(backbone) if cfg.coarse_actions else None,
+                                     explore_min_t=cfg.policy_min_t if cfg.mode == "ode" else 0.0)
     critic = None
     if cfg.advantage == "gae":
         cond = backbone.encode([""])

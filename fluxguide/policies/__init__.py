@@ -13,10 +13,11 @@ from fluxguide.policies.actors import (
 )
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model, check_observation
+from fluxguide.policies.coarse import CoarseGuidance, coarse_coordinates, project_coarse
 from fluxguide.policies.checkpoint import load_guidance_model, read_guidance_config, save_guidance_model
 from fluxguide.policies.composite import MultiObjectiveGuidance, StepSpecificGuidance, TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
-from fluxguide.policies.distributions import ReducedNormal
+from fluxguide.policies.distributions import CoarseNormal, ReducedNormal
 from fluxguide.policies.embeddings import grid_position_features, timestep_embedding
 from fluxguide.policies.mlp import MLPGuidanceModel, create_mlp_guidance_model
 from fluxguide.policies.sde import sde_action_coefficient, sde_action_std, sde_log_prob_offset
@@ -25,6 +26,8 @@ from fluxguide.policies.value import GuidanceValueModel, make_value_network
 __all__ = [
     "AttentionGuidanceModel",
     "BaseGuidanceModel",
+    "CoarseGuidance",
+    "CoarseNormal",
     "ConvGuidanceModel",
     "GaussianHead",
     "GuidanceValueModel",
@@ -36,6 +39,7 @@ __all__ = [
     "TimestepRangeGuidance",
     "build_guidance_model",
     "check_observation",
+    "coarse_coordinates",
     "create_mlp_guidance_model",
     "grid_position_features",
     "keys",
@@ -43,6 +47,7 @@ __all__ = [
     "make_deterministic_actor",
     "make_probabilistic_actor",
     "make_value_network",
+    "project_coarse",
     "read_guidance_config",
     "save_guidance_model",
     "sde_action_coefficient",

@@ -19,7 +19,7 @@ from torchrl.data import TensorSpec
 from torchrl.modules import ProbabilisticActor
 
 from fluxguide.policies import keys
-from fluxguide.policies.distributions import ReducedNormal
+from fluxguide.policies.distributions import CoarseNormal, ReducedNormal
 
 
 def _flat_per_sample(x: torch.Tensor, batch_shape: torch.Size, what: str) -> torch.Tensor:
@@ -90,10 +90,15 @@ class GaussianHead(nn.Module):
         std: the fixed std, or the initial std when learned.
         learn_std: learn ``log std`` (one scalar parameter).
         use_sde_std: read the std from the observation's ``sde_std`` (the env's SDE mode).
+        explore_min_t: explore only at times ``t >= explore_min_t`` (1 = noise): the std is 0 at later steps,
+            where the action is the mean and adds nothing to log-probs (a policy built with ``min_t`` outputs
+            zero there, so noise would only blur the reward). Not with ``use_sde_std`` (the SDE's noise is
+            the sampler's own).
     """
 
     def __init__(
-        self, model: nn.Module, std: float = 0.1, learn_std: bool = False, use_sde_std: bool = False
+        self, model: nn.Module, std: float = 0.1, learn_std: bool = False, use_sde_std: bool = False,
+        explore_min_t: float = 0.0,
     ) -> None:
         super().__init__()
         if learn_std and use_sde_std:
@@ -102,6 +107,14 @@ class GaussianHead(nn.Module):
             )
         if not use_sde_std and not (std > 0 and math.isfinite(std)):
             raise ValueError(f"std must be a positive finite number, got {std}")
+        if not 0.0 <= explore_min_t < 1.0:
+            raise ValueError(f"explore_min_t must be in [0, 1) (explore at t >= explore_min_t), got {explore_min_t}")
+        if explore_min_t > 0 and use_sde_std:
+            raise ValueError(
+                "explore_min_t with use_sde_std: in SDE mode the exploration is the sampler's own noise at every "
+                "step; restrict exploration in ODE mode (a fixed or learned std)"
+            )
+        self.explore_min_t = float(explore_min_t)
         self.net = ObservationAdapter(model)
         self.use_sde_std = use_sde_std
         self.std = float(std)
@@ -136,6 +149,9 @@ class GaussianHead(nn.Module):
             scale = self.log_std.float().exp().expand(*batch_shape, 1, 1)
         else:
             scale = torch.full((*batch_shape, 1, 1), self.std, device=loc.device)
+        if self.explore_min_t > 0:
+            explore = _flat_per_sample(t, batch_shape, keys.T) >= self.explore_min_t
+            scale = scale * explore.reshape(*batch_shape, 1, 1).to(scale.dtype)
         return loc, scale
 
 
@@ -161,6 +177,8 @@ def make_probabilistic_actor(
     use_sde_std: bool = False,
     log_prob_reduction: Literal["mean", "sum"] = "mean",
     *,
+    coarse_channels: int | None = None,
+    explore_min_t: float = 0.0,
     return_log_prob: bool = True,
     default_interaction_type: InteractionType = InteractionType.RANDOM,
     spec: TensorSpec | None = None,
@@ -179,6 +197,12 @@ def make_probabilistic_actor(
         use_sde_std: take the std from the observation's ``sde_std`` (env in SDE mode; see
             :func:`fluxguide.policies.sde_action_std` for what the env must publish).
         log_prob_reduction: ``"mean"`` (default; sane PPO ratios at high dimension) or ``"sum"`` (exact).
+        coarse_channels: explore with coarse noise, constant over each token's packed pixels, and act with
+            the coarse projection of the mean (:class:`CoarseNormal`; wrap ``model`` in
+            :class:`fluxguide.policies.coarse.CoarseGuidance` so its deterministic correction is the same). The
+            image/latent channels per token: 3 in the shapes world, 16 in Flux. Not with ``use_sde_std``.
+        explore_min_t: explore only at times ``t >= explore_min_t`` (see :class:`GaussianHead`); pass the
+            policy's ``min_t``.
         return_log_prob: write the log-prob of the sampled action.
         default_interaction_type: ``RANDOM`` samples (exploration, SDE); under TorchRL's
             ``set_exploration_type(DETERMINISTIC)`` the actor returns the mean.
@@ -188,7 +212,12 @@ def make_probabilistic_actor(
     """
     if log_prob_reduction not in ("mean", "sum"):
         raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
-    head = GaussianHead(model, std=std, learn_std=learn_std, use_sde_std=use_sde_std)
+    if coarse_channels is not None and use_sde_std:
+        raise ValueError(
+            "coarse_channels with use_sde_std: the SDE's noise is full-resolution, so its step cannot be a coarse "
+            "Gaussian; use coarse exploration in ODE mode (a fixed or learned std)"
+        )
+    head = GaussianHead(model, std=std, learn_std=learn_std, use_sde_std=use_sde_std, explore_min_t=explore_min_t)
     in_keys = list(observation_keys) + ([sde_std_key] if use_sde_std else [])
     module = TensorDictModule(head, in_keys=in_keys, out_keys=[keys.LOC, keys.SCALE])
     return ProbabilisticActor(
@@ -196,8 +225,9 @@ def make_probabilistic_actor(
         in_keys=[keys.LOC, keys.SCALE],
         out_keys=[keys.ACTION],
         spec=spec,
-        distribution_class=ReducedNormal,
-        distribution_kwargs={"reduction": log_prob_reduction, "event_dims": 2},
+        distribution_class=ReducedNormal if coarse_channels is None else CoarseNormal,
+        distribution_kwargs={"reduction": log_prob_reduction, "event_dims": 2}
+        | ({} if coarse_channels is None else {"channels": int(coarse_channels)}),
         return_log_prob=return_log_prob,
         log_prob_key=keys.LOG_PROB,
         default_interaction_type=default_interaction_type,

@@ -8,15 +8,44 @@ over the action dimensions ``(seq, C)``. The sum is the exact log-density; the m
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
 from torch.distributions import Distribution, Normal, constraints, register_kl
 from torch.distributions.utils import broadcast_all
 
+from fluxguide.policies.coarse import coarse_coordinates, expand_coarse, project_coarse
 from fluxguide.sampling.steps import gaussian_log_prob
 
 Reduction = Literal["mean", "sum"]
+_LOG_SQRT_2PI_E = 0.5 + 0.5 * math.log(2 * math.pi)
+
+
+def _masked_log_prob(diff: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``log N(diff; 0, scale^2)`` in float32, and 0 where ``scale == 0`` (a point mass; no NaN in any gradient)."""
+    active = scale > 0
+    safe = torch.where(active, scale, torch.ones_like(scale))
+    log_prob = gaussian_log_prob(diff, torch.zeros_like(diff), safe)
+    return torch.where(active, log_prob, torch.zeros_like(log_prob))
+
+
+def _masked_entropy(scale: torch.Tensor) -> torch.Tensor:
+    scale = scale.float()
+    active = scale > 0
+    entropy = _LOG_SQRT_2PI_E + torch.log(torch.where(active, scale, torch.ones_like(scale)))
+    return torch.where(active, entropy, torch.zeros_like(entropy))
+
+
+def _gaussian_kl(p_loc: torch.Tensor, p_scale: torch.Tensor, q_loc: torch.Tensor, q_scale: torch.Tensor) -> torch.Tensor:
+    """Element-wise ``KL(N(p_loc, p_scale^2) || N(q_loc, q_scale^2))`` in float32; 0 where both stds are 0."""
+    p_loc, p_scale, q_loc, q_scale = (x.float() for x in (p_loc, p_scale, q_loc, q_scale))
+    both_point = (p_scale == 0) & (q_scale == 0)
+    q_safe = torch.where(both_point, torch.ones_like(q_scale), q_scale)
+    p_safe = torch.where(both_point, torch.ones_like(p_scale), p_scale)
+    var_ratio = (p_safe / q_safe) ** 2
+    kl = 0.5 * (var_ratio + ((p_loc - q_loc) / q_safe) ** 2 - 1 - torch.log(var_ratio))
+    return torch.where(both_point, torch.zeros_like(kl), kl)
 
 
 class ReducedNormal(Normal):
@@ -28,14 +57,16 @@ class ReducedNormal(Normal):
 
     Args:
         loc: mean (the guidance network's output).
-        scale: std, broadcastable to ``loc`` (e.g. ``(*batch, 1, 1)``).
+        scale: std, broadcastable to ``loc`` (e.g. ``(*batch, 1, 1)``). A zero std marks a point mass at ``loc``
+            (a step where the policy does not explore): its action is ``loc`` and it adds 0 to log-probs,
+            entropies and KLs, so its importance ratio is exactly 1.
         reduction: ``"sum"`` (the exact joint log-density) or ``"mean"`` (the sum over ``seq * C``).
         event_dims: number of trailing dimensions forming one action.
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
         "loc": constraints.real,
-        "scale": constraints.positive,
+        "scale": constraints.nonnegative,
     }
 
     def __init__(
@@ -68,16 +99,16 @@ class ReducedNormal(Normal):
         return x.sum(dims) if self.reduction == "sum" else x.mean(dims)
 
     def elementwise_log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        """Unreduced float32 log-density, shaped like the action."""
+        """Unreduced float32 log-density, shaped like the action (0 where the std is 0)."""
         if self._validate_args:
             self._validate_sample(value)
-        return gaussian_log_prob(value, self.loc, self.scale)
+        return _masked_log_prob(value - self.loc, self.scale)
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         return self._reduce(self.elementwise_log_prob(value))
 
     def entropy(self) -> torch.Tensor:
-        return self._reduce(super().entropy().float())
+        return self._reduce(_masked_entropy(self.scale.expand_as(self.loc)))
 
     @property
     def deterministic_sample(self) -> torch.Tensor:
@@ -103,7 +134,74 @@ def _kl_reduced_normal(p: ReducedNormal, q: ReducedNormal) -> torch.Tensor:
             f"KL between ReducedNormals needs the same reduction and event_dims, got ({p.reduction}, "
             f"{p.event_dims}) and ({q.reduction}, {q.event_dims})"
         )
-    p_loc, p_scale, q_loc, q_scale = (x.float() for x in (p.loc, p.scale, q.loc, q.scale))
-    var_ratio = (p_scale / q_scale) ** 2
-    kl = 0.5 * (var_ratio + ((p_loc - q_loc) / q_scale) ** 2 - 1 - torch.log(var_ratio))
-    return p._reduce(kl)
+    return p._reduce(_gaussian_kl(p.loc, p.scale, q.loc, q.scale))
+
+
+class CoarseNormal(ReducedNormal):
+    """A :class:`ReducedNormal` whose noise, and mean, are coarse: constant over each token's packed pixels.
+
+    ``action = P(loc) + scale * E(z)``, ``z ~ N(0, I)`` of shape ``(*batch, seq, channels)``, with ``P`` the
+    projection onto coarse corrections and ``E`` the repeat over a channel's pixels
+    (:mod:`fluxguide.policies.coarse`). Every pixel's noise has std ``scale`` (as in :class:`ReducedNormal`);
+    the density is the exact Gaussian on the ``seq * channels`` coarse coordinates, and ``"mean"`` reduces over
+    them. Actions that are not coarse have no density here: sample them from this distribution. ``scale``
+    is one std per sample (or per coarse coordinate); its mean over a token's pixels is used.
+
+    Args:
+        loc, scale, reduction, event_dims: as :class:`ReducedNormal` (``event_dims`` must be 2: ``(seq, C)``).
+        channels: image (or latent) channels per token: 3 in the shapes world, 16 in Flux.
+    """
+
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor | float,
+        reduction: Reduction = "mean",
+        event_dims: int = 2,
+        channels: int = 3,
+        validate_args: bool | None = None,
+    ) -> None:
+        if event_dims != 2:
+            raise ValueError(f"CoarseNormal acts on packed latents (seq, C): event_dims must be 2, got {event_dims}")
+        super().__init__(project_coarse(loc, channels), scale, reduction, event_dims, validate_args)
+        self.channels = channels
+
+    @property
+    def coarse_scale(self) -> torch.Tensor:
+        """The std of each coarse coordinate, ``(*batch, seq, channels)``."""
+        return coarse_coordinates(self.scale, self.channels)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        shape = self._extended_shape(torch.Size(sample_shape))
+        z = torch.randn((*shape[:-1], self.channels), dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + expand_coarse(self.coarse_scale * z, shape[-1])
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def elementwise_log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Float32 log-density of each coarse coordinate, ``(*batch, seq, channels)``."""
+        if self._validate_args:
+            self._validate_sample(value)
+        return _masked_log_prob(coarse_coordinates(value - self.loc, self.channels), self.coarse_scale)
+
+    def entropy(self) -> torch.Tensor:
+        return self._reduce(_masked_entropy(self.coarse_scale))
+
+    def expand(self, batch_shape: torch.Size, _instance: CoarseNormal | None = None) -> CoarseNormal:
+        shape = torch.Size(batch_shape) + self.event_shape
+        return CoarseNormal(self.loc.expand(shape), self.scale.expand(shape), self.reduction, self.event_dims,
+                            self.channels, validate_args=False)
+
+
+@register_kl(CoarseNormal, CoarseNormal)
+def _kl_coarse_normal(p: CoarseNormal, q: CoarseNormal) -> torch.Tensor:
+    """``KL(p || q)`` on the coarse coordinates, reduced like ``p``."""
+    if (p.reduction, p.event_dims, p.channels) != (q.reduction, q.event_dims, q.channels):
+        raise ValueError(
+            f"KL between CoarseNormals needs the same reduction and channels, got ({p.reduction}, {p.channels}) "
+            f"and ({q.reduction}, {q.channels})"
+        )
+    p_loc, q_loc = (coarse_coordinates(x, p.channels) for x in (p.loc, q.loc))
+    return p._reduce(_gaussian_kl(p_loc, p.coarse_scale, q_loc, q.coarse_scale))

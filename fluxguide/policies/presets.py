@@ -9,6 +9,7 @@ import torch
 from fluxguide.backbones.base import Backbone
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel
+from fluxguide.policies.coarse import CoarseGuidance
 from fluxguide.policies.composite import TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.mlp import MLPGuidanceModel
@@ -30,6 +31,11 @@ def pixel_patch(backbone: Backbone) -> int:
     return PATCH if isinstance(backbone, ShapesWorld) else 2
 
 
+def image_channels(backbone: Backbone) -> int:
+    """Image (or latent) channels per token: 3 in the shapes world, 16 in Flux (the coarse channels)."""
+    return backbone.latent_channels // pixel_patch(backbone) ** 2
+
+
 def build_policy(
     name: PolicyName,
     backbone: Backbone,
@@ -39,6 +45,7 @@ def build_policy(
     num_heads: int = 4,
     min_t: float = 0.0,
     text_conditioning: bool = True,
+    coarse: bool = False,
     device: torch.device | str | None = None,
 ) -> BaseGuidanceModel:
     """A fresh guidance network of architecture ``name`` whose shapes match ``backbone``'s observations.
@@ -55,6 +62,8 @@ def build_policy(
             it on the data manifold, while a late correction can paint pixels that fool a reward model.
         text_conditioning: ``False``: a text-blind attention network (sees ``img``, ``pred`` and ``t`` only), the
             right student for classifier-free guidance (see :class:`AttentionGuidanceModel`).
+        coarse: project the correction onto coarse corrections, one value per token and image channel
+            (:class:`CoarseGuidance`, saved with it): the action space of PPO's coarse exploration.
         device: where to create it (default: the backbone's device).
     """
     if not text_conditioning and name != "attention":
@@ -63,6 +72,8 @@ def build_policy(
         raise ValueError(f"min_t must be in [0, 1) (guide at times t >= min_t; 0 guides every step), got {min_t}")
     model = _build_network(name, backbone, hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads,
                            text_conditioning=text_conditioning, device=device)
+    if coarse:
+        model = CoarseGuidance(model, image_channels(backbone))
     return TimestepRangeGuidance([((min_t, 1.0), model)]) if min_t > 0 else model
 
 

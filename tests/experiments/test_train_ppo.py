@@ -131,3 +131,22 @@ def test_early_steps_text_blind_policy_trains_and_is_saved_as_such(tmp_path) -> 
     policy = load_guidance_model(tmp_path / "guidance.safetensors")
     assert isinstance(policy, TimestepRangeGuidance) and policy.ranges == [(0.5, 1.0)]
     assert policy.config["models"][0]["model"]["text_conditioning"] is False
+
+
+def test_coarse_actions_train_and_save_a_coarse_policy(tmp_path) -> None:
+    """--coarse-actions reaches the actor and the saved policy: its corrections are coarse once trained."""
+    from fluxguide.backbones.presets import build_backbone
+    from fluxguide.policies import CoarseGuidance, load_guidance_model, project_coarse
+
+    run([*SMALL, "--run-dir", str(tmp_path), "--total-updates", "2", "--eval-every", "2", "--checkpoint-every",
+         "2", "--mode", "ode", "--std", "0.5", "--coarse-actions", "--lr", "1e-2"])
+    policy = load_guidance_model(tmp_path / "guidance.safetensors")
+    assert isinstance(policy, CoarseGuidance) and policy.channels == 3
+    world = build_backbone("shapes-random", seed=0)
+    cond = world.encode(["a red circle"])
+    img, pred = torch.randn(1, 64, 48), torch.randn(1, 64, 48)
+    out = policy(img, pred, cond.txt, cond.vec, torch.tensor([0.8]), 1)
+    assert out.abs().max() > 0  # the updates moved it
+    torch.testing.assert_close(project_coarse(out, 3), out)
+    with pytest.raises(ValueError, match="ODE mode"):
+        run([*SMALL, "--run-dir", str(tmp_path / "sde"), "--total-updates", "1", "--coarse-actions"])
