@@ -11,6 +11,7 @@ from fluxguide.policies.actors import (
     make_deterministic_actor,
     make_probabilistic_actor,
 )
+from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model, check_observation
 from fluxguide.policies.coarse import CoarseGuidance, coarse_coordinates, project_coarse
@@ -24,6 +25,7 @@ from fluxguide.policies.sde import sde_action_coefficient, sde_action_std, sde_l
 from fluxguide.policies.value import GuidanceValueModel, make_value_network
 
 __all__ = [
+    "AffineGuidance",
     "AttentionGuidanceModel",
     "BaseGuidanceModel",
     "CoarseGuidance",

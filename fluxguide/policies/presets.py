@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 from fluxguide.backbones.base import Backbone
+from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel
 from fluxguide.policies.coarse import CoarseGuidance
@@ -14,7 +15,7 @@ from fluxguide.policies.composite import TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.mlp import MLPGuidanceModel
 
-PolicyName = Literal["mlp", "attention", "conv"]
+PolicyName = Literal["mlp", "attention", "conv", "affine"]
 
 
 def latent_grid(backbone: Backbone) -> tuple[int, int]:
@@ -51,8 +52,10 @@ def build_policy(
     """A fresh guidance network of architecture ``name`` whose shapes match ``backbone``'s observations.
 
     Args:
-        name: ``"mlp"`` (per token), ``"attention"`` (tokens attend to each other and to the text tokens)
-            or ``"conv"`` (on the unpacked spatial grid). All know each token's position.
+        name: ``"mlp"`` (per token), ``"attention"`` (tokens attend to each other and to the text tokens),
+            ``"conv"`` (on the unpacked spatial grid), all of which know each token's position, or ``"affine"``
+            (:class:`AffineGuidance`: a learned per-time, per-channel ``a(t) img + b(t) pred``, a few dozen
+            parameters; ``hidden_dim`` is its timestep-embedding size, the other sizes are unused).
         backbone: the base model whose latents, text features and pooled embedding the policy reads.
         hidden_dim: width; num_layers: MLP layers / transformer blocks / conv blocks; num_heads: attention
             heads.
@@ -90,6 +93,9 @@ def _build_network(
         return AttentionGuidanceModel(hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
                                       latent_channels=backbone.latent_channels, txt_dim=cond.txt.shape[-1],
                                       mlp_ratio=2.0, text_conditioning=text_conditioning, **kw)
+    if name == "affine":
+        return AffineGuidance(backbone.latent_channels, image_channels(backbone), time_dim=hidden_dim,
+                              device=device or backbone.device)
     if name == "conv":
         patch = pixel_patch(backbone)
         return ConvGuidanceModel(in_channels=backbone.latent_channels // patch**2, hidden_channels=hidden_dim,

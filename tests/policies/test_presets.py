@@ -50,3 +50,16 @@ def test_bad_options_are_named(backbone, kwargs, match):
     name = kwargs.pop("name", "attention")
     with pytest.raises(ValueError, match=match):
         build_policy(name, backbone, hidden_dim=16, **kwargs)
+
+
+def test_affine_and_coarse_policies_are_built_for_the_backbone(backbone):
+    from fluxguide.policies import AffineGuidance, CoarseGuidance, project_coarse
+
+    affine = build_policy("affine", backbone, hidden_dim=8)
+    assert isinstance(affine, AffineGuidance) and affine.channels == 3 and affine.latent_channels == 48
+    coarse = _randomize(build_policy("attention", backbone, hidden_dim=16, num_layers=1, coarse=True))
+    assert isinstance(coarse, CoarseGuidance) and coarse.channels == 3
+    cond = backbone.encode(["a red bar"])
+    out = coarse(torch.randn(1, 64, 48), torch.randn(1, 64, 48), cond.txt, cond.vec, torch.tensor([0.7]), 2)
+    assert out.abs().max() > 0
+    torch.testing.assert_close(project_coarse(out, 3), out)
