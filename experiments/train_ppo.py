@@ -47,7 +47,7 @@ from fluxguide.curves import plot_curves
 from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.evaluation import HeldoutEvaluator
-from fluxguide.policies import make_probabilistic_actor, make_value_network, save_guidance_model
+from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network, save_guidance_model
 from fluxguide.policies.presets import PolicyName, build_policy, image_channels, latent_grid
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 from fluxguide.tracking import Tracker
@@ -99,6 +99,9 @@ class Config:
     coarse_actions: bool = False
     """explore and correct with coarse corrections, one value per token and image channel (192 numbers per
     shapes-world step instead of 3,072): the policy-gradient noise shrinks with the action's dimension (ODE mode)"""
+    explore_coefficients: bool = False
+    """with --policy affine: explore in the policy's 2 x channels coefficients of img and pred (6 numbers per
+    shapes-world step), each with std --std, instead of in the whole correction (ODE mode)"""
     mode: Literal["sde", "ode"] = "sde"
     """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
@@ -189,10 +192,21 @@ def main(cfg: Config) -> dict[str, float]:
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim, num_layers=cfg.num_layers,
                           num_heads=cfg.num_heads, min_t=cfg.policy_min_t,
                           text_conditioning=cfg.text_conditioning, coarse=cfg.coarse_actions)
-    actor = make_probabilistic_actor(policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode",
-                                     use_sde_std=cfg.mode == "sde", log_prob_reduction=cfg.log_prob_reduction,
-                                     coarse_channels=image_channels(backbone) if cfg.coarse_actions else None,
-                                     explore_min_t=cfg.policy_min_t if cfg.mode == "ode" else 0.0)
+    if cfg.explore_coefficients:
+        if cfg.policy != "affine" or cfg.mode != "ode" or cfg.coarse_actions:
+            raise ValueError(
+                f"--explore-coefficients explores the coefficients of --policy affine in --mode ode (without "
+                f"--coarse-actions); got --policy {cfg.policy} --mode {cfg.mode}"
+                + (" --coarse-actions" if cfg.coarse_actions else "")
+            )
+        actor = make_coefficient_actor(policy, std=cfg.std, learn_std=cfg.learn_std,
+                                       log_prob_reduction=cfg.log_prob_reduction)
+    else:
+        actor = make_probabilistic_actor(
+            policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode", use_sde_std=cfg.mode == "sde",
+            log_prob_reduction=cfg.log_prob_reduction,
+            coarse_channels=image_channels(backbone) if cfg.coarse_actions else None,
+            explore_min_t=cfg.policy_min_t if cfg.mode == "ode" else 0.0)
     critic = None
     if cfg.advantage == "gae":
         cond = backbone.encode([""])

@@ -6,8 +6,10 @@ The seed's names: ``BaseGuidanceModel``, ``MLPGuidanceModel``, ``create_mlp_guid
 
 from fluxguide.policies import keys
 from fluxguide.policies.actors import (
+    CoefficientHead,
     GaussianHead,
     ObservationAdapter,
+    make_coefficient_actor,
     make_deterministic_actor,
     make_probabilistic_actor,
 )
@@ -18,7 +20,7 @@ from fluxguide.policies.coarse import CoarseGuidance, coarse_coordinates, projec
 from fluxguide.policies.checkpoint import load_guidance_model, read_guidance_config, save_guidance_model
 from fluxguide.policies.composite import MultiObjectiveGuidance, StepSpecificGuidance, TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
-from fluxguide.policies.distributions import CoarseNormal, ReducedNormal
+from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
 from fluxguide.policies.embeddings import grid_position_features, timestep_embedding
 from fluxguide.policies.mlp import MLPGuidanceModel, create_mlp_guidance_model
 from fluxguide.policies.sde import sde_action_coefficient, sde_action_std, sde_log_prob_offset
@@ -30,6 +32,7 @@ __all__ = [
     "BaseGuidanceModel",
     "CoarseGuidance",
     "CoarseNormal",
+    "CoefficientHead",
     "ConvGuidanceModel",
     "GaussianHead",
     "GuidanceValueModel",
@@ -38,6 +41,7 @@ __all__ = [
     "ObservationAdapter",
     "ReducedNormal",
     "StepSpecificGuidance",
+    "SubspaceNormal",
     "TimestepRangeGuidance",
     "build_guidance_model",
     "check_observation",
@@ -46,6 +50,7 @@ __all__ = [
     "grid_position_features",
     "keys",
     "load_guidance_model",
+    "make_coefficient_actor",
     "make_deterministic_actor",
     "make_probabilistic_actor",
     "make_value_network",

@@ -19,7 +19,9 @@ from torchrl.data import TensorSpec
 from torchrl.modules import ProbabilisticActor
 
 from fluxguide.policies import keys
-from fluxguide.policies.distributions import CoarseNormal, ReducedNormal
+from fluxguide.policies.affine import AffineGuidance
+from fluxguide.policies.composite import TimestepRangeGuidance
+from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
 
 
 def _flat_per_sample(x: torch.Tensor, batch_shape: torch.Size, what: str) -> torch.Tensor:
@@ -228,6 +230,101 @@ def make_probabilistic_actor(
         distribution_class=ReducedNormal if coarse_channels is None else CoarseNormal,
         distribution_kwargs={"reduction": log_prob_reduction, "event_dims": 2}
         | ({} if coarse_channels is None else {"channels": int(coarse_channels)}),
+        return_log_prob=return_log_prob,
+        log_prob_key=keys.LOG_PROB,
+        default_interaction_type=default_interaction_type,
+    )
+
+
+def _affine_parts(policy: nn.Module) -> tuple[AffineGuidance, float]:
+    """The :class:`AffineGuidance` inside ``policy`` and the time from which it acts (its ``min_t`` wrapper)."""
+    if isinstance(policy, AffineGuidance):
+        return policy, 0.0
+    if isinstance(policy, TimestepRangeGuidance) and len(policy.models) == 1 and policy.ranges[0][1] == 1.0:
+        inner = policy.models[0]
+        if isinstance(inner, AffineGuidance):
+            return inner, policy.ranges[0][0]
+    raise TypeError(
+        f"coefficient exploration needs an AffineGuidance policy (build_policy('affine', ...), optionally with "
+        f"min_t), got {type(policy).__name__}"
+    )
+
+
+class CoefficientHead(nn.Module):
+    """Observation -> ``(coefficients, scale, basis)`` of a :class:`SubspaceNormal` for an affine policy.
+
+    The coefficients are the policy's ``a(t), b(t)`` (zero before its ``min_t``), the basis its
+    :meth:`AffineGuidance.basis` of the observation, and the std is 0 (no exploration) where the policy does
+    not act.
+    """
+
+    def __init__(self, policy: nn.Module, std: float = 0.1, learn_std: bool = False) -> None:
+        super().__init__()
+        if not (std > 0 and math.isfinite(std)):
+            raise ValueError(f"std must be a positive finite number, got {std}")
+        self.affine, self.min_t = _affine_parts(policy)  # the wrapper holds no parameters of its own
+        self.std = float(std)
+        self.log_std = nn.Parameter(torch.tensor(math.log(std))) if learn_std else None
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        t: torch.Tensor,
+        step: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if img.ndim < 3 or img.shape != pred.shape or img.shape[-1] != self.affine.latent_channels:
+            raise ValueError(
+                f"img and pred must be packed latents (*batch, seq, {self.affine.latent_channels}), got "
+                f"{tuple(img.shape)} and {tuple(pred.shape)}"
+            )
+        batch_shape = img.shape[:-2]
+        times = _flat_per_sample(t, batch_shape, keys.T).float()
+        acts = (times >= self.min_t).float().unsqueeze(-1)
+        coefficients = (self.affine.coefficients_at(times).float() * acts).reshape(*batch_shape, -1)
+        std = self.log_std.float().exp() if self.log_std is not None else torch.tensor(self.std)
+        scale = (std.to(img.device) * acts).reshape(*batch_shape, 1)
+        return coefficients, scale, self.affine.basis(img, pred)
+
+
+def make_coefficient_actor(
+    policy: nn.Module,
+    std: float = 0.1,
+    learn_std: bool = False,
+    log_prob_reduction: Literal["mean", "sum"] = "mean",
+    *,
+    return_log_prob: bool = True,
+    default_interaction_type: InteractionType = InteractionType.RANDOM,
+    spec: TensorSpec | None = None,
+    observation_keys: Sequence[NestedKey] = keys.OBSERVATION_KEYS,
+) -> ProbabilisticActor:
+    """A ``ProbabilisticActor`` that explores in the coefficients of an :class:`AffineGuidance` policy (PPO).
+
+    ``action = sum_k c_k basis_k`` with ``c ~ N(policy coefficients, std^2)``: ``2 * channels`` dimensions per
+    step instead of the whole latent (:class:`SubspaceNormal`), none where the policy does not act (its
+    ``min_t``). The deterministic action is the policy's own correction, so the saved policy samples as it
+    was trained. Writes ``loc`` (the coefficients), ``scale``, ``basis``, ``action`` and ``action_log_prob``.
+
+    Args:
+        policy: ``build_policy("affine", ...)``, with or without ``min_t``.
+        std: the std of every coefficient (the initial std when ``learn_std``).
+        learn_std: learn one log-std parameter.
+        log_prob_reduction: reduce over the coefficients by ``"mean"`` (default) or ``"sum"`` (exact).
+        return_log_prob, default_interaction_type, spec, observation_keys: as :func:`make_probabilistic_actor`.
+    """
+    if log_prob_reduction not in ("mean", "sum"):
+        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
+    head = CoefficientHead(policy, std=std, learn_std=learn_std)
+    module = TensorDictModule(head, in_keys=list(observation_keys), out_keys=[keys.LOC, keys.SCALE, keys.BASIS])
+    return ProbabilisticActor(
+        module,
+        in_keys={"loc": keys.LOC, "scale": keys.SCALE, "basis": keys.BASIS},
+        out_keys=[keys.ACTION],
+        spec=spec,
+        distribution_class=SubspaceNormal,
+        distribution_kwargs={"reduction": log_prob_reduction},
         return_log_prob=return_log_prob,
         log_prob_key=keys.LOG_PROB,
         default_interaction_type=default_interaction_type,

@@ -51,6 +51,19 @@ class AffineGuidance(BaseGuidanceModel):
         nn.init.zeros_(self.coefficients.weight)  # zero output: the untrained policy is the base sampler
         nn.init.zeros_(self.coefficients.bias)
 
+    def coefficients_at(self, timestep: torch.Tensor) -> torch.Tensor:
+        """The ``2 * channels`` coefficients ``(a_1 .. a_channels, b_1 .. b_channels)`` at times ``(B,)``."""
+        emb = timestep_embedding(timestep, self.time_dim).to(self.coefficients.weight.dtype)
+        return self.coefficients(emb)
+
+    def basis(self, img: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """``(..., 2 * channels, seq, C)``: ``img`` and ``pred`` restricted to each channel's entries, in the
+        order of :meth:`coefficients_at`; the correction is the coefficients' combination of these vectors."""
+        width = img.shape[-1]
+        masks = expand_coarse(torch.eye(self.channels, dtype=img.dtype, device=img.device), width)  # (ch, C)
+        parts = [x.unsqueeze(-3) * masks[:, None, :] for x in (img, pred)]  # (..., ch, seq, C) each
+        return torch.cat(parts, dim=-3)
+
     def forward(
         self,
         img: torch.Tensor,
@@ -61,8 +74,7 @@ class AffineGuidance(BaseGuidanceModel):
         step_idx: int | torch.Tensor,
     ) -> torch.Tensor:
         inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
-        emb = timestep_embedding(inputs.timestep, self.time_dim).to(self.coefficients.weight.dtype)
-        a, b = self.coefficients(emb).unflatten(-1, (2, self.channels)).unbind(1)  # (B, channels) each
+        a, b = self.coefficients_at(inputs.timestep).unflatten(-1, (2, self.channels)).unbind(1)  # (B, ch) each
         width = img.shape[-1]
         a, b = (expand_coarse(x[:, None, :], width).to(img.dtype) for x in (a, b))  # (B, 1, C)
         return a * img + b * pred

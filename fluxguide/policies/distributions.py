@@ -205,3 +205,83 @@ def _kl_coarse_normal(p: CoarseNormal, q: CoarseNormal) -> torch.Tensor:
         )
     p_loc, q_loc = (coarse_coordinates(x, p.channels) for x in (p.loc, q.loc))
     return p._reduce(_gaussian_kl(p_loc, p.coarse_scale, q_loc, q.coarse_scale))
+
+
+class SubspaceNormal(Distribution):
+    """A Gaussian over the coefficients of an action in a per-observation basis: ``action = sum_k c_k basis_k``,
+    ``c ~ N(loc, scale^2 I)``.
+
+    The exploration of a policy with few outputs (:class:`fluxguide.policies.AffineGuidance`: ``2 * channels``
+    coefficients of ``img`` and ``pred``) then lives in those few dimensions, and the policy gradient's noise
+    with it. The density is the exact Gaussian of the coefficients, which are recovered from an action by least
+    squares in the basis (which depends only on the observation, so old and new policies share it).
+
+    Args:
+        loc: coefficient means ``(*batch, K)``.
+        scale: std ``(*batch, 1)`` or ``(*batch, K)``; 0 is a point mass (log-prob 0, see :class:`ReducedNormal`).
+        basis: ``(*batch, K, seq, C)``.
+        reduction: reduce the ``K`` coefficient log-densities by ``"mean"`` or ``"sum"``.
+    """
+
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
+        "loc": constraints.real,
+        "scale": constraints.nonnegative,
+    }
+
+    def __init__(
+        self,
+        loc: torch.Tensor,
+        scale: torch.Tensor,
+        basis: torch.Tensor,
+        reduction: Reduction = "mean",
+        validate_args: bool | None = None,
+    ) -> None:
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if basis.shape[:-2] != loc.shape:
+            raise ValueError(
+                f"basis {tuple(basis.shape)} must be (*batch, K, seq, C) for coefficients loc {tuple(loc.shape)}"
+            )
+        self.loc, self.scale = broadcast_all(loc, scale)
+        self.basis, self.reduction = basis, reduction
+        Distribution.__init__(self, loc.shape[:-1], basis.shape[-2:], validate_args=validate_args)
+
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum(-1) if self.reduction == "sum" else x.mean(-1)
+
+    def _combine(self, coefficients: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("...k,...ksc->...sc", coefficients.to(self.basis.dtype), self.basis)
+
+    def coordinates(self, value: torch.Tensor) -> torch.Tensor:
+        """The basis coefficients ``(*batch, K)`` of actions ``(*batch, seq, C)`` (least squares, float32)."""
+        basis = self.basis.float().flatten(-2)
+        gram = basis @ basis.transpose(-1, -2)
+        # A small ridge keeps a degenerate basis (an all-zero channel) solvable; it changes nothing measurable.
+        ridge = 1e-6 * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).clamp_min(1e-12)
+        gram = gram + torch.diag_embed(ridge.expand(*gram.shape[:-1]))
+        rhs = (basis @ value.float().flatten(-2).unsqueeze(-1))
+        return torch.linalg.solve(gram, rhs).squeeze(-1)
+
+    def rsample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        shape = torch.Size(sample_shape) + self.loc.shape
+        coefficients = self.loc + self.scale * torch.randn(shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self._combine(coefficients)
+
+    def sample(self, sample_shape: torch.Size | tuple[int, ...] = torch.Size()) -> torch.Tensor:
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        return self._reduce(_masked_log_prob(self.coordinates(value) - self.loc.float(), self.scale))
+
+    def entropy(self) -> torch.Tensor:
+        return self._reduce(_masked_entropy(self.scale))
+
+    @property
+    def deterministic_sample(self) -> torch.Tensor:
+        """The mean action: the mean coefficients' combination of the basis."""
+        return self._combine(self.loc)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.deterministic_sample

@@ -29,6 +29,8 @@ LOC = "loc"
 """Mean of the Gaussian policy (the guidance network's output)."""
 SCALE = "scale"
 """Std of the Gaussian policy, broadcastable to the action (``(B, 1, 1)``)."""
+BASIS = "basis"
+"""Per-observation basis ``(*batch, K, seq, C)`` of a coefficient-space policy (:class:`SubspaceNormal`)."""
 LOG_PROB = "action_log_prob"
 """Where TorchRL's ``ProbabilisticActor`` writes the action's log-prob (torchrl 0.14's default)."""
 STATE_VALUE = "state_value"
@@ -39,6 +41,7 @@ OBSERVATION_KEYS: tuple[str, ...] = (IMG, PRED, TXT, VEC, T, STEP)
 
 __all__ = [
     "ACTION",
+    "BASIS",
     "IMG",
     "LOC",
     "LOG_PROB",

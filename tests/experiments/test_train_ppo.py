@@ -150,3 +150,18 @@ def test_coarse_actions_train_and_save_a_coarse_policy(tmp_path) -> None:
     torch.testing.assert_close(project_coarse(out, 3), out)
     with pytest.raises(ValueError, match="ODE mode"):
         run([*SMALL, "--run-dir", str(tmp_path / "sde"), "--total-updates", "1", "--coarse-actions"])
+
+
+def test_coefficient_exploration_trains_an_affine_policy(tmp_path) -> None:
+    """--policy affine --explore-coefficients: the update moves the coefficients; bad combinations are named."""
+    from fluxguide.policies import AffineGuidance, TimestepRangeGuidance, load_guidance_model
+
+    run([*SMALL, "--run-dir", str(tmp_path), "--total-updates", "2", "--eval-every", "2", "--checkpoint-every",
+         "2", "--policy", "affine", "--explore-coefficients", "--mode", "ode", "--std", "0.3", "--lr", "1e-2",
+         "--policy-min-t", "0.5"])
+    policy = load_guidance_model(tmp_path / "guidance.safetensors")
+    assert isinstance(policy, TimestepRangeGuidance) and isinstance(policy.models[0], AffineGuidance)
+    assert policy.models[0].coefficients.weight.abs().sum() > 0
+    with pytest.raises(ValueError, match="--explore-coefficients explores the coefficients of --policy affine"):
+        run([*SMALL, "--run-dir", str(tmp_path / "bad"), "--total-updates", "1", "--explore-coefficients",
+             "--mode", "ode"])

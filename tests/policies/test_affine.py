@@ -39,3 +39,69 @@ def test_affine_guidance_rejects_bad_sizes(world, make_observation):
     model = AffineGuidance(world.channels + world.in_channels, world.in_channels)
     with pytest.raises(ValueError, match=str(world.channels)):
         model(obs["img"], obs["pred"], obs["txt"], obs["vec"], obs["t"], 0)
+
+
+def _obs_td(world, make_observation, times):
+    from tensordict import TensorDict
+
+    from fluxguide.policies import keys
+
+    batch = len(times)
+    obs = make_observation(world, batch=batch)
+    return TensorDict({keys.IMG: obs["img"], keys.PRED: obs["pred"], keys.TXT: obs["txt"], keys.VEC: obs["vec"],
+                       keys.T: torch.tensor(times)[:, None], keys.STEP: torch.full((batch, 1), 1)}, batch_size=[batch])
+
+
+def test_subspace_normal_recovers_the_coefficients_and_their_exact_density(world, make_observation):
+    from torch.distributions import Normal
+
+    from fluxguide.policies import SubspaceNormal
+
+    obs = make_observation(world, batch=4)
+    basis = AffineGuidance(world.channels, world.in_channels).basis(obs["img"], obs["pred"])
+    k = 2 * world.in_channels
+    assert basis.shape == (4, k, world.seq, world.channels)
+    loc, scale = torch.randn(4, k), torch.rand(4, 1) + 0.1
+    dist = SubspaceNormal(loc, scale, basis, "sum")
+    action = dist.sample()
+    assert action.shape == (4, world.seq, world.channels) and dist.event_shape == (world.seq, world.channels)
+    coefficients = dist.coordinates(action)
+    ref = Normal(loc, scale.expand(4, k))
+    torch.testing.assert_close(dist.log_prob(action), ref.log_prob(coefficients).sum(-1), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dist.coordinates(dist.deterministic_sample), loc, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(SubspaceNormal(loc, scale, basis).log_prob(action), dist.log_prob(action) / k)
+    with pytest.raises(ValueError, match="must be \\(\\*batch, K, seq, C\\)"):
+        SubspaceNormal(loc[:, :3], scale, basis)
+
+
+def test_coefficient_actor_acts_like_the_policy_explores_its_coefficients_and_starts_at_ratio_one(
+    world, make_observation
+):
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+    from torchrl.objectives import ClipPPOLoss
+
+    from fluxguide.policies import TimestepRangeGuidance, keys, make_coefficient_actor
+
+    affine = AffineGuidance(world.channels, world.in_channels, time_dim=8)
+    with torch.no_grad():
+        affine.coefficients.bias.normal_(0, 0.3)
+    policy = TimestepRangeGuidance([((0.5, 1.0), affine)])
+    actor = make_coefficient_actor(policy, std=0.2, log_prob_reduction="sum")
+    td = _obs_td(world, make_observation, [0.9, 0.6, 0.3])  # the last one is past min_t: no guidance, no noise
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        mean = actor(td.clone())[keys.ACTION]
+    expected = policy(td[keys.IMG], td[keys.PRED], td[keys.TXT], td[keys.VEC], td[keys.T][:, 0], 1)
+    torch.testing.assert_close(mean, expected, rtol=1e-5, atol=1e-5)
+    sampled = actor(td.clone()).detach()
+    dist = actor.get_dist(sampled)
+    noise = dist.coordinates(sampled[keys.ACTION]) - sampled[keys.LOC]
+    assert bool((noise[:2].abs() > 0).any()) and noise[2].abs().max() < 1e-5  # explores only where it acts
+    assert sampled[keys.LOG_PROB][2] == 0 and bool(torch.isfinite(sampled[keys.LOG_PROB]).all())
+    sampled["advantage"] = torch.tensor([[1.0], [-1.0], [0.5]])
+    out = ClipPPOLoss(actor, None, clip_epsilon=0.2, entropy_bonus=False)(sampled)
+    assert out["clip_fraction"].item() == 0
+    torch.testing.assert_close(out["ESS"], torch.tensor(1.0))
+    out["loss_objective"].backward()
+    assert affine.coefficients.weight.grad.abs().sum() > 0
+    with pytest.raises(TypeError, match="needs an AffineGuidance policy"):
+        make_coefficient_actor(torch.nn.Linear(2, 2))
