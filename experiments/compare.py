@@ -40,11 +40,12 @@ Algorithm = Literal["reward-gradient", "ppo", "bc"]
 
 #: The rewards and settings of the README's results: reward gradient on the tiny CLIP's caption log-probability
 #: (scored on randomly shifted images against patch-grid textures) with a text-blind policy that guides the first
-#: 10 of 20 steps and a reward target (AlignProp's cap), PPO on the verifier with partial credit and one initial
-#: noise per prompt group.
+#: 10 of 20 steps and a reward target (AlignProp's cap); PPO on the verifier with partial credit, one initial
+#: noise per prompt group, and the affine policy on the first 10 steps exploring its own coefficients (ODE mode).
 _RG = ["--reward", "shapes-clip-retrieval", "--reward-shift", "2", "--policy-min-t", "0.64", "--no-text-conditioning",
        "--reward-target=-0.1"]
-_PPO = ["--reward", "verifier-partial", "--shared-group-noise"]
+_PPO = ["--reward", "verifier-partial", "--shared-group-noise", "--mode", "ode", "--policy", "affine", "--hidden-dim", "8",
+        "--explore-coefficients", "--std", "1.0", "--policy-min-t", "0.64", "--lr", "1e-3"]
 _TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
          "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
 #: Per preset and algorithm: the script arguments (besides run folder, seed, threads and W&B mode).
@@ -69,8 +70,8 @@ PRESETS: dict[str, dict[str, list[str]]] = {
     "full": {
         "reward-gradient": [*_RG, "--time-budget-minutes", "15", "--total-updates", "100000", "--eval-every", "40",
                             "--checkpoint-every", "40"],
-        "ppo": [*_PPO, "--time-budget-minutes", "30", "--total-updates", "100000", "--eval-every", "20",
-                "--checkpoint-every", "20"],
+        "ppo": [*_PPO, "--batch-size", "64", "--time-budget-minutes", "30", "--total-updates", "100000",
+                "--eval-every", "20", "--checkpoint-every", "20"],
         "bc-collect": ["--episodes", "1024"],
         "bc": ["--hidden-dim", "128", "--num-layers", "3", "--total-updates", "3000", "--eval-every", "500",
                "--checkpoint-every", "500"],

@@ -112,3 +112,15 @@ def test_main_sample_grid_script_writes_its_grid(tmp_path, capsys) -> None:
     assert (tmp_path / "samples.png").is_file()
     out = capsys.readouterr().out
     assert "base: verifier passes" in out and "guided: verifier passes" in out
+
+
+@pytest.mark.parametrize("preset", ["smoke", "quick", "full"])
+def test_every_compare_preset_parses_under_its_scripts(preset: str) -> None:
+    """compare.py's presets are argument lists of other scripts: each must parse under that script's Config."""
+    compare = load_script(ROOT / "experiments" / "compare.py")
+    cfg = compare.Config(preset=preset)
+    for algorithm in ("reward-gradient", "ppo", "bc"):
+        for argv in compare.commands(cfg, algorithm, seed=0):
+            script = load_script(Path(argv[0]))
+            parsed = tyro.cli(script.Config, args=argv[1:])
+            assert parsed.seed == 0, argv
