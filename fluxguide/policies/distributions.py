@@ -20,6 +20,8 @@ from fluxguide.sampling.steps import gaussian_log_prob
 
 Reduction = Literal["mean", "sum"]
 _LOG_SQRT_2PI_E = 0.5 + 0.5 * math.log(2 * math.pi)
+# A zero std is allowed: it marks a point mass (a step or coordinate the policy does not explore).
+_LOC_SCALE_CONSTRAINTS: dict[str, constraints.Constraint] = {"loc": constraints.real, "scale": constraints.nonnegative}
 
 
 def _masked_log_prob(diff: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -64,10 +66,7 @@ class ReducedNormal(Normal):
         event_dims: number of trailing dimensions forming one action.
     """
 
-    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
-        "loc": constraints.real,
-        "scale": constraints.nonnegative,
-    }
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = _LOC_SCALE_CONSTRAINTS
 
     def __init__(
         self,
@@ -223,10 +222,7 @@ class SubspaceNormal(Distribution):
         reduction: reduce the ``K`` coefficient log-densities by ``"mean"`` or ``"sum"``.
     """
 
-    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = {
-        "loc": constraints.real,
-        "scale": constraints.nonnegative,
-    }
+    arg_constraints: ClassVar[dict[str, constraints.Constraint]] = _LOC_SCALE_CONSTRAINTS
 
     def __init__(
         self,
