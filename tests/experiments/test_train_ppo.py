@@ -165,3 +165,20 @@ def test_coefficient_exploration_trains_an_affine_policy(tmp_path) -> None:
     with pytest.raises(ValueError, match="--explore-coefficients explores the coefficients of --policy affine"):
         run([*SMALL, "--run-dir", str(tmp_path / "bad"), "--total-updates", "1", "--explore-coefficients",
              "--mode", "ode"])
+
+
+def test_tiny_flux_runs_the_coefficient_exploring_affine_policy(tmp_path) -> None:
+    """The README's PPO setting on a tiny random Flux: its tokens pack 2 x 2 latent pixels, one coefficient pair
+    per latent channel."""
+    from fluxguide.policies import AffineGuidance, load_guidance_model
+
+    run(["--backbone", "tiny-flux", "--run-dir", str(tmp_path), "--batch-size", "4", "--samples-per-prompt", "2",
+         "--minibatch-trajectories", "2", "--num-steps", "3", "--total-updates", "2", "--eval-every", "2",
+         "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts",
+         "2", "--wandb-mode", "disabled", "--mode", "ode", "--policy", "affine", "--hidden-dim", "8",
+         "--explore-coefficients", "--std", "1.0", "--policy-min-t", "0.5", "--lr", "1e-2"])
+    policy = load_guidance_model(tmp_path / "guidance.safetensors")
+    affine = policy.models[0]
+    assert isinstance(affine, AffineGuidance) and affine.latent_channels == 4 * affine.channels
+    assert affine.coefficients.weight.abs().sum() > 0
+    assert all(torch.isfinite(torch.tensor(metric_curve(read_metrics(tmp_path), "losses/loss")[1])))
