@@ -36,6 +36,18 @@ def _flat_per_sample(x: torch.Tensor, batch_shape: torch.Size, what: str) -> tor
     return x.reshape(n)
 
 
+def _fixed_or_learned_std(std: float, learn_std: bool) -> tuple[float, nn.Parameter | None]:
+    """Check a policy std and return it with its ``log std`` parameter when learned (else ``None``)."""
+    if not (std > 0 and math.isfinite(std)):
+        raise ValueError(f"std must be a positive finite number, got {std}")
+    return float(std), nn.Parameter(torch.tensor(math.log(std))) if learn_std else None
+
+
+def _current_std(std: float, log_std: nn.Parameter | None, device: torch.device) -> torch.Tensor:
+    """The std now, a float32 scalar: the learned one if there is one, else the fixed one."""
+    return log_std.float().exp() if log_std is not None else torch.tensor(std, device=device)
+
+
 class ObservationAdapter(nn.Module):
     """Run a guidance-signature model on TensorDict observations with any leading batch dims.
 
@@ -107,8 +119,6 @@ class GaussianHead(nn.Module):
             raise ValueError(
                 "learn_std and use_sde_std are exclusive: the SDE std is set by the env, not learned"
             )
-        if not use_sde_std and not (std > 0 and math.isfinite(std)):
-            raise ValueError(f"std must be a positive finite number, got {std}")
         if not 0.0 <= explore_min_t < 1.0:
             raise ValueError(f"explore_min_t must be in [0, 1) (explore at t >= explore_min_t), got {explore_min_t}")
         if explore_min_t > 0 and use_sde_std:
@@ -119,8 +129,8 @@ class GaussianHead(nn.Module):
         self.explore_min_t = float(explore_min_t)
         self.net = ObservationAdapter(model)
         self.use_sde_std = use_sde_std
-        self.std = float(std)
-        self.log_std = nn.Parameter(torch.tensor(math.log(std))) if learn_std else None
+        # In SDE mode the std comes from the env; ``std`` is then unused (any value is accepted).
+        self.std, self.log_std = (float(std), None) if use_sde_std else _fixed_or_learned_std(std, learn_std)
 
     def forward(
         self,
@@ -147,10 +157,8 @@ class GaussianHead(nn.Module):
                     "its noise_level is 0; use a fixed std (use_sde_std=False) there"
                 )
             scale = scale.reshape(*batch_shape, 1, 1)
-        elif self.log_std is not None:
-            scale = self.log_std.float().exp().expand(*batch_shape, 1, 1)
         else:
-            scale = torch.full((*batch_shape, 1, 1), self.std, device=loc.device)
+            scale = _current_std(self.std, self.log_std, loc.device).expand(*batch_shape, 1, 1)
         if self.explore_min_t > 0:
             explore = _flat_per_sample(t, batch_shape, keys.T) >= self.explore_min_t
             scale = scale * explore.reshape(*batch_shape, 1, 1).to(scale.dtype)
@@ -260,11 +268,8 @@ class CoefficientHead(nn.Module):
 
     def __init__(self, policy: nn.Module, std: float = 0.1, learn_std: bool = False) -> None:
         super().__init__()
-        if not (std > 0 and math.isfinite(std)):
-            raise ValueError(f"std must be a positive finite number, got {std}")
         self.affine, self.min_t = _affine_parts(policy)  # the wrapper holds no parameters of its own
-        self.std = float(std)
-        self.log_std = nn.Parameter(torch.tensor(math.log(std))) if learn_std else None
+        self.std, self.log_std = _fixed_or_learned_std(std, learn_std)
 
     def forward(
         self,
@@ -284,8 +289,7 @@ class CoefficientHead(nn.Module):
         times = _flat_per_sample(t, batch_shape, keys.T).float()
         acts = (times >= self.min_t).float().unsqueeze(-1)
         coefficients = (self.affine.coefficients_at(times).float() * acts).reshape(*batch_shape, -1)
-        std = self.log_std.float().exp() if self.log_std is not None else torch.tensor(self.std)
-        scale = (std.to(img.device) * acts).reshape(*batch_shape, 1)
+        scale = (_current_std(self.std, self.log_std, img.device) * acts).reshape(*batch_shape, 1)
         return coefficients, scale, self.affine.basis(img, pred)
 
 
