@@ -64,6 +64,10 @@ class Config:
     student_checkpoint: Path | None = None
     """cfg-distillation: a trained policy (train_bc.py's guidance.safetensors) that drives the sampler while CFG
     labels the states (a DAgger round; append to the teacher's dataset with another --seed)"""
+    prompt_swaps: int = 0
+    """cfg-distillation: also label each sampled trajectory's states under this many other training prompts of
+    its batch (CFG's correction for the new prompt at the same latents; +2 model calls per step per swap), so the
+    student sees the words of a prompt next to images drawn for other prompts"""
     reward: str = "verifier"
     """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip);
     or 'verifier-attributes': the verifier's mean per-attribute score (count, colour, kind, position), a graded
@@ -112,12 +116,15 @@ def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.
 
 
 def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
+    if cfg.prompt_swaps and cfg.strategy != "cfg-distillation":
+        raise ValueError(f"--prompt-swaps relabels states with CFG's correction: it needs --strategy cfg-distillation, "
+                         f"got --strategy {cfg.strategy} (drop --prompt-swaps)")
     if cfg.strategy == "cfg-distillation":
         scale = cfg.cfg_scale if cfg.cfg_scale is not None else ShapesWorld.recommended_cfg_scale
         student = None
         if cfg.student_checkpoint is not None:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
-        return CFGDistillation(scale, student=student)
+        return CFGDistillation(scale, student=student, prompt_swaps=cfg.prompt_swaps)
     if cfg.reward == "verifier-attributes":
         reward = CallableReward(verifier_attribute_score, differentiable=False, name="verifier-attributes")
     elif cfg.reward.startswith("shapes"):

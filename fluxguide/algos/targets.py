@@ -31,13 +31,13 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from fluxguide.algos.collection import EpisodeChunk, GuidanceDataset, create_training_pairs
+from fluxguide.algos.collection import FINAL_IMAGE, EpisodeChunk, GuidanceDataset, create_training_pairs
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.policies import keys
 from fluxguide.provenance import backbone_fingerprint
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
-from fluxguide.sampling.instrumented import NEXT_IMG, denoise_with_state_collection
+from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED, denoise_with_state_collection
 
 # ---------------------------------------------------------------- teachers (guidance functions)
 
@@ -161,6 +161,52 @@ def reference_correction(img: torch.Tensor, pred: torch.Tensor, reference: torch
     return (strength * ((img.float() - reference.float()) / t - pred.float())).to(pred.dtype)
 
 
+def _derangement(n: int, generator: torch.Generator) -> list[int]:
+    """A random permutation of ``range(n)`` without fixed points: one random cycle through all ``n``."""
+    if n < 2:
+        raise ValueError(f"prompt swaps need at least 2 prompts per batch to swap between, got {n}")
+    order = torch.randperm(n, generator=generator).tolist()
+    donor = [0] * n
+    for j, i in enumerate(order):
+        donor[i] = order[(j + 1) % n]
+    return donor
+
+
+@torch.no_grad()
+def relabel_with_prompts(backbone: Backbone, states: TensorDict, donor: Sequence[int],
+                         teacher: GuidanceFn) -> tuple[TensorDict, torch.Tensor]:
+    """The states of episode ``i`` seen under episode ``donor[i]``'s prompt, with ``teacher``'s corrections.
+
+    Every visited latent ``img`` keeps its time and step; the text (``txt``, ``vec``) becomes the donor's, the
+    conditional prediction ``pred`` is recomputed under it (one model call per step) and the target is the
+    teacher's correction at that new observation. Returns ``(states, targets)`` ready for
+    :func:`~fluxguide.algos.collection.create_training_pairs` with the donors' prompts.
+    """
+    b = states.batch_size[0]
+    donor = torch.as_tensor(list(donor), dtype=torch.long)
+    if donor.shape != (b,) or int(donor.min()) < 0 or int(donor.max()) >= b:
+        raise ValueError(f"donor must hold one episode index in [0, {b}) per episode, got {donor.tolist()}")
+    txt, vec = states[keys.TXT][donor], states[keys.VEC][donor]
+    img, t = states[keys.IMG], states[keys.T]
+    ids = backbone.encode([""])  # only the position ids are used: they do not depend on the prompt
+    g = backbone.default_guidance
+    preds, targets = [], []
+    for step in range(img.shape[1]):
+        x, t_vec = img[:, step], t[:, step].to(img.dtype)
+        guidance = None if g is None else torch.full((b,), g, dtype=img.dtype, device=img.device)
+        pred = backbone(img=x, img_ids=ids.img_ids, txt=txt, txt_ids=ids.txt_ids, y=vec, timesteps=t_vec,
+                        guidance=guidance)
+        preds.append(pred)
+        targets.append(teacher(x, pred, txt, vec, t_vec, step))
+    relabelled = states.clone(recurse=False)
+    relabelled[keys.TXT], relabelled[keys.VEC] = txt, vec
+    relabelled[keys.PRED] = torch.stack(preds, dim=1)
+    for key in (PRED_USED, NEXT_IMG):  # they belong to the original trajectory, not to the new labels
+        if key in relabelled.keys():
+            del relabelled[key]
+    return relabelled, torch.stack(targets, dim=1)
+
+
 # ---------------------------------------------------------------- strategies
 
 
@@ -240,27 +286,50 @@ class CFGDistillation(TargetStrategy):
         student: a guidance model to drive the sampler instead of CFG (DAgger, see
             :class:`LabelledGuidance`): the states are the student's, the targets still CFG's correction.
         student_scale: the scale at which the student guides the sampler.
+        prompt_swaps: also label every visited trajectory under this many *other* prompts of its batch
+            (see :func:`relabel_with_prompts`): each swap adds one episode per prompt whose states come from
+            another prompt's trajectory, with that state's conditional prediction and CFG correction under
+            the new prompt. In the sampled data a prompt's words only ever meet images drawn for them, so a
+            student can read "bar" off the image instead of the text; swapped pairs break that correlation,
+            which is what a held-out combination (a green bar) needs. Each swap costs two model calls per
+            step (the new conditional and the unconditional prediction).
     """
 
     name = "cfg_distillation"
 
-    def __init__(self, scale: float, student: GuidanceFn | None = None, student_scale: float = 1.0) -> None:
+    def __init__(self, scale: float, student: GuidanceFn | None = None, student_scale: float = 1.0,
+                 prompt_swaps: int = 0) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"the CFG scale must be finite, got {scale}")
+        if prompt_swaps < 0:
+            raise ValueError(f"prompt_swaps must be >= 0 (0: only the sampled prompt's labels), got {prompt_swaps}")
         self.scale = float(scale)
         self.student, self.student_scale = student, float(student_scale)
+        self.prompt_swaps = int(prompt_swaps)
 
     def collect(self, batch: CollectionBatch) -> EpisodeChunk:
         teacher = CFGTeacher.from_backbone(batch.backbone, self.scale)
+        meta = {**self.config(), "prompt_swaps": self.prompt_swaps}
         if self.student is None:
-            return _collect_with_teacher(batch, teacher, metadata={**self.config(), "visited_by": "teacher"})[0]
-        labelled = LabelledGuidance(self.student, teacher)
-        return _collect_with_teacher(batch, labelled, guidance_scale=self.student_scale,
-                                     targets=lambda states: labelled.targets(),
-                                     metadata={**self.config(), "visited_by": "student"})[0]
+            chunk, _, states = _collect_with_teacher(batch, teacher, metadata={**meta, "visited_by": "teacher"})
+        else:
+            labelled = LabelledGuidance(self.student, teacher)
+            chunk, _, states = _collect_with_teacher(batch, labelled, guidance_scale=self.student_scale,
+                                                     targets=lambda states: labelled.targets(),
+                                                     metadata={**meta, "visited_by": "student"})
+        if self.prompt_swaps == 0:
+            return chunk
+        swapped = []
+        for _ in range(self.prompt_swaps):
+            donor = _derangement(len(batch.prompts), batch.generator)
+            relabelled, targets = relabel_with_prompts(batch.backbone, states, donor, teacher)
+            swapped.append(create_training_pairs(relabelled, [batch.prompts[i] for i in donor], targets,
+                                                 final_image=chunk.episodes[FINAL_IMAGE], metadata=chunk.metadata))
+        return EpisodeChunk.cat([chunk, *swapped])
 
     def config(self) -> dict[str, Any]:
-        # The dataset-level settings: DAgger rounds (student-driven chunks) append to the teacher's dataset.
+        # The dataset-level settings: DAgger rounds (student-driven chunks) append to the teacher's dataset, and
+        # so do chunks with prompt swaps (stored per chunk, since they only add pairs).
         return {"strategy": self.name, "cfg_scale": self.scale}
 
 

@@ -248,6 +248,37 @@ def test_cfg_distillation_with_a_student_labels_the_students_states(world: Shape
         assert torch.allclose(pred[:, k] + target[:, k], want, atol=1e-4)
 
 
+def test_prompt_swaps_label_each_trajectory_under_the_other_prompts(world: ShapesWorld) -> None:
+    """Swapped episodes: another episode's latents, this prompt's text, its conditional call and CFG's target."""
+    prompts = train_prompts()[:3]
+    plain = GuidanceDataCollector(world, CFGDistillation(3.0), num_steps=STEPS).collect(prompts, seed=1)
+    chunk = GuidanceDataCollector(world, CFGDistillation(3.0, prompt_swaps=2), num_steps=STEPS).collect(prompts, seed=1)
+    assert chunk.num_episodes == 9 and chunk.num_transitions == 9 * STEPS and chunk.metadata["prompt_swaps"] == 2
+    img, pred, target = per_step(chunk, keys.IMG), per_step(chunk, keys.PRED), per_step(chunk, TARGET)
+    # The first three episodes are the sampled ones, unchanged by the swaps.
+    assert chunk.prompts[:3] == prompts
+    assert torch.equal(img[:3], per_step(plain, keys.IMG)) and torch.equal(target[:3], per_step(plain, TARGET))
+    cfg, ts = world.with_cfg(3.0), world.schedule(STEPS)
+    for swap in (1, 2):
+        rows = range(3 * swap, 3 * swap + 3)
+        swapped_prompts = chunk.prompts[3 * swap : 3 * swap + 3]
+        assert sorted(swapped_prompts) == sorted(prompts)  # a permutation of the batch's prompts ...
+        assert all(q != p for q, p in zip(swapped_prompts, prompts, strict=True))  # ... without fixed points
+        cond = world.encode(swapped_prompts)
+        assert torch.allclose(chunk.episodes[keys.TXT][list(rows)], cond.txt, atol=1e-6)
+        assert torch.equal(img[list(rows)], img[:3])  # the latents of the sampled trajectories
+        for k in range(STEPS):
+            t = torch.full((3,), ts[k])
+            x = img[list(rows), k]
+            assert torch.allclose(pred[list(rows), k], world.velocity(x, t, cond), atol=1e-5)
+            want = cfg(img=x, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.vec)
+            assert torch.allclose(pred[list(rows), k] + target[list(rows), k], want, atol=1e-4)
+    with pytest.raises(ValueError, match="prompt_swaps must be >= 0"):
+        CFGDistillation(3.0, prompt_swaps=-1)
+    with pytest.raises(ValueError, match="at least 2 prompts per batch"):
+        GuidanceDataCollector(world, CFGDistillation(3.0, prompt_swaps=1), num_steps=STEPS).collect(prompts[:1], seed=1)
+
+
 def test_best_of_n_renoises_each_kept_image_several_times(world: ShapesWorld) -> None:
     prompts = train_prompts()[:2]
     strategy = BestOfN(CallableReward(redness), n=3, top_k=1, renoise_samples=3)

@@ -94,6 +94,15 @@ def test_every_strategy_collects_from_the_command_line(tmp_path: Path, argv: lis
     assert float(data.transitions()["target"].abs().max()) > 0
 
 
+def test_prompt_swaps_from_the_command_line(tmp_path: Path) -> None:
+    data = collect(["--episodes", "4", "--batch-size", "2", "--prompt-swaps", "2", "--out-dir", str(tmp_path / "d")])
+    assert data.num_episodes == 4 * 3 and data.num_transitions == 3 * 4 * 3  # each trajectory under 3 prompts
+    assert [m["prompt_swaps"] for m in data.chunk_metadata] == [2, 2]
+    assert data.prompts[2:4] == data.prompts[:2][::-1]  # in a batch of two the only swap is the other prompt
+    with pytest.raises(ValueError, match="--prompt-swaps .* needs --strategy cfg-distillation"):
+        collect(["--strategy", "reference-image", "--prompt-swaps", "1", "--out-dir", str(tmp_path / "r")])
+
+
 def test_training_logs_the_references_resumes_and_saves_a_loadable_policy(tmp_path: Path) -> None:
     collect(["--episodes", "8", "--batch-size", "4", "--out-dir", str(tmp_path / "data")])
     common = ["--dataset", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--eval-every", "4",
