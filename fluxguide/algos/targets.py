@@ -289,7 +289,8 @@ class CFGDistillation(TargetStrategy):
         prompt_swaps: also label every visited trajectory under this many *other* prompts of its batch
             (see :func:`relabel_with_prompts`): each swap adds one episode per prompt whose states come from
             another prompt's trajectory, with that state's conditional prediction and CFG correction under
-            the new prompt. In the sampled data a prompt's words only ever meet images drawn for them, so a
+            the new prompt (its ``final_image`` stays the trajectory's own; a batch that holds a prompt twice
+            can swap it with itself). In the sampled data a prompt's words only ever meet images drawn for them, so a
             student can read "bar" off the image instead of the text; swapped pairs break that correlation,
             which is what a held-out combination (a green bar) needs. Each swap costs two model calls per
             step (the new conditional and the unconditional prediction).
