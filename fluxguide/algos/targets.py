@@ -173,33 +173,27 @@ def _derangement(n: int, generator: torch.Generator) -> list[int]:
 
 
 @torch.no_grad()
-def relabel_with_prompts(backbone: Backbone, states: TensorDict, donor: Sequence[int],
+def relabel_with_prompts(backbone: Backbone, states: TensorDict, cond: Conditioning,
                          teacher: GuidanceFn) -> tuple[TensorDict, torch.Tensor]:
-    """The states of episode ``i`` seen under episode ``donor[i]``'s prompt, with ``teacher``'s corrections.
+    """The visited latents of ``states`` seen under ``cond`` (one prompt per episode), with ``teacher``'s corrections.
 
-    Every visited latent ``img`` keeps its time and step; the text (``txt``, ``vec``) becomes the donor's, the
+    Every visited latent ``img`` keeps its time and step; the text (``txt``, ``vec``) becomes ``cond``'s, the
     conditional prediction ``pred`` is recomputed under it (one model call per step) and the target is the
     teacher's correction at that new observation. Returns ``(states, targets)`` ready for
-    :func:`~fluxguide.algos.collection.create_training_pairs` with the donors' prompts.
+    :func:`~fluxguide.algos.collection.create_training_pairs` with ``cond``'s prompts.
     """
     b = states.batch_size[0]
-    donor = torch.as_tensor(list(donor), dtype=torch.long)
-    if donor.shape != (b,) or int(donor.min()) < 0 or int(donor.max()) >= b:
-        raise ValueError(f"donor must hold one episode index in [0, {b}) per episode, got {donor.tolist()}")
-    txt, vec = states[keys.TXT][donor], states[keys.VEC][donor]
+    if cond.batch_size != b:
+        raise ValueError(f"cond must hold one prompt per episode: {b} episodes, {cond.batch_size} prompts")
     img, t = states[keys.IMG], states[keys.T]
-    ids = backbone.encode([""])  # only the position ids are used: they do not depend on the prompt
-    g = backbone.default_guidance
     preds, targets = [], []
     for step in range(img.shape[1]):
         x, t_vec = img[:, step], t[:, step].to(img.dtype)
-        guidance = None if g is None else torch.full((b,), g, dtype=img.dtype, device=img.device)
-        pred = backbone(img=x, img_ids=ids.img_ids, txt=txt, txt_ids=ids.txt_ids, y=vec, timesteps=t_vec,
-                        guidance=guidance)
+        pred = backbone.velocity(x, t_vec, cond)
         preds.append(pred)
-        targets.append(teacher(x, pred, txt, vec, t_vec, step))
+        targets.append(teacher(x, pred, cond.txt, cond.vec, t_vec, step))
     relabelled = states.clone(recurse=False)
-    relabelled[keys.TXT], relabelled[keys.VEC] = txt, vec
+    relabelled[keys.TXT], relabelled[keys.VEC] = cond.txt, cond.vec
     relabelled[keys.PRED] = torch.stack(preds, dim=1)
     for key in (PRED_USED, NEXT_IMG):  # they belong to the original trajectory, not to the new labels
         if key in relabelled.keys():
@@ -322,10 +316,10 @@ class CFGDistillation(TargetStrategy):
             return chunk
         swapped = []
         for _ in range(self.prompt_swaps):
-            donor = _derangement(len(batch.prompts), batch.generator)
-            relabelled, targets = relabel_with_prompts(batch.backbone, states, donor, teacher)
-            swapped.append(create_training_pairs(relabelled, [batch.prompts[i] for i in donor], targets,
-                                                 final_image=chunk.episodes[FINAL_IMAGE], metadata=chunk.metadata))
+            prompts = [batch.prompts[i] for i in _derangement(len(batch.prompts), batch.generator)]
+            relabelled, targets = relabel_with_prompts(batch.backbone, states, batch.backbone.encode(prompts), teacher)
+            swapped.append(create_training_pairs(relabelled, prompts, targets, final_image=chunk.episodes[FINAL_IMAGE],
+                                                 metadata=chunk.metadata))
         return EpisodeChunk.cat([chunk, *swapped])
 
     def config(self) -> dict[str, Any]:
