@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 import tyro
 
-from fluxguide.backbones.shapes import ShapesWorld, heldout_prompts, verify
-from fluxguide.backbones.shapes.evaluation import sample_prompts
+from fluxguide.worlds.shapes import ShapesWorld, heldout_prompts, verify
+from fluxguide.worlds.shapes.evaluation import sample_prompts
 from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, load_guidance_model
 
 
@@ -64,8 +64,8 @@ def load_world(weights_dir: Path | None) -> tuple[ShapesWorld, bool]:
     try:
         return ShapesWorld.pretrained(weights_dir), True
     except FileNotFoundError:
-        from fluxguide.backbones.shapes import create_shapes_clip
-        from fluxguide.backbones.shapes.world import build_transformer
+        from fluxguide.worlds.shapes import create_shapes_clip
+        from fluxguide.worlds.shapes.world import build_transformer
 
         return ShapesWorld(create_shapes_clip(), build_transformer()), False
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.sampling import denoise, get_schedule
 
 

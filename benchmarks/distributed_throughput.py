@@ -31,9 +31,9 @@ import tyro
 
 from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
-from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
-from fluxguide.backbones.shapes import train_prompts
-from fluxguide.policies.presets import PolicyName, build_policy
+from fluxguide.backbones.registry import BackboneName, build_backbone, build_reward
+from fluxguide.worlds.shapes import train_prompts
+from fluxguide.policies.registry import PolicyName, build_policy
 
 
 @dataclass

@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip, train_prompts
-from fluxguide.backbones.shapes.world import WEIGHTS_DIR, build_transformer
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
+from fluxguide.worlds.shapes.world import WEIGHTS_DIR, build_transformer
 from fluxguide.envs import GuidanceCore, GuidanceEnv, GuidanceTorchRLEnv, GuidanceVectorEnv
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.sampling import denoise
 
 
@@ -97,7 +97,7 @@ def main() -> None:
         with torch.no_grad():
             images = world.decode(bare())
             reward_core.reward(images, prompts)
-            from fluxguide.backbones.shapes.verifier import verify
+            from fluxguide.worlds.shapes.verifier import verify
 
             verify(images.cpu(), prompts)
 

@@ -27,7 +27,7 @@ from diffusers import FluxTransformer2DModel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
 
 MAX_FLUX_FRACTION = 0.05

@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from checkpoint_memory import LiveTensorMemory
 
 from fluxguide.algos import RewardGradient, RewardGradientConfig
-from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward
-from fluxguide.backbones.shapes import train_prompts
-from fluxguide.policies.presets import PolicyName, build_policy
+from fluxguide.backbones.registry import BackboneName, build_backbone, build_reward
+from fluxguide.worlds.shapes import train_prompts
+from fluxguide.policies.registry import PolicyName, build_policy
 
 
 @dataclass

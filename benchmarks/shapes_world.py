@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 
-from fluxguide.backbones.shapes import ShapesWorld, train_prompts
+from fluxguide.worlds.shapes import ShapesWorld, train_prompts
 
 
 @dataclass

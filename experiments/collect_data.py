@@ -5,7 +5,7 @@
     python experiments/collect_data.py --help                                   # every option
 
 Prompts are the shapes world's *training* prompts (``--episodes`` of them, shuffled with the seed); every
-batch of ``--batch-size`` prompts is sampled with the chosen target strategy (``fluxguide.algos.targets``)
+batch of ``--batch-size`` prompts is sampled with the chosen target strategy (``fluxguide.data.targets``)
 and appended to the dataset folder ``--out-dir`` as one atomic chunk. The dataset is its own checkpoint:
 rerunning the same command skips the batches already on disk, so a killed collection finishes where it
 stopped and loses at most the batch in flight. Metrics (episodes kept, rewards, seconds per batch) go to W&B
@@ -24,8 +24,8 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from fluxguide.algos.collection import REWARD, GuidanceDataset
-from fluxguide.algos.targets import (
+from fluxguide.data.collection import REWARD, GuidanceDataset
+from fluxguide.data.targets import (
     BestOfN,
     CFGDistillation,
     GuidanceDataCollector,
@@ -33,12 +33,12 @@ from fluxguide.algos.targets import (
     RewardGradientTargets,
     TargetStrategy,
 )
-from fluxguide.backbones.presets import build_backbone
-from fluxguide.backbones.shapes import ShapesWorld, train_prompts, verify
-from fluxguide.backbones.shapes.scenes import render_prompts
+from fluxguide.backbones.registry import build_backbone
+from fluxguide.worlds.shapes import ShapesWorld, train_prompts, verify
+from fluxguide.worlds.shapes.scenes import render_prompts
 from fluxguide.policies import load_guidance_model
 from fluxguide.rewards import CallableReward, make_reward
-from fluxguide.tracking import Tracker
+from fluxguide.harness.tracking import Tracker
 
 Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
 
@@ -48,7 +48,7 @@ class Config:
     out_dir: Path = Path("runs/bc_data/cfg_distillation")
     """the dataset folder (created, or appended to; rerunning resumes)"""
     strategy: Strategy = "cfg-distillation"
-    """where the targets come from (fluxguide.algos.targets.TARGET_STRATEGIES)"""
+    """where the targets come from (fluxguide.data.targets.TARGET_STRATEGIES)"""
     backbone: Literal["shapes", "shapes-random"] = "shapes"
     """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests)"""
     weights_dir: Path | None = None
@@ -83,7 +83,7 @@ class Config:
     noise_level: float = 0.7
     """best-of-n: SDE noise level a (Flow-GRPO); 0 draws ODE samples from different noise"""
     bon_target: Literal["renoise", "endpoint", "step"] = "renoise"
-    """best-of-n: target of the kept trajectories (see fluxguide.algos.targets.BestOfN)"""
+    """best-of-n: target of the kept trajectories (see fluxguide.data.targets.BestOfN)"""
     renoise_samples: int = 1
     """best-of-n with the renoise target: independent re-noisings of each kept image per schedule time"""
     min_reward: float | None = None

@@ -33,7 +33,7 @@ from typing import Literal
 import torch
 import tyro
 
-from fluxguide.tracking import Tracker, read_metrics
+from fluxguide.harness.tracking import Tracker, read_metrics
 
 EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]

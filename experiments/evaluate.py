@@ -18,11 +18,11 @@ from pathlib import Path
 import torch
 import tyro
 
-from fluxguide.backbones.presets import build_backbone, build_reward
-from fluxguide.backbones.shapes import ShapesWorld
+from fluxguide.backbones.registry import build_backbone, build_reward
+from fluxguide.worlds.shapes import ShapesWorld
 from fluxguide.envs.prompts import resolve_prompts
-from fluxguide.evaluation import SamplerSpec, compare_samplers, write_table
-from fluxguide.grids import save_prompt_grid
+from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, write_table
+from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import load_guidance_model
 
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import torch
 import tyro
 
-from fluxguide.backbones.shapes import ShapesWorld, heldout_prompts, verify
-from fluxguide.backbones.shapes.evaluation import sample_prompts
-from fluxguide.grids import save_prompt_grid
+from fluxguide.worlds.shapes import ShapesWorld, heldout_prompts, verify
+from fluxguide.worlds.shapes.evaluation import sample_prompts
+from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import MLPGuidanceModel
 
 

@@ -22,18 +22,18 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fluxguide.backbones.base import Conditioning
-from fluxguide.backbones.shapes import heldout_prompts, train_prompts
-from fluxguide.backbones.shapes.clip import (
+from fluxguide.worlds.shapes import heldout_prompts, train_prompts
+from fluxguide.worlds.shapes.clip import (
     contrastive_loss,
     create_shapes_clip,
     encode_text_tokens,
     shapes_tokenizer,
 )
-from fluxguide.backbones.shapes.evaluation import clip_retrieval_accuracy, sample_prompts, verifier_pass_rate
-from fluxguide.backbones.shapes.quality import degrade, quality_score
-from fluxguide.backbones.shapes.scenes import all_prompts, render_prompts
-from fluxguide.backbones.shapes.training import ScenePool, augment_for_clip, rectified_flow_loss
-from fluxguide.backbones.shapes.world import WEIGHTS_DIR, ShapesWorld, build_transformer, load_weights
+from fluxguide.worlds.shapes.evaluation import clip_retrieval_accuracy, sample_prompts, verifier_pass_rate
+from fluxguide.worlds.shapes.quality import degrade, quality_score
+from fluxguide.worlds.shapes.scenes import all_prompts, render_prompts
+from fluxguide.worlds.shapes.training import ScenePool, augment_for_clip, rectified_flow_loss
+from fluxguide.worlds.shapes.world import WEIGHTS_DIR, ShapesWorld, build_transformer, load_weights
 from fluxguide.serialization import save_safetensors_atomic, write_json_atomic
 
 Stage = Literal["clip", "flux", "aesthetic", "eval"]
@@ -165,7 +165,7 @@ def train_flux(cfg: Config, pool: ScenePool, clip: torch.nn.Module, gen: torch.G
 
 
 def train_aesthetic(cfg: Config, pool: ScenePool, world: ShapesWorld, gen: torch.Generator) -> None:
-    from fluxguide.backbones.shapes.clip import normalize_images
+    from fluxguide.worlds.shapes.clip import normalize_images
     from fluxguide.rewards.aesthetic import AestheticPredictor
 
     train = train_prompts()

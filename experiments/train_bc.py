@@ -44,19 +44,19 @@ from tqdm import tqdm
 
 from fluxguide import distributed
 from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
-from fluxguide.algos.collection import GuidanceDataset
-from fluxguide.backbones.presets import build_backbone
-from fluxguide.backbones.shapes import ShapesWorld, heldout_prompts, verify
-from fluxguide.backbones.shapes.evaluation import sample_prompts
+from fluxguide.data.collection import GuidanceDataset
+from fluxguide.backbones.registry import build_backbone
+from fluxguide.worlds.shapes import ShapesWorld, heldout_prompts, verify
+from fluxguide.worlds.shapes.evaluation import sample_prompts
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from fluxguide.grids import save_prompt_grid
+from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import (
     load_guidance_model,
     save_guidance_model,
 )
-from fluxguide.policies.presets import PolicyName, build_policy
+from fluxguide.policies.registry import PolicyName, build_policy
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
-from fluxguide.tracking import Tracker
+from fluxguide.harness.tracking import Tracker
 
 
 @dataclass

@@ -41,16 +41,16 @@ from tqdm import tqdm
 from fluxguide import distributed
 from fluxguide.algos import NonFiniteLossError
 from fluxguide.algos.ppo import PPO, AdvantageMode, PPOConfig
-from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward, parse_reward_kwargs
+from fluxguide.backbones.registry import BackboneName, build_backbone, build_reward, parse_reward_kwargs
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from fluxguide.curves import plot_curves
+from fluxguide.harness.curves import plot_curves
 from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.envs.prompts import resolve_prompts
-from fluxguide.evaluation import HeldoutEvaluator
+from fluxguide.harness.evaluation import HeldoutEvaluator
 from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network, save_guidance_model
-from fluxguide.policies.presets import PolicyName, build_policy, image_channels, latent_grid
+from fluxguide.policies.registry import PolicyName, build_policy, image_channels, latent_grid
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
-from fluxguide.tracking import Tracker
+from fluxguide.harness.tracking import Tracker
 
 
 @dataclass

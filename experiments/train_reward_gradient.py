@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,17 +34,16 @@ import tyro
 from tqdm import tqdm
 
 from fluxguide import distributed
-from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig, straight_through_clamp
-from fluxguide.backbones.base import Backbone
-from fluxguide.backbones.presets import BackboneName, build_backbone, build_reward, parse_reward_kwargs
+from fluxguide.algos import NonFiniteLossError, RewardGradient, RewardGradientConfig
+from fluxguide.backbones.registry import BackboneName, build_backbone, build_reward, parse_reward_kwargs
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from fluxguide.curves import plot_curves
+from fluxguide.harness.curves import plot_curves
 from fluxguide.envs.prompts import resolve_prompts
-from fluxguide.evaluation import HeldoutEvaluator
+from fluxguide.harness.evaluation import HeldoutEvaluator
 from fluxguide.policies import save_guidance_model
-from fluxguide.policies.presets import PolicyName, build_policy
+from fluxguide.policies.registry import PolicyName, build_policy
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
-from fluxguide.tracking import Tracker
+from fluxguide.harness.tracking import Tracker
 
 
 @dataclass
@@ -152,22 +150,6 @@ class Config:
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
 
-def straight_through_decoder(backbone: Backbone) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The shapes world's decoder (unpack, map [-1, 1] to [0, 1]) with a straight-through final clamp."""
-    from fluxguide.backbones.packing import unpack
-    from fluxguide.backbones.shapes import ShapesWorld
-    from fluxguide.backbones.shapes.world import PATCH
-
-    if not isinstance(backbone, ShapesWorld):
-        raise TypeError("--straight-through is implemented for the shapes world only (its decoder is a clamp)")
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        raw = (unpack(latents, backbone.image_height, backbone.image_width, PATCH) + 1) / 2
-        return straight_through_clamp(raw)
-
-    return decode
-
-
 def main(cfg: Config) -> dict[str, float]:
     device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
     torch.set_num_threads(cfg.threads)
@@ -192,7 +174,7 @@ def main(cfg: Config) -> dict[str, float]:
             reward_shift=cfg.reward_shift,
         ),
         one_step=cfg.one_step,
-        decode=straight_through_decoder(backbone) if cfg.straight_through else None,
+        decode=backbone.straight_through_decoder() if cfg.straight_through else None,
     )
     train, held = resolve_prompts(cfg.train_prompts), resolve_prompts(cfg.eval_prompts)[: cfg.eval_num_prompts]
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))  # prompts and noise of the batches

@@ -15,7 +15,7 @@ script calls them unconditionally. The scheme (DDP-style data parallelism):
   that the mean over all samples) and pools per-rank standard deviations exactly; :func:`all_gather` collects
   per-sample tensors (e.g. PPO's rewards, for group statistics over every prompt).
 - **Rank 0 writes.** Checkpoints, the W&B run, ``metrics.jsonl``, sample grids and ``guidance.safetensors``
-  come from :func:`is_main` only (``fluxguide.tracking.Tracker`` is inactive on other ranks by default).
+  come from :func:`is_main` only (``fluxguide.harness.tracking.Tracker`` is inactive on other ranks by default).
 - **Resume on any world size.** A checkpoint holds rank 0's state: every rank loads the same weights and
   optimizer state; rank 0 also restores its RNG streams, other ranks start fresh streams from
   :func:`rank_seed` with the resumed step (:func:`reseed_rank_streams`), so no rank-specific state is needed.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.backbones.presets import build_backbone
+from fluxguide.backbones.registry import build_backbone
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 
 

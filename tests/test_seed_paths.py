@@ -15,7 +15,7 @@ SEED_NAMES = {
     "fluxguide.sampling_instrumented": [
         "denoise_with_state_collection", "StateCollectionCallback", "create_training_pairs",
     ],
-    "fluxguide.algos.targets": ["GuidanceDataCollector"],
+    "fluxguide.data.targets": ["GuidanceDataCollector"],
 }
 
 

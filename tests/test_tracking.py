@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fluxguide.tracking import (
+from fluxguide.harness.tracking import (
     SAMPLES_SEEN,
     Tracker,
     metric_curve,

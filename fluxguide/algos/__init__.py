@@ -6,7 +6,7 @@
 """
 
 from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
-from fluxguide.algos.collection import (
+from fluxguide.data.collection import (
     DatasetError,
     GuidanceDataset,
     StateCollectionCallback,
@@ -28,7 +28,7 @@ from fluxguide.algos.reward_gradient import (
     straight_through_clamp,
     total_loss,
 )
-from fluxguide.algos.targets import (
+from fluxguide.data.targets import (
     TARGET_STRATEGIES,
     GuidanceDataCollector,
     TargetStrategy,
@@ -38,28 +38,19 @@ from fluxguide.algos.trainer import GuidanceModelTrainer
 
 __all__ = [
     "PPO",
-    "TARGET_STRATEGIES",
     "BCLoss",
     "CorrectionRecorder",
-    "DatasetError",
-    "GuidanceDataCollector",
-    "GuidanceDataset",
     "GuidanceModelTrainer",
     "NonFiniteLossError",
     "PPOConfig",
     "RewardGradient",
     "RewardGradientConfig",
     "RewardGradientOutput",
-    "StateCollectionCallback",
-    "TargetStrategy",
     "bc_evaluate",
     "bc_update",
     "check_dataset_matches_policy",
-    "create_training_pairs",
     "draw_truncation",
     "group_advantages",
-    "load_guidance_dataset",
-    "make_target_strategy",
     "one_step_reward_loss",
     "predicted_clean_latent",
     "random_translate",

@@ -18,8 +18,9 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from fluxguide.algos.collection import TARGET, DatasetError, GuidanceDataset
-from fluxguide.policies import GaussianHead, ObservationAdapter, keys
+from fluxguide.data.collection import TARGET, DatasetError, GuidanceDataset
+from fluxguide.policies import GaussianHead, ObservationAdapter
+from fluxguide import keys
 
 LOSS_TYPES: tuple[str, ...] = ("mse", "gaussian_nll")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)

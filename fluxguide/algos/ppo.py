@@ -42,7 +42,7 @@ from torchrl.objectives import ClipPPOLoss, ValueEstimators
 from fluxguide import distributed
 from fluxguide.algos.reward_gradient import NonFiniteLossError
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
-from fluxguide.policies import keys
+from fluxguide import keys
 
 AdvantageMode = Literal["group", "gae"]
 

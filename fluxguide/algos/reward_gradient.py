@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.base import straight_through_clamp, Backbone, Conditioning
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
@@ -234,17 +234,6 @@ def reward_gradient_loss(
         "grad_last_k": float(k),
     }
     return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
-
-
-def straight_through_clamp(images: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
-    """Clamp to ``[low, high]`` in the forward pass, identity in the backward pass (straight-through).
-
-    A plain clamp gives zero gradient to every pixel outside the range, e.g. the black background a decoder
-    clamps to 0: the reward can then never ask for a shape to grow into it. The straight-through estimator
-    (Bengio et al. 2013) keeps the clamped values but lets the gradient through.
-    """
-    clamped = images.clamp(low, high)
-    return images + (clamped - images).detach()
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -15,7 +15,7 @@ _LAZY = {
     "FluxBackbone": "fluxguide.backbones.flux",
     "REQUIRED_SUBFOLDERS": "fluxguide.backbones.flux",
     "BFLBackbone": "fluxguide.backbones.bfl",
-    "ShapesWorld": "fluxguide.backbones.shapes",
+    "ShapesWorld": "fluxguide.worlds.shapes",
     "save_tiny_flux_pipeline": "fluxguide.backbones.tiny_flux",
     "tiny_flux_components": "fluxguide.backbones.tiny_flux",
     "tiny_flux_transformer": "fluxguide.backbones.tiny_flux",

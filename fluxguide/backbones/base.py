@@ -8,7 +8,9 @@ straight to :func:`fluxguide.sampling.denoise`, plus ``encode`` (prompts -> cond
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
@@ -16,6 +18,16 @@ from torch import nn
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, denoise
 from fluxguide.sampling.schedule import get_schedule
+
+
+class VerificationResult(Protocol):
+    """What a world's verifier returns: per-image pass/fail, per-attribute scores and the pass rate."""
+
+    passed: torch.Tensor
+    scores: dict[str, torch.Tensor]
+
+    @property
+    def accuracy(self) -> float: ...
 
 
 @dataclass
@@ -69,6 +81,14 @@ class Backbone(nn.Module, ABC):
         default_guidance: distilled guidance strength passed to the model (``None`` if it has none).
         default_cfg_scale: classifier-free guidance scale that works well (1 = no CFG).
         schedule_shift: whether :meth:`schedule` uses Flux's resolution-dependent shift.
+        pixel_patch: side of the spatial patch packed into one token (2 latents in Flux); guidance networks
+            that unpack tokens to a grid and coarse actions read it.
+        verifier: an optional exact judge ``verifier(images, prompts) -> VerificationResult`` of the world
+            (``None`` for open-world backbones such as Flux). Evaluation reports its pass rate when present:
+            the held-out metric that tells real improvement from reward hacking.
+
+    World-specific behaviour reaches the layers above only through these attributes and the hooks
+    :meth:`reward_kwargs` and :meth:`straight_through_decoder`, never through ``isinstance`` checks.
     """
 
     latent_seq: int
@@ -79,6 +99,8 @@ class Backbone(nn.Module, ABC):
     default_guidance: float | None = None
     default_cfg_scale: float = 1.0
     schedule_shift: bool = True
+    pixel_patch: int = 2
+    verifier: ClassVar[Callable[[torch.Tensor, list[str]], VerificationResult] | None] = None
 
     @property
     def latent_shape(self) -> tuple[int, int]:
@@ -138,6 +160,27 @@ class Backbone(nn.Module, ABC):
         """Flux's schedule for this backbone's sequence length."""
         return get_schedule(num_steps or self.default_num_steps, self.latent_seq, shift=self.schedule_shift)
 
+    @property
+    def image_channels(self) -> int:
+        """Image (or latent) channels per token: ``latent_channels / pixel_patch**2`` (16 in Flux)."""
+        return self.latent_channels // self.pixel_patch**2
+
+    def reward_kwargs(self, name: str) -> dict[str, Any]:
+        """Keyword arguments a reward registry name needs from this backbone (e.g. a world's own rewards share
+        its loaded models); ``{}`` by default."""
+        return {}
+
+    def straight_through_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`decode` with a straight-through final clamp, for worlds whose decoder is a clamp.
+
+        Raises:
+            NotImplementedError: this backbone's decoder is not a clamp.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no straight-through decoder (its decoder is not a clamp); "
+            "drop --straight-through"
+        )
+
     def with_cfg(self, scale: float) -> ClassifierFreeGuidance:
         """This backbone wrapped in classifier-free guidance against the empty prompt."""
         uncond = self.encode([""])
@@ -165,3 +208,44 @@ class Backbone(nn.Module, ABC):
             guidance=self.default_guidance, guidance_model=guidance_model, guidance_scale=guidance_scale,
         )
         return self.decode(latents)
+
+
+@torch.no_grad()
+def sample_prompts(
+    backbone: Backbone,
+    prompts: list[str],
+    samples_per_prompt: int = 4,
+    seed: int = 0,
+    cfg_scale: float = 1.0,
+    guidance_model: GuidanceFn | None = None,
+    guidance_scale: GuidanceScale = 1.0,
+    num_steps: int | None = None,
+    batch_size: int = 128,
+) -> tuple[torch.Tensor, list[str]]:
+    """Images ``(len(prompts) * samples_per_prompt, 3, H, W)`` and their prompts, with seeded noise.
+
+    The noise depends only on ``seed`` and the sample index, so two samplers evaluated with one seed see the
+    same initial noise (paired comparisons).
+    """
+    all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
+    generator = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(all_prompts), backbone.latent_seq, backbone.latent_channels), generator=generator)
+    images = []
+    for start in range(0, len(all_prompts), batch_size):
+        chunk = all_prompts[start : start + batch_size]
+        images.append(backbone.sample(
+            chunk, num_steps=num_steps, noise=noise[start : start + len(chunk)].to(backbone.device, backbone.dtype),
+            cfg_scale=cfg_scale, guidance_model=guidance_model, guidance_scale=guidance_scale,
+        ).float().cpu())
+    return torch.cat(images), all_prompts
+
+
+def straight_through_clamp(images: torch.Tensor, low: float = 0.0, high: float = 1.0) -> torch.Tensor:
+    """Clamp to ``[low, high]`` in the forward pass, identity in the backward pass (straight-through).
+
+    A plain clamp gives zero gradient to every pixel outside the range, e.g. the black background a decoder
+    clamps to 0: the reward can then never ask for a shape to grow into it. The straight-through estimator
+    (Bengio et al. 2013) keeps the clamped values but lets the gradient through.
+    """
+    clamped = images.clamp(low, high)
+    return images + (clamped - images).detach()

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids, unpack
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids, unpack
 
 EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]

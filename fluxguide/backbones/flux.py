@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids, pack, unpack
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
 from fluxguide.sampling.schedule import get_lin_function, time_shift
 
 #: The subfolders of a diffusers FluxPipeline folder that :meth:`FluxBackbone.from_pretrained` needs

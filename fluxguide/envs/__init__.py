@@ -17,7 +17,7 @@ new memory).
 
 from fluxguide.envs.core import GuidanceCore, StepResult, build_reward, make_core
 from fluxguide.envs.gym_env import GuidanceEnv
-from fluxguide.envs.prompts import NAMED_PROMPT_SETS, PromptSource, resolve_prompts
+from fluxguide.envs.prompts import PROMPT_SETS, PromptSource, register_prompt_set, resolve_prompts
 from fluxguide.envs.registration import (
     FLUX_ID,
     SHAPES_ID,
@@ -35,7 +35,7 @@ register_envs()
 
 __all__ = [
     "FLUX_ID",
-    "NAMED_PROMPT_SETS",
+    "PROMPT_SETS",
     "SHAPES_ID",
     "GuidanceCore",
     "GuidanceEnv",
@@ -50,6 +50,7 @@ __all__ = [
     "make_core",
     "make_torchrl_env",
     "register_envs",
+    "register_prompt_set",
     "resolve_prompts",
     "shapes_core",
 ]

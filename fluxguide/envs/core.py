@@ -28,8 +28,8 @@ from torch import nn
 
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike
-from fluxguide.policies import keys
-from fluxguide.policies.sde import sde_action_std
+from fluxguide import keys
+from fluxguide.sampling.sde_actions import sde_action_std
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
 from fluxguide.sampling.steps import euler_step, sde_mean
 
@@ -72,16 +72,14 @@ def _finite(name: str, value: float) -> float:
 def build_reward(reward: RewardLike, backbone: Backbone, reward_kwargs: Mapping[str, Any] | None) -> nn.Module:
     """A reward module from a module, a registry name (``make_reward``) or a callable ``fn(images, prompts)``.
 
-    Registry names of the shapes world (``"shapes-*"``) get ``world=backbone`` when the backbone is the
-    shapes world and no ``world`` is given, so the reward shares the backbone's tiny CLIP.
+    A registry name also gets what the backbone says it needs (:meth:`Backbone.reward_kwargs`, e.g. a world's
+    own rewards share its loaded models) unless ``reward_kwargs`` gives it.
     """
     kwargs = dict(reward_kwargs or {})
     if isinstance(reward, str):
         from fluxguide.rewards import make_reward
 
-        if reward.strip().lower().replace("_", "-").startswith("shapes-") and _is_shapes_world(backbone):
-            kwargs.setdefault("world", backbone)
-        return make_reward(reward, **kwargs)
+        return make_reward(reward, **{**backbone.reward_kwargs(reward), **kwargs})
     if kwargs:
         raise ValueError(f"reward_kwargs {sorted(kwargs)} are only used with a reward registry name, not a built reward")
     if isinstance(reward, nn.Module):
@@ -94,12 +92,6 @@ def build_reward(reward: RewardLike, backbone: Backbone, reward_kwargs: Mapping[
         f"reward must be a reward module, a registry name or a callable fn(images, prompts) -> (B,), "
         f"got {type(reward).__name__}"
     )
-
-
-def _is_shapes_world(backbone: nn.Module) -> bool:
-    from fluxguide.backbones.shapes.world import ShapesWorld
-
-    return isinstance(backbone, ShapesWorld)
 
 
 class GuidanceCore:
@@ -137,8 +129,8 @@ class GuidanceCore:
             their rewards differ only through the policy's (or the SDE's) noise: common random numbers for
             the per-prompt advantage, as DanceGRPO (Xue et al. 2025) does. Needs a stochastic policy.
         reward_kwargs: keyword arguments for ``make_reward`` when ``reward`` is a name.
-        verify: run the shapes world's verifier on the final images and report it in ``info``
-            (default: on for the shapes world).
+        verify: run the backbone's verifier (:attr:`Backbone.verifier`) on the final images and report it in ``info``
+            (default: on when the backbone has one).
     """
 
     def __init__(
@@ -186,7 +178,9 @@ class GuidanceCore:
             raise ValueError(f"control_cost must be >= 0 (it is subtracted from the reward), got {control_cost}")
         self.prompt_source = PromptSource(prompts)
         self.reward = build_reward(reward, backbone, reward_kwargs)
-        self.verify = _is_shapes_world(backbone) if verify is None else bool(verify)
+        self.verify = backbone.verifier is not None if verify is None else bool(verify)
+        if self.verify and backbone.verifier is None:
+            raise ValueError(f"verify=True but {type(backbone).__name__} has no verifier; pass verify=False")
 
         self.timesteps: list[float] = list(backbone.schedule(num_steps))
         self.num_steps = len(self.timesteps) - 1
@@ -198,7 +192,7 @@ class GuidanceCore:
         if mode == "sde":
             self.sde_stds = [sde_action_std(tc, tp, self.noise_level, g) for (tc, tp), g in zip(pairs, self.scales)]
             # KL(N(m + k u, s^2 I) || N(m, s^2 I)) = ||k u||^2 / (2 s^2) with s = sde_step_std = |k| sde_std
-            # (fluxguide.policies.sde), i.e. ||u||^2 / (2 sde_std^2): nats, summed over the seq * C elements.
+            # (fluxguide.sampling.sde_actions), i.e. ||u||^2 / (2 sde_std^2): nats, summed over the seq * C elements.
             self._kl_factors = [1.0 / (2.0 * s * s) for s in self.sde_stds]
         else:
             self.sde_stds = []
@@ -441,9 +435,7 @@ class GuidanceCore:
         if components:
             info["reward_components"] = {k: v.detach().float() for k, v in components.items()}
         if self.verify:
-            from fluxguide.backbones.shapes.verifier import verify
-
-            result = verify(images.detach().cpu(), prompts)
+            result = self.backbone.verifier(images.detach().cpu(), prompts)
             info["verifier"] = {"passed": result.passed, **{k: v for k, v in result.scores.items()}}
         return values
 
@@ -459,7 +451,7 @@ def make_core(
 
     Args:
         backbone: the base model; ``None`` loads the pretrained shapes world
-            (:meth:`fluxguide.backbones.shapes.ShapesWorld.pretrained`) on ``device``.
+            (``build_backbone("shapes")``) on ``device``.
         core: an existing core (then nothing else may be passed).
         device: where to load the default shapes world; a given backbone stays where it is.
         **core_kwargs: :class:`GuidanceCore` arguments.
@@ -470,9 +462,9 @@ def make_core(
             raise ValueError(f"pass either core= or the core's arguments, not both (got core= and {extra})")
         return core
     if backbone is None:
-        from fluxguide.backbones.shapes.world import ShapesWorld
+        from fluxguide.backbones.registry import build_backbone
 
-        backbone = ShapesWorld.pretrained(device=device or "cpu")
+        backbone = build_backbone("shapes", device=device or "cpu")
     elif device is not None and not _same_device(torch.device(device), backbone.device):
         raise ValueError(
             f"device={device!r} but the backbone is on {backbone.device}: move the backbone with "

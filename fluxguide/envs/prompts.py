@@ -1,4 +1,4 @@
-"""Where an environment's prompts come from: a list, a text file, or one of the shapes world's prompt sets.
+"""Where an environment's prompts come from: a list, a text file, or a named prompt set (a plug-in).
 
 Every reset draws the episode's prompts from the source with the env's seeded ``torch.Generator``, so a
 seed fixes the prompts as well as the initial noise.
@@ -8,35 +8,30 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 from pathlib import Path
 
 import torch
 
+from fluxguide.plugins import Registry
+
 PromptSourceLike = str | os.PathLike | Sequence[str]
 
 
-def _shapes_train() -> list[str]:
-    from fluxguide.backbones.shapes.scenes import train_prompts
-
-    return train_prompts()
-
-
-def _shapes_heldout() -> list[str]:
-    from fluxguide.backbones.shapes.scenes import heldout_prompts
-
-    return heldout_prompts()
+PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set", "fluxguide.prompts")
+"""Named prompt sets: registered in code, declared in the ``fluxguide.prompts`` entry-point group (the shapes
+world's ``"shapes-train"`` / ``"shapes-heldout"``), or a spec ``"package.module:function"``."""
 
 
-#: Named prompt sets (the shapes world's RL training prompts and its held-out evaluation prompts).
-NAMED_PROMPT_SETS: dict[str, Callable[[], list[str]]] = {
-    "shapes-train": _shapes_train,
-    "shapes-heldout": _shapes_heldout,
-}
+def register_prompt_set(name: str, fn: Callable[[], list[str]] | None = None, *, overwrite: bool = False) -> Any:
+    """Register ``fn() -> list[str]`` as the prompt set ``name`` (a decorator without ``fn``)."""
+    return PROMPT_SETS.register(name, fn, overwrite=overwrite)
 
 
 def _valid_sources() -> str:
-    names = ", ".join(repr(n) for n in NAMED_PROMPT_SETS)
-    return f"a list of prompt strings, a path to a text file with one prompt per line, or one of {names}"
+    names = ", ".join(repr(n) for n in PROMPT_SETS.names())
+    return (f"a list of prompt strings, a path to a text file with one prompt per line, one of {names}, or a spec "
+            f"'package.module:function' returning a list of prompts")
 
 
 def resolve_prompts(source: PromptSourceLike) -> list[str]:
@@ -44,7 +39,7 @@ def resolve_prompts(source: PromptSourceLike) -> list[str]:
 
     Args:
         source: a list (or tuple) of prompt strings; a path to a UTF-8 text file with one prompt per line
-            (blank lines are skipped); or the name of a prompt set in :data:`NAMED_PROMPT_SETS`.
+            (blank lines are skipped); or the name of a prompt set in :data:`PROMPT_SETS` (or a spec).
 
     Raises:
         ValueError: an unknown name or missing file (the message lists the valid sources), an empty source,
@@ -52,8 +47,8 @@ def resolve_prompts(source: PromptSourceLike) -> list[str]:
     """
     if isinstance(source, (str, os.PathLike)):
         key = os.fspath(source)
-        if isinstance(source, str) and key.strip().lower() in NAMED_PROMPT_SETS:
-            prompts = NAMED_PROMPT_SETS[key.strip().lower()]()
+        if isinstance(source, str) and not Path(key).expanduser().is_file() and key.strip() in PROMPT_SETS:
+            prompts = list(PROMPT_SETS.get(key)())
         elif Path(key).expanduser().is_file():
             lines = Path(key).expanduser().read_text(encoding="utf-8").splitlines()
             prompts = [line.strip() for line in lines if line.strip()]

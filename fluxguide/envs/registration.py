@@ -47,9 +47,9 @@ def shapes_core(
     on ``device`` in ``dtype``) unless ``backbone`` is given. Reward default ``"shapes-clip"``, prompts
     ``"shapes-train"``."""
     if backbone is None:
-        from fluxguide.backbones.shapes.world import ShapesWorld
+        from fluxguide.backbones.registry import build_backbone
 
-        backbone = ShapesWorld.pretrained(weights_dir, device=device or "cpu", dtype=dtype or torch.float32)
+        backbone = build_backbone("shapes", weights_dir=weights_dir, device=device or "cpu", dtype=dtype)
     elif weights_dir is not None or dtype is not None:
         raise ValueError("weights_dir= and dtype= load the default shapes world; they cannot apply to a given backbone")
     return make_core(backbone, device=device, **core_kwargs)

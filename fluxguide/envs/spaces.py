@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
-from fluxguide.policies import keys
+from fluxguide import keys
 
 
 class UnboundedBox(spaces.Box):

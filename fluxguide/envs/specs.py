@@ -14,7 +14,7 @@ import torch
 from torchrl.data import Bounded, Composite, UnboundedContinuous
 from torchrl.data.tensor_specs import ContinuousBox, TensorSpec
 
-from fluxguide.policies import keys
+from fluxguide import keys
 
 
 class BroadcastBox(ContinuousBox):

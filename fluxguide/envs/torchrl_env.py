@@ -16,7 +16,7 @@ from torchrl.envs import EnvBase
 from fluxguide.backbones.base import Backbone
 from fluxguide.envs.core import GuidanceCore, make_core
 from fluxguide.envs.specs import observation_spec
-from fluxguide.policies import keys
+from fluxguide import keys
 
 
 class GuidanceTorchRLEnv(EnvBase):

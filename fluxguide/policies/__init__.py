@@ -4,7 +4,6 @@ The seed's names: ``BaseGuidanceModel``, ``MLPGuidanceModel``, ``create_mlp_guid
 ``AttentionGuidanceModel``, ``ConvGuidanceModel``, ``MultiObjectiveGuidance`` and step-specific guidance.
 """
 
-from fluxguide.policies import keys
 from fluxguide.policies.actors import (
     CoefficientHead,
     GaussianHead,
@@ -23,7 +22,6 @@ from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
 from fluxguide.policies.embeddings import grid_position_features, timestep_embedding
 from fluxguide.policies.mlp import MLPGuidanceModel, create_mlp_guidance_model
-from fluxguide.policies.sde import sde_action_coefficient, sde_action_std, sde_log_prob_offset
 from fluxguide.policies.value import GuidanceValueModel, make_value_network
 
 __all__ = [
@@ -48,7 +46,6 @@ __all__ = [
     "coarse_coordinates",
     "create_mlp_guidance_model",
     "grid_position_features",
-    "keys",
     "load_guidance_model",
     "make_coefficient_actor",
     "make_deterministic_actor",
@@ -57,8 +54,5 @@ __all__ = [
     "project_coarse",
     "read_guidance_config",
     "save_guidance_model",
-    "sde_action_coefficient",
-    "sde_action_std",
-    "sde_log_prob_offset",
     "timestep_embedding",
 ]

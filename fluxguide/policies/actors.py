@@ -2,7 +2,7 @@
 
 The same network serves reward-gradient and behaviour cloning (deterministic: ``action = model(obs)``) and
 PPO (stochastic: ``action ~ N(model(obs), scale^2)``, with ``scale`` fixed, learned, or the env's SDE std).
-Keys come from :mod:`fluxguide.policies.keys`.
+Keys come from :mod:`fluxguide.keys`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from torchrl.data import TensorSpec
 from torchrl.modules import ProbabilisticActor
 
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.composite import TimestepRangeGuidance
 from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal

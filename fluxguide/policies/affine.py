@@ -24,7 +24,7 @@ class AffineGuidance(BaseGuidanceModel):
     Args:
         latent_channels: token width ``C`` (48 in the shapes world, 64 in Flux).
         channels: image (or latent) channels per token (3 in the shapes world, 16 in Flux); each owns
-            ``C / channels`` consecutive entries of a token (:func:`fluxguide.backbones.packing.pack`).
+            ``C / channels`` consecutive entries of a token (:func:`fluxguide.sampling.packing.pack`).
         time_dim: size of the sinusoidal timestep embedding the coefficients are read from.
         device, dtype: where to create the parameters.
     """

@@ -1,7 +1,7 @@
 """Coarse corrections: one number per token and image channel, constant over the pixels the token packs.
 
 A packed token holds ``channels`` image (or latent) channels times a ``p x p`` patch, ``C = channels * p * p``
-in einops order ``(c ph pw)`` (:func:`fluxguide.backbones.packing.pack`). A *coarse* correction is constant
+in einops order ``(c ph pw)`` (:func:`fluxguide.sampling.packing.pack`). A *coarse* correction is constant
 over each channel's ``p * p`` entries of a token: 3 x 64 = 192 numbers per step in the shapes world instead of
 3,072, 16 per token in Flux instead of 64.
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from fluxguide.backbones.packing import pack, unpack
+from fluxguide.sampling.packing import pack, unpack
 from fluxguide.policies.base import BaseGuidanceModel, as_grid
 from fluxguide.policies.embeddings import ConditionEmbedding, zero_module
 

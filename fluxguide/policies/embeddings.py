@@ -34,7 +34,7 @@ def grid_position_features(
     Rows and columns are normalised to cell centres in (0, 1), so the features describe where a token sits
     in the image whatever the resolution; frequencies ``pi * 2^k`` (Tancik et al. 2020, Fourier features)
     resolve grids of up to ``2^num_frequencies`` cells per side. Token order is row-major, as in
-    :func:`fluxguide.backbones.packing.pack` and Flux's image ids.
+    :func:`fluxguide.sampling.packing.pack` and Flux's image ids.
     """
     r = (torch.arange(rows, dtype=torch.float32, device=device) + 0.5) / rows
     c = (torch.arange(cols, dtype=torch.float32, device=device) + 0.5) / cols

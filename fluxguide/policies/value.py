@@ -10,7 +10,7 @@ from tensordict.utils import NestedKey
 from torch import nn
 from torchrl.modules import ValueOperator
 
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.policies.actors import ObservationAdapter
 from fluxguide.policies.base import as_grid, check_observation
 from fluxguide.policies.embeddings import AdaLayerNorm, ConditionEmbedding, grid_position_features

@@ -17,17 +17,11 @@ from fluxguide.rewards.composite import WeightedSum
 from fluxguide.rewards.inputs import check_images, check_prompts, check_reward_output
 from fluxguide.rewards.open_clip_models import load_open_clip
 from fluxguide.rewards.preprocess import CLIPPreprocess
-from fluxguide.rewards.registry import available_rewards, make_reward, register_reward
-from fluxguide.rewards.shapes import (
-    VerifierReward,
-    load_shapes_world,
-    shapes_aesthetic,
-    shapes_clip_retrieval,
-    shapes_clip_score,
-)
+from fluxguide.rewards.registry import REWARDS, available_rewards, make_reward, register_reward
 from fluxguide.rewards.style import StyleSimilarity
 
 __all__ = [
+    "REWARDS",
     "AestheticPredictor",
     "AestheticReward",
     "CLIPCaptionLogProb",
@@ -37,20 +31,15 @@ __all__ = [
     "NotDifferentiableError",
     "RewardModel",
     "StyleSimilarity",
-    "VerifierReward",
     "WeightedSum",
     "available_rewards",
     "check_images",
     "check_prompts",
     "check_reward_output",
     "load_open_clip",
-    "load_shapes_world",
     "make_reward",
     "read_state_dict",
     "register_reward",
     "require_differentiable",
     "reward_with_grad",
-    "shapes_aesthetic",
-    "shapes_clip_retrieval",
-    "shapes_clip_score",
 ]

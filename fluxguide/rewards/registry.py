@@ -8,12 +8,16 @@ Built-in names:
   optionally ``clip_model=`` / ``clip_model_name=`` + ``clip_pretrained=``).
 - ``"shapes-clip"``, ``"shapes-aesthetic"``, ``"verifier"``: the shapes world's rewards (``world=``);
   ``"verifier-partial"``: the verifier with partial credit 0.5 for the attributes it gets right;
-  ``"shapes-clip-retrieval"``: the tiny CLIP's log-probability of the prompt among all captions.
+  ``"shapes-clip-retrieval"``: the tiny CLIP's log-probability of the prompt among all captions. The shapes
+  world declares these in the ``fluxguide.rewards`` entry-point group (fluxguide's ``pyproject.toml``), as
+  any installed package can.
 - ``"weighted-sum"`` (alias ``"sum"``): :class:`WeightedSum`; ``parts={name: spec}`` where a spec is a
   reward, ``(reward, weight)``, ``(registry_name, weight)`` or ``(registry_name, weight, kwargs)``.
 - ``"callable"``: :class:`CallableReward` (``fn=``, ``differentiable=``).
 
-Projects add their own with ``@register_reward("name")`` on a factory returning a reward module.
+Projects add their own with ``@register_reward("name")`` on a factory returning a reward module, with an
+entry point in the ``fluxguide.rewards`` group, or by passing a spec ``"my_pkg.my_module:make_my_reward"``
+wherever a reward name is taken (:mod:`fluxguide.plugins`).
 """
 
 from __future__ import annotations
@@ -25,27 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from fluxguide.plugins import Registry, canonical_name
 from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward
 from fluxguide.rewards.callable_reward import CallableReward
 from fluxguide.rewards.clip_score import CLIPScore
 from fluxguide.rewards.composite import WeightedSum
-from fluxguide.rewards.shapes import (
-    VerifierReward,
-    shapes_aesthetic,
-    shapes_clip_retrieval,
-    shapes_clip_score,
-)
 from fluxguide.rewards.style import StyleSimilarity
 
 RewardFactory = Callable[..., nn.Module]
 
-_REGISTRY: dict[str, RewardFactory] = {}
-
-
-def _key(name: str) -> str:
-    if not isinstance(name, str):
-        raise TypeError(f"reward names are strings, got {type(name).__name__} {name!r}.")
-    return name.strip().lower().replace("_", "-")
+REWARDS: Registry[RewardFactory] = Registry("reward", "fluxguide.rewards")
+"""Every reward name: registered here, declared by an installed package's entry point, or a spec."""
 
 
 def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFactory], RewardFactory]:
@@ -54,34 +48,24 @@ def register_reward(name: str, *, overwrite: bool = False) -> Callable[[RewardFa
     Raises:
         ValueError: ``name`` is taken and ``overwrite`` is False.
     """
-    key = _key(name)
-
-    def decorator(factory: RewardFactory) -> RewardFactory:
-        if key in _REGISTRY and not overwrite:
-            raise ValueError(
-                f"a reward named {key!r} is already registered; pick another name or overwrite=True."
-            )
-        _REGISTRY[key] = factory
-        return factory
-
-    return decorator
+    return REWARDS.register(name, overwrite=overwrite)
 
 
 def available_rewards() -> list[str]:
-    """The registered reward names, sorted."""
-    return sorted(_REGISTRY)
+    """The registered reward names (in code and by entry points), sorted."""
+    return REWARDS.names()
 
 
 def make_reward(name: str, **kwargs: Any) -> nn.Module:
-    """Build the reward registered under ``name`` with ``kwargs``.
+    """Build the reward ``name`` with ``kwargs``: a registered name, an entry-point name, or a spec
+    ``"package.module:factory"`` (a callable returning a reward module).
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones).
+        fluxguide.plugins.PluginError: unknown name (the message lists the valid ones), or a spec whose module
+            or attribute fails to import (the message names which).
     """
-    key = _key(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown reward {name!r}; valid names: {', '.join(available_rewards())}.")
-    return _REGISTRY[key](**kwargs)
+    canonical_name(name)  # a clear TypeError for a non-string
+    return REWARDS.get(name)(**kwargs)
 
 
 @register_reward("clip")
@@ -140,17 +124,6 @@ def _make_aesthetic(
         predictor = AestheticPredictor.from_file(predictor_path, **arch)  # type: ignore[arg-type]
     return AestheticReward(clip_model, predictor, **kwargs)
 
-
-register_reward("shapes-clip")(shapes_clip_score)
-register_reward("shapes-clip-retrieval")(shapes_clip_retrieval)
-register_reward("shapes-aesthetic")(shapes_aesthetic)
-register_reward("verifier")(VerifierReward)
-
-
-@register_reward("verifier-partial")
-def _make_verifier_partial(partial_credit: float = 0.5, **kwargs: Any) -> VerifierReward:
-    """The verifier with partial credit for the attributes it gets right (a denser reward for PPO)."""
-    return VerifierReward(partial_credit=partial_credit, **kwargs)
 
 register_reward("callable")(CallableReward)
 

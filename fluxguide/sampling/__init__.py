@@ -2,6 +2,7 @@
 
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import FluxModel, apply_guidance_model, denoise, scale_at
+from fluxguide.sampling.sde_actions import sde_action_coefficient, sde_action_std, sde_log_prob_offset
 from fluxguide.sampling.schedule import get_lin_function, get_schedule, time_shift
 from fluxguide.sampling.steps import (
     SDEStepOutput,
@@ -23,6 +24,9 @@ __all__ = [
     "get_lin_function",
     "get_schedule",
     "scale_at",
+    "sde_action_coefficient",
+    "sde_action_std",
+    "sde_log_prob_offset",
     "sde_mean",
     "sde_step",
     "sde_step_std",

@@ -31,7 +31,7 @@ from fluxguide.sampling.denoise import (
 )
 from fluxguide.sampling.steps import sde_step
 
-# The observation keys of the denoising MDP, spelled as in ``fluxguide.policies.keys`` (a layer above this
+# The observation keys of the denoising MDP, spelled as in ``fluxguide.keys`` (a layer above this
 # one, so not imported from there; tests/sampling/test_instrumented.py checks that they agree).
 IMG, PRED, TXT, VEC, T, STEP = "img", "pred", "txt", "vec", "t", "step"
 PRED_USED = "pred_used"

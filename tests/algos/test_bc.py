@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
-from fluxguide.algos.collection import TARGET, DatasetError, GuidanceDataset
-from fluxguide.algos.targets import GuidanceDataCollector
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip, train_prompts
-from fluxguide.backbones.shapes.world import build_transformer
+from fluxguide.data.collection import TARGET, DatasetError, GuidanceDataset
+from fluxguide.data.targets import GuidanceDataCollector
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
+from fluxguide.worlds.shapes.world import build_transformer
 from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, GaussianHead, MLPGuidanceModel
 
 STEPS = 4

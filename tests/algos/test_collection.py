@@ -19,7 +19,7 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-from fluxguide.algos.collection import (
+from fluxguide.data.collection import (
     EPISODE,
     FINAL_IMAGE,
     MANIFEST,
@@ -32,9 +32,9 @@ from fluxguide.algos.collection import (
     create_training_pairs,
     load_guidance_dataset,
 )
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip, train_prompts
-from fluxguide.backbones.shapes.world import build_transformer
-from fluxguide.policies import keys
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
+from fluxguide.worlds.shapes.world import build_transformer
+from fluxguide import keys
 from fluxguide.sampling.instrumented import PRED_USED, denoise_with_state_collection
 
 STEPS = 3
@@ -197,8 +197,8 @@ def test_leftover_temporary_and_unlisted_chunks_are_ignored_then_cleaned(world: 
 CRASHING_COLLECTION = textwrap.dedent("""
     import sys, time, torch
     from pathlib import Path
-    import fluxguide.algos.collection as collection
-    from fluxguide.algos.collection import GuidanceDataset, create_training_pairs
+    import fluxguide.data.collection as collection
+    from fluxguide.data.collection import GuidanceDataset, create_training_pairs
     from tensordict import TensorDict
     path, hang_in = Path(sys.argv[1]), sys.argv[2]
 

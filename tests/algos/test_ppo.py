@@ -7,8 +7,8 @@ import torch
 
 from fluxguide.algos import NonFiniteLossError
 from fluxguide.algos.ppo import PPO, PPOConfig, group_advantages, rewards_to_go
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.backbones.shapes.world import build_transformer
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
+from fluxguide.worlds.shapes.world import build_transformer
 from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.policies import MLPGuidanceModel, make_probabilistic_actor, make_value_network
 from fluxguide.rewards import CallableReward

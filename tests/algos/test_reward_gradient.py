@@ -16,8 +16,8 @@ from fluxguide.algos import (
     reward_gradient_loss,
     total_loss,
 )
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.backbones.shapes.world import build_transformer
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
+from fluxguide.worlds.shapes.world import build_transformer
 from fluxguide.policies import AttentionGuidanceModel, MLPGuidanceModel
 from fluxguide.rewards import CallableReward, NotDifferentiableError, make_reward
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxguide.algos.collection import EPISODE, FINAL_IMAGE, REWARD, TARGET, load_guidance_dataset
-from fluxguide.algos.targets import (
+from fluxguide.data.collection import EPISODE, FINAL_IMAGE, REWARD, TARGET, load_guidance_dataset
+from fluxguide.data.targets import (
     TARGET_STRATEGIES,
     BestOfN,
     CFGDistillation,
@@ -24,11 +24,12 @@ from fluxguide.algos.targets import (
     UserTargets,
     make_target_strategy,
 )
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip, train_prompts
-from fluxguide.backbones.shapes.scenes import render_prompts
-from fluxguide.backbones.shapes.world import build_transformer
-from fluxguide.policies import keys
-from fluxguide.rewards import CallableReward, NotDifferentiableError, VerifierReward
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
+from fluxguide.worlds.shapes.scenes import render_prompts
+from fluxguide.worlds.shapes.world import build_transformer
+from fluxguide import keys
+from fluxguide.rewards import CallableReward, NotDifferentiableError
+from fluxguide.worlds.shapes.rewards import VerifierReward
 from fluxguide.sampling import euler_step
 
 STEPS = 4

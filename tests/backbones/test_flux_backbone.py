@@ -19,7 +19,7 @@ from torch import nn
 
 from fluxguide.backbones.base import Conditioning
 from fluxguide.backbones.flux import REQUIRED_SUBFOLDERS, FluxBackbone
-from fluxguide.backbones.packing import make_img_ids
+from fluxguide.sampling.packing import make_img_ids
 from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline, tiny_flux_components, tiny_vae
 from fluxguide.sampling import denoise
 

@@ -25,11 +25,11 @@ from torch import nn
 from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.algos.bc import BCLoss, bc_update
-from fluxguide.algos.collection import TARGET
-from fluxguide.backbones.presets import build_backbone, build_reward
-from fluxguide.backbones.shapes import train_prompts
-from fluxguide.policies import keys
-from fluxguide.policies.presets import build_policy
+from fluxguide.data.collection import TARGET
+from fluxguide.backbones.registry import build_backbone, build_reward
+from fluxguide.worlds.shapes import train_prompts
+from fluxguide import keys
+from fluxguide.policies.registry import build_policy
 
 WORLD = 2
 PER_RANK = 2  #: samples per rank; the single process takes WORLD * PER_RANK

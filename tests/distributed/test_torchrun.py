@@ -21,7 +21,7 @@ import tyro
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.distributed import parameter_digest
 from fluxguide.policies import load_guidance_model
-from fluxguide.tracking import metric_curve, read_metrics
+from fluxguide.harness.tracking import metric_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 NPROC = 2

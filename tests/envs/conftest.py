@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.backbones.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.backbones.shapes.world import WEIGHTS_DIR, build_transformer
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
+from fluxguide.worlds.shapes.world import WEIGHTS_DIR, build_transformer
 
 WEIGHT_FILES = ("clip.safetensors", "flux.safetensors")
 PRETRAINED_AVAILABLE = all((WEIGHTS_DIR / f).is_file() for f in WEIGHT_FILES)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.backbones.shapes import heldout_prompts, train_prompts
+from fluxguide.worlds.shapes import heldout_prompts, train_prompts
 from fluxguide.envs import GuidanceCore, resolve_prompts
-from fluxguide.policies import keys
-from fluxguide.policies.sde import sde_action_coefficient, sde_action_std
-from fluxguide.rewards import CallableReward, VerifierReward
+from fluxguide import keys
+from fluxguide.sampling.sde_actions import sde_action_coefficient, sde_action_std
+from fluxguide.rewards import CallableReward
+from fluxguide.worlds.shapes.rewards import VerifierReward
 from fluxguide.sampling import denoise, sde_mean, sde_step, sde_step_std
 from tests.envs.conftest import fixed_actions
 

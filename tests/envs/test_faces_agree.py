@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fluxguide.envs import GuidanceEnv, GuidanceTorchRLEnv, GuidanceVectorEnv
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.sampling import denoise
 from tests.envs.conftest import fixed_actions

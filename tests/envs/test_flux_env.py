@@ -13,7 +13,7 @@ from torchrl.envs.utils import check_env_specs
 import fluxguide.envs  # noqa: F401  (registers the ids)
 from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline
 from fluxguide.envs import GuidanceEnv, GuidanceVectorEnv, make_torchrl_env
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.sampling import denoise
 

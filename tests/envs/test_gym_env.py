@@ -10,8 +10,9 @@ from gymnasium.utils.env_checker import check_env
 
 import fluxguide.envs  # noqa: F401  (registers the ids)
 from fluxguide.envs import GuidanceEnv, UnboundedBox
-from fluxguide.policies import keys
-from fluxguide.rewards import CallableReward, VerifierReward
+from fluxguide import keys
+from fluxguide.rewards import CallableReward
+from fluxguide.worlds.shapes.rewards import VerifierReward
 from tests.envs.conftest import fixed_actions, needs_pretrained
 
 

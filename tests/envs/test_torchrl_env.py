@@ -12,8 +12,10 @@ from torchrl.envs.utils import check_env_specs
 
 import fluxguide.envs  # noqa: F401  (registers the ids)
 from fluxguide.envs import GuidanceTorchRLEnv, LeanUnbounded, make_torchrl_env
-from fluxguide.policies import MLPGuidanceModel, keys, make_probabilistic_actor
-from fluxguide.rewards import CallableReward, VerifierReward
+from fluxguide.policies import MLPGuidanceModel, make_probabilistic_actor
+from fluxguide import keys
+from fluxguide.rewards import CallableReward
+from fluxguide.worlds.shapes.rewards import VerifierReward
 from tests.envs.conftest import fixed_actions, needs_pretrained
 
 

@@ -10,8 +10,9 @@ from gymnasium.vector import AutoresetMode
 
 import fluxguide.envs  # noqa: F401  (registers the ids)
 from fluxguide.envs import GuidanceVectorEnv
-from fluxguide.policies import keys
-from fluxguide.rewards import CallableReward, VerifierReward
+from fluxguide import keys
+from fluxguide.rewards import CallableReward
+from fluxguide.worlds.shapes.rewards import VerifierReward
 
 
 def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

@@ -18,10 +18,10 @@ import pytest
 import torch
 import tyro
 
-from fluxguide.algos.collection import EPISODE, DatasetError, GuidanceDataset, load_guidance_dataset
+from fluxguide.data.collection import EPISODE, DatasetError, GuidanceDataset, load_guidance_dataset
 from fluxguide.checkpointing import latest_checkpoint
 from fluxguide.policies import AttentionGuidanceModel, load_guidance_model
-from fluxguide.tracking import metric_curve, read_metrics
+from fluxguide.harness.tracking import metric_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 

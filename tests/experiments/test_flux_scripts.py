@@ -16,11 +16,11 @@ import tyro
 from safetensors.torch import save_file
 
 from fluxguide.backbones.flux import FluxBackbone
-from fluxguide.backbones.presets import TINY_CLIP_CFG, build_backbone, build_reward, parse_reward_kwargs
+from fluxguide.backbones.registry import TINY_CLIP_CFG, build_backbone, build_reward, parse_reward_kwargs
 from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.rewards import CLIPScore, load_open_clip
-from fluxguide.tracking import metric_curve, read_metrics
+from fluxguide.harness.tracking import metric_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIP_NAME = "fluxguide-tiny-random-clip"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import tyro
 
-from fluxguide.tracking import read_metrics
+from fluxguide.harness.tracking import read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p for p in (ROOT / "experiments").glob("*.py") if "class Config" in p.read_text())
@@ -90,9 +90,9 @@ def test_evaluate_rejects_a_missing_policy(tmp_path) -> None:
 
 def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path) -> None:
     """--prompts picks the prompt set (training prompts: choose a scale without looking at the held-out set)."""
-    from fluxguide.backbones.presets import build_backbone
+    from fluxguide.backbones.registry import build_backbone
     from fluxguide.policies import save_guidance_model
-    from fluxguide.policies.presets import build_policy
+    from fluxguide.policies.registry import build_policy
 
     evaluate = load_script(ROOT / "experiments" / "evaluate.py")
     save_guidance_model(build_policy("attention", build_backbone("shapes"), hidden_dim=16, num_layers=1, min_t=0.6,

@@ -17,7 +17,7 @@ import tyro
 
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
 from fluxguide.rewards import RewardModel, make_reward, register_reward
-from fluxguide.tracking import metric_curve, read_metrics
+from fluxguide.harness.tracking import metric_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "train_ppo.py"
@@ -135,7 +135,7 @@ def test_early_steps_text_blind_policy_trains_and_is_saved_as_such(tmp_path) -> 
 
 def test_coarse_actions_train_and_save_a_coarse_policy(tmp_path) -> None:
     """--coarse-actions reaches the actor and the saved policy: its corrections are coarse once trained."""
-    from fluxguide.backbones.presets import build_backbone
+    from fluxguide.backbones.registry import build_backbone
     from fluxguide.policies import CoarseGuidance, load_guidance_model, project_coarse
 
     run([*SMALL, "--run-dir", str(tmp_path), "--total-updates", "2", "--eval-every", "2", "--checkpoint-every",

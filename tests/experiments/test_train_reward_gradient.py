@@ -14,11 +14,11 @@ import pytest
 import torch
 import tyro
 
-from fluxguide.backbones.presets import build_backbone
+from fluxguide.backbones.registry import build_backbone
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
-from fluxguide.policies.presets import build_policy
+from fluxguide.policies.registry import build_policy
 from fluxguide.rewards import RewardModel, make_reward, register_reward
-from fluxguide.tracking import metric_curve, read_metrics
+from fluxguide.harness.tracking import metric_curve, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "experiments" / "train_reward_gradient.py"

@@ -10,7 +10,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
 
 

@@ -11,16 +11,9 @@ from torch.distributions import Normal, kl_divergence
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import ClipPPOLoss
 
-from fluxguide.policies import (
-    ReducedNormal,
-    keys,
-    make_deterministic_actor,
-    make_probabilistic_actor,
-    make_value_network,
-    sde_action_coefficient,
-    sde_action_std,
-    sde_log_prob_offset,
-)
+from fluxguide.policies import ReducedNormal, make_deterministic_actor, make_probabilistic_actor, make_value_network
+from fluxguide import keys
+from fluxguide.sampling import sde_action_coefficient, sde_action_std, sde_log_prob_offset
 from fluxguide.sampling import get_schedule, sde_mean, sde_step
 
 ARCHS = ("mlp", "attention", "conv")

@@ -44,7 +44,7 @@ def test_affine_guidance_rejects_bad_sizes(world, make_observation):
 def _obs_td(world, make_observation, times):
     from tensordict import TensorDict
 
-    from fluxguide.policies import keys
+    from fluxguide import keys
 
     batch = len(times)
     obs = make_observation(world, batch=batch)
@@ -80,7 +80,8 @@ def test_coefficient_actor_acts_like_the_policy_explores_its_coefficients_and_st
     from torchrl.envs.utils import ExplorationType, set_exploration_type
     from torchrl.objectives import ClipPPOLoss
 
-    from fluxguide.policies import TimestepRangeGuidance, keys, make_coefficient_actor
+    from fluxguide.policies import TimestepRangeGuidance, make_coefficient_actor
+    from fluxguide import keys
 
     affine = AffineGuidance(world.channels, world.in_channels, time_dim=8)
     with torch.no_grad():

@@ -9,17 +9,8 @@ from tensordict import TensorDict
 from torch.distributions import Normal, kl_divergence
 from torchrl.objectives import ClipPPOLoss
 
-from fluxguide.policies import (
-    CoarseGuidance,
-    CoarseNormal,
-    coarse_coordinates,
-    keys,
-    load_guidance_model,
-    make_probabilistic_actor,
-    make_value_network,
-    project_coarse,
-    save_guidance_model,
-)
+from fluxguide.policies import CoarseGuidance, CoarseNormal, coarse_coordinates, load_guidance_model, make_probabilistic_actor, make_value_network, project_coarse, save_guidance_model
+from fluxguide import keys
 
 
 def test_projection_is_the_mean_of_each_channel_over_the_token_pixels(world):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.backbones.presets import build_backbone
+from fluxguide.backbones.registry import build_backbone
 from fluxguide.policies import TimestepRangeGuidance, load_guidance_model, save_guidance_model
-from fluxguide.policies.presets import build_policy
+from fluxguide.policies.registry import build_policy
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.policies import (
     AttentionGuidanceModel,
     BaseGuidanceModel,

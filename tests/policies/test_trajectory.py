@@ -51,7 +51,7 @@ def test_deterministic_actor_step_matches_the_denoise_guidance(
     """The TorchRL actor and ``denoise``'s guidance call compute the same correction for the same state."""
     from tensordict import TensorDict
 
-    from fluxguide.policies import keys
+    from fluxguide import keys
 
     world = shapes_world
     flux, inputs = make_flux(world), sampler_inputs(world)

@@ -37,7 +37,7 @@ def _offline_kwargs(name: str, tiny_clip, images: torch.Tensor) -> dict:
     """How to build each built-in reward without a download."""
     model, tokenizer = tiny_clip
     if name in SHAPES_WORLD:
-        pytest.importorskip("fluxguide.backbones.shapes", reason="the shapes world has not landed yet")
+        pytest.importorskip("fluxguide.worlds.shapes", reason="the shapes world has not landed yet")
         return {}
     return {
         "clip": {"model": model, "tokenizer": tokenizer, "scale": 100.0},

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.sampling import denoise, euler_step, get_schedule, instrumented, sde_mean, sde_step_std
 from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED, T_PREV, denoise_with_state_collection
 from tests.sampling import TokenMLPGuidance, make_inputs, tiny_flux

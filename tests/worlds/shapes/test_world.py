@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from fluxguide.backbones.shapes import ShapesWorld, all_prompts, heldout_prompts
-from fluxguide.backbones.shapes.evaluation import clip_retrieval_accuracy
-from fluxguide.backbones.shapes.scenes import render_prompts
-from fluxguide.backbones.shapes.world import WEIGHTS_DIR
+from fluxguide.worlds.shapes import ShapesWorld, all_prompts, heldout_prompts
+from fluxguide.worlds.shapes.evaluation import clip_retrieval_accuracy
+from fluxguide.worlds.shapes.scenes import render_prompts
+from fluxguide.worlds.shapes.world import WEIGHTS_DIR
 from fluxguide.sampling import denoise
 
 ROOT = Path(__file__).resolve().parents[3]

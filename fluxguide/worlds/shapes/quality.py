@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from fluxguide.backbones.shapes.scenes import COLORS
-from fluxguide.backbones.shapes.verifier import FOREGROUND
+from fluxguide.worlds.shapes.scenes import COLORS
+from fluxguide.worlds.shapes.verifier import FOREGROUND
 
 _REFERENCE = torch.tensor([(0.0, 0.0, 0.0), *COLORS.values()])
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from fluxguide.backbones.base import Conditioning
-from fluxguide.backbones.shapes.scenes import render, sample_scenes
+from fluxguide.worlds.shapes.scenes import render, sample_scenes
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fluxguide.tracking import metric_curve, read_metrics
+from fluxguide.harness.tracking import metric_curve, read_metrics
 
 #: The default panels: (title, metric names) -- reward, then the held-out verifier pass rate.
 DEFAULT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -1,7 +1,7 @@
 """Held-out evaluation of guidance policies, shared by the training, evaluation and comparison scripts.
 
 A fixed prompt set sampled with fixed noise (so evaluations of one run, and of different runs with one seed,
-are paired comparisons), scored by the rewards and, on the shapes world, by the exact verifier.
+are paired comparisons), scored by the rewards and by the backbone's exact verifier when it has one.
 :func:`evaluate_guidance` is the periodic evaluation of a training run; :func:`compare_samplers` puts a
 policy next to the base sampler, CFG and best-of-N, each with its cost in base-model calls per image.
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.base import Backbone, sample_prompts
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
 
 #: The metrics shown in the caption of an evaluation's sample grid.
@@ -51,13 +51,10 @@ def evaluate_guidance(
         batch_size: images per sampler call.
 
     Returns:
-        ``eval/reward_mean``, ``eval/reward_std`` and, on the shapes world, ``eval/verifier_pass_rate`` and
+        ``eval/reward_mean``, ``eval/reward_std`` and, when the backbone has a verifier, ``eval/verifier_pass_rate`` and
         ``eval/verifier_<attribute>``; and the images ``(len(prompts) * samples_per_prompt, 3, H, W)``
         (prompt-major).
     """
-    from fluxguide.backbones.shapes import ShapesWorld, verify
-    from fluxguide.backbones.shapes.evaluation import sample_prompts
-
     was_training = isinstance(policy, nn.Module) and policy.training
     if isinstance(policy, nn.Module):
         policy.eval()
@@ -73,8 +70,8 @@ def evaluate_guidance(
                          .float().cpu() for i in range(0, len(all_prompts), batch_size)])
     metrics = {"eval/reward_mean": float(rewards.mean()),
                "eval/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0}
-    if isinstance(backbone, ShapesWorld):
-        result = verify(images, all_prompts)
+    if backbone.verifier is not None:
+        result = backbone.verifier(images, all_prompts)
         metrics["eval/verifier_pass_rate"] = result.accuracy
         metrics.update({f"eval/verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
     return metrics, images
@@ -119,7 +116,7 @@ def compare_samplers(
     """Sample ``prompts`` with every sampler (same noise for the first candidate of each) and score them.
 
     Args:
-        backbone: the shapes world (the verifier needs its prompts).
+        backbone: the base model (its verifier, if it has one, scores every sampler).
         specs: the samplers to compare.
         prompts: held-out prompts, each sampled ``samples_per_prompt`` times.
         rewards: name -> reward module; every kept image is scored by each.
@@ -132,9 +129,6 @@ def compare_samplers(
         ``verifier_pass_rate``, ``verifier_<attribute>``, ``reward/<name>`` -- and the kept images per
         sampler, ``(len(prompts) * samples_per_prompt, 3, H, W)`` prompt-major.
     """
-    from fluxguide.backbones.shapes import verify
-    from fluxguide.backbones.shapes.evaluation import sample_prompts
-
     if pick_reward not in rewards:
         raise ValueError(f"pick_reward {pick_reward!r} is not one of the rewards {sorted(rewards)}")
     steps = num_steps or backbone.default_num_steps
@@ -157,14 +151,15 @@ def compare_samplers(
             images = images.view(-1, spec.best_of, *images.shape[1:])[torch.arange(len(best)), best]
         seconds = time.perf_counter() - start
         final_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
-        result = verify(images, final_prompts)
         row: dict[str, float | str] = {
             "sampler": spec.name,
             "model_calls_per_image": spec.model_calls_per_image(steps),
             "seconds_per_image": seconds / len(final_prompts),
-            "verifier_pass_rate": result.accuracy,
-            **{f"verifier_{k}": float(v.mean()) for k, v in result.scores.items()},
         }
+        if backbone.verifier is not None:
+            result = backbone.verifier(images, final_prompts)
+            row["verifier_pass_rate"] = result.accuracy
+            row.update({f"verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
         for name, reward in rewards.items():
             row[f"reward/{name}"] = float(_score(reward, backbone, images, final_prompts, batch_size).mean())
         rows.append(row)
@@ -223,8 +218,6 @@ class HeldoutEvaluator:
         guidance_scale: GuidanceScale = 1.0,
         num_steps: int | None = None,
     ) -> None:
-        from fluxguide.backbones.shapes.evaluation import sample_prompts
-
         self.backbone, self.reward, self.prompts, self.run_dir = backbone, reward, list(prompts), Path(run_dir)
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
         self.guidance_scale, self.num_steps = guidance_scale, num_steps
@@ -234,7 +227,7 @@ class HeldoutEvaluator:
                                         seed=seed + EVAL_SEED_OFFSET, num_steps=num_steps)[0]
 
     def __call__(self, policy: GuidanceFn | None, tracker: Any, samples_seen: int) -> dict[str, float]:
-        from fluxguide.grids import save_prompt_grid
+        from fluxguide.harness.grids import save_prompt_grid
 
         metrics, images = evaluate_guidance(self.backbone, self.reward, policy, self.prompts, seed=self.seed,
                                             samples_per_prompt=self.samples_per_prompt,

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fluxguide.backbones.shapes import heldout_prompts, parse_prompt, train_prompts, verify
-from fluxguide.backbones.shapes.scenes import (
+from fluxguide.worlds.shapes import heldout_prompts, parse_prompt, train_prompts, verify
+from fluxguide.worlds.shapes.scenes import (
     HELDOUT_COMBOS,
     all_prompts,
     render,

@@ -31,9 +31,9 @@ import torch
 from tensordict import TensorDict
 from torch import nn
 
-from fluxguide.algos.collection import FINAL_IMAGE, EpisodeChunk, GuidanceDataset, create_training_pairs
+from fluxguide.data.collection import FINAL_IMAGE, EpisodeChunk, GuidanceDataset, create_training_pairs
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.provenance import backbone_fingerprint
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
@@ -180,7 +180,7 @@ def relabel_with_prompts(backbone: Backbone, states: TensorDict, cond: Condition
     Every visited latent ``img`` keeps its time and step; the text (``txt``, ``vec``) becomes ``cond``'s, the
     conditional prediction ``pred`` is recomputed under it (one model call per step) and the target is the
     teacher's correction at that new observation. Returns ``(states, targets)`` ready for
-    :func:`~fluxguide.algos.collection.create_training_pairs` with ``cond``'s prompts.
+    :func:`~fluxguide.data.collection.create_training_pairs` with ``cond``'s prompts.
     """
     b = states.batch_size[0]
     if cond.batch_size != b:

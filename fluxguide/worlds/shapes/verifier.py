@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fluxguide.backbones.shapes.scenes import COLORS, ShapeSpec, parse_prompt
+from fluxguide.worlds.shapes.scenes import COLORS, ShapeSpec, parse_prompt
 
 FOREGROUND = 0.4
 MIN_AREA = 10

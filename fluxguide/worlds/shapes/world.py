@@ -9,7 +9,9 @@ map to [0, 1]. The transformer is a diffusers ``FluxTransformer2DModel`` trained
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -17,10 +19,11 @@ from diffusers import FluxTransformer2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.backbones.packing import make_img_ids, make_txt_ids, pack, unpack
-from fluxguide.backbones.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
-from fluxguide.backbones.shapes.scenes import IMAGE_SIZE
+from fluxguide.backbones.base import Backbone, Conditioning, straight_through_clamp
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
+from fluxguide.worlds.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
+from fluxguide.worlds.shapes.scenes import IMAGE_SIZE
+from fluxguide.worlds.shapes.verifier import verify
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 PATCH = 4
@@ -89,6 +92,8 @@ class ShapesWorld(Backbone):
     default_cfg_scale = 1.0
     recommended_cfg_scale = 3.0
     schedule_shift = True
+    pixel_patch = PATCH
+    verifier = staticmethod(verify)
     clip_embed_dim = 64
     aesthetic_hidden = AESTHETIC_HIDDEN
 
@@ -165,6 +170,32 @@ class ShapesWorld(Backbone):
     def decode(self, img: torch.Tensor) -> torch.Tensor:
         return ((unpack(img, IMAGE_SIZE, IMAGE_SIZE, PATCH) + 1) / 2).clamp(0, 1)
 
+    def straight_through_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """:meth:`decode` with a straight-through final clamp, so the reward's gradient reaches pixels the
+        clamp cuts off (shapes can grow into the black background)."""
+        return lambda img: straight_through_clamp((unpack(img, IMAGE_SIZE, IMAGE_SIZE, PATCH) + 1) / 2)
+
+    def reward_kwargs(self, name: str) -> dict[str, Any]:
+        """The world's own rewards (``shapes-*``) share this world's tiny CLIP and aesthetic head."""
+        return {"world": self} if name.strip().lower().replace("_", "-").startswith("shapes-") else {}
+
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> clean latents ``x0`` (the inverse of :meth:`decode`)."""
         return pack(images * 2 - 1, PATCH)
+
+
+def pretrained_world(
+    *, weights_dir: str | Path | None = None, device: torch.device | str = "cpu", dtype: torch.dtype | None = None
+) -> ShapesWorld:
+    """The backbone ``"shapes"``: the pretrained world from ``weights_dir`` (default: the shipped weights)."""
+    return ShapesWorld.pretrained(weights_dir, device=device, dtype=dtype or torch.float32)
+
+
+def random_world(*, seed: int = 0, device: torch.device | str = "cpu") -> ShapesWorld:
+    """The backbone ``"shapes-random"``: a randomly initialised world (smoke tests: every code path in seconds),
+    initialised from ``seed`` without touching the global RNG."""
+    from fluxguide.worlds.shapes.clip import create_shapes_clip
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ShapesWorld(create_shapes_clip(), build_transformer()).to(device)

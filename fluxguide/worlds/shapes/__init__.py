@@ -1,15 +1,15 @@
 """The shapes world: an embedded procedural world with the structure of Flux, small enough for two CPU cores."""
 
-from fluxguide.backbones.shapes.clip import SHAPES_CLIP_NAME, create_shapes_clip, register_shapes_clip
-from fluxguide.backbones.shapes.scenes import (
+from fluxguide.worlds.shapes.clip import SHAPES_CLIP_NAME, create_shapes_clip, register_shapes_clip
+from fluxguide.worlds.shapes.scenes import (
     all_prompts,
     heldout_prompts,
     parse_prompt,
     render,
     train_prompts,
 )
-from fluxguide.backbones.shapes.verifier import VerificationResult, verify
-from fluxguide.backbones.shapes.world import ShapesWorld
+from fluxguide.worlds.shapes.verifier import VerificationResult, verify
+from fluxguide.worlds.shapes.world import ShapesWorld
 
 register_shapes_clip()
 

@@ -1,7 +1,7 @@
 """Rewards of the shapes world (DESIGN.md, "The shapes world"): its tiny CLIP score, its aesthetic head and
 its exact verifier.
 
-The world lives in ``fluxguide.backbones.shapes`` and is imported inside the functions, so this module
+The world lives in ``fluxguide.worlds.shapes`` and is imported inside the functions, so this module
 loads (and the other rewards work) without it. Passing ``world=`` shares one loaded world between rewards.
 """
 
@@ -22,7 +22,7 @@ def load_shapes_world(world: Any = None, device: torch.device | str = "cpu") -> 
     """``world`` if given, else the shipped pretrained shapes world on ``device``."""
     if world is not None:
         return world
-    from fluxguide.backbones.shapes import ShapesWorld
+    from fluxguide.worlds.shapes import ShapesWorld
 
     return ShapesWorld.pretrained(device=device)
 
@@ -47,7 +47,7 @@ def shapes_clip_retrieval(
     A contrastive form of :func:`shapes_clip_score`: its gradient points at what distinguishes the prompt
     from captions that differ in one attribute (a circle's from a bar's outline), not at what they share.
     """
-    from fluxguide.backbones.shapes.scenes import all_prompts
+    from fluxguide.worlds.shapes.scenes import all_prompts
 
     world = load_shapes_world(world, device)
     return CLIPCaptionLogProb(world.clip, world.tokenizer, all_prompts(), **kwargs)
@@ -89,7 +89,7 @@ class VerifierReward(RewardModel):
 
     Args:
         verify: ``verify(images, prompts)`` returning an object with ``.passed`` (bool ``(B,)``) and
-            ``.scores`` (``{name: (B,)}``); default: ``fluxguide.backbones.shapes.verifier.verify``.
+            ``.scores`` (``{name: (B,)}``); default: ``fluxguide.worlds.shapes.verifier.verify``.
         partial_credit: weight ``c`` of the mean attribute score (0: pass/fail only).
     """
 
@@ -100,7 +100,7 @@ class VerifierReward(RewardModel):
     ) -> None:
         super().__init__()
         if verify is None:
-            from fluxguide.backbones.shapes.verifier import verify
+            from fluxguide.worlds.shapes.verifier import verify
         if not (partial_credit >= 0 and math.isfinite(partial_credit)):
             raise ValueError(f"partial_credit must be a finite number >= 0, got {partial_credit}")
         self.verify = verify
@@ -117,3 +117,8 @@ class VerifierReward(RewardModel):
         if self.partial_credit > 0:
             reward = reward + self.partial_credit * torch.stack(list(self.last_components.values())).mean(0)
         return reward
+
+
+def verifier_partial(partial_credit: float = 0.5, **kwargs: Any) -> VerifierReward:
+    """The verifier with partial credit for the attributes it gets right (a denser reward for PPO)."""
+    return VerifierReward(partial_credit=partial_credit, **kwargs)

@@ -1,20 +1,14 @@
-"""The shapes world's rewards: tiny CLIP score, aesthetic head and verifier (skipped until the world lands)."""
+"""The shapes world's rewards: tiny CLIP score, aesthetic head and verifier."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-shapes = pytest.importorskip("fluxguide.backbones.shapes", reason="the shapes world has not landed yet")
 
-from fluxguide.rewards import (
-    NotDifferentiableError,
-    VerifierReward,
-    make_reward,
-    reward_with_grad,
-    shapes_aesthetic,
-    shapes_clip_score,
-)
+from fluxguide.rewards import NotDifferentiableError, make_reward, reward_with_grad
+from fluxguide.worlds import shapes
+from fluxguide.worlds.shapes.rewards import VerifierReward, shapes_aesthetic, shapes_clip_score
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +19,7 @@ def world():
 @pytest.fixture(scope="module")
 def heldout_renders() -> tuple[torch.Tensor, list[str]]:
     """One fresh render of each of (up to) 64 held-out prompts."""
-    from fluxguide.backbones.shapes.scenes import render_prompts
+    from fluxguide.worlds.shapes.scenes import render_prompts
 
     prompts = shapes.heldout_prompts()[:64]
     images, _ = render_prompts(prompts, seed=1234)
@@ -101,7 +95,7 @@ def test_verifier_partial_credit_adds_the_mean_attribute_score(heldout_renders) 
 
 
 def test_clip_retrieval_reward_is_the_caption_log_probability(world, heldout_renders) -> None:
-    from fluxguide.backbones.shapes.scenes import all_prompts
+    from fluxguide.worlds.shapes.scenes import all_prompts
     from fluxguide.rewards import reward_with_grad
 
     images, prompts = heldout_renders
@@ -110,7 +104,7 @@ def test_clip_retrieval_reward_is_the_caption_log_probability(world, heldout_ren
     values = reward(images, prompts)
     # Direct: log-softmax over every caption of the grammar of CLIP's scaled cosine similarities.
     clip, captions = world.clip, all_prompts()
-    from fluxguide.backbones.shapes.clip import normalize_images
+    from fluxguide.worlds.shapes.clip import normalize_images
 
     with torch.no_grad():
         img = torch.nn.functional.normalize(clip.encode_image(normalize_images(images)), dim=-1)

@@ -41,7 +41,7 @@ from tensordict import TensorDict
 from torch import nn
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
 
-from fluxguide.policies import keys
+from fluxguide import keys
 from fluxguide.sampling.instrumented import PRED_USED, T_PREV
 from fluxguide.serialization import write_json_atomic
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 from fluxguide.backbones.base import Backbone
+from fluxguide.plugins import Registry, call_with_options
 from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel
@@ -15,7 +17,8 @@ from fluxguide.policies.composite import TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.mlp import MLPGuidanceModel
 
-PolicyName = Literal["mlp", "attention", "conv", "affine"]
+PolicyName = str
+"""``"mlp"``, ``"attention"``, ``"conv"``, ``"affine"``, an entry-point name or a spec ``"package.module:factory"``."""
 
 
 def latent_grid(backbone: Backbone) -> tuple[int, int]:
@@ -25,16 +28,13 @@ def latent_grid(backbone: Backbone) -> tuple[int, int]:
 
 
 def pixel_patch(backbone: Backbone) -> int:
-    """Side of the spatial patch packed into one token: 4 pixels in the shapes world, 2 latents in Flux."""
-    from fluxguide.backbones.shapes import ShapesWorld
-    from fluxguide.backbones.shapes.world import PATCH
-
-    return PATCH if isinstance(backbone, ShapesWorld) else 2
+    """Side of the spatial patch packed into one token (:attr:`Backbone.pixel_patch`: 2 latents in Flux)."""
+    return backbone.pixel_patch
 
 
 def image_channels(backbone: Backbone) -> int:
-    """Image (or latent) channels per token: 3 in the shapes world, 16 in Flux (the coarse channels)."""
-    return backbone.latent_channels // pixel_patch(backbone) ** 2
+    """Image (or latent) channels per token (:attr:`Backbone.image_channels`: 16 in Flux, the coarse channels)."""
+    return backbone.image_channels
 
 
 def build_policy(
@@ -80,24 +80,52 @@ def build_policy(
     return TimestepRangeGuidance([((min_t, 1.0), model)]) if min_t > 0 else model
 
 
+PolicyFactory = Callable[..., BaseGuidanceModel]
+POLICIES: Registry[PolicyFactory] = Registry("policy architecture", "fluxguide.policies")
+"""Every architecture name: the built-ins below, an installed package's ``fluxguide.policies`` entry point, or a
+spec ``"package.module:factory"``. A factory is called as ``factory(backbone, **sizes)`` and gets those of
+``hidden_dim``, ``num_layers``, ``num_heads``, ``text_conditioning``, ``vec_dim``, ``txt_dim``, ``grid_size``
+and ``device`` it declares (all of them if it takes ``**kwargs``)."""
+
+
+@POLICIES.register("mlp")
+def _mlp(backbone: Backbone, *, hidden_dim: int, num_layers: int, vec_dim: int, grid_size: tuple[int, int],
+         device: torch.device | str) -> BaseGuidanceModel:
+    return MLPGuidanceModel(latent_channels=backbone.latent_channels, hidden_dim=hidden_dim, num_layers=num_layers,
+                            vec_dim=vec_dim, grid_size=grid_size, device=device)
+
+
+@POLICIES.register("attention")
+def _attention(backbone: Backbone, *, hidden_dim: int, num_layers: int, num_heads: int, text_conditioning: bool,
+               vec_dim: int, txt_dim: int, grid_size: tuple[int, int], device: torch.device | str) -> BaseGuidanceModel:
+    return AttentionGuidanceModel(hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
+                                  latent_channels=backbone.latent_channels, txt_dim=txt_dim, mlp_ratio=2.0,
+                                  text_conditioning=text_conditioning, vec_dim=vec_dim, grid_size=grid_size,
+                                  device=device)
+
+
+@POLICIES.register("affine")
+def _affine(backbone: Backbone, *, hidden_dim: int, device: torch.device | str) -> BaseGuidanceModel:
+    return AffineGuidance(backbone.latent_channels, backbone.image_channels, time_dim=hidden_dim, device=device)
+
+
+@POLICIES.register("conv")
+def _conv(backbone: Backbone, *, hidden_dim: int, num_layers: int, vec_dim: int, grid_size: tuple[int, int],
+          device: torch.device | str) -> BaseGuidanceModel:
+    return ConvGuidanceModel(in_channels=backbone.image_channels, hidden_channels=hidden_dim, num_blocks=num_layers,
+                             patch_size=backbone.pixel_patch, vec_dim=vec_dim, grid_size=grid_size, device=device)
+
+
 def _build_network(
     name: PolicyName, backbone: Backbone, *, hidden_dim: int, num_layers: int, num_heads: int,
     text_conditioning: bool, device: torch.device | str | None,
 ) -> BaseGuidanceModel:
+    factory = POLICIES.get(name)
     cond = backbone.encode([""])
-    kw = {"vec_dim": cond.vec.shape[-1], "grid_size": latent_grid(backbone), "device": device or backbone.device}
-    if name == "mlp":
-        return MLPGuidanceModel(latent_channels=backbone.latent_channels, hidden_dim=hidden_dim,
-                                num_layers=num_layers, **kw)
-    if name == "attention":
-        return AttentionGuidanceModel(hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
-                                      latent_channels=backbone.latent_channels, txt_dim=cond.txt.shape[-1],
-                                      mlp_ratio=2.0, text_conditioning=text_conditioning, **kw)
-    if name == "affine":
-        return AffineGuidance(backbone.latent_channels, image_channels(backbone), time_dim=hidden_dim,
-                              device=device or backbone.device)
-    if name == "conv":
-        patch = pixel_patch(backbone)
-        return ConvGuidanceModel(in_channels=backbone.latent_channels // patch**2, hidden_channels=hidden_dim,
-                                 num_blocks=num_layers, patch_size=patch, **kw)
-    raise ValueError(f"unknown policy architecture {name!r}: choose one of {PolicyName.__args__}")
+    options = {"hidden_dim": hidden_dim, "num_layers": num_layers, "num_heads": num_heads,
+               "text_conditioning": text_conditioning, "vec_dim": cond.vec.shape[-1], "txt_dim": cond.txt.shape[-1],
+               "grid_size": latent_grid(backbone), "device": device or backbone.device}
+    model = call_with_options(factory, backbone, **options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"policy {name!r} built a {type(model).__name__}, not a guidance nn.Module")
+    return model

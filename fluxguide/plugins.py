@@ -1,0 +1,151 @@
+"""Plug-ins by name: rewards, policy architectures, backbones and prompt sets, without launcher scripts.
+
+Wherever fluxguide takes the name of one of these (a script's ``--reward``, :func:`fluxguide.rewards.make_reward`,
+the envs' ``reward=`` / ``prompts=``, ``--policy``, ``--backbone``), three kinds of name work:
+
+1. a name registered in code (``@register_reward("my-reward")`` and the like; the built-ins are registered so);
+2. a name an installed package declares in the entry-point group of the kind, e.g. in its ``pyproject.toml``::
+
+       [project.entry-points."fluxguide.rewards"]
+       my-reward = "my_pkg.rewards:make_my_reward"
+
+   (the groups are ``fluxguide.rewards``, ``fluxguide.policies``, ``fluxguide.backbones`` and
+   ``fluxguide.prompts``; the shapes world registers itself this way, see fluxguide's own ``pyproject.toml``);
+3. a spec ``package.module:attribute`` (dots after the colon walk attributes: ``pkg.mod:Class.factory``),
+   imported when it is used.
+
+A spec or entry point that fails to import raises :class:`PluginError` naming the module or the attribute
+that failed. This module imports nothing else from fluxguide: it is the bottom of the layer stack.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+
+
+class PluginError(ImportError, ValueError):
+    """A plug-in name or spec that cannot be resolved (unknown name, missing module or attribute)."""
+
+
+def canonical_name(name: str) -> str:
+    """Names are case-insensitive and ``_`` equals ``-``."""
+    if not isinstance(name, str):
+        raise TypeError(f"plug-in names are strings, got {type(name).__name__} {name!r}")
+    return name.strip().lower().replace("_", "-")
+
+
+def is_spec(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:attribute`` spec (rather than a registered name)."""
+    return isinstance(name, str) and ":" in name and "/" not in name and "\\" not in name
+
+
+def load_spec(spec: str, *, kind: str = "plug-in") -> Any:
+    """The object a ``package.module:attribute`` spec names.
+
+    Raises:
+        PluginError: the spec is malformed, its module fails to import, or the attribute is missing; the
+            message names which.
+    """
+    module_name, sep, attr = spec.strip().partition(":")
+    if not sep or not module_name or not attr:
+        raise PluginError(f"{kind} spec {spec!r} is not of the form 'package.module:attribute'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as e:
+        raise PluginError(
+            f"{kind} spec {spec!r}: could not import module {module_name!r} ({e}); check the module path and "
+            f"that its package is installed in this environment"
+        ) from e
+    walked = module_name
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise PluginError(f"{kind} spec {spec!r}: {walked!r} has no attribute {part!r}")
+        obj, walked = getattr(obj, part), f"{walked}.{part}"
+    return obj
+
+
+class Registry(Generic[T]):
+    """Named factories of one kind: registered in code, declared by entry points, or given as specs.
+
+    Args:
+        kind: what the names stand for, in messages (``"reward"``).
+        group: the entry-point group installed packages declare names in (``"fluxguide.rewards"``).
+    """
+
+    def __init__(self, kind: str, group: str) -> None:
+        self.kind, self.group = kind, group
+        self._factories: dict[str, T] = {}
+
+    def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> Any:
+        """Register ``obj`` under ``name``; without ``obj``, a decorator.
+
+        Raises:
+            ValueError: ``name`` is taken and ``overwrite`` is False.
+        """
+        key = canonical_name(name)
+
+        def add(value: T) -> T:
+            if key in self._factories and not overwrite:
+                raise ValueError(f"a {self.kind} named {key!r} is already registered; pick another name or overwrite=True")
+            self._factories[key] = value
+            return value
+
+        return add if obj is None else add(obj)
+
+    def _entry_points(self) -> dict[str, Any]:
+        return {canonical_name(ep.name): ep for ep in entry_points(group=self.group)}
+
+    def names(self) -> list[str]:
+        """Every registered and entry-point name, sorted."""
+        return sorted(set(self._factories) | set(self._entry_points()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and (is_spec(name) or canonical_name(name) in self.names())
+
+    def get(self, name: str) -> T:
+        """The factory ``name`` stands for (a registered name, an entry point, or a spec).
+
+        Raises:
+            PluginError: unknown name (the message lists the known ones and the spec form), or a spec or entry
+                point that fails to import.
+        """
+        if is_spec(name):
+            return load_spec(name, kind=self.kind)
+        key = canonical_name(name)
+        if key in self._factories:
+            return self._factories[key]
+        ep = self._entry_points().get(key)
+        if ep is not None:
+            try:
+                return ep.load()
+            except (ImportError, AttributeError) as e:
+                raise PluginError(
+                    f"{self.kind} {name!r} (entry point {ep.value!r} in group {self.group!r}) failed to load: {e}"
+                ) from e
+        raise PluginError(
+            f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}, or a spec "
+            f"'package.module:attribute' naming your own factory"
+        )
+
+
+def call_with_options(factory: Callable[..., T], *args: Any, **options: Any) -> T:
+    """``factory(*args, **options)`` with only the options ``factory`` declares (all of them if it takes
+    ``**kwargs``): the registries offer every option they know, and a plug-in names the ones it uses."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: offer nothing optional
+        return factory(*args)
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        options = {k: v for k, v in options.items() if k in params}
+    return factory(*args, **options)
+
+
+def resolve(registry: Registry[Callable[..., T]], name: str, /, *args: Any, **kwargs: Any) -> T:
+    """Build ``registry.get(name)(*args, **kwargs)``."""
+    return registry.get(name)(*args, **kwargs)
