@@ -1,4 +1,7 @@
-"""Base models behind one contract: Flux (diffusers), any BFL-signature module, and the shapes world.
+"""Base models behind one contract: Flux (diffusers), any BFL-signature module, a tiny random Flux.
+
+Worlds (``fluxguide.worlds``) implement the same contract and register themselves by entry point:
+``build_backbone("shapes")``.
 
 Exports are lazy: importing the Flux backbone pulls in diffusers and transformers, which shapes-world users
 need not pay for.
@@ -15,7 +18,6 @@ _LAZY = {
     "FluxBackbone": "fluxguide.backbones.flux",
     "REQUIRED_SUBFOLDERS": "fluxguide.backbones.flux",
     "BFLBackbone": "fluxguide.backbones.bfl",
-    "ShapesWorld": "fluxguide.worlds.shapes",
     "save_tiny_flux_pipeline": "fluxguide.backbones.tiny_flux",
     "tiny_flux_components": "fluxguide.backbones.tiny_flux",
     "tiny_flux_transformer": "fluxguide.backbones.tiny_flux",
@@ -27,7 +29,6 @@ __all__ = [  # noqa: RUF022 - contract first, then the lazy exports
     "FluxBackbone",
     "REQUIRED_SUBFOLDERS",
     "BFLBackbone",
-    "ShapesWorld",
     "save_tiny_flux_pipeline",
     "tiny_flux_components",
     "tiny_flux_transformer",

@@ -15,7 +15,9 @@ copies them per step. The numpy faces copy them per step by Gymnasium's contract
 new memory).
 """
 
-from fluxguide.envs.core import GuidanceCore, StepResult, build_reward, make_core
+from fluxguide.envs.core import GuidanceCore, StepResult
+from fluxguide.envs.make import make_core
+from fluxguide.envs.reward_spec import build_reward
 from fluxguide.envs.gym_env import GuidanceEnv
 from fluxguide.envs.prompts import PROMPT_SETS, PromptSource, register_prompt_set, resolve_prompts
 from fluxguide.envs.registration import (

@@ -6,7 +6,7 @@ prediction ``pred`` there; the action ``a`` is the guidance correction, shaped l
 
 * ODE mode (Flux's deterministic sampler): ``img' = euler_step(img, pred + g a, t_i, t_{i+1})``;
 * SDE mode (marginal-preserving, Flow-GRPO Eq. 9): ``img' = sde_mean(img, pred + g a, t_i, t_{i+1})``, and
-  the observation publishes ``sde_std`` = :func:`fluxguide.policies.sde_action_std`, the std (in action
+  the observation publishes ``sde_std`` = :func:`fluxguide.sampling.sde_action_std`, the std (in action
   units) of the Gaussian policy that turns this deterministic step into the SDE step. The env adds no
   noise itself: after :meth:`GuidanceCore.reset` the only randomness is the policy's.
 
@@ -17,8 +17,7 @@ module on ``backbone.decode(final latent)``. Exactly as :func:`fluxguide.samplin
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,21 +26,15 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike
+from fluxguide.envs.reward_spec import RewardLike, build_reward
 from fluxguide import keys
 from fluxguide.sampling.sde_actions import sde_action_std
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
 from fluxguide.sampling.steps import euler_step, sde_mean
 
 Mode = Literal["ode", "sde"]
-RewardLike = nn.Module | str | Callable[[torch.Tensor, list[str]], torch.Tensor]
-
-#: Default action bound in ODE mode: far above any useful velocity correction (|pred| is a few units),
-#: so it only guards against blow-ups.
-DEFAULT_ODE_MAX_ACTION = 10.0
-#: In SDE mode the default bound is this many of the largest published ``sde_std``, so a Gaussian policy
-#: with that std is clipped with probability ~2e-9 per element.
-SDE_MAX_ACTION_STDS = 6.0
 
 
 @dataclass
@@ -60,38 +53,6 @@ class StepResult:
     reward: torch.Tensor
     terminated: bool
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def _finite(name: str, value: float) -> float:
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return value
-
-
-def build_reward(reward: RewardLike, backbone: Backbone, reward_kwargs: Mapping[str, Any] | None) -> nn.Module:
-    """A reward module from a module, a registry name (``make_reward``) or a callable ``fn(images, prompts)``.
-
-    A registry name also gets what the backbone says it needs (:meth:`Backbone.reward_kwargs`, e.g. a world's
-    own rewards share its loaded models) unless ``reward_kwargs`` gives it.
-    """
-    kwargs = dict(reward_kwargs or {})
-    if isinstance(reward, str):
-        from fluxguide.rewards import make_reward
-
-        return make_reward(reward, **{**backbone.reward_kwargs(reward), **kwargs})
-    if kwargs:
-        raise ValueError(f"reward_kwargs {sorted(kwargs)} are only used with a reward registry name, not a built reward")
-    if isinstance(reward, nn.Module):
-        return reward
-    if callable(reward):
-        from fluxguide.rewards import CallableReward
-
-        return CallableReward(reward)
-    raise TypeError(
-        f"reward must be a reward module, a registry name or a callable fn(images, prompts) -> (B,), "
-        f"got {type(reward).__name__}"
-    )
 
 
 class GuidanceCore:
@@ -115,7 +76,7 @@ class GuidanceCore:
             ``beta * mean(a^2)`` over the ``seq * C`` elements (squared action units, independent of the
             resolution). SDE mode: ``beta * KL``, the exact KL in nats (summed over elements) of the guided
             SDE step to the base sampler's step, ``||k u||^2 / (2 sde_step_std^2) = ||u||^2 / (2 sde_std^2)``
-            with ``k`` from :func:`fluxguide.policies.sde_action_coefficient` and ``u`` the policy's mean
+            with ``k`` from :func:`fluxguide.sampling.sde_action_coefficient` and ``u`` the policy's mean
             when the caller passes it (``step(action, loc=...)``; the TorchRL env reads ``loc`` from the
             tensordict), else the action. ``beta = 1`` in SDE mode is KL-regularised RL,
             ``max E[R] - KL(p_policy || p_base)`` over whole trajectories. (Without ``loc``, a sampled
@@ -170,10 +131,10 @@ class GuidanceCore:
         self.samples_per_prompt = int(samples_per_prompt)
         self.shared_group_noise = bool(shared_group_noise)
         self.mode: Mode = mode
-        self.noise_level = _finite("noise_level", noise_level)
+        self.noise_level = finite("noise_level", noise_level)
         if mode == "sde" and self.noise_level <= 0:
             raise ValueError(f"SDE mode needs noise_level > 0, got {noise_level}; use mode='ode' for the deterministic sampler")
-        self.control_cost = _finite("control_cost", control_cost)
+        self.control_cost = finite("control_cost", control_cost)
         if self.control_cost < 0:
             raise ValueError(f"control_cost must be >= 0 (it is subtracted from the reward), got {control_cost}")
         self.prompt_source = PromptSource(prompts)
@@ -185,7 +146,7 @@ class GuidanceCore:
         self.timesteps: list[float] = list(backbone.schedule(num_steps))
         self.num_steps = len(self.timesteps) - 1
         self.scales = [
-            _finite(f"guidance_scale at step {i}", scale_at(guidance_scale, i, self.num_steps))
+            finite(f"guidance_scale at step {i}", scale_at(guidance_scale, i, self.num_steps))
             for i in range(self.num_steps)
         ]
         pairs = list(zip(self.timesteps[:-1], self.timesteps[1:]))
@@ -201,11 +162,11 @@ class GuidanceCore:
             max_action = DEFAULT_ODE_MAX_ACTION
             if mode == "sde":
                 max_action = max(DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS * max(self.sde_stds))
-        self.max_action = _finite("max_action", max_action)
+        self.max_action = finite("max_action", max_action)
         if self.max_action <= 0:
             raise ValueError(f"max_action must be > 0, got {max_action}")
 
-        cfg_scale = backbone.default_cfg_scale if cfg_scale is None else _finite("cfg_scale", cfg_scale)
+        cfg_scale = backbone.default_cfg_scale if cfg_scale is None else finite("cfg_scale", cfg_scale)
         self.cfg_scale = float(cfg_scale)
         self.model: nn.Module = backbone if self.cfg_scale == 1.0 else backbone.with_cfg(self.cfg_scale)
 
@@ -332,40 +293,9 @@ class GuidanceCore:
 
     # ------------------------------------------------------------------------------------------- step
     def check_action(self, action: Any, name: str = "action") -> torch.Tensor:
-        """Validate an action (tensor or numpy array) and return it as float32 on the core's device.
-
-        Raises:
-            TypeError: not an array, or not a floating dtype.
-            ValueError: wrong shape, or NaN / inf entries.
-        """
-        if isinstance(action, np.ndarray):
-            if action.dtype.kind != "f":
-                raise TypeError(
-                    f"{name} must be a floating array (float32), got dtype {action.dtype}: the action is a "
-                    f"velocity correction shaped like pred"
-                )
-            action = torch.from_numpy(np.ascontiguousarray(action))
-        if not isinstance(action, torch.Tensor):
-            raise TypeError(f"{name} must be a torch tensor or numpy array, got {type(action).__name__}")
-        if not action.dtype.is_floating_point:
-            raise TypeError(
-                f"{name} must be a floating tensor (float32), got dtype {action.dtype}: the action is a "
-                f"velocity correction shaped like pred"
-            )
-        expected = (self.batch_size, *self.latent_shape)
-        if tuple(action.shape) != expected:
-            raise ValueError(
-                f"{name} has shape {tuple(action.shape)}, expected {expected} (batch, seq, C): one correction "
-                f"per latent token, shaped like pred"
-            )
-        action = action.to(device=self.device, dtype=torch.float32)
-        bad = ~torch.isfinite(action)
-        if bool(bad.any()):  # the one host sync of a step: a NaN must not enter the trajectory silently
-            raise ValueError(
-                f"{name} holds {int(bad.sum())} NaN/inf values (of {action.numel()}) at step {self.step_idx}: "
-                f"check the policy's outputs (and its learning rate)"
-            )
-        return action
+        """Validate an action (tensor or numpy array) and return it as float32 on the core's device
+        (:func:`fluxguide.envs.actions.check_action`)."""
+        return check_action(action, (self.batch_size, *self.latent_shape), self.device, step=self.step_idx, name=name)
 
     @torch.no_grad()
     def step(self, action: Any, loc: torch.Tensor | None = None) -> StepResult:
@@ -438,40 +368,3 @@ class GuidanceCore:
             result = self.backbone.verifier(images.detach().cpu(), prompts)
             info["verifier"] = {"passed": result.passed, **{k: v for k, v in result.scores.items()}}
         return values
-
-
-def make_core(
-    backbone: Backbone | None = None,
-    *,
-    core: GuidanceCore | None = None,
-    device: torch.device | str | None = None,
-    **core_kwargs: Any,
-) -> GuidanceCore:
-    """The core an env face runs on: ``core`` as given, or a new one over ``backbone``.
-
-    Args:
-        backbone: the base model; ``None`` loads the pretrained shapes world
-            (``build_backbone("shapes")``) on ``device``.
-        core: an existing core (then nothing else may be passed).
-        device: where to load the default shapes world; a given backbone stays where it is.
-        **core_kwargs: :class:`GuidanceCore` arguments.
-    """
-    if core is not None:
-        if backbone is not None or core_kwargs or device is not None:
-            extra = sorted(core_kwargs) + (["backbone"] if backbone is not None else []) + (["device"] if device else [])
-            raise ValueError(f"pass either core= or the core's arguments, not both (got core= and {extra})")
-        return core
-    if backbone is None:
-        from fluxguide.backbones.registry import build_backbone
-
-        backbone = build_backbone("shapes", device=device or "cpu")
-    elif device is not None and not _same_device(torch.device(device), backbone.device):
-        raise ValueError(
-            f"device={device!r} but the backbone is on {backbone.device}: move the backbone with "
-            f"backbone.to(device) (the env runs where its backbone is)"
-        )
-    return GuidanceCore(backbone, **core_kwargs)
-
-
-def _same_device(wanted: torch.device, actual: torch.device) -> bool:
-    return wanted.type == actual.type and (wanted.index is None or wanted.index == actual.index)

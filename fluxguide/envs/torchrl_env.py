@@ -14,7 +14,8 @@ from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
 from fluxguide.backbones.base import Backbone
-from fluxguide.envs.core import GuidanceCore, make_core
+from fluxguide.envs.core import GuidanceCore
+from fluxguide.envs.make import make_core
 from fluxguide.envs.specs import observation_spec
 from fluxguide import keys
 

@@ -22,7 +22,8 @@ import torch
 from gymnasium.vector import AutoresetMode, VectorEnv
 
 from fluxguide.backbones.base import Backbone
-from fluxguide.envs.core import GuidanceCore, make_core
+from fluxguide.envs.core import GuidanceCore
+from fluxguide.envs.make import make_core
 from fluxguide.envs.spaces import action_space, observation_space, observation_to_numpy, to_numpy
 
 

@@ -205,7 +205,7 @@ def make_probabilistic_actor(
         std: the fixed std, or the initial std when ``learn_std``.
         learn_std: learn one log-std parameter.
         use_sde_std: take the std from the observation's ``sde_std`` (env in SDE mode; see
-            :func:`fluxguide.policies.sde_action_std` for what the env must publish).
+            :func:`fluxguide.sampling.sde_action_std` for what the env must publish).
         log_prob_reduction: ``"mean"`` (default; sane PPO ratios at high dimension) or ``"sum"`` (exact).
         coarse_channels: explore with coarse noise, constant over each token's packed pixels, and act with
             the coarse projection of the mean (:class:`CoarseNormal`; wrap ``model`` in

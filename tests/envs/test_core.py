@@ -184,7 +184,7 @@ def test_prompt_sources(tmp_path) -> None:
     path.write_text("a red circle\n\n  a green triangle above a blue bar \n")
     assert resolve_prompts(path) == ["a red circle", "a green triangle above a blue bar"]
     assert resolve_prompts(str(path)) == resolve_prompts(path)
-    with pytest.raises(ValueError, match=r"unknown prompt source 'shapes-test'.*text file.*'shapes-train', 'shapes-heldout'"):
+    with pytest.raises(ValueError, match=r"unknown prompt source 'shapes-test'.*text file.*'shapes-heldout', 'shapes-train'"):
         resolve_prompts("shapes-test")
     with pytest.raises(ValueError, match="empty"):
         resolve_prompts([])
