@@ -1,3 +1,82 @@
-"""fluxguide: reinforcement learning for learned guidance of Flux (rectified-flow) image sampling."""
+"""fluxguide: reinforcement learning for learned guidance of Flux (rectified-flow) image sampling.
+
+The public API, imported lazily (PEP 562): ``import fluxguide`` loads nothing else, and ``fluxguide.X`` imports
+the one module that defines ``X`` the first time it is used. Each name has one canonical home (the right
+column of :data:`_EXPORTS`); this module and the seed's module paths (:mod:`fluxguide.guidance_models`,
+:mod:`fluxguide.sampling_instrumented`) give the same object. The design of record is ``docs/design.md``.
+
+The seed's names::
+
+    from fluxguide import denoise, get_schedule, MLPGuidanceModel, GuidanceModelTrainer, GuidanceDataCollector
+
+and what a user needs first::
+
+    backbone = fluxguide.build_backbone("shapes")               # or "flux" with model_path=, or a spec
+    reward = fluxguide.make_reward("clip", model_name=..., pretrained=...)
+    policy = fluxguide.build_policy("attention", backbone)
+    env = fluxguide.GuidanceEnv(backbone, reward=reward)        # Gymnasium; GuidanceTorchRLEnv for TorchRL
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+#: Every public name and its canonical module.
+_EXPORTS: dict[str, str] = {
+    # the seed's names
+    "denoise": "fluxguide.sampling",
+    "get_schedule": "fluxguide.sampling",
+    "apply_guidance_model": "fluxguide.sampling",
+    "denoise_with_state_collection": "fluxguide.sampling",
+    "BaseGuidanceModel": "fluxguide.policies",
+    "MLPGuidanceModel": "fluxguide.policies",
+    "AttentionGuidanceModel": "fluxguide.policies",
+    "ConvGuidanceModel": "fluxguide.policies",
+    "create_mlp_guidance_model": "fluxguide.policies",
+    "MultiObjectiveGuidance": "fluxguide.policies",
+    "StepSpecificGuidance": "fluxguide.policies",
+    "GuidanceModelTrainer": "fluxguide.algos",
+    "StateCollectionCallback": "fluxguide.data",
+    "create_training_pairs": "fluxguide.data",
+    "GuidanceDataCollector": "fluxguide.data",
+    # what a user needs first
+    "Backbone": "fluxguide.backbones",
+    "FluxBackbone": "fluxguide.backbones",
+    "build_backbone": "fluxguide.backbones.registry",
+    "make_reward": "fluxguide.rewards",
+    "register_reward": "fluxguide.rewards",
+    "available_rewards": "fluxguide.rewards",
+    "build_policy": "fluxguide.policies.registry",
+    "load_guidance_model": "fluxguide.policies",
+    "save_guidance_model": "fluxguide.policies",
+    "GuidanceCore": "fluxguide.envs",
+    "GuidanceEnv": "fluxguide.envs",
+    "GuidanceVectorEnv": "fluxguide.envs",
+    "GuidanceTorchRLEnv": "fluxguide.envs",
+    "PluginError": "fluxguide.plugins",
+}
+
+#: The subpackages and modules, also reachable as attributes (``fluxguide.envs``) without importing them first.
+_SUBMODULES = frozenset({
+    "algos", "backbones", "checkpointing", "data", "distributed", "envs", "guidance_models", "harness", "keys",
+    "plugins", "policies", "provenance", "rewards", "sampling", "sampling_instrumented", "serialization", "worlds",
+})
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fluxguide' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__, *_SUBMODULES})

@@ -1,7 +1,9 @@
-"""Sampler math as small pure functions: schedule, ODE/SDE steps, log-probs and the guided loop."""
+"""Sampler math as small pure functions: schedule, ODE/SDE steps, log-probs, the guided loop and its
+instrumented form (the seed's ``denoise``, ``get_schedule``, ``apply_guidance_model``, ``denoise_with_state_collection``)."""
 
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import FluxModel, apply_guidance_model, denoise, scale_at
+from fluxguide.sampling.instrumented import denoise_with_state_collection
 from fluxguide.sampling.sde_actions import sde_action_coefficient, sde_action_std, sde_log_prob_offset
 from fluxguide.sampling.schedule import get_lin_function, get_schedule, time_shift
 from fluxguide.sampling.steps import (
@@ -19,6 +21,7 @@ __all__ = [
     "SDEStepOutput",
     "apply_guidance_model",
     "denoise",
+    "denoise_with_state_collection",
     "euler_step",
     "gaussian_log_prob",
     "get_lin_function",
