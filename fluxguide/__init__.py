@@ -1,7 +1,7 @@
 """fluxguide: reinforcement learning for learned guidance of Flux (rectified-flow) image sampling.
 
-The public API, imported lazily (PEP 562): ``import fluxguide`` loads nothing else, and ``fluxguide.X`` imports
-the one module that defines ``X`` the first time it is used. Each name has one canonical home (the right
+The public API, imported lazily (PEP 562): ``import fluxguide`` loads nothing else, and ``fluxguide.X``
+imports the one module that defines ``X`` the first time it is used. Each name has one canonical home (the right
 column of :data:`_EXPORTS`); this module and the seed's module paths (:mod:`fluxguide.guidance_models`,
 :mod:`fluxguide.sampling_instrumented`) give the same object. The design of record is ``docs/design.md``.
 
@@ -59,13 +59,45 @@ _EXPORTS: dict[str, str] = {
     "PluginError": "fluxguide.plugins",
 }
 
-#: The subpackages and modules, also reachable as attributes (``fluxguide.envs``) without importing them first.
+#: The subpackages and modules, reachable as attributes (``fluxguide.envs``) without importing them first.
 _SUBMODULES = frozenset({
-    "algos", "backbones", "checkpointing", "data", "distributed", "envs", "guidance_models", "harness", "keys",
-    "plugins", "policies", "provenance", "rewards", "sampling", "sampling_instrumented", "serialization", "worlds",
+    "algos", "backbones", "checkpointing", "data", "distributed", "envs", "guidance_models", "harness",
+    "keys", "plugins", "policies", "provenance", "rewards", "sampling", "sampling_instrumented",
+    "serialization", "worlds",
 })
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - the seed's names first, then the rest, as in _EXPORTS
+    "__version__",
+    "denoise",
+    "get_schedule",
+    "apply_guidance_model",
+    "denoise_with_state_collection",
+    "BaseGuidanceModel",
+    "MLPGuidanceModel",
+    "AttentionGuidanceModel",
+    "ConvGuidanceModel",
+    "create_mlp_guidance_model",
+    "MultiObjectiveGuidance",
+    "StepSpecificGuidance",
+    "GuidanceModelTrainer",
+    "StateCollectionCallback",
+    "create_training_pairs",
+    "GuidanceDataCollector",
+    "Backbone",
+    "FluxBackbone",
+    "build_backbone",
+    "make_reward",
+    "register_reward",
+    "available_rewards",
+    "build_policy",
+    "load_guidance_model",
+    "save_guidance_model",
+    "GuidanceCore",
+    "GuidanceEnv",
+    "GuidanceVectorEnv",
+    "GuidanceTorchRLEnv",
+    "PluginError",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -157,7 +157,7 @@ def test_gymnasium_make_takes_a_reward_spec(plugin_dist: Path, backbone: Backbon
     env.reset(seed=0)
     action = env.action_space.sample() * 0
     env.step(action)
-    _, reward, terminated, _, info = env.step(action)
+    _, reward, terminated, _, _ = env.step(action)
     assert terminated
     assert reward == pytest.approx(float(env.unwrapped.core.final_images.mean()), rel=1e-5)
     env.close()

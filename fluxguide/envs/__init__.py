@@ -16,9 +16,8 @@ new memory).
 """
 
 from fluxguide.envs.core import GuidanceCore, StepResult
-from fluxguide.envs.make import make_core
-from fluxguide.envs.reward_spec import build_reward
 from fluxguide.envs.gym_env import GuidanceEnv
+from fluxguide.envs.make import make_core
 from fluxguide.envs.prompts import PROMPT_SETS, PromptSource, register_prompt_set, resolve_prompts
 from fluxguide.envs.registration import (
     FLUX_ID,
@@ -28,6 +27,7 @@ from fluxguide.envs.registration import (
     register_envs,
     shapes_core,
 )
+from fluxguide.envs.reward_spec import build_reward
 from fluxguide.envs.spaces import UnboundedBox
 from fluxguide.envs.specs import LeanUnbounded
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv

@@ -25,7 +25,8 @@ def finite(name: str, value: float) -> float:
 
 
 def check_action(
-    action: Any, expected: tuple[int, ...], device: torch.device, *, step: int | None = None, name: str = "action"
+    action: Any, expected: tuple[int, ...], device: torch.device, *, step: int | None = None,
+    name: str = "action",
 ) -> torch.Tensor:
     """Validate an action (tensor or numpy array) and return it as float32 on the core's device.
 

@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from fluxguide import keys
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike
 from fluxguide.envs.reward_spec import RewardLike, build_reward
-from fluxguide import keys
-from fluxguide.sampling.sde_actions import sde_action_std
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
+from fluxguide.sampling.sde_actions import sde_action_std
 from fluxguide.sampling.steps import euler_step, sde_mean
 
 Mode = Literal["ode", "sde"]

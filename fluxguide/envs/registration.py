@@ -27,8 +27,8 @@ from gymnasium.vector import AutoresetMode
 
 from fluxguide.backbones.base import Backbone
 from fluxguide.envs.core import GuidanceCore
-from fluxguide.envs.make import make_core
 from fluxguide.envs.gym_env import GuidanceEnv
+from fluxguide.envs.make import make_core
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
 from fluxguide.envs.vector_env import GuidanceVectorEnv
 

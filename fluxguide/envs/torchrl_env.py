@@ -13,11 +13,11 @@ from tensordict import TensorDict, TensorDictBase, set_lazy_legacy
 from torchrl.data import Bounded, Categorical, Composite, Unbounded
 from torchrl.envs import EnvBase
 
+from fluxguide import keys
 from fluxguide.backbones.base import Backbone
 from fluxguide.envs.core import GuidanceCore
 from fluxguide.envs.make import make_core
 from fluxguide.envs.specs import observation_spec
-from fluxguide import keys
 
 
 class GuidanceTorchRLEnv(EnvBase):

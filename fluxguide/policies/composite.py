@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -66,7 +66,35 @@ def _routed(
     return out
 
 
-class StepSpecificGuidance(BaseGuidanceModel):
+class _RangedGuidance(BaseGuidanceModel):
+    """A model per range (of steps or times), saved as ``{"models": [{range_key: [lo, hi], "model": ...}]}``."""
+
+    range_key: ClassVar[str]
+    ranges: list[tuple[Any, Any]]
+    models: nn.ModuleList
+
+    @property
+    def config(self) -> dict[str, Any]:
+        owner = type(self).__name__
+        return {
+            "type": owner,
+            "models": [{self.range_key: list(r), "model": _child_config(owner, m)} for r, m in zip(self.ranges, self.models)],
+        }
+
+    @classmethod
+    def _from_entries(cls, entries: list[tuple[tuple[Any, Any], nn.Module]]) -> _RangedGuidance:
+        raise NotImplementedError
+
+    @classmethod
+    def from_config(
+        cls, config: dict[str, Any], device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> _RangedGuidance:
+        return cls._from_entries(
+            [(tuple(e[cls.range_key]), build_guidance_model(e["model"], device, dtype)) for e in config["models"]]
+        )
+
+
+class StepSpecificGuidance(_RangedGuidance):
     """A separate guidance model per range of step indices; steps outside every range get zero correction.
 
     Args:
@@ -76,6 +104,8 @@ class StepSpecificGuidance(BaseGuidanceModel):
     Example:
         >>> guidance = StepSpecificGuidance({(0, 10): layout_model, (10, 28): detail_model})
     """
+
+    range_key = "steps"
 
     def __init__(self, models: Mapping[tuple[int, int], nn.Module]) -> None:
         super().__init__()
@@ -90,26 +120,9 @@ class StepSpecificGuidance(BaseGuidanceModel):
         self.ranges = ranges
         self.models = nn.ModuleList(models.values())
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "models": [
-                {"steps": list(r), "model": _child_config(type(self).__name__, m)}
-                for r, m in zip(self.ranges, self.models)
-            ],
-        }
-
     @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> StepSpecificGuidance:
-        return cls(
-            {tuple(e["steps"]): build_guidance_model(e["model"], device, dtype) for e in config["models"]}
-        )
+    def _from_entries(cls, entries: list[tuple[tuple[Any, Any], nn.Module]]) -> StepSpecificGuidance:
+        return cls(dict(entries))
 
     def model_for_step(self, step_idx: int) -> nn.Module | None:
         """The model covering step ``step_idx``, or ``None``."""
@@ -140,7 +153,7 @@ class StepSpecificGuidance(BaseGuidanceModel):
         return _routed(list(self.models), masks, img, pred, txt, vec, timestep, steps)
 
 
-class TimestepRangeGuidance(BaseGuidanceModel):
+class TimestepRangeGuidance(_RangedGuidance):
     """A separate guidance model per range of times ``t`` in [0, 1] (1 = noise); zero outside every range.
 
     Args:
@@ -148,6 +161,8 @@ class TimestepRangeGuidance(BaseGuidanceModel):
             a boundary the first listed model wins, so ``[((0.5, 1.0), early), ((0.0, 0.5), late)]``
             gives ``t = 0.5`` to ``early``.
     """
+
+    range_key = "times"
 
     def __init__(self, models: Sequence[tuple[tuple[float, float], nn.Module]]) -> None:
         super().__init__()
@@ -162,26 +177,9 @@ class TimestepRangeGuidance(BaseGuidanceModel):
         self.ranges = ranges
         self.models = nn.ModuleList(m for _, m in models)
 
-    @property
-    def config(self) -> dict[str, Any]:
-        return {
-            "type": type(self).__name__,
-            "models": [
-                {"times": list(r), "model": _child_config(type(self).__name__, m)}
-                for r, m in zip(self.ranges, self.models)
-            ],
-        }
-
     @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> TimestepRangeGuidance:
-        return cls(
-            [(tuple(e["times"]), build_guidance_model(e["model"], device, dtype)) for e in config["models"]]
-        )
+    def _from_entries(cls, entries: list[tuple[tuple[Any, Any], nn.Module]]) -> TimestepRangeGuidance:
+        return cls(entries)
 
     def forward(
         self,
