@@ -240,3 +240,85 @@ class HeldoutEvaluator:
         tracker.log_image("eval/samples", path, samples_seen, caption=", ".join(
             f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k in CAPTION_METRICS))
         return metrics
+
+
+@torch.no_grad()
+def verifier_scores(backbone: Backbone, prompts: list[str], *, samples_per_prompt: int, seed: int = 0,
+                    num_steps: int | None = None, **sampler: Any) -> tuple[dict[str, float], torch.Tensor]:
+    """The backbone's verifier on ``prompts`` sampled with the evaluation noise (``seed + EVAL_SEED_OFFSET``):
+    ``pass_rate``, each attribute's accuracy and their mean ``attribute_mean``; and the images (prompt-major).
+
+    The mean attribute accuracy moves with every attribute an image gets right; the pass rate (all at once)
+    sits near the floor on a weak world. ``sampler``: ``cfg_scale``, ``guidance_model``, ``guidance_scale``.
+    """
+    if backbone.verifier is None:
+        raise ValueError(f"{type(backbone).__name__} has no verifier: a pass-rate evaluation needs a backbone "
+                         "with one (e.g. the shapes world)")
+    images, all_prompts = sample_prompts(backbone, prompts, samples_per_prompt=samples_per_prompt,
+                                         seed=seed + EVAL_SEED_OFFSET, num_steps=num_steps, batch_size=128, **sampler)
+    result = backbone.verifier(images, all_prompts)
+    scores = {k: float(v.mean()) for k, v in result.scores.items()}
+    return {"pass_rate": result.accuracy, **scores, "attribute_mean": sum(scores.values()) / len(scores)}, images
+
+
+class ReferenceEvaluator:
+    """The verifier's pass rate of a policy against the base sampler's and CFG's on the same prompts and noise.
+
+    Built once per run on the evaluating rank: unless ``references`` (from a resumed checkpoint) are given it
+    scores the base sampler and CFG (``cfg_scale``) once; :attr:`references` is what a checkpoint keeps. Each
+    call logs ``eval/verifier_pass_rate``, ``eval/verifier_<attribute>``, ``eval/verifier_attribute_mean``, the
+    references ``eval/{base,cfg}_{pass_rate,attribute_mean}``, the fraction of CFG's gain over the base
+    sampler the policy recovers ``eval/cfg_gain_recovered`` (and ``eval/cfg_attribute_gain_recovered``), plus
+    ``extra()``'s metrics, and a sample grid (base | CFG | trained; a resumed run has the references' figures,
+    not their images, so its grids show the policy only).
+    """
+
+    def __init__(self, backbone: Backbone, prompts: list[str], run_dir: str | Path, *, cfg_scale: float,
+                 samples_per_prompt: int = 4, seed: int = 0, num_steps: int | None = None,
+                 guidance_scale: GuidanceScale = 1.0, num_grid_prompts: int = 8,
+                 references: dict[str, float] | None = None, extra: Any = None) -> None:
+        self.backbone, self.prompts, self.run_dir = backbone, list(prompts), Path(run_dir)
+        self.sampling = {"samples_per_prompt": samples_per_prompt, "seed": seed, "num_steps": num_steps}
+        self.cfg_scale, self.guidance_scale, self.extra = cfg_scale, guidance_scale, extra
+        n = len(self.prompts)
+        self.grid_prompts = [self.prompts[i * n // num_grid_prompts] for i in range(num_grid_prompts)]
+        self.grid_index = [self.prompts.index(p) * samples_per_prompt for p in self.grid_prompts]
+        self.reference_images: dict[str, torch.Tensor] = {}
+        self.references = references
+        if references is None:
+            base, base_images = verifier_scores(backbone, self.prompts, **self.sampling)
+            cfg, cfg_images = verifier_scores(backbone, self.prompts, cfg_scale=cfg_scale, **self.sampling)
+            self.references = {"base": base["pass_rate"], "cfg": cfg["pass_rate"],
+                               "base_attributes": base["attribute_mean"], "cfg_attributes": cfg["attribute_mean"]}
+            self.reference_images = {"base": base_images[self.grid_index],
+                                     f"CFG {cfg_scale:g}": cfg_images[self.grid_index]}
+            print(f"held-out pass rate: base {base['pass_rate']:.3f}, CFG {cfg_scale:g} {cfg['pass_rate']:.3f}; "
+                  f"attribute accuracy: base {base['attribute_mean']:.3f}, CFG {cfg['attribute_mean']:.3f}")
+
+    def __call__(self, policy: GuidanceFn, tracker: Any, samples_seen: int) -> dict[str, float]:
+        from fluxguide.harness.grids import save_prompt_grid
+
+        ref = self.references
+        was_training = isinstance(policy, nn.Module) and policy.training
+        if isinstance(policy, nn.Module):
+            policy.eval()
+        metrics, images = verifier_scores(self.backbone, self.prompts, guidance_model=policy,
+                                          guidance_scale=self.guidance_scale, **self.sampling)
+        out = {f"eval/verifier_{k}": v for k, v in metrics.items()}
+        out.update({"eval/base_pass_rate": ref["base"], "eval/cfg_pass_rate": ref["cfg"],
+                    "eval/base_attribute_mean": ref["base_attributes"],
+                    "eval/cfg_attribute_mean": ref["cfg_attributes"]})
+        for name, key, base, cfg in (("cfg_gain_recovered", "pass_rate", "base", "cfg"),
+                                     ("cfg_attribute_gain_recovered", "attribute_mean", "base_attributes",
+                                      "cfg_attributes")):
+            if ref[cfg] - ref[base] > 0:
+                out[f"eval/{name}"] = (metrics[key] - ref[base]) / (ref[cfg] - ref[base])
+        if self.extra is not None:
+            out.update(self.extra())
+        tracker.log(out, samples_seen)
+        columns = {**self.reference_images, "trained": images[self.grid_index]}
+        path = save_prompt_grid(columns, self.grid_prompts, self.run_dir / "samples" / f"eval_{samples_seen:09d}.png")
+        tracker.log_image("eval/samples", path, samples_seen)
+        if was_training:
+            policy.train()
+        return out

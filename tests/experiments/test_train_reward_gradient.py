@@ -14,9 +14,7 @@ import pytest
 import torch
 import tyro
 
-from fluxguide.backbones.registry import build_backbone
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
-from fluxguide.policies.registry import build_policy
 from fluxguide.rewards import RewardModel, make_reward, register_reward
 from fluxguide.harness.tracking import metric_curve, read_metrics
 
@@ -103,8 +101,7 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(tmp_path) -> None:
         run(argv)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000002"]
     cfg = tyro.cli(script.Config, args=argv)
-    policy = build_policy(cfg.policy, build_backbone(cfg.backbone, seed=cfg.seed), hidden_dim=cfg.hidden_dim,
-                          num_layers=cfg.num_layers, num_heads=cfg.num_heads)
+    policy = cfg.guide.build(cfg.model.build(seed=cfg.run.seed, device="cpu"))
     load_checkpoint(latest_checkpoint(tmp_path), modules={"policy": policy}, restore_global_rng=False)
     assert all(torch.isfinite(p).all() for p in policy.parameters())
 

@@ -1,0 +1,197 @@
+"""The options every training script shares, defined once: nested tyro configs with flat flags.
+
+A script's ``Config`` holds its algorithm's own options and these groups, each annotated with
+:data:`Flat` so that the flags stay flat (``--seed``, ``--run-dir``, ``--total-updates``, ``--policy`` ...)::
+
+    @dataclass
+    class Config:
+        run: Flat[RunConfig] = field(default_factory=lambda: RunConfig(run_dir=Path("runs/ppo/shapes")))
+        model: Flat[BackboneConfig] = field(default_factory=BackboneConfig)
+        ...
+        clip_epsilon: float = 0.2
+        \"\"\"PPO clip range\"\"\"
+
+A script that wants other defaults passes them to the group's default instance (as above); no field is
+defined twice. ``reward``, ``policy`` and ``backbone`` are plain strings: a registered name, an installed
+package's entry-point name, or a ``package.module:factory`` spec (:mod:`fluxguide.plugins`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import torch
+import tyro
+
+T = TypeVar("T")
+#: A nested config group whose flags carry no prefix (``--seed``, not ``--run.seed``).
+Flat = Annotated[T, tyro.conf.OmitArgPrefixes]
+
+
+@dataclass
+class RunConfig:
+    """The run: its folder, seed, device, budgets, evaluation and checkpoint cadence, W&B."""
+
+    run_dir: Path = Path("runs/run")
+    """run folder (checkpoints, metrics.jsonl, sample grids, W&B files, guidance.safetensors); rerunning with it
+    resumes"""
+    seed: int = 0
+    """seed of the policy initialisation, the training batches and noise, and the evaluation noise"""
+    threads: int = 1
+    """torch CPU threads (1 is fastest on a shared 2-core machine)"""
+    device: str = "cpu"
+    """torch device"""
+    total_updates: int = 200
+    """optimizer updates of the whole run (a resumed run counts the updates already done)"""
+    total_samples: int | None = None
+    """stop (with a checkpoint) once the run has trained on this many samples (images, trajectories or pairs,
+    over all processes), summed over resumes"""
+    time_budget_minutes: float | None = None
+    """stop (with a checkpoint) once the run has used this much wall time, evaluation included, summed over
+    resumes"""
+    eval_every: int = 20
+    """evaluate every N updates (and at the start and the end)"""
+    checkpoint_every: int = 20
+    """write a checkpoint every N updates (and at the end)"""
+    eval_prompts: str = "shapes-heldout"
+    """held-out evaluation prompts: a text file with one prompt per line, a named set ('shapes-heldout'), or a
+    spec 'package.module:function'"""
+    eval_num_prompts: int | None = None
+    """evaluate on the first N evaluation prompts (default: all)"""
+    eval_samples_per_prompt: int = 2
+    """samples per held-out prompt in each evaluation (same noise every time: paired comparisons)"""
+    grid_prompts: int = 8
+    """held-out prompts shown in each sample grid"""
+    wandb_project: str = "fluxguide"
+    """W&B project"""
+    wandb_group: str = "fluxguide"
+    """W&B group"""
+    wandb_mode: str | None = None
+    """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+
+    def heldout_prompts(self) -> list[str]:
+        """The held-out evaluation prompts (the first ``eval_num_prompts``)."""
+        from fluxguide.envs.prompts import resolve_prompts
+
+        return resolve_prompts(self.eval_prompts)[: self.eval_num_prompts]
+
+
+@dataclass
+class BackboneConfig:
+    """The base model."""
+
+    backbone: str = "shapes"
+    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests);
+    'tiny-flux': a tiny random diffusers Flux with a CLIP score over a tiny random open_clip (code-path test);
+    'flux': real Flux weights from --model-path; an installed package's entry-point name; or a spec
+    'package.module:factory'"""
+    model_path: str | None = None
+    """flux: a local diffusers FluxPipeline folder or a hub id (e.g. black-forest-labs/FLUX.1-dev)"""
+    height: int = 1024
+    """flux: image height (a multiple of 16)"""
+    width: int = 1024
+    """flux: image width (a multiple of 16)"""
+    max_sequence_length: int = 512
+    """flux: T5 tokens per prompt (512 for FLUX.1-dev, at most 256 for FLUX.1-schnell)"""
+    weights_dir: Path | None = None
+    """shapes-world weight folder (default: the weights shipped in the package)"""
+
+    def build(self, *, seed: int, device: torch.device | str, num_steps: int | None = None) -> Any:
+        """The backbone (:func:`fluxguide.backbones.registry.build_backbone`)."""
+        from fluxguide.backbones.registry import build_backbone
+
+        return build_backbone(self.backbone, weights_dir=self.weights_dir, seed=seed, device=device,
+                              num_steps=num_steps, model_path=self.model_path, height=self.height, width=self.width,
+                              max_sequence_length=self.max_sequence_length)
+
+
+@dataclass
+class RewardConfig:
+    """The reward and the training prompts."""
+
+    reward: str = "shapes-clip"
+    """reward: a registry name ('shapes-clip', 'verifier', 'clip', 'aesthetic', ...; fluxguide.rewards.make_reward,
+    built with the backbone's reward keyword arguments, e.g. world=<the shapes world>), an installed package's
+    entry-point name, or a spec 'package.module:make_my_reward'. Ignored by tiny-flux, which uses its own tiny
+    CLIP score; on flux e.g. 'clip' with --reward-kwargs (the shapes rewards and the verifier are shapes-only)"""
+    reward_kwargs: str | None = None
+    """keyword arguments of the reward as a JSON object, e.g. '{"model_name": "ViT-L-14", "pretrained":
+    "/weights/open_clip_vitl14.safetensors"}' (a local open_clip weights file or an open_clip tag)"""
+    train_prompts: str = "shapes-train"
+    """training prompts: a text file with one prompt per line, a named set ('shapes-train', 'shapes-heldout'),
+    or a spec 'package.module:function'"""
+
+    def build(self, backbone: Any, *, seed: int) -> Any:
+        """The reward module (:func:`fluxguide.backbones.registry.build_reward`)."""
+        from fluxguide.backbones.registry import build_reward, parse_reward_kwargs
+
+        return build_reward(self.reward, backbone, seed=seed, **parse_reward_kwargs(self.reward_kwargs))
+
+    def prompts(self) -> list[str]:
+        """The training prompts."""
+        from fluxguide.envs.prompts import resolve_prompts
+
+        return resolve_prompts(self.train_prompts)
+
+
+@dataclass
+class PolicyConfig:
+    """The guidance network."""
+
+    policy: str = "attention"
+    """guidance architecture: 'attention' (sees every token and the text tokens), 'affine', 'mlp', 'conv', ...
+    (fluxguide.policies.registry), an installed package's entry-point name, or a spec 'package.module:factory'"""
+    hidden_dim: int = 64
+    """policy width"""
+    num_layers: int = 2
+    """policy depth (MLP layers / transformer blocks / conv blocks)"""
+    num_heads: int = 4
+    """attention heads (attention policy)"""
+    text_conditioning: bool = True
+    """attention policy: read the text tokens and pooled embedding; --no-text-conditioning builds a text-blind
+    policy (img, pred and t only) that acts on the prompt only through the base model's prediction, as CFG does,
+    and so cannot tie what it learns to the training prompts' word combinations"""
+    policy_min_t: float = 0.0
+    """guide only at times t >= this (1 = noise; e.g. 0.64 = the first 10 of 20 shapes-world steps) and leave the
+    later steps to the base model (0: guide every step)"""
+
+    def build(self, backbone: Any, **options: Any) -> Any:
+        """A fresh guidance network (:func:`fluxguide.policies.registry.build_policy`)."""
+        from fluxguide.policies.registry import build_policy
+
+        return build_policy(self.policy, backbone, hidden_dim=self.hidden_dim, num_layers=self.num_layers,
+                            num_heads=self.num_heads, min_t=self.policy_min_t,
+                            text_conditioning=self.text_conditioning, **options)
+
+
+@dataclass
+class TrainConfig:
+    """The optimizer and the sampler of the training batches."""
+
+    batch_size: int = 16
+    """training batch of one update on each process: images (reward gradient), trajectories (PPO) or
+    (observation, target) pairs (behaviour cloning)"""
+    lr: float = 1e-3
+    """learning rate (the peak of the schedule where there is one)"""
+    weight_decay: float = 0.0
+    """optimizer weight decay"""
+    max_grad_norm: float | None = 1.0
+    """clip the global gradient norm (None: no clipping)"""
+    num_steps: int | None = 20
+    """sampling steps (None: the dataset's in behaviour cloning, else the backbone's default)"""
+    guidance_scale: float = 1.0
+    """scale of the policy's correction"""
+
+
+def flat_config(config: Any) -> dict[str, Any]:
+    """``config`` as one flat JSON-able dict (the nested groups' fields at the top level, paths as strings):
+    what checkpoints and W&B record, keyed as the flags are."""
+    out: dict[str, Any] = {}
+    for key, value in (asdict(config) if is_dataclass(config) else dict(config)).items():
+        if isinstance(value, dict):
+            out.update(flat_config(value))
+        else:
+            out[key] = str(value) if isinstance(value, Path) else value
+    return out
