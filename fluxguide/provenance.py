@@ -27,7 +27,7 @@ def state_dict_digest(module: nn.Module, values_per_tensor: int | None = None) -
         if values_per_tensor is not None:
             flat = t.reshape(-1)
             t = flat[:: max(1, flat.numel() // values_per_tensor)][:values_per_tensor]
-        t = t.cpu().contiguous()
+        t = t.cpu().contiguous().reshape(-1)  # a 0-dim tensor (e.g. a learned log-std) cannot be viewed as bytes
         h.update(f"{name}:{tuple(value.shape)}:{value.dtype};".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
