@@ -1,7 +1,7 @@
 """TensorDict key names shared by the policies, the envs and the algorithms, declared once.
 
-The observation of the denoising MDP (DESIGN.md, "envs") is ``img``, ``pred``, ``txt``, ``vec``, ``t`` and
-``step``; the action is the guidance correction, shaped like ``pred``. In SDE mode the env also publishes
+The observation of the denoising MDP (docs/design.md, "envs") is ``img``, ``pred``, ``txt``, ``vec``, ``t``
+and ``step``; the action is the guidance correction, shaped like ``pred``. In SDE mode the env also publishes
 ``sde_std``: the std, in action units, that a Gaussian policy must use for the guided process to be the
 marginal-preserving SDE step (see :func:`fluxguide.sampling.sde_action_std`).
 """

@@ -1,4 +1,4 @@
-"""The backbone contract: what a sampler needs from a base model (DESIGN.md, "backbones").
+"""The backbone contract: what a sampler needs from a base model (docs/design.md, "backbones").
 
 A backbone is an ``nn.Module`` whose ``forward`` has the BFL ``flux`` model signature, so it can be passed
 straight to :func:`fluxguide.sampling.denoise`, plus ``encode`` (prompts -> conditioning), ``decode``

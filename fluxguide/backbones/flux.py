@@ -94,7 +94,7 @@ class FluxBackbone(Backbone):
 
     Model compute runs in the components' dtype (bf16 on GPU); the conditioning, the latents, the
     predictions returned by :meth:`forward` and the decoded images are float32, so sampler math stays
-    float32 (DESIGN.md, "Precision"). All parameters are frozen; gradients still flow to the inputs, so
+    float32 (docs/design.md, "Precision"). All parameters are frozen; gradients still flow to the inputs, so
     rewards can be backpropagated through :meth:`forward` and :meth:`decode`.
 
     Args:

@@ -1,4 +1,4 @@
-"""The denoising trajectory as an RL environment (DESIGN.md, "envs").
+"""The denoising trajectory as an RL environment (docs/design.md, "envs").
 
 One batched torch core (:class:`GuidanceCore`) and three faces over it: a Gymnasium ``Env``
 (:class:`GuidanceEnv`, numpy, one trajectory), a native batched Gymnasium ``VectorEnv``

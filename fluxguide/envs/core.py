@@ -1,6 +1,6 @@
 """The denoising trajectory as a batched MDP: one torch core under the Gymnasium and TorchRL faces.
 
-An episode is one sampling trajectory of ``num_steps`` steps over a batch of ``B`` prompts (DESIGN.md,
+An episode is one sampling trajectory of ``num_steps`` steps over a batch of ``B`` prompts (docs/design.md,
 "envs"). The state at step ``i`` is the latent ``img`` at time ``t_i`` together with the base model's
 prediction ``pred`` there; the action ``a`` is the guidance correction, shaped like ``pred``, and the step is
 

@@ -1,4 +1,4 @@
-"""Guidance networks and their TorchRL actor / critic wrappers (DESIGN.md, "policies").
+"""Guidance networks and their TorchRL actor / critic wrappers (docs/design.md, "policies").
 
 The seed's names: ``BaseGuidanceModel``, ``MLPGuidanceModel``, ``create_mlp_guidance_model``,
 ``AttentionGuidanceModel``, ``ConvGuidanceModel``, ``MultiObjectiveGuidance`` and step-specific guidance.

@@ -1,7 +1,7 @@
 """The guidance-model contract: observation in, correction shaped like ``pred`` out.
 
 A guidance model maps the sampler state ``(img, pred, txt, vec, timestep, step_idx)`` to a correction that
-the sampler adds to the base prediction (``pred_used = pred + scale * correction``, DESIGN.md). Users
+the sampler adds to the base prediction (``pred_used = pred + scale * correction``, docs/design.md). Users
 subclass :class:`BaseGuidanceModel` and implement ``forward``; :meth:`BaseGuidanceModel.check_inputs` gives
 them the shape checks with errors that name expected and actual shapes.
 

@@ -1,6 +1,6 @@
 """Guidance-model files: weights in safetensors with the model's config in the file's metadata.
 
-One file rebuilds the model (no pickle, DESIGN.md): ``load_guidance_model(path)`` reads the config,
+One file rebuilds the model (no pickle, docs/design.md): ``load_guidance_model(path)`` reads the config,
 builds the architecture with :func:`build_guidance_model` and loads the weights.
 """
 

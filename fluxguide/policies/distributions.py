@@ -54,7 +54,7 @@ class ReducedNormal(Normal):
     """Element-wise ``N(loc, scale^2)`` over actions ``(*batch, seq, C)`` with log-prob reduced per sample.
 
     The last ``event_dims`` dimensions are the event: ``batch_shape = loc.shape[:-event_dims]``,
-    ``log_prob`` and ``entropy`` return ``batch_shape``. Log-probs are computed in float32 (DESIGN.md
+    ``log_prob`` and ``entropy`` return ``batch_shape``. Log-probs are computed in float32 (docs/design.md
     precision rule) whatever the dtype of ``loc``.
 
     Args:

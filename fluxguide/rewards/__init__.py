@@ -1,4 +1,4 @@
-"""Reward modules behind one contract, a registry and composition (DESIGN.md, "rewards").
+"""Reward modules behind one contract, a registry and composition (docs/design.md, "rewards").
 
 Every reward maps images ``(B, 3, H, W)`` in [0, 1] and ``B`` prompts to a float32 ``(B,)`` tensor and
 says whether it is ``differentiable`` with respect to the pixels.

@@ -1,4 +1,4 @@
-"""Checks of what goes into and comes out of a reward (the contract in DESIGN.md, "rewards").
+"""Checks of what goes into and comes out of a reward (the contract in docs/design.md, "rewards").
 
 Rewards see images ``(B, 3, H, W)`` as floats in [0, 1] and one prompt per image, and return ``(B,)``.
 Every check raises an error that names the bad value and says how to fix it, rather than silently
@@ -114,5 +114,5 @@ def check_reward_output(values: object, batch_size: int, *, source: str) -> torc
         raise ValueError(
             f"{source} must return one value per image, shape ({batch_size},), got shape {tuple(values.shape)}.{hint}"
         )
-    # Rewards feed float32 sampler and loss math (DESIGN.md, "Precision"), whatever the model's dtype.
+    # Rewards feed float32 sampler and loss math (docs/design.md, "Precision"), whatever the model's dtype.
     return values.float()

@@ -8,7 +8,7 @@ best-of-N data collection draws).
 
 The states come back as one :class:`~tensordict.TensorDict` with batch size ``[B]``: per-step entries
 carry a step dimension after the batch (``img`` is ``(B, T, seq, C)``) and the per-episode constants
-``txt`` / ``vec`` are kept once per sample, not once per step (DESIGN.md, "envs").
+``txt`` / ``vec`` are kept once per sample, not once per step (docs/design.md, "envs").
 """
 
 from __future__ import annotations

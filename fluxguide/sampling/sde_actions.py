@@ -1,6 +1,6 @@
 """The Gaussian policy that makes guided sampling the marginal-preserving SDE step.
 
-In SDE mode the env's step is deterministic given the action ``a`` (DESIGN.md: after reset the only
+In SDE mode the env's step is deterministic given the action ``a`` (docs/design.md: after reset the only
 randomness is the policy's): ``x' = sde_mean(img, pred + g a, t, t_prev)``. ``sde_mean`` is affine in its
 prediction argument, ``x' = sde_mean(img, pred) + k a`` with ``k = g (1 + sigma_t^2 (1 - t) / (2 t)) dt``
 (Flow-GRPO Eq. 9, ``dt = t_prev - t < 0``). So a Gaussian policy ``a ~ N(loc, s^2)`` makes

@@ -1,7 +1,7 @@
 """One sampler step: the deterministic Euler (ODE) step and the marginal-preserving SDE step.
 
-Convention (DESIGN.md): ``x_t = (1 - t) x0 + t * noise``, velocity ``v = noise - x0``, and a step goes from
-``t_curr`` to ``t_prev < t_curr``.
+Convention (docs/design.md): ``x_t = (1 - t) x0 + t * noise``, velocity ``v = noise - x0``, and a step goes
+from ``t_curr`` to ``t_prev < t_curr``.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ class TokenGuidance(nn.Module):
     """A small guidance network with the seed's signature ``(img, pred, txt, vec, timestep, step_idx)``.
 
     Per token it sees the latent, the prediction, the time and the pooled text; the output layer starts at
-    zero (DESIGN.md: an untrained policy reproduces the base sampler) unless ``zero_init=False``.
+    zero (docs/design.md: an untrained policy reproduces the base sampler) unless ``zero_init=False``.
     """
 
     def __init__(self, channels: int, vec_dim: int, hidden: int = 32, zero_init: bool = True) -> None:

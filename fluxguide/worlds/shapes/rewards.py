@@ -1,5 +1,5 @@
-"""Rewards of the shapes world (DESIGN.md, "The shapes world"): its tiny CLIP score, its aesthetic head and
-its exact verifier.
+"""Rewards of the shapes world (docs/design.md, "The shapes world"): its tiny CLIP score, its aesthetic
+head and its exact verifier.
 
 The world lives in ``fluxguide.worlds.shapes`` and is imported inside the functions, so this module
 loads (and the other rewards work) without it. Passing ``world=`` shares one loaded world between rewards.
