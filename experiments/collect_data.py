@@ -24,11 +24,12 @@ import torch
 import tyro
 from tqdm import tqdm
 
-from fluxguide.data.collection import REWARD, GuidanceDataset
+from fluxguide.data.episodes import REWARD
+from fluxguide.data.store import GuidanceDataset
+from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.targets import (
     BestOfN,
     CFGDistillation,
-    GuidanceDataCollector,
     ReferenceImage,
     RewardGradientTargets,
     TargetStrategy,

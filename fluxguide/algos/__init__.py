@@ -1,22 +1,27 @@
-"""Training algorithms for guidance policies (DESIGN.md, "algos"): losses and update steps.
+"""Training algorithms for guidance policies: one contract (:mod:`fluxguide.algos.common`), three algorithms.
 
-- reward gradient (full trajectory with truncation / checkpointing / control cost, and the one-step form);
-- PPO over the denoising MDP with TorchRL (collector, ``ClipPPOLoss``, group or GAE advantages);
+- :class:`RewardGradient`: backpropagate a differentiable reward through the sampler (full trajectory with
+  truncation / checkpointing / control cost, or the one-step form);
+- :class:`PPO`: PPO over the denoising MDP with TorchRL (collector, ``ClipPPOLoss``, group or GAE advantages);
+- :class:`BehaviourCloning`: regress corrections onto collected targets (:class:`BCLoss`, :mod:`fluxguide.data`);
 - the seed's :class:`GuidanceModelTrainer` (supervised ``train_step``, one-step ``train_from_reward``).
+
+Each algorithm's ``update(...)`` returns metrics averaged over ranks and raises :class:`NonFiniteLossError`;
+its ``modules`` / ``optimizers`` name what a checkpoint holds (:class:`Algorithm`).
 """
 
-from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
-from fluxguide.data.collection import (
-    DatasetError,
-    GuidanceDataset,
-    StateCollectionCallback,
-    create_training_pairs,
-    load_guidance_dataset,
+from fluxguide.algos.bc import (
+    BCConfig,
+    BCLoss,
+    BehaviourCloning,
+    bc_evaluate,
+    bc_update,
+    check_dataset_matches_policy,
 )
+from fluxguide.algos.common import Algorithm, NonFiniteLossError, clip_and_check_gradients, optimizer_step
 from fluxguide.algos.ppo import PPO, PPOConfig, group_advantages, rewards_to_go
 from fluxguide.algos.reward_gradient import (
     CorrectionRecorder,
-    NonFiniteLossError,
     RewardGradient,
     RewardGradientConfig,
     RewardGradientOutput,
@@ -25,20 +30,17 @@ from fluxguide.algos.reward_gradient import (
     predicted_clean_latent,
     random_translate,
     reward_gradient_loss,
-    straight_through_clamp,
     total_loss,
 )
-from fluxguide.data.targets import (
-    TARGET_STRATEGIES,
-    GuidanceDataCollector,
-    TargetStrategy,
-    make_target_strategy,
-)
 from fluxguide.algos.trainer import GuidanceModelTrainer
+from fluxguide.backbones.base import straight_through_clamp
 
 __all__ = [
     "PPO",
+    "Algorithm",
+    "BCConfig",
     "BCLoss",
+    "BehaviourCloning",
     "CorrectionRecorder",
     "GuidanceModelTrainer",
     "NonFiniteLossError",
@@ -49,9 +51,11 @@ __all__ = [
     "bc_evaluate",
     "bc_update",
     "check_dataset_matches_policy",
+    "clip_and_check_gradients",
     "draw_truncation",
     "group_advantages",
     "one_step_reward_loss",
+    "optimizer_step",
     "predicted_clean_latent",
     "random_translate",
     "reward_gradient_loss",

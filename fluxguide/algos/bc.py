@@ -1,26 +1,33 @@
 """Behaviour cloning: regress a guidance model's correction onto collected target corrections.
 
-The loss is TorchRL-style (DESIGN.md, "Style"): :class:`BCLoss` returns a TensorDict of named terms, the
+The loss is TorchRL-style (docs/design.md, "Style"): :class:`BCLoss` returns a TensorDict of named terms, the
 ``loss_*`` terms are what the caller sums and backpropagates, the rest are detached diagnostics.
 
 - ``"mse"``: ``mean((model(obs) - target)^2)``.
 - ``"gaussian_nll"``: ``-log N(target; model(obs), sigma^2)`` per element (averaged), with ``sigma`` one
   learned scalar, or the policy's own std when the model is a :class:`~fluxguide.policies.GaussianHead`
   (the PPO policy), so BC can warm-start a stochastic policy with a calibrated std.
+
+:class:`BehaviourCloning` is the algorithm (the contract of :mod:`fluxguide.algos.common`): one update sets the
+learning rate of its schedule (:class:`BCConfig`), steps the loss (data-parallel under ``torchrun``) and returns
+the metrics averaged over ranks. :func:`bc_update` / :func:`bc_evaluate` are the single-process steps beneath.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
-from fluxguide.data.collection import TARGET, DatasetError, GuidanceDataset
-from fluxguide.policies import GaussianHead, ObservationAdapter
 from fluxguide import keys
+from fluxguide.algos.common import data_parallel_once, mean_over_ranks, optimizer_step, unwrap_data_parallel
+from fluxguide.data.episodes import TARGET
+from fluxguide.data.store import DatasetError, GuidanceDataset
+from fluxguide.policies import GaussianHead, ObservationAdapter
 
 LOSS_TYPES: tuple[str, ...] = ("mse", "gaussian_nll")
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
@@ -151,23 +158,24 @@ class BCLoss(nn.Module):
         return TensorDict(out, batch_size=[])
 
 
-def bc_update(loss_module: BCLoss, optimizer: torch.optim.Optimizer, batch: TensorDict,
+def bc_update(loss_module: BCLoss | nn.Module, optimizer: torch.optim.Optimizer, batch: TensorDict,
               max_grad_norm: float | None = None) -> dict[str, float]:
-    """One gradient step on the summed ``loss_*`` terms; returns every term as a float plus ``grad_norm``."""
+    """One gradient step on the summed ``loss_*`` terms; returns every term as a float plus ``grad_norm``.
+
+    ``loss_module`` is a :class:`BCLoss` or its data-parallel wrapper. The metrics are this process's.
+
+    Raises:
+        NonFiniteLossError: the loss or the gradient is NaN/inf; the optimizer was not stepped.
+    """
     loss_module.train()
     terms = loss_module(batch)
     loss = sum(v for k, v in terms.items() if k.startswith("loss_"))
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     params = [p for p in loss_module.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm is not None else float("inf"))
-    if not torch.isfinite(norm):
-        raise FloatingPointError(
-            f"BC gradient norm is {float(norm)}: lower the learning rate or clip gradients (max_grad_norm)"
-        )
-    optimizer.step()
+    grad_norm = optimizer_step(loss, optimizer, max_grad_norm=max_grad_norm, parameters=params, name="BC loss",
+                               terms={k: v for k, v in terms.items() if k.startswith("loss_")},
+                               advice="Lower the learning rate or clip gradients (max_grad_norm)")
     metrics = {k: float(v.detach()) for k, v in terms.items()}
-    metrics["grad_norm"] = float(norm)
+    metrics["grad_norm"] = grad_norm
     return metrics
 
 
@@ -176,3 +184,85 @@ def bc_evaluate(loss_module: BCLoss, batch: TensorDict) -> dict[str, float]:
     """The loss terms on ``batch`` without a gradient step (held-out BC error)."""
     loss_module.eval()
     return {k: float(v) for k, v in loss_module(batch).items()}
+
+
+@dataclass
+class BCConfig:
+    """The optimisation settings of :class:`BehaviourCloning`.
+
+    Attributes:
+        lr: the peak learning rate.
+        lr_schedule: after a linear warm-up, ``"constant"`` or ``"cosine"`` decay to 0 at ``total_updates``.
+        warmup_updates: updates of the linear warm-up (0: none).
+        total_updates: the length of the schedule (the run's updates).
+        max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
+    """
+
+    lr: float = 1e-3
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    warmup_updates: int = 50
+    total_updates: int = 2000
+    max_grad_norm: float | None = 1.0
+
+    def __post_init__(self) -> None:
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
+        if self.warmup_updates < 0 or self.total_updates < 1:
+            raise ValueError(
+                f"warmup_updates must be >= 0 and total_updates >= 1, got {self.warmup_updates} and {self.total_updates}"
+            )
+
+    def learning_rate(self, update: int) -> float:
+        """The learning rate of update ``update`` (0-based): linear warm-up, then constant or cosine decay."""
+        if update < self.warmup_updates:
+            return self.lr * (update + 1) / self.warmup_updates
+        if self.lr_schedule == "constant":
+            return self.lr
+        progress = (update - self.warmup_updates) / max(1, self.total_updates - self.warmup_updates)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class BehaviourCloning:
+    """Behaviour cloning as an algorithm: scheduled learning rate, data-parallel step, rank-averaged metrics.
+
+    Args:
+        loss_module: the :class:`BCLoss` (trained through :func:`fluxguide.distributed.data_parallel`).
+        optimizer: over the loss module's parameters.
+        config: :class:`BCConfig` (learning-rate schedule and gradient clipping).
+
+    A checkpoint saves ``modules = {"loss": loss_module}`` and ``optimizers = {"policy": optimizer}``.
+
+    Example::
+
+        loss = BCLoss(policy)
+        bc = BehaviourCloning(loss, torch.optim.AdamW(loss.parameters()), BCConfig(total_updates=100))
+        for step in range(100):
+            metrics = bc.update(replay.sample(), step)
+    """
+
+    def __init__(self, loss_module: BCLoss, optimizer: torch.optim.Optimizer, config: BCConfig | None = None) -> None:
+        self.loss_module = loss_module
+        self.optimizer = optimizer
+        self.config = config or BCConfig()
+        self.trained = data_parallel_once(loss_module)  # DDP under torchrun: one forward, one backward per update
+        self.modules: dict[str, nn.Module] = {"loss": unwrap_data_parallel(loss_module)}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
+
+    def update(self, batch: TensorDict, step: int) -> dict[str, float]:
+        """One update (the ``step``-th, 0-based, of the schedule) on this rank's ``batch``.
+
+        Returns:
+            The loss terms, diagnostics and ``grad_norm`` averaged over ranks, and ``learning_rate``.
+
+        Raises:
+            NonFiniteLossError: the loss or the gradient is NaN/inf; the optimizer was not stepped.
+        """
+        lr = self.config.learning_rate(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        metrics = bc_update(self.trained, self.optimizer, batch, max_grad_norm=self.config.max_grad_norm)
+        return {**mean_over_ranks(metrics), "learning_rate": lr}
+
+    def evaluate(self, batch: TensorDict) -> dict[str, float]:
+        """The loss terms on ``batch`` without a step (:func:`bc_evaluate`; this process's batch)."""
+        return bc_evaluate(self.modules["loss"], batch)

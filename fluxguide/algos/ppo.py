@@ -39,10 +39,9 @@ except ImportError:  # pragma: no cover - older torchrl
 from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDictReplayBuffer
 from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
-from fluxguide import distributed
-from fluxguide.algos.reward_gradient import NonFiniteLossError
+from fluxguide import distributed, keys
+from fluxguide.algos.common import NonFiniteLossError, mean_over_ranks, optimizer_step
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
-from fluxguide import keys
 
 AdvantageMode = Literal["group", "gae"]
 
@@ -143,6 +142,9 @@ class PPO:
         config: :class:`PPOConfig`.
         critic: a ``ValueOperator`` writing ``state_value`` (needed for ``advantage="gae"``).
 
+    A checkpoint saves ``modules = {"actor": actor}`` (plus ``"critic"`` with GAE) and ``optimizers =
+    {"policy": optimizer}``.
+
     Example:
         >>> ppo = PPO(env, actor, torch.optim.Adam(actor.parameters(), 1e-4), PPOConfig())
         >>> for _ in range(10):
@@ -168,6 +170,10 @@ class PPO:
                 "or use advantage='gae' with a critic"
             )
         self.critic = critic if cfg.advantage == "gae" else None
+        self.modules: dict[str, nn.Module] = {"actor": actor}
+        if self.critic is not None:
+            self.modules["critic"] = self.critic
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
         distributed.broadcast_parameters(self.parameters())  # every rank starts from rank 0's weights
         self.num_trajectories = env.core.batch_size
         self.num_steps = env.core.num_steps
@@ -272,26 +278,17 @@ class PPO:
                 minibatch = self.buffer.sample().reshape(-1)  # [mb, T] whole trajectories -> mb * T steps
                 out = self.loss(minibatch)
                 loss = out["loss_objective"] + sum(out[k] for k in ("loss_critic", "loss_entropy") if k in out)
-                if not bool(torch.isfinite(loss)):
-                    terms = {k: float(v.detach()) for k, v in out.items() if k.startswith("loss_")}
-                    raise NonFiniteLossError(
-                        f"non-finite PPO loss {float(loss.detach())} (terms: {terms}); check the reward for NaN, "
-                        "lower the learning rate or the policy std"
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 # An explicit all-reduce rather than DDP: the actor is also run by the collector (no grad) and
                 # the trained parameters span the actor's Gaussian head and the critic; averaging the gradients
                 # here, before clipping, is what DDP would do, and a no-op on one process.
-                distributed.average_gradients(self.parameters())
-                grad_norm = nn.utils.clip_grad_norm_(
-                    self.parameters(), cfg.max_grad_norm if cfg.max_grad_norm is not None else math.inf
+                grad_norm = optimizer_step(
+                    loss, self.optimizer, max_grad_norm=cfg.max_grad_norm, parameters=self.parameters(),
+                    before_clip=distributed.average_gradients, name="PPO loss",
+                    terms={k: v.detach() for k, v in out.items() if k.startswith("loss_")},
+                    advice="Check the reward for NaN, lower the learning rate or the policy std",
                 )
-                if not bool(torch.isfinite(grad_norm)):
-                    raise NonFiniteLossError(f"non-finite gradient norm {float(grad_norm)}; lower the learning rate")
-                self.optimizer.step()
                 values = {k: float(v.detach()) for k, v in out.items() if v.numel() == 1}
-                values["grad_norm"] = float(grad_norm)
+                values["grad_norm"] = grad_norm
                 values["loss"] = float(loss.detach())
                 if count == 0:
                     first = {f"first_{k}": values[k] for k in ("mean_ratio", "max_ratio", "clip_fraction")}
@@ -302,7 +299,7 @@ class PPO:
         verifier = self.env.terminal_info.get("verifier")
         if verifier is not None:
             local["verifier_pass_rate"] = float(verifier["passed"].float().mean())
-        metrics.update(distributed.mean_over_ranks(local))  # equal batches per rank: the mean over all of them
+        metrics.update(mean_over_ranks(local))  # equal batches per rank: the mean over all of them
         return metrics
 
     def shutdown(self) -> None:

@@ -12,7 +12,7 @@ reward and ascend its gradient with respect to the guidance model's weights. Opt
 - **Reward target** (a cap against over-optimisation): the reward term is ``-min(r, target)``, so samples
   already past the target give no gradient.
 - **Random translation of the scored image** (``reward_shift``, see :func:`random_translate`) and a
-  **straight-through clamp** for decoders (:func:`straight_through_clamp`): robustness of the reward signal.
+  **straight-through clamp** for decoders (:func:`fluxguide.backbones.base.straight_through_clamp`): robustness of the reward signal.
 - **Gradient clipping** by global norm, and a hard stop on a non-finite loss or gradient
   (:class:`NonFiniteLossError`) *before* the optimizer step, so weights are never poisoned.
 
@@ -32,15 +32,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fluxguide.backbones.base import straight_through_clamp, Backbone, Conditioning
+from fluxguide.algos.common import (
+    data_parallel_once,
+    mean_over_ranks,
+    optimizer_step,
+    unwrap_data_parallel,
+)
+from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A loss or gradient became NaN/inf; the update was not applied."""
+Decoder = Callable[[torch.Tensor], torch.Tensor]
+"""Latents -> images ``(B, 3, H, W)`` in [0, 1], differentiable."""
 
 
 @dataclass
@@ -184,16 +188,8 @@ def reward_terms(
 
 
 def reward_gradient_loss(
-    model: FluxModel,
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    policy: GuidanceFn,
-    reward: RewardFn,
-    cond: Conditioning,
-    noise: torch.Tensor,
-    timesteps: Sequence[float],
-    config: RewardGradientConfig,
-    *,
-    guidance: float | None = None,
+    model: FluxModel, decode: Decoder, policy: GuidanceFn, reward: RewardFn, cond: Conditioning, noise: torch.Tensor,
+    timesteps: Sequence[float], config: RewardGradientConfig, *, guidance: float | None = None,
     generator: torch.Generator | None = None,
 ) -> RewardGradientOutput:
     """Full-trajectory reward gradient: sample with a graph through the last ``K`` steps and score.
@@ -223,15 +219,29 @@ def reward_gradient_loss(
         guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,
         guidance_requires_grad=True, grad_last_k=k, gradient_checkpointing=config.gradient_checkpointing,
     )
-    images = decode(latents)
+    return score(decode(latents), recorder.per_sample_cost(), reward, cond, config, generator, grad_last_k=float(k))
+
+
+def score(
+    images: torch.Tensor,
+    control: torch.Tensor,
+    reward: RewardFn,
+    cond: Conditioning,
+    config: RewardGradientConfig,
+    generator: torch.Generator | None,
+    **extra: float,
+) -> RewardGradientOutput:
+    """Score decoded ``images`` (randomly translated by ``config.reward_shift``) and build the loss terms.
+
+    ``control`` is the per-sample control cost ``(B,)``; ``extra`` metrics follow the reward and control ones.
+    """
     rewards = reward(random_translate(images, config.reward_shift, generator), cond.prompts)
-    control = recorder.per_sample_cost()
     losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
     metrics = {
         "reward_mean": float(rewards.detach().mean()),
         "reward_std": float(rewards.detach().std()) if rewards.numel() > 1 else 0.0,
         "control_cost": float(control.detach().mean()),
-        "grad_last_k": float(k),
+        **extra,
     }
     return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
 
@@ -266,18 +276,9 @@ def predicted_clean_latent(
 
 
 def one_step_reward_loss(
-    model: FluxModel,
-    decode: Callable[[torch.Tensor], torch.Tensor],
-    policy: GuidanceFn,
-    reward: RewardFn,
-    cond: Conditioning,
-    noise: torch.Tensor,
-    timesteps: Sequence[float],
-    config: RewardGradientConfig,
-    *,
-    step_idx: int | None = None,
-    guidance: float | None = None,
-    generator: torch.Generator | None = None,
+    model: FluxModel, decode: Decoder, policy: GuidanceFn, reward: RewardFn, cond: Conditioning, noise: torch.Tensor,
+    timesteps: Sequence[float], config: RewardGradientConfig, *, step_idx: int | None = None,
+    guidance: float | None = None, generator: torch.Generator | None = None,
 ) -> RewardGradientOutput:
     """One-step reward gradient: reward of the predicted clean image at a sampled step.
 
@@ -305,17 +306,8 @@ def one_step_reward_loss(
     correction = policy(img, pred, cond.txt, cond.vec, t_vec, step_idx)
     scale = scale_at(config.guidance_scale, step_idx, num_steps)
     x0 = predicted_clean_latent(img, pred, correction, t, scale)
-    images = decode(x0)
-    rewards = reward(random_translate(images, config.reward_shift, generator), cond.prompts)
     control = scale**2 * correction.float().square().flatten(1).mean(1)
-    losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
-    metrics = {
-        "reward_mean": float(rewards.detach().mean()),
-        "reward_std": float(rewards.detach().std()) if rewards.numel() > 1 else 0.0,
-        "control_cost": float(control.detach().mean()),
-        "step_idx": float(step_idx),
-    }
-    return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
+    return score(decode(x0), control, reward, cond, config, generator, step_idx=float(step_idx))
 
 
 def _prefix_scale(guidance_scale: GuidanceScale, num_steps: int) -> GuidanceScale:
@@ -325,47 +317,29 @@ def _prefix_scale(guidance_scale: GuidanceScale, num_steps: int) -> GuidanceScal
     return guidance_scale
 
 
-def clip_and_check_gradients(parameters: list[nn.Parameter], max_grad_norm: float | None) -> float:
-    """Clip the global gradient norm (if ``max_grad_norm``) and return the norm before clipping.
-
-    Raises:
-        NonFiniteLossError: the gradient holds NaN/inf (the caller must not step the optimizer).
-    """
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return 0.0
-    if max_grad_norm is not None:
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    norm_value = float(norm)
-    if not torch.isfinite(norm):
-        raise NonFiniteLossError(
-            f"the gradient norm is {norm_value}: NaN/inf gradients; the update was skipped. Lower the learning "
-            f"rate or the guidance scale, or set max_grad_norm"
-        )
-    return norm_value
-
-
 class RewardGradient:
     """Reward-gradient updates of a guidance policy on a backbone against a differentiable reward.
 
     Args:
         backbone: the base model (``encode``, ``decode``, ``noise``, ``schedule``).
-        policy: the guidance model being trained.
+        policy: the guidance model being trained; under ``torchrun`` it is wrapped for data parallelism
+            (:func:`fluxguide.distributed.data_parallel`) unless it already is.
         reward: a differentiable reward module (checked with :func:`require_differentiable`).
         optimizer: over the policy's parameters.
         config: see :class:`RewardGradientConfig`.
         cfg_scale: classifier-free guidance of the base model during training (1 = none).
         one_step: use the one-step variant instead of the full trajectory.
         decode: latents -> images for the reward (default ``backbone.decode``), e.g. a decoder whose final
-            clamp to [0, 1] passes gradients straight through (:func:`straight_through_clamp`).
+            clamp to [0, 1] passes gradients straight through (``backbone.straight_through_decoder()``).
 
     Example::
 
         algo = RewardGradient(world, policy, make_reward("shapes-clip", world=world), optimizer,
                               RewardGradientConfig(grad_last_k=4, control_cost=0.1))
         metrics = algo.update(prompts, generator)
+
+    A checkpoint saves ``modules = {"policy": policy}`` (the plain module) and ``optimizers = {"policy":
+    optimizer}``.
     """
 
     def __init__(
@@ -378,13 +352,15 @@ class RewardGradient:
         *,
         cfg_scale: float = 1.0,
         one_step: bool = False,
-        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        decode: Decoder | None = None,
     ) -> None:
         require_differentiable(reward)
         self.backbone = backbone
-        self.policy = policy
+        self.policy = data_parallel_once(policy)
         self.reward = reward
         self.optimizer = optimizer
+        self.modules: dict[str, nn.Module] = {"policy": unwrap_data_parallel(policy)}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
         self.config = config or RewardGradientConfig()
         self.cfg_scale = cfg_scale
         self.one_step = one_step
@@ -421,7 +397,10 @@ class RewardGradient:
         )
 
     def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
-        """One optimizer step on a batch of ``prompts``; returns metrics (``loss``, ``loss_*``, rewards, ...).
+        """One optimizer step on a batch of ``prompts`` (this rank's); returns metrics averaged over ranks.
+
+        The metrics: ``loss``, its terms ``loss_*``, ``reward_mean`` / ``reward_std`` (the std pooled exactly
+        over every rank's samples), ``control_cost``, ``grad_last_k`` (or ``step_idx`` one-step), ``grad_norm``.
 
         Raises:
             NonFiniteLossError: the loss or the gradient is NaN/inf; the policy was not changed.
@@ -430,14 +409,9 @@ class RewardGradient:
         out = self.loss(prompts, generator)
         loss = total_loss(out.losses)
         terms = {k: float(v.detach()) for k, v in out.losses.items()}
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite loss {float(loss.detach())} (terms {terms}); the update was skipped and the policy is unchanged. "
-                f"Lower the learning rate or the guidance scale, or check the reward on these images"
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = clip_and_check_gradients(params, self.config.max_grad_norm)
-        self.optimizer.step()
-        return {"loss": float(loss.detach()), **terms, **out.metrics, "grad_norm": grad_norm}
+        grad_norm = optimizer_step(
+            loss, self.optimizer, max_grad_norm=self.config.max_grad_norm, terms=terms,
+            advice="Lower the learning rate or the guidance scale, or check the reward on these images",
+        )
+        metrics = {"loss": float(loss.detach()), **terms, **out.metrics, "grad_norm": grad_norm}
+        return mean_over_ranks(metrics, pooled_std={"reward_std": "reward_mean"}, count=len(prompts))

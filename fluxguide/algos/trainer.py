@@ -32,11 +32,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from fluxguide.algos.reward_gradient import (
-    NonFiniteLossError,
-    clip_and_check_gradients,
-    predicted_clean_latent,
-)
+from fluxguide.algos.common import optimizer_step
+from fluxguide.algos.reward_gradient import predicted_clean_latent
 from fluxguide.checkpointing import CONFIG_METADATA_KEY, decode_tree, encode_tree
 from fluxguide.policies.base import BaseGuidanceModel
 from fluxguide.serialization import save_safetensors_atomic
@@ -77,13 +74,7 @@ class GuidanceModelTrainer:
 
     def _apply(self, loss: torch.Tensor) -> float:
         """Backward and optimizer step, refusing non-finite losses and gradients; returns the grad norm."""
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(f"non-finite loss {float(loss.detach())}; the update was skipped")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = clip_and_check_gradients(params, self.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = optimizer_step(loss, self.optimizer, max_grad_norm=self.max_grad_norm)
         self.step += 1
         return grad_norm
 

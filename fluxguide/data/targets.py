@@ -1,4 +1,4 @@
-"""Where behaviour-cloning targets come from: teachers, target strategies and the seed's ``GuidanceDataCollector``.
+"""Target strategies: where behaviour-cloning targets come from (teachers in :mod:`fluxguide.data.teachers`).
 
 A *teacher* is a guidance function ``f(img, pred, txt, vec, t, step) -> correction``; collecting with the
 teacher as the sampler's guidance model visits the states the teacher's sampler visits (so the student
@@ -18,147 +18,33 @@ target (``pred_used - pred``). Strategies (:data:`TARGET_STRATEGIES`):
 - ``user``: any teacher, or any function of the collected states.
 """
 
+
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tensordict import TensorDict
 from torch import nn
 
-from fluxguide.data.collection import FINAL_IMAGE, EpisodeChunk, GuidanceDataset, create_training_pairs
-from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide import keys
-from fluxguide.provenance import backbone_fingerprint
+from fluxguide.backbones.base import Backbone
+from fluxguide.data.episodes import FINAL_IMAGE, EpisodeChunk, create_training_pairs
+from fluxguide.data.teachers import (
+    CFGTeacher,
+    LabelledGuidance,
+    ReferenceTeacher,
+    RewardGradientTeacher,
+    reference_correction,
+    relabel_with_prompts,
+)
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
-from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED, denoise_with_state_collection
-
-# ---------------------------------------------------------------- teachers (guidance functions)
-
-
-def _per_sample(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A ``(B,)`` time as ``(B, 1, 1)`` in float32, to broadcast over ``(B, seq, C)``."""
-    return t.float().reshape(-1, 1, 1).expand(like.shape[0], 1, 1)
-
-
-class CFGTeacher(nn.Module):
-    """Classifier-free guidance as a correction: ``(w - 1) * (pred_cond - pred_uncond)``.
-
-    ``pred`` is the base model's conditional prediction, so ``pred + correction`` is CFG's prediction
-    ``pred_uncond + w * (pred_cond - pred_uncond)`` (Ho & Salimans 2022). One extra (unconditional) model
-    call per step.
-
-    Args:
-        model: the base velocity model (BFL signature).
-        uncond: the encoded empty prompt (its ``txt``, ``vec``, ``txt_ids``, ``img_ids`` are used).
-        scale: the CFG scale ``w``.
-        guidance: the distilled-guidance strength the base model takes (``None`` if it has none).
-    """
-
-    def __init__(self, model: nn.Module, uncond: Conditioning, scale: float, guidance: float | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.uncond = uncond
-        self.scale = float(scale)
-        self.guidance = guidance
-
-    @classmethod
-    def from_backbone(cls, backbone: Backbone, scale: float) -> CFGTeacher:
-        return cls(backbone, backbone.encode([""]), scale, backbone.default_guidance)
-
-    def forward(self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                timestep: torch.Tensor, step_idx: int | torch.Tensor) -> torch.Tensor:
-        b = img.shape[0]
-        g = None if self.guidance is None else torch.full((b,), self.guidance, device=img.device, dtype=img.dtype)
-        uncond = self.model(
-            img=img, img_ids=self.uncond.img_ids, txt=self.uncond.txt.expand(b, -1, -1).to(txt.dtype),
-            txt_ids=self.uncond.txt_ids, timesteps=timestep, y=self.uncond.vec.expand(b, -1).to(vec.dtype), guidance=g,
-        )
-        return (self.scale - 1.0) * (pred - uncond)
-
-
-class RewardGradientTeacher(nn.Module):
-    """A step up the gradient of a differentiable reward of the predicted clean image.
-
-    ``correction = step_size * dR(decode(img - t * pred)) / d pred``: the change of the prediction that
-    raises the reward fastest at first order. Since ``d x0_hat / d pred = -t``, this is
-    ``-t * step_size * grad_x0 R``. With ``normalize`` each sample's gradient is rescaled to unit RMS first
-    (a fixed-size step in its direction, robust to the reward's scale).
-
-    Args:
-        reward: a differentiable reward ``(images, prompts) -> (B,)``.
-        decode: latents -> images in [0, 1], differentiable (``backbone.decode``).
-        step_size: size of the step.
-        normalize: rescale each sample's gradient to unit RMS before the step.
-        prompts: the prompts of the current batch (set :attr:`prompts` before each sampling call).
-    """
-
-    def __init__(self, reward: nn.Module, decode: Callable[[torch.Tensor], torch.Tensor], step_size: float = 1.0,
-                 normalize: bool = False, prompts: Sequence[str] = ()) -> None:
-        super().__init__()
-        require_differentiable(reward)
-        self.reward = reward
-        self.decode = decode
-        self.step_size = float(step_size)
-        self.normalize = normalize
-        self.prompts = list(prompts)
-
-    def forward(self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                timestep: torch.Tensor, step_idx: int | torch.Tensor) -> torch.Tensor:
-        if len(self.prompts) != img.shape[0]:
-            raise ValueError(
-                f"RewardGradientTeacher has {len(self.prompts)} prompts for a batch of {img.shape[0]}: set "
-                "teacher.prompts to the batch's prompts before sampling"
-            )
-        with torch.enable_grad():
-            p = pred.detach().float().requires_grad_(True)
-            x0 = img.detach().float() - _per_sample(timestep, img) * p
-            r = self.reward(self.decode(x0), self.prompts)
-            (grad,) = torch.autograd.grad(r.sum(), p)
-        if self.normalize:
-            rms = grad.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()
-            grad = grad / rms.clamp_min(1e-12)
-        return (self.step_size * grad).to(pred.dtype)
-
-
-class ReferenceTeacher(nn.Module):
-    """The correction that steers toward reference latents: ``strength * ((img - x_ref) / t - pred)``.
-
-    At ``strength = 1`` the guided prediction is ``(img - x_ref) / t``, whose clean estimate
-    ``img - t * v`` is exactly ``x_ref``; an Euler step then moves straight toward ``x_ref``.
-
-    Args:
-        reference: reference latents ``(B, seq, C)`` (one per sample of the batch; set :attr:`reference`
-            before each sampling call).
-        strength: fraction of the way from the base prediction to the reference velocity.
-    """
-
-    def __init__(self, reference: torch.Tensor | None = None, strength: float = 1.0) -> None:
-        super().__init__()
-        self.reference = reference
-        self.strength = float(strength)
-
-    def forward(self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                timestep: torch.Tensor, step_idx: int | torch.Tensor) -> torch.Tensor:
-        if self.reference is None or self.reference.shape != img.shape:
-            got = None if self.reference is None else tuple(self.reference.shape)
-            raise ValueError(f"ReferenceTeacher needs reference latents shaped like img {tuple(img.shape)}, got {got}")
-        return reference_correction(img, pred, self.reference, timestep, self.strength)
-
-
-def reference_correction(img: torch.Tensor, pred: torch.Tensor, reference: torch.Tensor, t: torch.Tensor,
-                         strength: float = 1.0) -> torch.Tensor:
-    """``strength * ((img - reference) / t - pred)`` with ``t`` ``(B,)`` (or with step dims matching img)."""
-    t = t.float().reshape(*t.shape, *([1] * (img.ndim - t.ndim)))
-    if bool((t <= 0).any()):
-        raise ValueError("the reference correction divides by t; it is undefined at t = 0 (the schedule's end)")
-    return (strength * ((img.float() - reference.float()) / t - pred.float())).to(pred.dtype)
+from fluxguide.sampling.instrumented import NEXT_IMG, denoise_with_state_collection
 
 
 def _derangement(n: int, generator: torch.Generator) -> list[int]:
@@ -171,37 +57,6 @@ def _derangement(n: int, generator: torch.Generator) -> list[int]:
         donor[i] = order[(j + 1) % n]
     return donor
 
-
-@torch.no_grad()
-def relabel_with_prompts(backbone: Backbone, states: TensorDict, cond: Conditioning,
-                         teacher: GuidanceFn) -> tuple[TensorDict, torch.Tensor]:
-    """The visited latents of ``states`` seen under ``cond`` (one prompt per episode), with ``teacher``'s corrections.
-
-    Every visited latent ``img`` keeps its time and step; the text (``txt``, ``vec``) becomes ``cond``'s, the
-    conditional prediction ``pred`` is recomputed under it (one model call per step) and the target is the
-    teacher's correction at that new observation. Returns ``(states, targets)`` ready for
-    :func:`~fluxguide.data.collection.create_training_pairs` with ``cond``'s prompts.
-    """
-    b = states.batch_size[0]
-    if cond.batch_size != b:
-        raise ValueError(f"cond must hold one prompt per episode: {b} episodes, {cond.batch_size} prompts")
-    img, t = states[keys.IMG], states[keys.T]
-    preds, targets = [], []
-    for step in range(img.shape[1]):
-        x, t_vec = img[:, step], t[:, step].to(img.dtype)
-        pred = backbone.velocity(x, t_vec, cond)
-        preds.append(pred)
-        targets.append(teacher(x, pred, cond.txt, cond.vec, t_vec, step))
-    relabelled = states.clone(recurse=False)
-    relabelled[keys.TXT], relabelled[keys.VEC] = cond.txt, cond.vec
-    relabelled[keys.PRED] = torch.stack(preds, dim=1)
-    for key in (PRED_USED, NEXT_IMG):  # they belong to the original trajectory, not to the new labels
-        if key in relabelled.keys():
-            del relabelled[key]
-    return relabelled, torch.stack(targets, dim=1)
-
-
-# ---------------------------------------------------------------- strategies
 
 
 @dataclass
@@ -247,29 +102,6 @@ def _collect_with_teacher(
     images = bb.decode(final)
     chunk = create_training_pairs(states, batch.prompts, targets, final_image=images, metadata=metadata)
     return chunk, final, states
-
-
-class LabelledGuidance(nn.Module):
-    """Sample with ``behaviour`` while recording ``teacher``'s correction at every visited state.
-
-    The guidance function of DAgger-style collection (Ross et al. 2011, "A Reduction of Imitation Learning
-    and Structured Prediction to No-Regret Online Learning"): the student drives, the teacher labels, so the
-    data covers the states the student actually reaches, including those its own errors lead to.
-    """
-
-    def __init__(self, behaviour: GuidanceFn, teacher: GuidanceFn) -> None:
-        super().__init__()
-        self.behaviour, self.teacher = behaviour, teacher
-        self.labels: list[torch.Tensor] = []
-
-    def forward(self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor,
-                timestep: torch.Tensor, step_idx: int | torch.Tensor) -> torch.Tensor:
-        self.labels.append(self.teacher(img, pred, txt, vec, timestep, step_idx).detach())
-        return self.behaviour(img, pred, txt, vec, timestep, step_idx)
-
-    def targets(self) -> torch.Tensor:
-        """The recorded corrections ``(B, T, seq, C)``."""
-        return torch.stack(self.labels, dim=1)
 
 
 class CFGDistillation(TargetStrategy):
@@ -571,86 +403,3 @@ def make_target_strategy(name: str, **kwargs: Any) -> TargetStrategy:
     if name not in TARGET_STRATEGIES:
         raise ValueError(f"unknown target strategy {name!r}; valid strategies: {sorted(TARGET_STRATEGIES)}")
     return TARGET_STRATEGIES[name](**kwargs)
-
-
-# ---------------------------------------------------------------- the seed's collector
-
-
-class GuidanceDataCollector:
-    """Automated data collection from generations (the seed's ``GuidanceDataCollector``).
-
-    Args:
-        backbone: the base model.
-        strategy: a :class:`TargetStrategy` or its name (built with ``strategy_kwargs``).
-        num_steps: sampler steps (default: the backbone's).
-        **strategy_kwargs: arguments of the named strategy.
-    """
-
-    def __init__(self, backbone: Backbone, strategy: TargetStrategy | str, num_steps: int | None = None,
-                 **strategy_kwargs: Any) -> None:
-        if isinstance(strategy, str):
-            strategy = make_target_strategy(strategy, **strategy_kwargs)
-        elif strategy_kwargs:
-            raise TypeError(f"strategy kwargs {sorted(strategy_kwargs)} only apply when strategy is a name")
-        if not isinstance(strategy, TargetStrategy):
-            raise TypeError(
-                f"strategy must be a TargetStrategy or one of {sorted(TARGET_STRATEGIES)}, got {type(strategy).__name__}"
-            )
-        self.backbone, self.strategy = backbone, strategy
-        self.num_steps = num_steps or backbone.default_num_steps
-        self.timesteps = backbone.schedule(self.num_steps)
-
-    def metadata(self) -> dict[str, Any]:
-        """Dataset-level facts: the strategy's settings, the backbone (class and weights) and the number of steps."""
-        # The fingerprint makes appending to a dataset of another base model's states an error (see create).
-        return {**self.strategy.config(), "backbone": type(self.backbone).__name__, "num_steps": self.num_steps,
-                "backbone_fingerprint": backbone_fingerprint(self.backbone)}
-
-    def batch_generator(self, seed: int, batch_index: int) -> torch.Generator:
-        """The generator of batch ``batch_index``: a function of both, so a resumed collection draws the same."""
-        return torch.Generator(device="cpu").manual_seed(seed * 1_000_003 + batch_index)
-
-    def collect(self, prompts: Sequence[str], seed: int = 0, batch_index: int = 0) -> EpisodeChunk:
-        """Collect one batch: one trajectory per prompt (before the strategy's filtering)."""
-        prompts = list(prompts)
-        if not prompts:
-            raise ValueError("collect needs at least one prompt")
-        generator = self.batch_generator(seed, batch_index)
-        noise = torch.randn((len(prompts), *self.backbone.latent_shape), generator=generator)
-        noise = noise.to(self.backbone.device)
-        chunk = self.strategy.collect(CollectionBatch(self.backbone, prompts, noise, self.timesteps, generator))
-        chunk.metadata.update({"batch_index": batch_index, "seed": seed})
-        return chunk
-
-    def collect_to(
-        self,
-        path: str | Path,
-        prompts: Sequence[str],
-        batch_size: int = 64,
-        seed: int = 0,
-        on_chunk: Callable[[int, EpisodeChunk], None] | None = None,
-    ) -> GuidanceDataset:
-        """Collect ``prompts`` in batches, appending each batch as one chunk of the dataset at ``path``.
-
-        Resumable: batches whose ``(seed, batch_index)`` the dataset already holds are skipped, so rerunning
-        after a crash finishes the collection without duplicating episodes.
-
-        Args:
-            path: the dataset folder (created, or appended to).
-            prompts: every prompt to sample (repeat prompts for several samples per prompt).
-            batch_size: prompts per batch (and per chunk).
-            seed: the collection's seed.
-            on_chunk: called as ``on_chunk(batch_index, chunk)`` after each append (progress, logging).
-        """
-        prompts = list(prompts)
-        dataset = GuidanceDataset.create(path, self.metadata())
-        done = {(m.get("seed"), m.get("batch_index")) for m in dataset.chunk_metadata}
-        for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
-            if (seed, batch_index) in done:
-                continue
-            chunk = self.collect(prompts[start : start + batch_size], seed=seed, batch_index=batch_index)
-            if chunk.num_episodes:
-                dataset.append(chunk)
-            if on_chunk is not None:
-                on_chunk(batch_index, chunk)
-        return dataset

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from fluxguide.algos.bc import BCLoss, bc_evaluate, bc_update, check_dataset_matches_policy
-from fluxguide.data.collection import TARGET, DatasetError, GuidanceDataset
-from fluxguide.data.targets import GuidanceDataCollector
+from fluxguide.data.collector import GuidanceDataCollector
+from fluxguide.data.episodes import TARGET
+from fluxguide.data.store import DatasetError, GuidanceDataset
+from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, GaussianHead, MLPGuidanceModel
 from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
 from fluxguide.worlds.shapes.world import build_transformer
-from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, GaussianHead, MLPGuidanceModel
 
 STEPS = 4
 

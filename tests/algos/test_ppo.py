@@ -7,11 +7,11 @@ import torch
 
 from fluxguide.algos import NonFiniteLossError
 from fluxguide.algos.ppo import PPO, PPOConfig, group_advantages, rewards_to_go
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.worlds.shapes.world import build_transformer
 from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.policies import MLPGuidanceModel, make_probabilistic_actor, make_value_network
 from fluxguide.rewards import CallableReward
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
+from fluxguide.worlds.shapes.world import build_transformer
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,9 @@ def test_rewards_to_go_and_group_advantages() -> None:
 def test_first_minibatch_has_ratio_one_and_no_clipping(world, mode, advantage, reduction) -> None:
     # A tiny clip range makes any inconsistency between the collected and recomputed log-probs show.
     ppo = make_ppo(world, mode=mode, advantage=advantage, reduction=reduction, clip_epsilon=1e-3)
+    # The checkpoint's names (train_ppo.py has always saved these).
+    assert set(ppo.modules) == ({"actor", "critic"} if advantage == "gae" else {"actor"})
+    assert ppo.modules["actor"] is ppo.actor and ppo.optimizers == {"policy": ppo.optimizer}
     for _ in range(3):  # every update, not only the first (the policy has moved in between)
         metrics = ppo.update()
         assert metrics["first_mean_ratio"] == pytest.approx(1.0, abs=1e-5)

@@ -16,10 +16,10 @@ from fluxguide.algos import (
     reward_gradient_loss,
     total_loss,
 )
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.worlds.shapes.world import build_transformer
 from fluxguide.policies import AttentionGuidanceModel, MLPGuidanceModel
 from fluxguide.rewards import CallableReward, NotDifferentiableError, make_reward
+from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
+from fluxguide.worlds.shapes.world import build_transformer
 
 PROMPTS = ["a red circle", "a blue bar on the left of a green triangle", "a yellow triangle above a red bar"]
 
@@ -42,8 +42,10 @@ def policy(kind: str = "attention", seed: int = 0) -> torch.nn.Module:
 
 def test_updates_on_a_fixed_batch_raise_the_reward(world) -> None:
     net = policy()
-    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world), torch.optim.Adam(net.parameters(), 3e-3),
+    optimizer = torch.optim.Adam(net.parameters(), 3e-3)
+    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world), optimizer,
                           RewardGradientConfig(num_steps=4, grad_last_k=2, control_cost=0.01))
+    assert algo.modules == {"policy": net} and algo.optimizers == {"policy": optimizer}  # the checkpoint's names
     history = []
     for _ in range(6):  # the same prompts and the same noise every update
         metrics = algo.update(PROMPTS, torch.Generator().manual_seed(0))

@@ -19,13 +19,13 @@ import pytest
 import torch
 from tensordict import TensorDict
 
+from fluxguide import keys
 from fluxguide.data.collector import StateCollectionCallback
 from fluxguide.data.episodes import EPISODE, FINAL_IMAGE, REWARD, TARGET, EpisodeChunk, create_training_pairs
 from fluxguide.data.store import MANIFEST, DatasetError, GuidanceDataset, load_guidance_dataset
+from fluxguide.sampling.instrumented import PRED_USED, denoise_with_state_collection
 from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
 from fluxguide.worlds.shapes.world import build_transformer
-from fluxguide import keys
-from fluxguide.sampling.instrumented import PRED_USED, denoise_with_state_collection
 
 STEPS = 3
 REPO = Path(__file__).resolve().parents[2]

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fluxguide import keys
+from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.episodes import EPISODE, FINAL_IMAGE, REWARD, TARGET
 from fluxguide.data.store import load_guidance_dataset
-from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.targets import (
     TARGET_STRATEGIES,
     BestOfN,
@@ -25,13 +26,12 @@ from fluxguide.data.targets import (
     make_target_strategy,
 )
 from fluxguide.data.teachers import RewardGradientTeacher
+from fluxguide.rewards import CallableReward, NotDifferentiableError
+from fluxguide.sampling import euler_step
 from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
+from fluxguide.worlds.shapes.rewards import VerifierReward
 from fluxguide.worlds.shapes.scenes import render_prompts
 from fluxguide.worlds.shapes.world import build_transformer
-from fluxguide import keys
-from fluxguide.rewards import CallableReward, NotDifferentiableError
-from fluxguide.worlds.shapes.rewards import VerifierReward
-from fluxguide.sampling import euler_step
 
 STEPS = 4
 

@@ -4,8 +4,9 @@ batch ``2n`` on the same data, and the metric collectives pool every rank's samp
 "The same data" is arranged explicitly: the single process's batch is split in rank order. Prompts are sliced;
 the initial noise comes from one seeded generator, which rank ``r`` first advances by ``r * n`` draws, so its
 noise is rows ``r*n .. (r+1)*n - 1`` of the single process's (checked, not assumed). Both runs build the same
-policy and optimizer and call the algorithms' own update functions (:meth:`RewardGradient.update`,
-:func:`bc_update`); gradient clipping is active, so averaging must happen before it. The two ranks are started
+policy and optimizer and call the algorithms' own updates (:meth:`RewardGradient.update`,
+:meth:`BehaviourCloning.update`), which wrap the module for data parallelism and return metrics already
+averaged over ranks; gradient clipping is active, so averaging must happen before it. The two ranks are started
 with ``torch.multiprocessing`` under a gloo process group, in one spawn for every check (seconds).
 """
 
@@ -22,14 +23,13 @@ import torch.multiprocessing as mp
 from tensordict import TensorDict
 from torch import nn
 
-from fluxguide import distributed
+from fluxguide import distributed, keys
 from fluxguide.algos import RewardGradient, RewardGradientConfig
-from fluxguide.algos.bc import BCLoss, bc_update
-from fluxguide.data.collection import TARGET
+from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning
 from fluxguide.backbones.registry import build_backbone, build_reward
-from fluxguide.worlds.shapes import train_prompts
-from fluxguide import keys
+from fluxguide.data.episodes import TARGET
 from fluxguide.policies.registry import build_policy
+from fluxguide.worlds.shapes import train_prompts
 
 WORLD = 2
 PER_RANK = 2  #: samples per rank; the single process takes WORLD * PER_RANK
@@ -45,7 +45,7 @@ def free_port() -> int:
 
 
 def build() -> tuple[RewardGradient, nn.Module]:
-    """The reward-gradient setup every process builds from the same seed (policy wrapped for data parallelism)."""
+    """The reward-gradient setup every process builds from the same seed (RewardGradient wraps the policy)."""
     torch.manual_seed(0)
     backbone = build_backbone("shapes-random", seed=0, num_steps=3)
     reward = build_reward("shapes-clip", backbone, seed=0)
@@ -54,7 +54,7 @@ def build() -> tuple[RewardGradient, nn.Module]:
     # grad_last_k < steps and gradient checkpointing: the policy runs with and without a graph, and again in
     # the backward pass; max_grad_norm is small enough to clip every update.
     config = RewardGradientConfig(num_steps=3, grad_last_k=2, gradient_checkpointing=True, max_grad_norm=0.05)
-    return RewardGradient(backbone, distributed.data_parallel(policy), reward, optimizer, config), policy
+    return RewardGradient(backbone, policy, reward, optimizer, config), policy
 
 
 def reward_gradient_run(r: int, world: int) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], list[dict]]:
@@ -68,8 +68,7 @@ def reward_gradient_run(r: int, world: int) -> tuple[dict[str, torch.Tensor], li
         gen = torch.Generator().manual_seed(100 + u)
         algo.backbone.noise(r * n, gen)  # skip the rows of the ranks before this one
         noises.append(algo.backbone.noise(n, torch.Generator().set_state(gen.get_state())))
-        m = algo.update(batch, gen)
-        metrics.append(distributed.mean_over_ranks(m, pooled_std={"reward_std": "reward_mean"}, count=n))
+        metrics.append(algo.update(batch, gen))  # averaged over ranks, the std pooled over every rank's samples
     return {k: v.detach().clone() for k, v in policy.state_dict().items()}, noises, metrics
 
 
@@ -95,11 +94,12 @@ def bc_run(r: int, world: int) -> dict[str, torch.Tensor]:
     policy = build_policy("attention", build_backbone("shapes-random", seed=0), **POLICY)
     loss = BCLoss(policy, loss_type="gaussian_nll")
     optimizer = torch.optim.AdamW(loss.parameters(), lr=1e-2)
+    bc = BehaviourCloning(loss, optimizer, BCConfig(lr=1e-2, lr_schedule="constant", warmup_updates=0,
+                                                    total_updates=2, max_grad_norm=0.05))
     batch = bc_batch()
     n = batch.shape[0] // world
-    for _ in range(2):
-        bc_update(distributed.data_parallel(loss), optimizer, batch[r * n:(r + 1) * n], max_grad_norm=0.05)
-    return {k: v.detach().clone() for k, v in loss.state_dict().items()}
+    metrics = [bc.update(batch[r * n:(r + 1) * n], step) for step in range(2)]
+    return {"params": {k: v.detach().clone() for k, v in loss.state_dict().items()}, "metrics": metrics}
 
 
 def collectives(r: int) -> dict[str, object]:
@@ -163,8 +163,14 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_reward_gradient(ranks)
 
 
 def test_two_ranks_equal_one_process_with_twice_the_batch_bc(ranks) -> None:
-    assert_same(ranks[0]["bc"], ranks[1]["bc"])
-    assert_same(ranks[0]["bc"], bc_run(0, 1), atol=2e-5)
+    assert_same(ranks[0]["bc"]["params"], ranks[1]["bc"]["params"])
+    single = bc_run(0, 1)
+    assert_same(ranks[0]["bc"]["params"], single["params"], atol=2e-5)
+    for u in range(2):  # the averaged metrics are the same on both ranks, and those of the whole batch
+        assert ranks[0]["bc"]["metrics"][u] == ranks[1]["bc"]["metrics"][u]
+        assert ranks[0]["bc"]["metrics"][u]["learning_rate"] == 1e-2
+        for k in ("loss_bc", "mse", "grad_norm"):
+            assert ranks[0]["bc"]["metrics"][u][k] == pytest.approx(single["metrics"][u][k], rel=1e-4), (u, k)
 
 
 def test_collectives_gather_and_pool_every_rank(ranks) -> None:

@@ -18,7 +18,8 @@ import pytest
 import torch
 import tyro
 
-from fluxguide.data.collection import EPISODE, DatasetError, GuidanceDataset, load_guidance_dataset
+from fluxguide.data.episodes import EPISODE
+from fluxguide.data.store import DatasetError, GuidanceDataset, load_guidance_dataset
 from fluxguide.checkpointing import latest_checkpoint
 from fluxguide.policies import AttentionGuidanceModel, load_guidance_model
 from fluxguide.harness.tracking import metric_curve, read_metrics
