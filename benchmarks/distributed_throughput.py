@@ -32,7 +32,7 @@ import tyro
 from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.backbones.registry import BackboneName, build_backbone, build_reward
-from fluxguide.worlds.shapes import train_prompts
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.policies.registry import PolicyName, build_policy
 
 
@@ -85,7 +85,7 @@ def worker(r: int, world: int, port: int, cfg: Config, out: str) -> None:
         algo = RewardGradient(backbone, distributed.data_parallel(policy), reward, optimizer,
                               RewardGradientConfig(num_steps=cfg.steps))
         gen = torch.Generator().manual_seed(distributed.rank_seed(cfg.seed))
-        prompts = train_prompts()
+        prompts = resolve_prompts("shapes-train")
 
         def update() -> None:
             idx = torch.randint(len(prompts), (cfg.batch,), generator=gen).tolist()

@@ -29,7 +29,7 @@ from checkpoint_memory import LiveTensorMemory
 
 from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.backbones.registry import BackboneName, build_backbone, build_reward
-from fluxguide.worlds.shapes import train_prompts
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.policies.registry import PolicyName, build_policy
 
 
@@ -98,7 +98,7 @@ def main(cfg: Config) -> list[dict]:
     policy = build_policy(cfg.policy, backbone, hidden_dim=cfg.hidden_dim)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     algo = RewardGradient(backbone, policy, reward, optimizer, RewardGradientConfig(num_steps=cfg.steps))
-    prompts = train_prompts()[: cfg.batch]
+    prompts = resolve_prompts("shapes-train")[: cfg.batch]
     algo.update(prompts, torch.Generator().manual_seed(cfg.seed))  # warm-up (allocator, text cache, lazy init)
     print(
         f"{cfg.backbone}: batch {cfg.batch} x {backbone.latent_seq} tokens x {backbone.latent_channels} ch, "
