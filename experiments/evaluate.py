@@ -19,9 +19,8 @@ import torch
 import tyro
 
 from fluxguide.backbones.registry import build_backbone, build_reward
-from fluxguide.worlds.shapes import ShapesWorld
 from fluxguide.envs.prompts import resolve_prompts
-from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, write_table
+from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, recommended_cfg_scale, write_table
 from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import load_guidance_model
 
@@ -34,6 +33,8 @@ class Config:
     """row labels of the policies (default: the run folder's parent/name, e.g. 'ppo/shapes')"""
     out_dir: Path = Path("outputs/evaluate")
     """where evaluation.md / .csv and samples.png are written"""
+    backbone: str = "shapes"
+    """the base model: a backbone name ('shapes', 'shapes-random', ...) or a spec 'package.module:factory'"""
     weights_dir: Path | None = None
     """shapes-world weight folder (default: the weights shipped in the package)"""
     rewards: tuple[str, ...] = ("shapes-clip", "shapes-aesthetic", "verifier")
@@ -42,8 +43,9 @@ class Config:
     """the training reward that picks the best of N candidates"""
     best_of: tuple[int, ...] = (2, 4, 8)
     """best-of-N rows of the base sampler"""
-    cfg_scale: float = ShapesWorld.recommended_cfg_scale
-    """classifier-free guidance scale of the CFG row"""
+    cfg_scale: float | None = None
+    """classifier-free guidance scale of the CFG row (default: the backbone's recommended one; 3 on the shapes
+    world)"""
     guidance_scale: float = 1.0
     """scale of the policies' corrections"""
     num_steps: int | None = None
@@ -77,10 +79,11 @@ def main(cfg: Config) -> list[dict]:
     torch.set_num_threads(cfg.threads)
     if cfg.names and len(cfg.names) != len(cfg.policies):
         raise SystemExit(f"--names has {len(cfg.names)} labels for {len(cfg.policies)} policies")
-    world = build_backbone("shapes", weights_dir=cfg.weights_dir, device=cfg.device)
+    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, device=cfg.device)
+    cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
     rewards = {name: build_reward(name, world) for name in dict.fromkeys((*cfg.rewards, cfg.pick_reward))}
     held = resolve_prompts(cfg.prompts)[: cfg.num_prompts]
-    specs = [SamplerSpec("base"), SamplerSpec(f"CFG {cfg.cfg_scale:g}", cfg_scale=cfg.cfg_scale)]
+    specs = [SamplerSpec("base"), SamplerSpec(f"CFG {cfg_scale:g}", cfg_scale=cfg_scale)]
     specs += [SamplerSpec(f"best-of-{n} ({cfg.pick_reward})", best_of=n) for n in cfg.best_of]
     for i, path in enumerate(cfg.policies):
         file = policy_file(path)
@@ -89,7 +92,7 @@ def main(cfg: Config) -> list[dict]:
                                  guidance_scale=cfg.guidance_scale))
     rows, images = compare_samplers(world, specs, held, rewards, pick_reward=cfg.pick_reward,
                                     samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-                                    num_steps=cfg.num_steps)
+                                    num_steps=cfg.num_steps, progress=True)
     md, csv = write_table(rows, cfg.out_dir / "evaluation")
     grid = [held[i * len(held) // cfg.grid_prompts] for i in range(min(cfg.grid_prompts, len(held)))]
     index = [held.index(p) * cfg.samples_per_prompt for p in grid]

@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 import tyro
 
-from fluxguide.worlds.shapes import ShapesWorld, heldout_prompts, verify
-from fluxguide.worlds.shapes.evaluation import sample_prompts
+from fluxguide.backbones.base import sample_prompts
+from fluxguide.backbones.registry import build_backbone
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import MLPGuidanceModel
 
@@ -38,8 +39,8 @@ class Config:
 
 def main(cfg: Config) -> None:
     torch.manual_seed(cfg.seed)
-    world = ShapesWorld.pretrained()
-    held = heldout_prompts()
+    world = build_backbone("shapes")
+    held = resolve_prompts("shapes-heldout")
     prompts = [held[i * len(held) // cfg.num_prompts] for i in range(cfg.num_prompts)]
     if cfg.guidance_checkpoint is not None:
         from fluxguide.policies import load_guidance_model
@@ -47,7 +48,7 @@ def main(cfg: Config) -> None:
         guidance = load_guidance_model(cfg.guidance_checkpoint)
     else:
         guidance = MLPGuidanceModel(latent_channels=world.latent_channels, hidden_dim=128, num_layers=2,
-                                    vec_dim=world.clip_embed_dim)
+                                    vec_dim=world.encode([""]).vec.shape[-1])
     guidance.eval()
     columns = {
         "base": sample_prompts(world, prompts, samples_per_prompt=1, seed=cfg.seed)[0],
@@ -57,7 +58,7 @@ def main(cfg: Config) -> None:
                                  guidance_scale=cfg.guidance_scale)[0],
     }
     for name, images in columns.items():
-        print(f"{name:>8}: verifier passes {int(verify(images, prompts).passed.sum())}/{len(prompts)}")
+        print(f"{name:>8}: verifier passes {int(world.verifier(images, prompts).passed.sum())}/{len(prompts)}")
     path = save_prompt_grid(columns, prompts, cfg.out_dir / "samples.png")
     print(f"wrote {path}")
 

@@ -44,7 +44,7 @@ from fluxguide import distributed
 from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning, check_dataset_matches_policy
 from fluxguide.data import GuidanceDataset
 from fluxguide.harness.config import BackboneConfig, Flat, PolicyConfig, RunConfig, TrainConfig
-from fluxguide.harness.evaluation import ReferenceEvaluator
+from fluxguide.harness.evaluation import ReferenceEvaluator, recommended_cfg_scale
 from fluxguide.harness.run import Run
 from fluxguide.policies import load_guidance_model
 
@@ -81,8 +81,7 @@ def main(cfg: Config) -> dict[str, float]:
     backbone = cfg.model.build(seed=seed, device=device)
     meta = dataset.metadata
     num_steps = opt.num_steps or int(meta.get("num_steps", backbone.default_num_steps))
-    recommended = getattr(backbone, "recommended_cfg_scale", backbone.default_cfg_scale)
-    cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", recommended))
+    cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", recommended_cfg_scale(backbone)))
     policy = (load_guidance_model(cfg.init_policy, device=device) if cfg.init_policy is not None
               else cfg.guide.build(backbone))
     check_dataset_matches_policy(dataset, policy)

@@ -25,6 +25,12 @@ CAPTION_METRICS: tuple[str, ...] = ("eval/verifier_pass_rate", "eval/reward_mean
 EVAL_SEED_OFFSET = 12345
 
 
+def recommended_cfg_scale(backbone: Backbone) -> float:
+    """The CFG scale to compare against: the backbone's ``recommended_cfg_scale`` if it names one (the shapes world:
+    3), else its ``default_cfg_scale``."""
+    return float(getattr(backbone, "recommended_cfg_scale", backbone.default_cfg_scale))
+
+
 @torch.no_grad()
 def evaluate_guidance(
     backbone: Backbone,
@@ -112,6 +118,7 @@ def compare_samplers(
     seed: int = 0,
     num_steps: int | None = None,
     batch_size: int = 64,
+    progress: bool = False,
 ) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
     """Sample ``prompts`` with every sampler (same noise for the first candidate of each) and score them.
 
@@ -123,6 +130,7 @@ def compare_samplers(
         pick_reward: the reward (a key of ``rewards``) that picks the best of N candidates.
         seed: noise seed (offset by :data:`EVAL_SEED_OFFSET`).
         num_steps: sampling steps (default: the backbone's).
+        progress: show a progress bar over the samplers.
 
     Returns:
         One row per sampler -- ``sampler``, ``model_calls_per_image``, ``seconds_per_image``,
@@ -133,7 +141,10 @@ def compare_samplers(
         raise ValueError(f"pick_reward {pick_reward!r} is not one of the rewards {sorted(rewards)}")
     steps = num_steps or backbone.default_num_steps
     rows, kept = [], {}
-    for spec in specs:
+    from tqdm import tqdm
+
+    for spec in (bar := tqdm(specs, desc="samplers", disable=not progress)):
+        bar.set_postfix(sampler=spec.name)
         if spec.best_of < 1:
             raise ValueError(f"best_of must be >= 1, got {spec.best_of} for sampler {spec.name!r}")
         if isinstance(spec.policy, nn.Module):

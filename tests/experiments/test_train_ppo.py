@@ -15,6 +15,8 @@ import pytest
 import torch
 import tyro
 
+from tests.experiments import leaf_fields
+
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
 from fluxguide.rewards import RewardModel, make_reward, register_reward
 from fluxguide.harness.tracking import metric_curve, read_metrics
@@ -115,12 +117,7 @@ def test_help_documents_every_option(capsys) -> None:
     with pytest.raises(SystemExit):
         tyro.cli(script.Config, args=["--help"])
     text = capsys.readouterr().out
-    def leaves(cls):  # the fields of the nested groups (their flags carry no prefix)
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-            yield from leaves(type(default)) if dataclasses.is_dataclass(default) else [f]
-
-    names = [f.name for f in leaves(script.Config)]
+    names = [f.name for f in leaf_fields(script.Config)]
     for name in names:
         flag = "--" + name.replace("_", "-")
         assert flag in text, flag
