@@ -32,7 +32,7 @@ from fluxguide.worlds.shapes.clip import (
 from fluxguide.worlds.shapes.evaluation import clip_retrieval_accuracy, sample_prompts, verifier_pass_rate
 from fluxguide.worlds.shapes.quality import degrade, quality_score
 from fluxguide.worlds.shapes.scenes import all_prompts, render_prompts
-from fluxguide.worlds.shapes.training import ScenePool, augment_for_clip, rectified_flow_loss
+from fluxguide.worlds.shapes.pretraining import ScenePool, augment_for_clip, rectified_flow_loss
 from fluxguide.worlds.shapes.world import WEIGHTS_DIR, ShapesWorld, build_transformer, load_weights
 from fluxguide.serialization import save_safetensors_atomic, write_json_atomic
 

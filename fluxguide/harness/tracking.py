@@ -1,7 +1,7 @@
 """Experiment tracking shared by every training script: one W&B run plus a local ``metrics.jsonl``.
 
 Every algorithm logs under one metric namespace, with the number of samples seen as the x-axis, so runs of
-reward-gradient, PPO and behaviour cloning overlay in one W&B dashboard (DESIGN.md, "experiments")::
+reward-gradient, PPO and behaviour cloning overlay in one W&B dashboard (docs/design.md, "harness")::
 
     train/reward_mean, train/reward_std, ...     what the training batches scored
     eval/verifier_pass_rate, eval/reward_mean    periodic evaluation on held-out prompts
