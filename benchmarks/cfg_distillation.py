@@ -29,8 +29,9 @@ from pathlib import Path
 import torch
 import tyro
 
-from fluxguide.worlds.shapes import ShapesWorld, heldout_prompts, verify
-from fluxguide.worlds.shapes.evaluation import sample_prompts
+from fluxguide.backbones.base import Backbone, sample_prompts
+from fluxguide.backbones.registry import build_backbone
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.policies import AttentionGuidanceModel, BaseGuidanceModel, load_guidance_model
 
 
@@ -40,8 +41,8 @@ class Config:
     """the distilled policy (fluxguide.policies.save_guidance_model); if missing, a fresh one (timing only)"""
     weights_dir: Path | None = None
     """folder of the shapes world's weights (default: the ones shipped in the package)"""
-    cfg_scale: float = ShapesWorld.recommended_cfg_scale
-    """CFG scale (the one the policy was distilled from)"""
+    cfg_scale: float | None = None
+    """CFG scale (the one the policy was distilled from; default: the world's recommended scale, 3)"""
     guidance_scale: float = 1.0
     """scale of the distilled policy's correction (an MSE-trained student under-shoots its targets a little;
     a scale above 1 makes up for it at no extra cost)"""
@@ -59,18 +60,15 @@ class Config:
     """seed of the noise"""
 
 
-def load_world(weights_dir: Path | None) -> tuple[ShapesWorld, bool]:
+def load_world(weights_dir: Path | None) -> tuple[Backbone, bool]:
     """The pretrained shapes world, or (when its weights are absent) a random one for timing only."""
     try:
-        return ShapesWorld.pretrained(weights_dir), True
+        return build_backbone("shapes", weights_dir=weights_dir), True
     except FileNotFoundError:
-        from fluxguide.worlds.shapes import create_shapes_clip
-        from fluxguide.worlds.shapes.world import build_transformer
-
-        return ShapesWorld(create_shapes_clip(), build_transformer()), False
+        return build_backbone("shapes-random"), False
 
 
-def load_policy(cfg: Config, world: ShapesWorld) -> tuple[BaseGuidanceModel, bool]:
+def load_policy(cfg: Config, world: Backbone) -> tuple[BaseGuidanceModel, bool]:
     if cfg.guidance_checkpoint.is_file():
         return load_guidance_model(cfg.guidance_checkpoint).eval(), True
     cond = world.encode(["a red circle"])
@@ -85,7 +83,9 @@ def main(cfg: Config) -> dict[str, float]:
     torch.set_num_threads(cfg.threads)
     world, pretrained = load_world(cfg.weights_dir)
     policy, trained = load_policy(cfg, world)
-    held = heldout_prompts()
+    held = resolve_prompts("shapes-heldout")
+    if cfg.cfg_scale is None:
+        cfg.cfg_scale = float(world.recommended_cfg_scale)
     prompts = [held[i % len(held)] for i in range(cfg.batch)]
     noise = torch.randn((cfg.batch, *world.latent_shape), generator=torch.Generator().manual_seed(cfg.seed))
     samplers = {
@@ -119,7 +119,7 @@ def main(cfg: Config) -> dict[str, float]:
         for name, kw in samplers.items():
             images, all_prompts = sample_prompts(world, held, samples_per_prompt=cfg.eval_samples_per_prompt,
                                                  seed=cfg.seed + 12345, num_steps=cfg.num_steps, **kw)
-            result = verify(images, all_prompts)
+            result = world.verifier(images, all_prompts)
             per_image[name] = {
                 "pass rate": result.passed.float(),
                 "attribute accuracy": torch.stack([v.float() for v in result.scores.values()]).mean(0),

@@ -33,18 +33,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
-from fluxguide.worlds.shapes.world import WEIGHTS_DIR, build_transformer
+from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.registry import build_backbone
+from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.envs import GuidanceCore, GuidanceEnv, GuidanceTorchRLEnv, GuidanceVectorEnv
 from fluxguide import keys
 from fluxguide.sampling import denoise
 
 
-def load_world(device: str, weights_dir: Path) -> tuple[ShapesWorld, str]:
-    if all((weights_dir / f).is_file() for f in ("clip.safetensors", "flux.safetensors")):
-        return ShapesWorld.pretrained(weights_dir, device=device), f"pretrained, {weights_dir}"
-    torch.manual_seed(0)
-    return ShapesWorld(create_shapes_clip(), build_transformer()).to(device), "random (weights not built yet)"
+def load_world(device: str, weights_dir: Path | None) -> tuple[Backbone, str]:
+    try:
+        return build_backbone("shapes", weights_dir=weights_dir, device=device), f"pretrained, {weights_dir or 'shipped'}"
+    except FileNotFoundError:
+        return build_backbone("shapes-random", device=device), "random (weights not built yet)"
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -64,7 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    parser.add_argument("--weights-dir", type=Path, default=WEIGHTS_DIR, help="shapes-world weights")
+    parser.add_argument("--weights-dir", type=Path, default=None, help="shapes-world weights (default: shipped)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -79,7 +80,8 @@ def main() -> None:
     gym_env = GuidanceEnv(world, **core_kwargs)
     reward_core = GuidanceCore(world, batch_size=b, **core_kwargs)  # for the bare+reward reference
 
-    prompts = [train_prompts()[i % len(train_prompts())] for i in range(b)]
+    train = resolve_prompts("shapes-train")
+    prompts = [train[i % len(train)] for i in range(b)]
     cond = world.encode(prompts)
     cond1 = world.encode(prompts[:1])
     timesteps = world.schedule(n)
@@ -97,9 +99,7 @@ def main() -> None:
         with torch.no_grad():
             images = world.decode(bare())
             reward_core.reward(images, prompts)
-            from fluxguide.worlds.shapes.verifier import verify
-
-            verify(images.cpu(), prompts)
+            world.verifier(images.cpu(), prompts)
 
     def torchrl_episode(env: GuidanceTorchRLEnv = torchrl_env) -> None:
         env.rollout(n, lambda td: td.set(keys.ACTION, zero_td_action), return_contiguous=False)

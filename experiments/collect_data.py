@@ -34,11 +34,12 @@ from fluxguide.data.targets import (
     RewardGradientTargets,
     TargetStrategy,
 )
-from fluxguide.backbones.registry import build_backbone
-from fluxguide.worlds.shapes import ShapesWorld, train_prompts, verify
-from fluxguide.worlds.shapes.scenes import render_prompts
+from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.registry import build_backbone, build_reward
+from fluxguide.envs.prompts import resolve_prompts
+from fluxguide.harness.evaluation import recommended_cfg_scale
 from fluxguide.policies import load_guidance_model
-from fluxguide.rewards import CallableReward, make_reward
+from fluxguide.rewards import CallableReward
 from fluxguide.harness.tracking import Tracker
 
 Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
@@ -50,8 +51,11 @@ class Config:
     """the dataset folder (created, or appended to; rerunning resumes)"""
     strategy: Strategy = "cfg-distillation"
     """where the targets come from (fluxguide.data.targets.TARGET_STRATEGIES)"""
-    backbone: Literal["shapes", "shapes-random"] = "shapes"
-    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests)"""
+    backbone: str = "shapes"
+    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests); any
+    backbone name or 'package.module:factory' spec"""
+    train_prompts: str = "shapes-train"
+    """the prompts to collect on: a text file with one prompt per line, a named set, or a spec"""
     weights_dir: Path | None = None
     """folder of the shapes world's weights (default: the ones shipped in the package)"""
     episodes: int = 1024
@@ -61,7 +65,7 @@ class Config:
     num_steps: int = 20
     """sampling steps"""
     cfg_scale: float | None = None
-    """CFG scale of cfg-distillation (default: ShapesWorld.recommended_cfg_scale)"""
+    """CFG scale of cfg-distillation (default: the backbone's recommended_cfg_scale, 3 in the shapes world)"""
     student_checkpoint: Path | None = None
     """cfg-distillation: a trained policy (train_bc.py's guidance.safetensors) that drives the sampler while CFG
     labels the states (a DAgger round; append to the teacher's dataset with another --seed)"""
@@ -110,44 +114,40 @@ class Config:
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
 
-def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """The shapes verifier's mean attribute score per image, in [0, 1] (1 = passes)."""
-    scores = verify(images, prompts).scores
-    return torch.stack([v.float() for v in scores.values()]).mean(0)
-
-
-def build_strategy(cfg: Config, world: ShapesWorld) -> TargetStrategy:
+def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
     if cfg.prompt_swaps and cfg.strategy != "cfg-distillation":
         raise ValueError(f"--prompt-swaps relabels states with CFG's correction: it needs --strategy cfg-distillation, "
                          f"got --strategy {cfg.strategy} (drop --prompt-swaps)")
     if cfg.strategy == "cfg-distillation":
-        scale = cfg.cfg_scale if cfg.cfg_scale is not None else ShapesWorld.recommended_cfg_scale
+        scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
         student = None
         if cfg.student_checkpoint is not None:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
         return CFGDistillation(scale, student=student, prompt_swaps=cfg.prompt_swaps)
     if cfg.reward == "verifier-attributes":
+        if world.verifier is None:
+            raise ValueError(f"--reward verifier-attributes needs a backbone with a verifier; {cfg.backbone!r} has none")
+
+        def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+            """The verifier's mean attribute score per image, in [0, 1] (1 = passes)."""
+            scores = world.verifier(images, prompts).scores
+            return torch.stack([v.float() for v in scores.values()]).mean(0)
+
         reward = CallableReward(verifier_attribute_score, differentiable=False, name="verifier-attributes")
-    elif cfg.reward.startswith("shapes"):
-        reward = make_reward(cfg.reward, world=world)
     else:
-        reward = make_reward(cfg.reward)
+        reward = build_reward(cfg.reward, world)
     if cfg.strategy == "reward-gradient":
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)
     if cfg.strategy == "best-of-n":
         return BestOfN(reward, n=cfg.n, top_k=cfg.top_k, noise_level=cfg.noise_level, target=cfg.bon_target,
                        min_reward=cfg.min_reward, renoise_samples=cfg.renoise_samples)
-    # The shapes world renders a correct scene for any prompt: that is the reference image (a random
-    # placement drawn from the batch's generator, so a resumed collection renders the same ones).
-    def render_references(prompts: list[str], generator: torch.Generator) -> torch.Tensor:
-        return render_prompts(prompts, seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))[0]
-
-    return ReferenceImage(render_references, strength=cfg.strength, guide=cfg.guide)
+    # A world that renders a correct scene for any prompt (the shapes world) gives the reference images.
+    return ReferenceImage(world.render_references, strength=cfg.strength, guide=cfg.guide)
 
 
 def episode_prompts(cfg: Config) -> list[str]:
     """``cfg.episodes`` training prompts: the training set cycled, each cycle shuffled with the seed."""
-    train = train_prompts()
+    train = resolve_prompts(cfg.train_prompts)
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     while len(order) < cfg.episodes:

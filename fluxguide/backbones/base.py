@@ -79,7 +79,9 @@ class Backbone(nn.Module, ABC):
         image_height, image_width: decoded image size.
         default_num_steps: the sampler's default number of steps.
         default_guidance: distilled guidance strength passed to the model (``None`` if it has none).
-        default_cfg_scale: classifier-free guidance scale that works well (1 = no CFG).
+        default_cfg_scale: the classifier-free guidance scale :meth:`sample` uses by default (1 = no CFG).
+        recommended_cfg_scale: the CFG scale that works well, the reference a guidance policy is compared with
+            and the teacher of CFG distillation (default: ``default_cfg_scale``; the shapes world: 3).
         schedule_shift: whether :meth:`schedule` uses Flux's resolution-dependent shift.
         pixel_patch: side of the spatial patch packed into one token (2 latents in Flux); guidance networks
             that unpack tokens to a grid and coarse actions read it.
@@ -88,7 +90,8 @@ class Backbone(nn.Module, ABC):
             the held-out metric that tells real improvement from reward hacking.
 
     World-specific behaviour reaches the layers above only through these attributes and the hooks
-    :meth:`reward_kwargs` and :meth:`straight_through_decoder`, never through ``isinstance`` checks.
+    :meth:`reward_kwargs`, :meth:`straight_through_decoder` and :meth:`render_references`, never through
+    ``isinstance`` checks.
     """
 
     latent_seq: int
@@ -98,6 +101,7 @@ class Backbone(nn.Module, ABC):
     default_num_steps: int = 28
     default_guidance: float | None = None
     default_cfg_scale: float = 1.0
+    recommended_cfg_scale: float | None = None
     schedule_shift: bool = True
     pixel_patch: int = 2
     verifier: ClassVar[Callable[[torch.Tensor, list[str]], VerificationResult] | None] = None
@@ -179,6 +183,18 @@ class Backbone(nn.Module, ABC):
         raise NotImplementedError(
             f"{type(self).__name__} has no straight-through decoder (its decoder is not a clamp); "
             "drop --straight-through"
+        )
+
+    def render_references(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        """Reference images ``(B, 3, H, W)`` in [0, 1] that show what each prompt says, for worlds that can render
+        one (the targets of reference-image behaviour cloning); random choices come from ``generator``.
+
+        Raises:
+            NotImplementedError: this backbone cannot render references (pass your own reference images).
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} cannot render reference images for prompts; give ReferenceImage a function "
+            "that returns your own references"
         )
 
     def with_cfg(self, scale: float) -> ClassifierFreeGuidance:

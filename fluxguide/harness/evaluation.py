@@ -28,7 +28,8 @@ EVAL_SEED_OFFSET = 12345
 def recommended_cfg_scale(backbone: Backbone) -> float:
     """The CFG scale to compare against: the backbone's ``recommended_cfg_scale`` if it names one (the shapes world:
     3), else its ``default_cfg_scale``."""
-    return float(getattr(backbone, "recommended_cfg_scale", backbone.default_cfg_scale))
+    scale = backbone.recommended_cfg_scale
+    return float(backbone.default_cfg_scale if scale is None else scale)
 
 
 @torch.no_grad()

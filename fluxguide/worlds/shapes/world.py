@@ -175,6 +175,13 @@ class ShapesWorld(Backbone):
         clamp cuts off (shapes can grow into the black background)."""
         return lambda img: straight_through_clamp((unpack(img, IMAGE_SIZE, IMAGE_SIZE, PATCH) + 1) / 2)
 
+    def render_references(self, prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        """A correct scene for each prompt (a random placement drawn from ``generator``, so a resumed collection
+        renders the same ones)."""
+        from fluxguide.worlds.shapes.scenes import render_prompts
+
+        return render_prompts(prompts, seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))[0]
+
     def reward_kwargs(self, name: str) -> dict[str, Any]:
         """The world's own rewards (``shapes-*``) share this world's tiny CLIP and aesthetic head."""
         return {"world": self} if name.strip().lower().replace("_", "-").startswith("shapes-") else {}
