@@ -220,8 +220,7 @@ def make_probabilistic_actor(
         observation_keys: the six observation keys, in the order ``img, pred, txt, vec, t, step``.
         sde_std_key: where the env publishes the SDE std.
     """
-    if log_prob_reduction not in ("mean", "sum"):
-        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
+    _check_reduction(log_prob_reduction)
     if coarse_channels is not None and use_sde_std:
         raise ValueError(
             "coarse_channels with use_sde_std: the SDE's noise is full-resolution, so its step cannot be a coarse "
@@ -229,15 +228,41 @@ def make_probabilistic_actor(
         )
     head = GaussianHead(model, std=std, learn_std=learn_std, use_sde_std=use_sde_std, explore_min_t=explore_min_t)
     in_keys = list(observation_keys) + ([sde_std_key] if use_sde_std else [])
-    module = TensorDictModule(head, in_keys=in_keys, out_keys=[keys.LOC, keys.SCALE])
+    return _actor(
+        TensorDictModule(head, in_keys=in_keys, out_keys=[keys.LOC, keys.SCALE]),
+        [keys.LOC, keys.SCALE],
+        ReducedNormal if coarse_channels is None else CoarseNormal,
+        {"reduction": log_prob_reduction, "event_dims": 2}
+        | ({} if coarse_channels is None else {"channels": int(coarse_channels)}),
+        return_log_prob,
+        default_interaction_type,
+        spec,
+    )
+
+
+def _check_reduction(log_prob_reduction: str) -> None:
+    if log_prob_reduction not in ("mean", "sum"):
+        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
+
+
+def _actor(
+    module: TensorDictModule,
+    dist_keys: list[NestedKey] | dict[str, NestedKey],
+    distribution_class: type,
+    distribution_kwargs: dict[str, object],
+    return_log_prob: bool,
+    default_interaction_type: InteractionType,
+    spec: TensorSpec | None,
+) -> ProbabilisticActor:
+    """The ``ProbabilisticActor`` that samples ``action`` from ``module``'s distribution parameters
+    (``dist_keys``) and writes its log-prob to :data:`fluxguide.keys.LOG_PROB`."""
     return ProbabilisticActor(
         module,
-        in_keys=[keys.LOC, keys.SCALE],
+        in_keys=dist_keys,
         out_keys=[keys.ACTION],
         spec=spec,
-        distribution_class=ReducedNormal if coarse_channels is None else CoarseNormal,
-        distribution_kwargs={"reduction": log_prob_reduction, "event_dims": 2}
-        | ({} if coarse_channels is None else {"channels": int(coarse_channels)}),
+        distribution_class=distribution_class,
+        distribution_kwargs=distribution_kwargs,
         return_log_prob=return_log_prob,
         log_prob_key=keys.LOG_PROB,
         default_interaction_type=default_interaction_type,
@@ -318,18 +343,14 @@ def make_coefficient_actor(
         log_prob_reduction: reduce over the coefficients by ``"mean"`` (default) or ``"sum"`` (exact).
         return_log_prob, default_interaction_type, spec, observation_keys: as :func:`make_probabilistic_actor`.
     """
-    if log_prob_reduction not in ("mean", "sum"):
-        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
+    _check_reduction(log_prob_reduction)
     head = CoefficientHead(policy, std=std, learn_std=learn_std)
-    module = TensorDictModule(head, in_keys=list(observation_keys), out_keys=[keys.LOC, keys.SCALE, keys.BASIS])
-    return ProbabilisticActor(
-        module,
-        in_keys={"loc": keys.LOC, "scale": keys.SCALE, "basis": keys.BASIS},
-        out_keys=[keys.ACTION],
-        spec=spec,
-        distribution_class=SubspaceNormal,
-        distribution_kwargs={"reduction": log_prob_reduction},
-        return_log_prob=return_log_prob,
-        log_prob_key=keys.LOG_PROB,
-        default_interaction_type=default_interaction_type,
+    return _actor(
+        TensorDictModule(head, in_keys=list(observation_keys), out_keys=[keys.LOC, keys.SCALE, keys.BASIS]),
+        {"loc": keys.LOC, "scale": keys.SCALE, "basis": keys.BASIS},
+        SubspaceNormal,
+        {"reduction": log_prob_reduction},
+        return_log_prob,
+        default_interaction_type,
+        spec,
     )

@@ -16,7 +16,8 @@ from fluxguide.policies.base import BaseGuidanceModel, as_grid
 from fluxguide.policies.embeddings import (
     AdaLayerNorm,
     ConditionEmbedding,
-    grid_position_features,
+    embed_tokens,
+    token_input_layers,
     zero_module,
 )
 
@@ -148,8 +149,7 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         self.pos_frequencies = pos_frequencies
         kw = {"device": device, "dtype": dtype}
         self.cond = ConditionEmbedding(hidden_dim, vec_dim if text_conditioning else None, time_embed_dim, **kw)
-        self.img_in = nn.Linear(2 * latent_channels, hidden_dim, **kw)
-        self.pos_proj = nn.Linear(4 * pos_frequencies, hidden_dim, **kw)
+        self.img_in, self.pos_proj = token_input_layers(latent_channels, hidden_dim, pos_frequencies, **kw)
         self.txt_in = nn.Sequential(
             nn.Linear(txt_dim, hidden_dim, **kw), nn.LayerNorm(hidden_dim, eps=1e-6, **kw)
         ) if text_conditioning else None
@@ -169,11 +169,9 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         step_idx: int | torch.Tensor,
     ) -> torch.Tensor:
         inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
-        dtype = self.img_in.weight.dtype
-        pos = grid_position_features(*inputs.grid, self.pos_frequencies, device=img.device).to(dtype)
         cond = self.cond(inputs.timestep, vec)
-        h = self.img_in(torch.cat([img, pred], dim=-1).to(dtype)) + self.pos_proj(pos)[None]
-        txt_h = None if self.txt_in is None else self.txt_in(txt.to(dtype))
+        h = embed_tokens(self.img_in, self.pos_proj, img, pred, inputs.grid, self.pos_frequencies)
+        txt_h = None if self.txt_in is None else self.txt_in(txt.to(self.img_in.weight.dtype))
         for block in self.blocks:
             h = block(h, txt_h, cond)
         return self.out(self.out_norm(h, cond)).to(pred.dtype)

@@ -45,7 +45,52 @@ class GuidanceInputs:
     grid: tuple[int, int]
 
 
-class BaseGuidanceModel(nn.Module, ABC):
+class GuidanceInputChecks:
+    """The input checks of a network with the guidance call signature (guidance models and critics).
+
+    The class attributes say what the network expects; ``None`` accepts anything (see
+    :class:`BaseGuidanceModel`).
+    """
+
+    latent_channels: int | None = None
+    grid_size: tuple[int, int] | None = None
+    txt_dim: int | None = None
+    vec_dim: int | None = None
+
+    def check_inputs(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        timestep: torch.Tensor | float,
+        step_idx: int | torch.Tensor,
+    ) -> GuidanceInputs:
+        """Check shapes against this model's configuration; return the ``(B,)`` timestep and the token grid.
+
+        Raises:
+            ValueError: naming the expected and the actual shape when anything disagrees.
+        """
+        return check_observation(
+            type(self).__name__,
+            img,
+            pred,
+            txt,
+            vec,
+            timestep,
+            step_idx,
+            latent_channels=self.latent_channels,
+            grid_size=self.grid_size,
+            txt_dim=self.txt_dim,
+            vec_dim=self.vec_dim,
+        )
+
+    def resolve_grid(self, seq: int) -> tuple[int, int]:
+        """The token grid ``(rows, cols)`` for ``seq`` tokens (square unless ``grid_size`` is set)."""
+        return resolve_grid(type(self).__name__, seq, self.grid_size)
+
+
+class BaseGuidanceModel(GuidanceInputChecks, nn.Module, ABC):
     """Base class of guidance models (the seed's ``BaseGuidanceModel``).
 
     Subclasses implement :meth:`forward` and usually call :meth:`check_inputs` first. The class attributes
@@ -57,11 +102,6 @@ class BaseGuidanceModel(nn.Module, ABC):
         txt_dim: width of the text token features.
         vec_dim: width of the pooled text embedding.
     """
-
-    latent_channels: int | None = None
-    grid_size: tuple[int, int] | None = None
-    txt_dim: int | None = None
-    vec_dim: int | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -127,38 +167,6 @@ class BaseGuidanceModel(nn.Module, ABC):
             timestep: time in [0, 1] (1 = noise), ``(B,)`` (a float or ``(B, 1)`` is accepted).
             step_idx: the step index, an int or a ``(B,)`` tensor.
         """
-
-    def check_inputs(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor | float,
-        step_idx: int | torch.Tensor,
-    ) -> GuidanceInputs:
-        """Check shapes against this model's configuration; return the ``(B,)`` timestep and the token grid.
-
-        Raises:
-            ValueError: naming the expected and the actual shape when anything disagrees.
-        """
-        return check_observation(
-            type(self).__name__,
-            img,
-            pred,
-            txt,
-            vec,
-            timestep,
-            step_idx,
-            latent_channels=self.latent_channels,
-            grid_size=self.grid_size,
-            txt_dim=self.txt_dim,
-            vec_dim=self.vec_dim,
-        )
-
-    def resolve_grid(self, seq: int) -> tuple[int, int]:
-        """The token grid ``(rows, cols)`` for ``seq`` tokens (square unless ``grid_size`` is set)."""
-        return resolve_grid(type(self).__name__, seq, self.grid_size)
 
 
 def resolve_grid(owner: str, seq: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:

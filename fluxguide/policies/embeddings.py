@@ -45,6 +45,36 @@ def grid_position_features(
     return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
 
 
+def token_input_layers(
+    latent_channels: int,
+    dim: int,
+    num_frequencies: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[nn.Linear, nn.Linear]:
+    """The input projections of a per-token model, made in this order: ``[img, pred]`` (``2 * latent_channels
+    -> dim``) and the position features of :func:`grid_position_features` (``4 * num_frequencies -> dim``)."""
+    return (
+        nn.Linear(2 * latent_channels, dim, device=device, dtype=dtype),
+        nn.Linear(4 * num_frequencies, dim, device=device, dtype=dtype),
+    )
+
+
+def embed_tokens(
+    channels_in: nn.Linear,
+    position_in: nn.Linear,
+    img: torch.Tensor,
+    pred: torch.Tensor,
+    grid: tuple[int, int],
+    num_frequencies: int,
+) -> torch.Tensor:
+    """``(B, seq, dim)``: each token's ``[img, pred]`` channels and its position through the layers of
+    :func:`token_input_layers`, summed, in the dtype of ``channels_in``."""
+    dtype = channels_in.weight.dtype
+    pos = grid_position_features(*grid, num_frequencies, device=img.device).to(dtype)
+    return channels_in(torch.cat([img, pred], dim=-1).to(dtype)) + position_in(pos)[None]
+
+
 class ConditionEmbedding(nn.Module):
     """Timestep and pooled-text conditioning ``(B, dim)``: an MLP on the sinusoidal time plus ``vec``.
 

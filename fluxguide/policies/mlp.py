@@ -10,11 +10,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fluxguide.policies.base import BaseGuidanceModel, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, GuidanceInputs, as_grid
 from fluxguide.policies.embeddings import (
     AdaLayerNorm,
     ConditionEmbedding,
-    grid_position_features,
+    embed_tokens,
+    token_input_layers,
     zero_module,
 )
 
@@ -31,7 +32,53 @@ class _ResidualLayer(nn.Module):
         return h + nn.functional.silu(self.linear(self.norm(h, cond)))
 
 
-class MLPGuidanceModel(BaseGuidanceModel):
+class TokenMLPTrunk:
+    """The per-token MLP of :class:`MLPGuidanceModel` and the critic (a mixin of ``nn.Module`` subclasses).
+
+    Tokens are embedded from their ``[img, pred]`` channels and position, run through ``num_layers - 1``
+    residual layers conditioned on the timestep and pooled text, and normalised by adaLN; each subclass adds
+    its own head. The layers are the subclass's own attributes (``cond``, ``in_proj``, ``pos_proj``,
+    ``layers``, ``out_norm``), so saved state dicts keep their keys.
+    """
+
+    def build_trunk(
+        self,
+        latent_channels: int,
+        hidden_dim: int,
+        num_layers: int,
+        vec_dim: int,
+        pos_frequencies: int,
+        time_embed_dim: int,
+        device: torch.device | str | None,
+        dtype: torch.dtype | None,
+    ) -> None:
+        """Check the sizes and create the trunk's layers."""
+        if min(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies) < 1:
+            raise ValueError(
+                f"{type(self).__name__} sizes must be >= 1, got latent_channels={latent_channels}, "
+                f"hidden_dim={hidden_dim}, num_layers={num_layers}, vec_dim={vec_dim}, "
+                f"pos_frequencies={pos_frequencies}"
+            )
+        self.latent_channels, self.vec_dim = latent_channels, vec_dim
+        self.pos_frequencies = pos_frequencies
+        kw = {"device": device, "dtype": dtype}
+        self.cond = ConditionEmbedding(hidden_dim, vec_dim, time_embed_dim, **kw)
+        self.in_proj, self.pos_proj = token_input_layers(latent_channels, hidden_dim, pos_frequencies, **kw)
+        self.layers = nn.ModuleList(_ResidualLayer(hidden_dim, **kw) for _ in range(num_layers - 1))
+        self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
+
+    def trunk(
+        self, img: torch.Tensor, pred: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The normalised token features ``(B, seq, hidden_dim)`` and the conditioning ``(B, hidden_dim)``."""
+        cond = self.cond(inputs.timestep, vec)
+        h = embed_tokens(self.in_proj, self.pos_proj, img, pred, inputs.grid, self.pos_frequencies)
+        for layer in self.layers:
+            h = layer(h, cond)
+        return self.out_norm(h, cond), cond
+
+
+class MLPGuidanceModel(TokenMLPTrunk, BaseGuidanceModel):
     """Per-token MLP guidance conditioned on timestep, pooled text and token position.
 
     Args:
@@ -58,12 +105,6 @@ class MLPGuidanceModel(BaseGuidanceModel):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if min(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies) < 1:
-            raise ValueError(
-                f"MLPGuidanceModel sizes must be >= 1, got latent_channels={latent_channels}, "
-                f"hidden_dim={hidden_dim}, num_layers={num_layers}, vec_dim={vec_dim}, "
-                f"pos_frequencies={pos_frequencies}"
-            )
         grid = as_grid(grid_size)
         self.register_config(
             latent_channels=latent_channels,
@@ -74,15 +115,9 @@ class MLPGuidanceModel(BaseGuidanceModel):
             pos_frequencies=pos_frequencies,
             time_embed_dim=time_embed_dim,
         )
-        self.latent_channels, self.vec_dim, self.grid_size = latent_channels, vec_dim, grid
-        self.pos_frequencies = pos_frequencies
-        kw = {"device": device, "dtype": dtype}
-        self.cond = ConditionEmbedding(hidden_dim, vec_dim, time_embed_dim, **kw)
-        self.in_proj = nn.Linear(2 * latent_channels, hidden_dim, **kw)
-        self.pos_proj = nn.Linear(4 * pos_frequencies, hidden_dim, **kw)
-        self.layers = nn.ModuleList(_ResidualLayer(hidden_dim, **kw) for _ in range(num_layers - 1))
-        self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
-        self.out = zero_module(nn.Linear(hidden_dim, latent_channels, **kw))
+        self.grid_size = grid
+        self.build_trunk(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies, time_embed_dim, device, dtype)
+        self.out = zero_module(nn.Linear(hidden_dim, latent_channels, device=device, dtype=dtype))
 
     def forward(
         self,
@@ -93,14 +128,8 @@ class MLPGuidanceModel(BaseGuidanceModel):
         timestep: torch.Tensor,
         step_idx: int | torch.Tensor,
     ) -> torch.Tensor:
-        inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
-        dtype = self.in_proj.weight.dtype
-        pos = grid_position_features(*inputs.grid, self.pos_frequencies, device=img.device).to(dtype)
-        cond = self.cond(inputs.timestep, vec)
-        h = self.in_proj(torch.cat([img, pred], dim=-1).to(dtype)) + self.pos_proj(pos)[None]
-        for layer in self.layers:
-            h = layer(h, cond)
-        return self.out(self.out_norm(h, cond)).to(pred.dtype)
+        features, _ = self.trunk(img, pred, vec, self.check_inputs(img, pred, txt, vec, timestep, step_idx))
+        return self.out(features).to(pred.dtype)
 
 
 def create_mlp_guidance_model(

@@ -12,12 +12,11 @@ from torchrl.modules import ValueOperator
 
 from fluxguide import keys
 from fluxguide.policies.actors import ObservationAdapter
-from fluxguide.policies.base import as_grid, check_observation
-from fluxguide.policies.embeddings import AdaLayerNorm, ConditionEmbedding, grid_position_features
-from fluxguide.policies.mlp import _ResidualLayer
+from fluxguide.policies.base import GuidanceInputChecks, as_grid
+from fluxguide.policies.mlp import TokenMLPTrunk
 
 
-class GuidanceValueModel(nn.Module):
+class GuidanceValueModel(TokenMLPTrunk, GuidanceInputChecks, nn.Module):
     """State value of a sampler state ``(img, pred, txt, vec, t, step) -> (B, 1)``.
 
     Tokens are embedded like :class:`~fluxguide.policies.MLPGuidanceModel` (channels, position, timestep,
@@ -45,11 +44,6 @@ class GuidanceValueModel(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if min(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies) < 1:
-            raise ValueError(
-                f"GuidanceValueModel sizes must be >= 1, got latent_channels={latent_channels}, "
-                f"hidden_dim={hidden_dim}, num_layers={num_layers}, vec_dim={vec_dim}"
-            )
         grid = as_grid(grid_size)
         self.config: dict[str, Any] = {
             "latent_channels": latent_channels,
@@ -59,15 +53,9 @@ class GuidanceValueModel(nn.Module):
             "grid_size": None if grid is None else list(grid),
             "pos_frequencies": pos_frequencies,
         }
-        self.latent_channels, self.vec_dim, self.grid_size = latent_channels, vec_dim, grid
-        self.pos_frequencies = pos_frequencies
-        kw = {"device": device, "dtype": dtype}
-        self.cond = ConditionEmbedding(hidden_dim, vec_dim, **kw)
-        self.in_proj = nn.Linear(2 * latent_channels, hidden_dim, **kw)
-        self.pos_proj = nn.Linear(4 * pos_frequencies, hidden_dim, **kw)
-        self.layers = nn.ModuleList(_ResidualLayer(hidden_dim, **kw) for _ in range(num_layers - 1))
-        self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
-        self.head = nn.Linear(hidden_dim, 1, **kw)
+        self.grid_size = grid
+        self.build_trunk(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies, 256, device, dtype)
+        self.head = nn.Linear(hidden_dim, 1, device=device, dtype=dtype)
 
     def forward(
         self,
@@ -78,27 +66,9 @@ class GuidanceValueModel(nn.Module):
         timestep: torch.Tensor,
         step_idx: int | torch.Tensor,
     ) -> torch.Tensor:
-        inputs = check_observation(
-            type(self).__name__,
-            img,
-            pred,
-            txt,
-            vec,
-            timestep,
-            step_idx,
-            latent_channels=self.latent_channels,
-            grid_size=self.grid_size,
-            txt_dim=None,
-            vec_dim=self.vec_dim,
-        )
-        dtype = self.in_proj.weight.dtype
-        pos = grid_position_features(*inputs.grid, self.pos_frequencies, device=img.device).to(dtype)
-        cond = self.cond(inputs.timestep, vec)
-        h = self.in_proj(torch.cat([img, pred], dim=-1).to(dtype)) + self.pos_proj(pos)[None]
-        for layer in self.layers:
-            h = layer(h, cond)
-        pooled = nn.functional.silu(self.out_norm(h, cond)).mean(dim=1)
-        return self.head(pooled).float()
+        inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
+        features, _ = self.trunk(img, pred, vec, inputs)
+        return self.head(nn.functional.silu(features).mean(dim=1)).float()
 
 
 def make_value_network(
