@@ -17,6 +17,7 @@ from torch import nn
 
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, denoise
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.sampling.schedule import get_schedule
 
 
@@ -47,6 +48,20 @@ class Conditioning:
     txt_ids: torch.Tensor
     img_ids: torch.Tensor
     prompts: list[str] = field(default_factory=list)
+
+    @classmethod
+    def in_flux_layout(
+        cls, txt: torch.Tensor, vec: torch.Tensor, prompts: list[str], grid: tuple[int, int], device: torch.device
+    ) -> Conditioning:
+        """Encoder outputs as float32 conditioning on ``device``, with Flux's ids for a ``grid`` of
+        ``(rows, cols)`` latent tokens."""
+        return cls(
+            txt=txt.to(device=device, dtype=torch.float32),
+            vec=vec.to(device=device, dtype=torch.float32),
+            txt_ids=make_txt_ids(txt.shape[1], device=device),
+            img_ids=make_img_ids(*grid, device=device),
+            prompts=prompts,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -109,6 +124,13 @@ class Backbone(nn.Module, ABC):
     @property
     def latent_shape(self) -> tuple[int, int]:
         return (self.latent_seq, self.latent_channels)
+
+    def check_packed(self, img: torch.Tensor) -> None:
+        """Raise unless ``img`` is packed latents ``(B, seq, latent_channels)``."""
+        if img.ndim != 3 or img.shape[-1] != self.latent_channels:
+            raise ValueError(
+                f"img must be packed latents (B, seq, {self.latent_channels}), got shape {tuple(img.shape)}"
+            )
 
     @property
     def device(self) -> torch.device:

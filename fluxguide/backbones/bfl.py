@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.sampling.packing import make_img_ids, make_txt_ids, unpack
+from fluxguide.sampling.packing import unpack
 
 EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
@@ -142,13 +142,7 @@ class BFLBackbone(Backbone):
                 f"got txt {tuple(txt.shape)} and vec {tuple(vec.shape)}"
             )
         device = self.device
-        return Conditioning(
-            txt=txt.to(device=device, dtype=torch.float32),
-            vec=vec.to(device=device, dtype=torch.float32),
-            txt_ids=make_txt_ids(txt.shape[1], device=device),
-            img_ids=make_img_ids(self.latent_height, self.latent_width, device=device),
-            prompts=prompts,
-        )
+        return Conditioning.in_flux_layout(txt, vec, prompts, (self.latent_height, self.latent_width), device)
 
     def forward(
         self,
@@ -161,10 +155,7 @@ class BFLBackbone(Backbone):
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Call the model in its dtype with batched ids; return the float32 velocity ``(B, seq, C)``."""
-        if img.ndim != 3 or img.shape[-1] != self.latent_channels:
-            raise ValueError(
-                f"img must be packed latents (B, seq, {self.latent_channels}), got shape {tuple(img.shape)}"
-            )
+        self.check_packed(img)
         dtype = _model_dtype(self.model)
         b = img.shape[0]
         # BFL's Flux concatenates txt_ids and img_ids along dim 1, so it needs them batched.

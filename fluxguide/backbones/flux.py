@@ -36,7 +36,7 @@ from transformers import (
 )
 
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
+from fluxguide.sampling.packing import pack, unpack
 from fluxguide.sampling.schedule import get_lin_function, time_shift
 
 #: The subfolders of a diffusers FluxPipeline folder that :meth:`FluxBackbone.from_pretrained` needs
@@ -307,31 +307,13 @@ class FluxBackbone(Backbone):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"encode needs a non-empty list of prompt strings, got {prompts!r}")
         device = self.device
-        clip_ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.clip_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        clip_ids = _token_ids(self.tokenizer, prompts, self.clip_max_length)
         vec = self.text_encoder(
             clip_ids.to(self.text_encoder.device), output_hidden_states=False
         ).pooler_output
-        t5_ids = self.tokenizer_2(
-            prompts,
-            padding="max_length",
-            max_length=self.max_sequence_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids
+        t5_ids = _token_ids(self.tokenizer_2, prompts, self.max_sequence_length)
         txt = self.text_encoder_2(t5_ids.to(self.text_encoder_2.device), output_hidden_states=False)[0]
-        return Conditioning(
-            txt=txt.to(device=device, dtype=torch.float32),
-            vec=vec.to(device=device, dtype=torch.float32),
-            txt_ids=make_txt_ids(txt.shape[1], device=device),
-            img_ids=make_img_ids(self.latent_height, self.latent_width, device=device),
-            prompts=prompts,
-        )
+        return Conditioning.in_flux_layout(txt, vec, prompts, (self.latent_height, self.latent_width), device)
 
     # ------------------------------------------------------------------------------------------ model
     def forward(
@@ -350,10 +332,7 @@ class FluxBackbone(Backbone):
         used: Flux's ids are the same for every sample). ``guidance`` is the raw distilled guidance strength
         per sample (e.g. 3.5); it is ignored by transformers without a guidance embedding, as in BFL's Flux.
         """
-        if img.ndim != 3 or img.shape[-1] != self.latent_channels:
-            raise ValueError(
-                f"img must be packed latents (B, seq, {self.latent_channels}), got shape {tuple(img.shape)}"
-            )
+        self.check_packed(img)
         dtype = self.transformer.dtype
         batch = img.shape[0]
         if self.guidance_embeds:
@@ -444,6 +423,14 @@ class FluxBackbone(Backbone):
             f"image={self.image_height}x{self.image_width}, latent={self.latent_shape}, "
             f"max_sequence_length={self.max_sequence_length}, guidance={self.default_guidance}"
         )
+
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_length: int) -> torch.Tensor:
+    """``(B, max_length)`` token ids, padded and truncated to ``max_length`` as Flux's pipeline does."""
+    return tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids
 
 
 __all__ = ["DEFAULT_SCHEDULE_CONFIG", "REQUIRED_SUBFOLDERS", "FluxBackbone"]

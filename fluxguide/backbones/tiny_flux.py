@@ -16,8 +16,9 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -58,6 +59,8 @@ FLUX_DEV_SCHEDULER_CONFIG: dict[str, Any] = {
     "shift": 3.0,
     "use_dynamic_shifting": True,
 }
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 # CLIP's pre-tokenisation split (the regex of CLIP's tokenizer: special tokens, contractions, letters,
 # single digits, runs of other symbols), followed by GPT-2's byte-to-unicode mapping.
@@ -156,6 +159,14 @@ def tiny_t5_tokenizer(corpus: tuple[str, ...] = TINY_CORPUS, vocab_size: int = 2
         return T5TokenizerFast.from_pretrained(folder, extra_ids=0, model_max_length=512)
 
 
+def _seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
+    """``build()`` in eval mode, its random weights drawn with the global RNG seeded to ``seed`` (and left
+    as it was afterwards)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build().eval()
+
+
 def tiny_flux_transformer(
     *,
     in_channels: int = 16,
@@ -170,20 +181,18 @@ def tiny_flux_transformer(
     seed: int = 0,
 ) -> FluxTransformer2DModel:
     """A tiny random ``FluxTransformer2DModel``; ``sum(axes_dims_rope)`` must equal ``attention_head_dim``."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=in_channels,
-            num_layers=num_layers,
-            num_single_layers=num_single_layers,
-            attention_head_dim=attention_head_dim,
-            num_attention_heads=num_attention_heads,
-            joint_attention_dim=joint_attention_dim,
-            pooled_projection_dim=pooled_projection_dim,
-            guidance_embeds=guidance_embeds,
-            axes_dims_rope=tuple(axes_dims_rope),
-        ).eval()
+    return _seeded(seed, lambda: FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=in_channels,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
+        attention_head_dim=attention_head_dim,
+        num_attention_heads=num_attention_heads,
+        joint_attention_dim=joint_attention_dim,
+        pooled_projection_dim=pooled_projection_dim,
+        guidance_embeds=guidance_embeds,
+        axes_dims_rope=tuple(axes_dims_rope),
+    ))
 
 
 def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32, seed: int = 0) -> CLIPTextModel:
@@ -201,9 +210,7 @@ def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32, seed
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        return CLIPTextModel(config).eval()
+    return _seeded(seed + 1, lambda: CLIPTextModel(config))
 
 
 def tiny_t5_encoder(tokenizer: T5TokenizerFast, d_model: int = 32, seed: int = 0) -> T5EncoderModel:
@@ -222,31 +229,27 @@ def tiny_t5_encoder(tokenizer: T5TokenizerFast, d_model: int = 32, seed: int = 0
         eos_token_id=tokenizer.eos_token_id,
         decoder_start_token_id=tokenizer.pad_token_id,
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
-        return T5EncoderModel(config).eval()
+    return _seeded(seed + 2, lambda: T5EncoderModel(config))
 
 
 def tiny_vae(latent_channels: int = 4, width: int = 8, seed: int = 0) -> AutoencoderKL:
     """A tiny random ``AutoencoderKL`` with Flux's 8x downsampling (4 resolution levels) and scale/shift."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 3)
-        return AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(width,) * 4,
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=4,
-            sample_size=64,
-            # Flux's VAE normalisation constants (vae/config.json of FLUX.1-dev).
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-        ).eval()
+    return _seeded(seed + 3, lambda: AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(width,) * 4,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=4,
+        sample_size=64,
+        # Flux's VAE normalisation constants (vae/config.json of FLUX.1-dev).
+        scaling_factor=0.3611,
+        shift_factor=0.1159,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    ))
 
 
 def tiny_flux_components(
