@@ -97,6 +97,36 @@ def check_batch(img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids
         raise ValueError(f"img_ids has {img_ids.shape[-2]} positions but img has seq {img.shape[1]}")
 
 
+def check_timesteps(timesteps: Sequence[float]) -> int:
+    """The number of steps of a schedule of ``num_steps + 1`` times; raise if it has fewer than one step."""
+    num_steps = len(timesteps) - 1
+    if num_steps < 1:
+        raise ValueError(f"timesteps must hold at least 2 values (num_steps >= 1), got {list(timesteps)}")
+    return num_steps
+
+
+def guided_prediction(
+    model: FluxModel,
+    img: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt: torch.Tensor,
+    txt_ids: torch.Tensor,
+    vec: torch.Tensor,
+    guidance_vec: torch.Tensor | None,
+    t_curr: float,
+    step_idx: int,
+    guidance_model: GuidanceFn | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step's ``(pred, pred_used)``: the model's velocity at ``t_curr`` and, with a guidance model, the
+    guided ``pred + scale * correction`` (else ``pred`` itself)."""
+    t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
+    pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
+    if guidance_model is None:
+        return pred, pred
+    return pred, apply_guidance_model(guidance_model, img, pred, txt, vec, t_vec, step_idx, scale)
+
+
 def denoise(
     model: FluxModel,
     img: torch.Tensor,
@@ -139,9 +169,7 @@ def denoise(
     Returns:
         The final latent ``(B, seq, C)``.
     """
-    num_steps = len(timesteps) - 1
-    if num_steps < 1:
-        raise ValueError(f"timesteps must hold at least 2 values (num_steps >= 1), got {list(timesteps)}")
+    num_steps = check_timesteps(timesteps)
     check_batch(img, txt, vec, img_ids)
     if grad_last_k is not None and not 1 <= grad_last_k <= num_steps:
         raise ValueError(f"grad_last_k must be in [1, {num_steps}] (the number of steps), got {grad_last_k}")
@@ -151,13 +179,10 @@ def denoise(
     first_grad_step = 0 if grad_last_k is None else num_steps - grad_last_k
 
     def step(img: torch.Tensor, t_curr: float, t_prev: float, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
-        pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
-        pred_used = pred
-        if guidance_model is not None:
-            pred_used = apply_guidance_model(
-                guidance_model, img, pred, txt, vec, t_vec, i, scale_at(guidance_scale, i, num_steps)
-            )
+        scale = scale_at(guidance_scale, i, num_steps) if guidance_model is not None else 1.0
+        pred, pred_used = guided_prediction(
+            model, img, img_ids, txt, txt_ids, vec, guidance_vec, t_curr, i, guidance_model, scale
+        )
         return euler_step(img, pred_used, t_curr, t_prev), pred, pred_used
 
     for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):

@@ -23,10 +23,11 @@ from fluxguide.sampling.denoise import (
     FluxModel,
     GuidanceFn,
     GuidanceScale,
-    apply_guidance_model,
     check_batch,
     check_finite,
+    check_timesteps,
     denoise,
+    guided_prediction,
     scale_at,
 )
 from fluxguide.sampling.steps import sde_step
@@ -109,19 +110,13 @@ def _sde_loop(model: FluxModel, img: torch.Tensor, img_ids: torch.Tensor, txt: t
               guidance_model: GuidanceFn | None, guidance_scale: GuidanceScale, noise_level: float,
               generator: torch.Generator | None, check_finite_values: bool, record) -> torch.Tensor:
     """The guided loop with Flow-GRPO's SDE step in place of the Euler step (the env's SDE mode)."""
-    num_steps = len(timesteps) - 1
-    if num_steps < 1:
-        raise ValueError(f"timesteps must hold at least 2 values (num_steps >= 1), got {list(timesteps)}")
+    num_steps = check_timesteps(timesteps)
     check_batch(img, txt, vec, img_ids)
     b = img.shape[0]
     g = None if guidance is None else torch.full((b,), guidance, device=img.device, dtype=img.dtype)
     for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):
-        t_vec = torch.full((b,), t_curr, dtype=img.dtype, device=img.device)
-        pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=g)
-        pred_used = pred
-        if guidance_model is not None:
-            pred_used = apply_guidance_model(guidance_model, img, pred, txt, vec, t_vec, i,
-                                             scale_at(guidance_scale, i, num_steps))
+        scale = scale_at(guidance_scale, i, num_steps) if guidance_model is not None else 1.0
+        pred, pred_used = guided_prediction(model, img, img_ids, txt, txt_ids, vec, g, t_curr, i, guidance_model, scale)
         if check_finite_values:
             check_finite("the model prediction", pred, i, t_curr)
             check_finite("the guided prediction", pred_used, i, t_curr)
