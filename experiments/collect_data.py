@@ -15,6 +15,7 @@ trajectories sampled.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ import tyro
 from tqdm import tqdm
 
 from fluxguide.data.episodes import REWARD
-from fluxguide.data.store import GuidanceDataset
+from fluxguide.data.store import GuidanceDataset, check_collection_settings
 from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.targets import (
     BestOfN,
@@ -37,10 +38,13 @@ from fluxguide.data.targets import (
 from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.envs.prompts import resolve_prompts
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import ConfigError, check_device, check_float, check_int, check_writable_dir, validate
 from fluxguide.harness.evaluation import recommended_cfg_scale
 from fluxguide.policies import load_guidance_model
 from fluxguide.rewards import CallableReward
-from fluxguide.harness.tracking import Tracker
+from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
+from fluxguide.locking import FolderLock
 
 Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
 
@@ -113,6 +117,28 @@ class Config:
     wandb_mode: str | None = None
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
+    def validate(self) -> None:
+        """Refuse bad values before anything is loaded (:class:`ConfigError` naming the flag)."""
+        for name in ("episodes", "batch_size", "num_steps", "n", "top_k", "renoise_samples", "threads"):
+            check_int(name, getattr(self, name))
+        check_int("prompt_swaps", self.prompt_swaps, minimum=0)
+        if self.top_k > self.n:
+            raise ConfigError(f"--top-k {self.top_k} keeps more trajectories than --n {self.n} draws: use --top-k <= --n")
+        check_float("cfg_scale", self.cfg_scale, optional=True)
+        check_float("step_size", self.step_size)
+        check_float("noise_level", self.noise_level, strict=False)
+        check_float("strength", self.strength)
+        check_float("min_reward", self.min_reward, minimum=-math.inf, optional=True)
+        if self.student_checkpoint is not None and not self.student_checkpoint.is_file():
+            raise ConfigError(f"--student-checkpoint {self.student_checkpoint}: no such file (pass a "
+                              "guidance.safetensors)")
+        try:
+            resolve_wandb_mode(self.wandb_mode)
+        except ValueError as e:
+            raise ConfigError(f"--wandb-mode: {e}") from None
+        check_device("device", self.device)
+        check_writable_dir("out_dir", self.out_dir)
+
 
 def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
     if cfg.prompt_swaps and cfg.strategy != "cfg-distillation":
@@ -156,12 +182,18 @@ def episode_prompts(cfg: Config) -> list[str]:
 
 
 def main(cfg: Config) -> GuidanceDataset:
+    validate(cfg)  # every option, before anything is loaded
+    lock = FolderLock(cfg.out_dir, "dataset folder").acquire()  # one collection at a time per dataset folder
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     backbone_seed = cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed
     world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=backbone_seed, device=cfg.device)
     collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
     dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
+    # A batch index means these prompts only under the same batch size and prompt set: refuse a rerun that
+    # would mix them up (and silently keep half the episodes).
+    settings = {"batch_size": cfg.batch_size, "train_prompts": cfg.train_prompts}
+    check_collection_settings(dataset, cfg.seed, settings)
     prompts = episode_prompts(cfg)
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     done = {m.get("batch_index") for m in dataset.chunk_metadata if m.get("seed") == cfg.seed}
@@ -181,6 +213,7 @@ def main(cfg: Config) -> GuidanceDataset:
             continue
         t0 = time.perf_counter()
         chunk = collector.collect(batch_prompts, seed=cfg.seed, batch_index=batch_index)
+        chunk.metadata.update(settings)
         if chunk.num_episodes:
             dataset.append(chunk)
         sampled += len(batch_prompts) * per_prompt
@@ -194,10 +227,11 @@ def main(cfg: Config) -> GuidanceDataset:
         tracker.log(metrics, sampled)
         bar.set_postfix(episodes=dataset.num_episodes)
     tracker.finish()
+    lock.release()
     print(f"{cfg.out_dir}: {dataset.num_episodes} episodes, {dataset.num_transitions} transitions in "
           f"{dataset.num_chunks} chunks ({cfg.strategy}; {sampled} trajectories sampled)")
     return dataset
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli(main, Config)

@@ -33,7 +33,9 @@ from typing import Literal
 import torch
 import tyro
 
-from fluxguide.harness.tracking import Tracker, read_metrics
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
+from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
 
 EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
@@ -103,6 +105,24 @@ class Config:
     """shapes-world weight folder (default: the weights shipped in the package)"""
     wandb_mode: str | None = None
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+
+    def validate(self) -> None:
+        """Refuse bad values before any training starts (:class:`ConfigError` naming the flag)."""
+        check_int("parallel", self.parallel)
+        check_int("eval_num_prompts", self.eval_num_prompts, optional=True)
+        check_int("eval_samples_per_prompt", self.eval_samples_per_prompt)
+        for n in self.best_of:
+            check_int("best_of", n)
+        if not self.algorithms or not self.seeds:
+            raise ConfigError("--algorithms and --seeds need at least one value each")
+        check_no_duplicates("algorithms", self.algorithms)
+        check_no_duplicates("seeds", self.seeds)
+        check_no_duplicates("best_of", self.best_of)
+        try:
+            resolve_wandb_mode(self.wandb_mode)
+        except ValueError as e:
+            raise ConfigError(f"--wandb-mode: {e}") from None
+        check_writable_dir("out_dir", self.out_dir)
 
 
 def run_dir(cfg: Config, algorithm: str, seed: int) -> Path:
@@ -212,7 +232,7 @@ def plot(cfg: Config) -> Path:
 
 
 def main(cfg: Config) -> list[dict]:
-    cfg.out_dir.mkdir(parents=True, exist_ok=True)
+    validate(cfg)  # every option, and that out_dir is writable, before any training
     start = time.perf_counter()
     if not cfg.skip_training:
         jobs = [(a, s) for s in cfg.seeds for a in cfg.algorithms]
@@ -250,4 +270,4 @@ def _load_script(name: str):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli(main, Config)

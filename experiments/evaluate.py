@@ -12,6 +12,7 @@ pass rate and attribute accuracies, and the mean of every reward. Writes ``<out_
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import tyro
 
 from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.envs.prompts import resolve_prompts
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import ConfigError, check_device, check_float, check_int, check_no_duplicates, validate
 from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, recommended_cfg_scale, write_table
 from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import load_guidance_model
@@ -66,6 +69,28 @@ class Config:
     device: str = "cpu"
     """torch device"""
 
+    def validate(self) -> None:
+        """Refuse bad values before anything is loaded or sampled (:class:`ConfigError` naming the flag)."""
+        check_int("num_steps", self.num_steps, optional=True)
+        check_int("num_prompts", self.num_prompts, optional=True)
+        check_int("samples_per_prompt", self.samples_per_prompt)
+        check_int("grid_prompts", self.grid_prompts, minimum=0)
+        check_int("threads", self.threads)
+        for n in self.best_of:
+            check_int("best_of", n)
+        check_float("cfg_scale", self.cfg_scale, optional=True)
+        check_float("guidance_scale", self.guidance_scale, minimum=-math.inf)
+        check_no_duplicates("rewards", self.rewards)
+        check_no_duplicates("best_of", self.best_of)
+        check_no_duplicates("names", self.names)
+        if self.names and len(self.names) != len(self.policies):
+            raise ConfigError(f"--names has {len(self.names)} labels for {len(self.policies)} policies: give one "
+                              "label per policy")
+        for path in self.policies:
+            policy_file(path)
+        check_device("device", self.device)
+        check_writable_dir("out_dir", self.out_dir)
+
 
 def policy_file(path: Path) -> Path:
     """``path`` itself, or the ``guidance.safetensors`` inside a run folder."""
@@ -76,9 +101,8 @@ def policy_file(path: Path) -> Path:
 
 
 def main(cfg: Config) -> list[dict]:
+    validate(cfg)  # every option, and that out_dir is writable, before any model is loaded or sample drawn
     torch.set_num_threads(cfg.threads)
-    if cfg.names and len(cfg.names) != len(cfg.policies):
-        raise SystemExit(f"--names has {len(cfg.names)} labels for {len(cfg.policies)} policies")
     world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, device=cfg.device)
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
     rewards = {name: build_reward(name, world) for name in dict.fromkeys((*cfg.rewards, cfg.pick_reward))}
@@ -103,4 +127,4 @@ def main(cfg: Config) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli(main, Config)

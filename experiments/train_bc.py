@@ -43,7 +43,11 @@ import tyro
 from fluxguide import distributed
 from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning, check_dataset_matches_policy
 from fluxguide.data import GuidanceDataset
-from fluxguide.harness.config import BackboneConfig, Flat, PolicyConfig, RunConfig, TrainConfig
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import (
+    BackboneConfig, ConfigError, Flat, PolicyConfig, RunConfig, TrainConfig, check_float,
+    check_int,
+)
 from fluxguide.harness.evaluation import ReferenceEvaluator, recommended_cfg_scale
 from fluxguide.harness.run import Run
 from fluxguide.policies import load_guidance_model
@@ -72,6 +76,12 @@ class Config:
     """replay-buffer storage: in memory, or memory-mapped in <run_dir>/replay (datasets larger than RAM)"""
     cfg_scale: float | None = None
     """CFG scale of the reference evaluation (default: the dataset's, else the backbone's recommended one)"""
+
+    def validate(self) -> None:
+        check_int("warmup_updates", self.warmup_updates, minimum=0)
+        check_float("cfg_scale", self.cfg_scale, optional=True)
+        if self.init_policy is not None and not self.init_policy.is_file():
+            raise ConfigError(f"--init-policy {self.init_policy}: no such file (pass a guidance.safetensors)")
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -120,4 +130,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli(main, Config)

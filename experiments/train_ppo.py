@@ -38,7 +38,11 @@ import tyro
 from fluxguide import distributed
 from fluxguide.algos.ppo import PPO, AdvantageMode, PPOConfig
 from fluxguide.envs import GuidanceTorchRLEnv
-from fluxguide.harness.config import BackboneConfig, Flat, PolicyConfig, RewardConfig, RunConfig, TrainConfig
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import (
+    BackboneConfig, ConfigError, Flat, PolicyConfig, RewardConfig, RunConfig, TrainConfig,
+    check_float, check_int,
+)
 from fluxguide.harness.run import Run
 from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network
 from fluxguide.policies.registry import image_channels, latent_grid
@@ -95,6 +99,22 @@ class Config:
     """trajectories per prompt (the group of the per-prompt advantage)"""
     entropy_coef: float = 0.0
     """entropy bonus (only moves a learned std)"""
+
+    def validate(self) -> None:
+        check_float("noise_level", self.noise_level)
+        check_float("std", self.std)
+        check_float("control_cost", self.control_cost, strict=False)
+        check_float("gae_lambda", self.gae_lambda, strict=False, maximum=1.0)
+        check_float("critic_coef", self.critic_coef, strict=False)
+        check_float("clip_epsilon", self.clip_epsilon)
+        check_int("epochs", self.epochs)
+        check_int("minibatch_trajectories", self.minibatch_trajectories)
+        check_int("samples_per_prompt", self.samples_per_prompt)
+        check_float("entropy_coef", self.entropy_coef, strict=False)
+        batch = self.optim.batch_size
+        if isinstance(batch, int) and batch > 0 and batch % self.samples_per_prompt:
+            raise ConfigError(f"--batch-size {batch} is not a multiple of --samples-per-prompt "
+                              f"{self.samples_per_prompt}: every prompt's group needs all its trajectories")
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -161,4 +181,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli(main, Config)

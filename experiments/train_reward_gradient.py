@@ -24,6 +24,7 @@ process) and rank 0 logs the gathered metrics and writes the files (docs/distrib
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +33,11 @@ import tyro
 
 from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
-from fluxguide.harness.config import BackboneConfig, Flat, PolicyConfig, RewardConfig, RunConfig, TrainConfig
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import (
+    BackboneConfig, Flat, PolicyConfig, RewardConfig, RunConfig, TrainConfig, check_float,
+    check_int,
+)
 from fluxguide.harness.run import Run
 
 
@@ -62,6 +67,12 @@ class Config:
     straight_through: bool = False
     """give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through clamp; shapes world:
     shapes can grow into the black background)"""
+
+    def validate(self) -> None:
+        check_int("grad_last_k", self.grad_last_k, optional=True)
+        check_float("control_cost", self.control_cost, strict=False)
+        check_float("reward_target", self.reward_target, minimum=-math.inf, optional=True)
+        check_int("reward_shift", self.reward_shift, minimum=0)
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -101,4 +112,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Config))
+    cli(main, Config)

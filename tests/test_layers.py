@@ -37,7 +37,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fluxguide"
 
-INFRA = ("plugins", "keys", "serialization", "provenance", "checkpointing", "distributed")
+INFRA = ("plugins", "keys", "serialization", "provenance", "checkpointing", "distributed",
+         "locking")
 RANKS: dict[str, int] = {
     **dict.fromkeys(INFRA, 0),
     "sampling": 1,

@@ -14,8 +14,9 @@ from tensordict import TensorDict
 
 from fluxguide.backbones.base import Backbone
 from fluxguide.data.episodes import EpisodeChunk, TargetsArg, create_training_pairs
-from fluxguide.data.store import GuidanceDataset
+from fluxguide.data.store import GuidanceDataset, check_collection_settings
 from fluxguide.data.targets import TARGET_STRATEGIES, CollectionBatch, TargetStrategy, make_target_strategy
+from fluxguide.locking import FolderLock
 from fluxguide.provenance import backbone_fingerprint
 
 
@@ -141,14 +142,19 @@ class GuidanceDataCollector:
             on_chunk: called as ``on_chunk(batch_index, chunk)`` after each append (progress, logging).
         """
         prompts = list(prompts)
-        dataset = GuidanceDataset.create(path, self.metadata())
-        done = {(m.get("seed"), m.get("batch_index")) for m in dataset.chunk_metadata}
-        for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
-            if (seed, batch_index) in done:
-                continue
-            chunk = self.collect(prompts[start : start + batch_size], seed=seed, batch_index=batch_index)
-            if chunk.num_episodes:
-                dataset.append(chunk)
-            if on_chunk is not None:
-                on_chunk(batch_index, chunk)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        with FolderLock(path, "dataset folder"):  # one collection at a time per dataset folder
+            dataset = GuidanceDataset.create(path, self.metadata())
+            check_collection_settings(dataset, seed, {"batch_size": batch_size})
+            done = {(m.get("seed"), m.get("batch_index")) for m in dataset.chunk_metadata}
+            for batch_index, start in enumerate(range(0, len(prompts), batch_size)):
+                if (seed, batch_index) in done:
+                    continue
+                chunk = self.collect(prompts[start : start + batch_size], seed=seed, batch_index=batch_index)
+                chunk.metadata["batch_size"] = batch_size
+                if chunk.num_episodes:
+                    dataset.append(chunk)
+                if on_chunk is not None:
+                    on_chunk(batch_index, chunk)
         return dataset

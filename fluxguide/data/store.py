@@ -42,9 +42,13 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
 
 from fluxguide import keys
 from fluxguide.data.episodes import EPISODE, EPISODE_CONSTANTS, EpisodeChunk
+from fluxguide.locking import LOCK_FILE
 from fluxguide.serialization import write_json_atomic
 
 MANIFEST = "manifest.json"
+#: Chunks already checked for non-finite values in this process, by dataset folder (each is checked once, not
+#: again at every reload after an append). Chunks are immutable once listed in the manifest.
+_FINITE_CHECKED: set[tuple[Path, int]] = set()
 FORMAT = "fluxguide.guidance_dataset"
 VERSION = 1
 
@@ -77,6 +81,97 @@ def _fsync_tree(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+#: The only class a chunk's ``meta.json`` may name: a plain TensorDict (no tensorclass, no non-tensor leaf).
+_TENSORDICT_TYPE = "<class 'tensordict._td.TensorDict'>"
+_TENSOR_FIELDS = {"device", "shape", "dtype", "is_nested"}
+
+
+def check_memmap_folder(folder: Path) -> None:
+    """Refuse a memmap TensorDict folder holding anything but tensors, before tensordict reads it.
+
+    tensordict's loader unpickles non-tensor leaves (``*.pickle``) and imports the class its ``meta.json``
+    names, so a dataset shared between people could run code when loaded. Here every ``meta.json`` must name a
+    plain TensorDict whose entries are tensors (a ``<key>.memmap`` file of a torch dtype) or nested
+    TensorDicts (a sub-folder checked the same way), and the folder may hold no other file.
+
+    Raises:
+        DatasetError: naming the offending file.
+    """
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{meta_path} is missing: the chunk is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{meta_path} is not valid JSON ({e}): the chunk is damaged") from None
+
+    def refuse(what: str, path: Path) -> DatasetError:
+        return DatasetError(
+            f"{path}: {what}. A fluxguide dataset holds tensors only and is never unpickled (a pickled field could "
+            "run code when loaded); refusing to load it. Re-collect the data with experiments/collect_data.py, or "
+            "inspect the file if you trust where it came from"
+        )
+
+    if not isinstance(meta, dict) or meta.get("_type") != _TENSORDICT_TYPE:
+        raise refuse(f"names the class {meta.get('_type') if isinstance(meta, dict) else meta!r}, not a plain "
+                     "TensorDict", meta_path)
+    expected = {"meta.json"}
+    for key, entry in meta.items():
+        if key in ("shape", "device", "_type"):
+            continue
+        if isinstance(entry, dict) and entry == {"type": "TensorDict"}:
+            if not (folder / key).is_dir():
+                raise refuse(f"lists the nested TensorDict {key!r} but has no folder for it", meta_path)
+            check_memmap_folder(folder / key)
+            expected.add(key)
+            continue
+        dtype = entry.get("dtype", "") if isinstance(entry, dict) else ""
+        if not (isinstance(entry, dict) and set(entry) <= _TENSOR_FIELDS and "shape" in entry
+                and isinstance(getattr(torch, str(dtype).removeprefix("torch."), None), torch.dtype)
+                and not entry.get("is_nested")):
+            raise refuse(f"entry {key!r} is not a tensor ({json.dumps(entry)[:120]})", meta_path)
+        expected.add(f"{key}.memmap")
+    for p in folder.iterdir():
+        if p.name not in expected:
+            raise refuse("is not part of a tensors-only chunk (only meta.json and <key>.memmap files are)", p)
+
+
+def check_finite(td: TensorDict, folder: Path) -> None:
+    """Refuse non-finite values in a chunk's floating tensors, naming the file: a NaN target would otherwise
+    surface much later as a diverging loss that looks like a learning-rate problem."""
+    for key, value in td.items(include_nested=True, leaves_only=True):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                name = "/".join(key) if isinstance(key, tuple) else key
+                bad = int((~finite).sum())
+                raise DatasetError(
+                    f"{folder / name}.memmap holds {bad} non-finite value(s) (NaN / inf) of {value.numel()}: the "
+                    "data was collected from a diverged teacher or is damaged; re-collect this chunk (delete the "
+                    "dataset folder or collect into a new one) rather than training on it"
+                )
+
+
+def check_collection_settings(dataset: GuidanceDataset, seed: int, settings: dict[str, Any]) -> None:
+    """Refuse resuming a collection of ``seed`` under settings that change what its chunks mean.
+
+    A chunk is identified by ``(seed, batch_index)``; which prompts a batch index covers depends on
+    ``settings`` (the batch size, the prompt set), so a rerun with other settings would skip batches it did
+    not collect and keep the wrong episodes. Chunks that predate these settings are not checked.
+    """
+    for meta in dataset.chunk_metadata:
+        if meta.get("seed") != seed:
+            continue
+        diffs = [f"{flag}: stored {meta[key]!r}, given {value!r}" for key, value in settings.items()
+                 for flag in [f"--{key.replace('_', '-')}"] if key in meta and meta[key] != value]
+        if diffs:
+            raise DatasetError(
+                f"the dataset at {dataset.path} was collected with seed {seed} under other settings ("
+                + "; ".join(diffs) + "): rerun with the stored settings to resume it, or collect into a new "
+                "folder (or, to add data, under another --seed)"
+            )
 
 
 @dataclass
@@ -154,12 +249,13 @@ class GuidanceDataset:
             stored = dataset.metadata
             clash = {k: (stored[k], v) for k, v in (metadata or {}).items() if k in stored and stored[k] != v}
             if clash:
+                shown = "; ".join(f"{k}: stored {a!r}, given {b!r}" for k, (a, b) in clash.items())
                 raise DatasetError(
-                    f"dataset {path} was collected with different settings: {clash} (stored, given); append "
-                    "to a new folder or use the stored settings"
+                    f"dataset {path} was collected with different settings ({shown}) (stored, given); these "
+                    f"change what its chunks mean: append to a new folder or use the stored settings"
                 )
             return dataset
-        if path.exists() and any(p.name != ".lock" for p in path.iterdir()):
+        if path.exists() and any(p.name not in (".lock", LOCK_FILE) for p in path.iterdir()):
             raise DatasetError(
                 f"{path} exists and is not an empty folder or a guidance dataset (no {MANIFEST}): choose "
                 "another path"
@@ -292,12 +388,21 @@ class GuidanceDataset:
             if self.verify:
                 self._check_files(entry)
             folder = self.path / entry["name"]
+            for part in ("episodes", "transitions"):  # tensors only: nothing in a dataset is unpickled
+                check_memmap_folder(folder / part)
             try:
-                episodes = TensorDict.load_memmap(folder / "episodes")
-                transitions = TensorDict.load_memmap(folder / "transitions")
+                episodes = TensorDict.load_memmap(folder / "episodes", allow_pickle=False)
+                transitions = TensorDict.load_memmap(folder / "transitions", allow_pickle=False)
                 prompts = json.loads((folder / "prompts.json").read_text())
             except (FileNotFoundError, KeyError, json.JSONDecodeError, RuntimeError, ValueError) as e:
                 raise DatasetError(f"cannot read chunk {folder} of the dataset at {self.path}: {e}") from e
+            if not (isinstance(prompts, list) and all(isinstance(p, str) for p in prompts)):
+                raise DatasetError(f"{folder / 'prompts.json'} is not a list of prompts: the chunk is damaged")
+            identity = (folder.resolve(), folder.stat().st_ino)
+            if self.verify and identity not in _FINITE_CHECKED:
+                check_finite(episodes, folder / "episodes")
+                check_finite(transitions, folder / "transitions")
+                _FINITE_CHECKED.add(identity)
             if episodes.batch_size[0] != entry["num_episodes"] or transitions.batch_size[0] != entry["num_transitions"]:
                 raise DatasetError(f"chunk {folder} does not hold the episodes / transitions its manifest entry lists")
             chunks.append(_Chunk(entry["name"], episodes, transitions, prompts, entry.get("metadata", {})))

@@ -18,7 +18,10 @@ package's entry-point name, or a ``package.module:factory`` spec (:mod:`fluxguid
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, is_dataclass
+import math
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -28,6 +31,92 @@ import tyro
 T = TypeVar("T")
 #: A nested config group whose flags carry no prefix (``--seed``, not ``--run.seed``).
 Flat = Annotated[T, tyro.conf.OmitArgPrefixes]
+
+
+# --------------------------------------------------------------------------------------------- validation
+class ConfigError(ValueError):
+    """A bad option value, found at start before anything is loaded; the message names the flag, the value and
+    the fix."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of config field ``name`` (``batch_size`` -> ``--batch-size``)."""
+    return "--" + name.replace("_", "-")
+
+
+def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False) -> None:
+    """``value`` is an integer >= ``minimum`` (or ``None`` if ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ConfigError(f"{flag(name)} {value!r}: must be {what}" + (" (or left out)" if optional else ""))
+
+
+def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True, maximum: float | None = None,
+                optional: bool = False) -> None:
+    """``value`` is a finite number > ``minimum`` (>= if not ``strict``; <= ``maximum``), or ``None`` if ``optional``."""
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum)
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
+        raise ConfigError(f"{flag(name)} {value!r}: must be a finite number {bound}"
+                          + (" (or left out)" if optional else ""))
+
+
+def check_no_duplicates(name: str, values: Iterable[Any]) -> None:
+    """``values`` holds no value twice (nothing is de-duplicated silently)."""
+    values = list(values)
+    dupes = sorted({str(v) for v in values if values.count(v) > 1})
+    if dupes:
+        raise ConfigError(f"{flag(name)} lists {', '.join(dupes)} more than once: list each once")
+
+
+def check_device(name: str, device: str) -> None:
+    """``device`` is a torch device this machine has (checked before any model is loaded)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"{flag(name)} {device!r} is not a torch device ({e}): use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{flag(name)} {device}: this machine has no usable CUDA GPU "
+                              "(torch.cuda.is_available() is False): use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{flag(name)} {device}: this machine has {torch.cuda.device_count()} GPU(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{flag(name)} {device}: MPS is not available on this machine: use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"{flag(name)} {device}: unsupported device type {dev.type!r}: use 'cpu' or 'cuda'")
+
+
+def check_writable_dir(name: str, path: Path) -> None:
+    """``path`` is (or can be created as) a folder this process can write to: created, and a probe file written
+    and removed, so an unwritable output folder is found before any work is done."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag(name)} {path}: exists and is not a folder: choose a folder path")
+    probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{flag(name)} {path}: cannot write there ({e.strerror or e}): choose a writable folder")\
+            from None
+
+
+def validate(config: Any) -> None:
+    """Call ``validate()`` on ``config`` and on every nested config group that has one (each check written once)."""
+    if not is_dataclass(config):
+        return
+    for f in fields(config):
+        validate(getattr(config, f.name))
+    if callable(getattr(config, "validate", None)):
+        config.validate()
 
 
 @dataclass
@@ -71,6 +160,26 @@ class RunConfig:
     wandb_mode: str | None = None
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
 
+    def validate(self) -> None:
+        """Refuse bad values before anything is loaded (:class:`ConfigError` naming the flag)."""
+        from fluxguide.harness.tracking import resolve_wandb_mode
+
+        check_int("threads", self.threads)
+        check_int("total_updates", self.total_updates)
+        check_int("total_samples", self.total_samples, optional=True)
+        check_float("time_budget_minutes", self.time_budget_minutes, optional=True)
+        check_int("eval_every", self.eval_every)
+        check_int("checkpoint_every", self.checkpoint_every)
+        check_int("eval_num_prompts", self.eval_num_prompts, optional=True)
+        check_int("eval_samples_per_prompt", self.eval_samples_per_prompt)
+        check_int("grid_prompts", self.grid_prompts, minimum=0)
+        try:
+            resolve_wandb_mode(self.wandb_mode)
+        except ValueError as e:
+            raise ConfigError(f"--wandb-mode: {e}") from None
+        check_device("device", self.device)
+        check_writable_dir("run_dir", self.run_dir)
+
     def heldout_prompts(self) -> list[str]:
         """The held-out evaluation prompts (the first ``eval_num_prompts``)."""
         from fluxguide.envs.prompts import resolve_prompts
@@ -98,6 +207,11 @@ class BackboneConfig:
     weights_dir: Path | None = None
     """shapes-world weight folder (default: the weights shipped in the package)"""
 
+    def validate(self) -> None:
+        check_int("height", self.height)
+        check_int("width", self.width)
+        check_int("max_sequence_length", self.max_sequence_length)
+
     def build(self, *, seed: int, device: torch.device | str, num_steps: int | None = None) -> Any:
         """The backbone (:func:`fluxguide.backbones.registry.build_backbone`)."""
         from fluxguide.backbones.registry import build_backbone
@@ -122,6 +236,14 @@ class RewardConfig:
     train_prompts: str = "shapes-train"
     """training prompts: a text file with one prompt per line, a named set ('shapes-train', 'shapes-heldout'),
     or a spec 'package.module:function'"""
+
+    def validate(self) -> None:
+        from fluxguide.backbones.registry import parse_reward_kwargs
+
+        try:
+            parse_reward_kwargs(self.reward_kwargs)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(str(e)) from None
 
     def build(self, backbone: Any, *, seed: int) -> Any:
         """The reward module (:func:`fluxguide.backbones.registry.build_reward`)."""
@@ -157,6 +279,12 @@ class PolicyConfig:
     """guide only at times t >= this (1 = noise; e.g. 0.64 = the first 10 of 20 shapes-world steps) and leave the
     later steps to the base model (0: guide every step)"""
 
+    def validate(self) -> None:
+        check_int("hidden_dim", self.hidden_dim)
+        check_int("num_layers", self.num_layers)
+        check_int("num_heads", self.num_heads)
+        check_float("policy_min_t", self.policy_min_t, strict=False, maximum=1.0)
+
     def build(self, backbone: Any, **options: Any) -> Any:
         """A fresh guidance network (:func:`fluxguide.policies.registry.build_policy`)."""
         from fluxguide.policies.registry import build_policy
@@ -183,6 +311,14 @@ class TrainConfig:
     """sampling steps (None: the dataset's in behaviour cloning, else the backbone's default)"""
     guidance_scale: float = 1.0
     """scale of the policy's correction"""
+
+    def validate(self) -> None:
+        check_int("batch_size", self.batch_size)
+        check_float("lr", self.lr)
+        check_float("weight_decay", self.weight_decay, strict=False)
+        check_float("max_grad_norm", self.max_grad_norm, optional=True)
+        check_int("num_steps", self.num_steps, optional=True)
+        check_float("guidance_scale", self.guidance_scale, minimum=-math.inf)
 
 
 def flat_config(config: Any) -> dict[str, Any]:

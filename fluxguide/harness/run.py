@@ -23,7 +23,12 @@ the script gives, and ``state`` with ``samples_seen`` (or ``pairs_seen``), ``ela
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
+import threading
 import time
+from dataclasses import is_dataclass
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,8 +39,9 @@ from tqdm import tqdm
 
 from fluxguide import distributed
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from fluxguide.harness.config import RunConfig, flat_config
+from fluxguide.harness.config import RunConfig, flat_config, validate
 from fluxguide.harness.tracking import Tracker
+from fluxguide.locking import FolderLock
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 
 #: The eval metric shown next to the training metrics in the progress bar.
@@ -55,8 +61,12 @@ class Run:
     """
 
     def __init__(self, cfg: RunConfig, config: Any, *, name: str, unit: str = "sample", hint: str = "lower --lr") -> None:
+        validate(config if is_dataclass(config) else cfg)  # every option, before anything is loaded (ConfigError)
         self.cfg, self.name, self.unit, self.hint = cfg, name, unit, hint
         self.device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
+        # One writer per run folder: a second process on it stops here, naming the owner (rank 0 writes the files).
+        self.lock = FolderLock(cfg.run_dir, "run folder").acquire() if distributed.is_main() else None
+        self._signal: int | None = None  # SIGINT / SIGTERM received during the loop
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         self.config = flat_config(config)
@@ -158,27 +168,89 @@ class Run:
         cfg = self.cfg
         self._samples_per_update = samples_per_update * distributed.world_size()
         self._start = time.perf_counter() - self._elapsed
-        if self.update == 0:
+        self._install_signal_handlers()
+        if self.update == 0 or self.state.get("eval_pending"):  # eval_pending: an interrupt skipped a due evaluation
             self.evaluate()
+        started_at = self.update
         self.bar = tqdm(range(self.update, cfg.total_updates), initial=self.update, total=cfg.total_updates,
                         desc=self.name, disable=not distributed.is_main())
-        for update in self.bar:
-            if distributed.any_rank(self.budget_used() is not None):  # a resumed run whose budget was used up
-                break
-            self._t0 = time.perf_counter()
-            yield update
-            done = self.update
-            used = self.budget_used()
-            stop = distributed.any_rank(used is not None)
-            last = done == cfg.total_updates or stop
-            if done % cfg.eval_every == 0 or last:
-                self.evaluate()
-            if (done % cfg.checkpoint_every == 0 or last) and distributed.is_main():
-                self.save_checkpoint()
-            if stop:
-                print(f"{used or 'the budget of another rank'} used up after {done} updates")
-                break
-        self.bar.close()
+        try:
+            for update in self.bar:
+                if distributed.any_rank(self._signal is not None):  # interrupted during the evaluation at the start
+                    self._exit_interrupted(saved=None if self.update == started_at else self.save_checkpoint())
+                if distributed.any_rank(self.budget_used() is not None):  # a resumed run whose budget was used up
+                    break
+                self._t0 = time.perf_counter()
+                yield update
+                done = self.update
+                if distributed.any_rank(self._signal is not None):
+                    # The update in flight is done and logged: save it (and say the evaluation due was skipped),
+                    # then exit; the rerun evaluates first if an evaluation was due.
+                    due = done % cfg.eval_every == 0 or done == cfg.total_updates
+                    self._exit_interrupted(saved=self.save_checkpoint(eval_pending=due) if distributed.is_main()
+                                           else None)
+                used = self.budget_used()
+                stop = distributed.any_rank(used is not None)
+                last = done == cfg.total_updates or stop
+                if done % cfg.eval_every == 0 or last:
+                    self.evaluate()
+                if (done % cfg.checkpoint_every == 0 or last) and distributed.is_main():
+                    self.save_checkpoint()
+                if stop:
+                    print(f"{used or 'the budget of another rank'} used up after {done} updates")
+                    break
+            self.bar.close()
+        finally:
+            self._restore_signal_handlers()
+
+    # -------------------------------------------------------------------------------------- interrupts
+    def _install_signal_handlers(self) -> None:
+        """SIGINT / SIGTERM during the loop: finish the update in flight, checkpoint, exit (a second one exits
+        at once). Signal handlers can only be set in the main thread; elsewhere the defaults stay."""
+        self._previous_handlers: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous_handlers[sig] = signal.getsignal(sig)
+            signal.signal(sig, self._on_signal)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, handler in getattr(self, "_previous_handlers", {}).items():
+            signal.signal(sig, handler)
+        self._previous_handlers = {}
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._signal is not None:  # the second one: exit now, saving nothing more
+            sys.stderr.write(f"\n{name} again: exiting at once; the last checkpoint is "
+                             f"{latest_checkpoint(self.cfg.run_dir) or '(none)'}\n")
+            sys.stderr.flush()
+            if self.lock is not None:
+                self.lock.release()
+            os._exit(128 + signum)
+        self._signal = signum
+        sys.stderr.write(f"\n{name} received: finishing update {self.update + 1}, then saving a checkpoint and "
+                         f"exiting (press Ctrl-C again to exit at once without saving it)\n")
+        sys.stderr.flush()
+
+    def _exit_interrupted(self, saved: Path | None) -> None:
+        """Close the files and exit with 128 + the signal (130 for SIGINT), without a traceback."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+        signum = self._signal if self._signal is not None else signal.SIGTERM  # another rank's signal
+        if distributed.is_main():
+            metrics = self.cfg.run_dir / "metrics.jsonl"
+            where = (f"saved update {self.update} to {saved}" if saved is not None else
+                     f"no update was done since the last checkpoint ({latest_checkpoint(self.cfg.run_dir) or 'none'})")
+            print(f"\ninterrupted by {signal.Signals(signum).name}: {where}; metrics in {metrics}.\n"
+                  f"Resume with the same command (same --run-dir {self.cfg.run_dir}): it continues from update "
+                  f"{self.update}.", flush=True)
+        if self.lock is not None:
+            self.lock.release()
+        distributed.cleanup()
+        raise SystemExit(128 + int(signum))
 
     def step(self, update_fn: Callable[..., dict[str, float]], *args: Any, **kwargs: Any) -> dict[str, float]:
         """One update: ``update_fn(*args, **kwargs) -> metrics``, then count its samples.
@@ -191,6 +263,8 @@ class Run:
         except FloatingPointError as e:
             if self.tracker is not None:
                 self.tracker.finish()
+            if self.lock is not None:
+                self.lock.release()
             last = latest_checkpoint(self.cfg.run_dir)
             raise SystemExit(
                 f"stopping at update {self.update + 1}: {e}\nNo checkpoint was written for this update; the last "
@@ -227,11 +301,14 @@ class Run:
             self.bar.set_postfix(**shown)
 
     # ----------------------------------------------------------------------------------------- files
-    def save_checkpoint(self) -> Path:
-        """Write the checkpoint of the updates done (atomically; rank 0 only)."""
+    def save_checkpoint(self, *, eval_pending: bool = False) -> Path:
+        """Write the checkpoint of the updates done (atomically; rank 0 only). ``eval_pending``: an evaluation
+        was due at this update and skipped (an interrupt); the resumed run does it first."""
         state = {self.count_key: self.samples_seen, "elapsed_seconds": self.elapsed(),
                  "backbone_fingerprint": self.fingerprint, "config": self.config, "last_eval": self.last_eval,
                  **self.extra_state}
+        if eval_pending:
+            state["eval_pending"] = True
         return save_checkpoint(self.cfg.run_dir, self.update, modules=self.modules, optimizers=self.optimizers,
                                generators=dict(self._save_generators()), state=state)
 
@@ -249,6 +326,8 @@ class Run:
             path = save_guidance_model(policy, self.cfg.run_dir / "guidance.safetensors")  # evaluate.py / main.py
             plot_curves(self.cfg.run_dir)
             print(f"saved the policy to {path}")
+        if self.lock is not None:
+            self.lock.release()
         distributed.cleanup()
         if self.last_eval:
             shown = {k: round(v, 4) for k, v in self.last_eval.items() if not math.isnan(v)}

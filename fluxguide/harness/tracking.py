@@ -96,7 +96,8 @@ def as_number(name: str, value: Any) -> float | int:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a ``metrics.jsonl`` file (or of ``<run_dir>/metrics.jsonl``), in order.
 
-    A torn last line (the process was killed while writing it) is skipped.
+    A torn last line (the process was killed while writing it) is skipped; any other line that is not JSON
+    (binary garbage included) raises ``ValueError`` naming the file and the line.
     """
     path = Path(path)
     if path.is_dir():
@@ -104,16 +105,22 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    lines = path.read_text().splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
+    lines = path.read_bytes().splitlines()
+    for i, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+            record = json.loads(raw.decode("utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except (UnicodeDecodeError, ValueError):
             if i == len(lines) - 1:
                 break
-            raise ValueError(f"{path} line {i + 1} is not JSON: {line[:80]!r}") from None
+            raise ValueError(
+                f"{path} line {i + 1} is not a JSON record: {raw[:80]!r}. The file is damaged: delete or repair that "
+                "line (every line is one JSON object), or start the run in a new --run-dir"
+            ) from None
+        records.append(record)
     return records
 
 
