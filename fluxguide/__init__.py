@@ -20,8 +20,6 @@ and what a user needs first::
 from __future__ import annotations
 
 import importlib
-import sys
-from collections.abc import Callable, Collection
 from typing import Any
 
 __version__ = "0.1.0"
@@ -102,26 +100,14 @@ __all__ = [  # noqa: RUF022 - the seed's names first, then the rest, as in _EXPO
 ]
 
 
-def lazy_attributes(
-    package: str, exports: dict[str, str], submodules: Collection[str] = ()
-) -> Callable[[str], Any]:
-    """A PEP 562 module ``__getattr__`` for ``package``: ``exports[name]`` is the module that defines ``name``,
-    imported the first time ``name`` is used (the value is then kept in the package, so later lookups skip the
-    hook); a name in ``submodules`` imports that subpackage."""
-
-    def __getattr__(name: str) -> Any:
-        if name in exports:
-            value = getattr(importlib.import_module(exports[name]), name)
-            setattr(sys.modules[package], name, value)
-            return value
-        if name in submodules:
-            return importlib.import_module(f"{package}.{name}")
-        raise AttributeError(f"module {package!r} has no attribute {name!r}")
-
-    return __getattr__
-
-
-__getattr__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # later lookups skip this hook
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'fluxguide' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -9,7 +9,9 @@ need not pay for.
 
 from __future__ import annotations
 
-from fluxguide import lazy_attributes
+import importlib
+from typing import Any
+
 from fluxguide.backbones.base import Backbone, Conditioning
 
 _LAZY = {
@@ -33,4 +35,7 @@ __all__ = [  # noqa: RUF022 - contract first, then the lazy exports
 ]
 
 
-__getattr__ = lazy_attributes(__name__, _LAZY)
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fluxguide.backbones' has no attribute {name!r}")

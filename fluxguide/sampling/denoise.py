@@ -105,19 +105,10 @@ def check_timesteps(timesteps: Sequence[float]) -> int:
     return num_steps
 
 
-def guided_prediction(
-    model: FluxModel,
-    img: torch.Tensor,
-    img_ids: torch.Tensor,
-    txt: torch.Tensor,
-    txt_ids: torch.Tensor,
-    vec: torch.Tensor,
-    guidance_vec: torch.Tensor | None,
-    t_curr: float,
-    step_idx: int,
-    guidance_model: GuidanceFn | None,
-    scale: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def guided_prediction(model: FluxModel, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor,
+                      txt_ids: torch.Tensor, vec: torch.Tensor, guidance_vec: torch.Tensor | None, t_curr: float,
+                      step_idx: int, guidance_model: GuidanceFn | None, scale: float,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's ``(pred, pred_used)``: the model's velocity at ``t_curr`` and, with a guidance model, the
     guided ``pred + scale * correction`` (else ``pred`` itself)."""
     t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
