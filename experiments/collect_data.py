@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 from tqdm import tqdm
 
+from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.registry import build_backbone, build_reward
+from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.episodes import REWARD
 from fluxguide.data.store import GuidanceDataset, check_collection_settings
-from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.targets import (
     BestOfN,
     CFGDistillation,
@@ -35,16 +36,21 @@ from fluxguide.data.targets import (
     RewardGradientTargets,
     TargetStrategy,
 )
-from fluxguide.backbones.base import Backbone
-from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import ConfigError, check_device, check_float, check_int, check_writable_dir, validate
+from fluxguide.harness.config import (
+    ConfigError,
+    check_device,
+    check_float,
+    check_int,
+    check_writable_dir,
+    validate,
+)
 from fluxguide.harness.evaluation import recommended_cfg_scale
-from fluxguide.policies import load_guidance_model
-from fluxguide.rewards import CallableReward
 from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
 from fluxguide.locking import FolderLock
+from fluxguide.policies import load_guidance_model
+from fluxguide.rewards import CallableReward
 
 Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
 

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate

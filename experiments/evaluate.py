@@ -17,12 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
 from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import ConfigError, check_device, check_float, check_int, check_no_duplicates, validate
+from fluxguide.harness.config import (
+    ConfigError,
+    check_device,
+    check_float,
+    check_int,
+    check_no_duplicates,
+    check_writable_dir,
+    validate,
+)
 from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, recommended_cfg_scale, write_table
 from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.policies import load_guidance_model

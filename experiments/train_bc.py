@@ -38,14 +38,19 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 from fluxguide import distributed
 from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning, check_dataset_matches_policy
 from fluxguide.data import GuidanceDataset
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
-    BackboneConfig, ConfigError, Flat, PolicyConfig, RunConfig, TrainConfig, check_float,
+    BackboneConfig,
+    ConfigError,
+    Flat,
+    PolicyConfig,
+    RunConfig,
+    TrainConfig,
+    check_float,
     check_int,
 )
 from fluxguide.harness.evaluation import ReferenceEvaluator, recommended_cfg_scale

@@ -33,15 +33,21 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import tyro
 
 from fluxguide import distributed
 from fluxguide.algos.ppo import PPO, AdvantageMode, PPOConfig
 from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
-    BackboneConfig, ConfigError, Flat, PolicyConfig, RewardConfig, RunConfig, TrainConfig,
-    check_float, check_int,
+    BackboneConfig,
+    ConfigError,
+    Flat,
+    PolicyConfig,
+    RewardConfig,
+    RunConfig,
+    TrainConfig,
+    check_float,
+    check_int,
 )
 from fluxguide.harness.run import Run
 from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network

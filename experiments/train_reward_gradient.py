@@ -29,13 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import tyro
 
 from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
-    BackboneConfig, Flat, PolicyConfig, RewardConfig, RunConfig, TrainConfig, check_float,
+    BackboneConfig,
+    Flat,
+    PolicyConfig,
+    RewardConfig,
+    RunConfig,
+    TrainConfig,
+    check_float,
     check_int,
 )
 from fluxguide.harness.run import Run

@@ -74,3 +74,12 @@ def test_torn_last_line_is_skipped(tmp_path) -> None:
 def test_summarize() -> None:
     assert summarize(torch.tensor([1.0, 3.0]), "reward") == {"reward_mean": 2.0, "reward_std": pytest.approx(math.sqrt(2))}
     assert summarize(torch.tensor([1.0]), "reward")["reward_std"] == 0.0
+
+
+def test_binary_garbage_in_metrics_names_the_file_and_the_line(tmp_path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"charts/samples_seen": 1}\n\xff\xfe\x00garbage\x9c\n{"charts/samples_seen": 2}\n')
+    with pytest.raises(ValueError, match=rf"{path} line 2 is not a JSON record"):
+        read_metrics(path)
+    with pytest.raises(ValueError, match="line 2 is not a JSON record"):  # resuming a run reads it too
+        Tracker(tmp_path, mode="disabled", resume_samples_seen=1)

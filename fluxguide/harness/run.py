@@ -28,8 +28,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import is_dataclass
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import is_dataclass
 from pathlib import Path
 from typing import Any
 

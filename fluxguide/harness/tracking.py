@@ -111,9 +111,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             continue
         try:
             record = json.loads(raw.decode("utf-8"))
-            if not isinstance(record, dict):
-                raise ValueError("not a JSON object")
         except (UnicodeDecodeError, ValueError):
+            record = None
+        if not isinstance(record, dict):
             if i == len(lines) - 1:
                 break
             raise ValueError(
