@@ -41,6 +41,14 @@ from torch import nn
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
 
 from fluxguide import keys
+from fluxguide.data.chunk_files import (
+    DatasetError,
+    check_finite,
+    check_memmap_folder,
+    file_sizes,
+    fsync_tree,
+    tensor_spec,
+)
 from fluxguide.data.episodes import EPISODE, EPISODE_CONSTANTS, EpisodeChunk
 from fluxguide.locking import LOCK_FILE
 from fluxguide.serialization import write_json_atomic
@@ -51,107 +59,6 @@ MANIFEST = "manifest.json"
 _FINITE_CHECKED: set[tuple[Path, int]] = set()
 FORMAT = "fluxguide.guidance_dataset"
 VERSION = 1
-
-
-class DatasetError(ValueError):
-    """A dataset folder is missing, damaged, or does not fit what it is used with."""
-
-
-def _spec(td: TensorDict) -> dict[str, dict[str, Any]]:
-    """Per-item shape and dtype of each entry (the batch dim removed)."""
-    return {
-        k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
-        for k, v in sorted(td.items(include_nested=False, leaves_only=True))
-    }
-
-
-def _file_sizes(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _fsync_tree(folder: Path) -> None:
-    """Flush a freshly written folder to disk (files, then the folders), so a power cut cannot tear it."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    for d in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
-        fd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-#: The only class a chunk's ``meta.json`` may name: a plain TensorDict (no tensorclass, no non-tensor leaf).
-_TENSORDICT_TYPE = "<class 'tensordict._td.TensorDict'>"
-_TENSOR_FIELDS = {"device", "shape", "dtype", "is_nested"}
-
-
-def check_memmap_folder(folder: Path) -> None:
-    """Refuse a memmap TensorDict folder holding anything but tensors, before tensordict reads it.
-
-    tensordict's loader unpickles non-tensor leaves (``*.pickle``) and imports the class its ``meta.json``
-    names, so a dataset shared between people could run code when loaded. Here every ``meta.json`` must name a
-    plain TensorDict whose entries are tensors (a ``<key>.memmap`` file of a torch dtype) or nested
-    TensorDicts (a sub-folder checked the same way), and the folder may hold no other file.
-
-    Raises:
-        DatasetError: naming the offending file.
-    """
-    meta_path = folder / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{meta_path} is missing: the chunk is damaged") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{meta_path} is not valid JSON ({e}): the chunk is damaged") from None
-
-    def refuse(what: str, path: Path) -> DatasetError:
-        return DatasetError(
-            f"{path}: {what}. A fluxguide dataset holds tensors only and is never unpickled (a pickled field could "
-            "run code when loaded); refusing to load it. Re-collect the data with experiments/collect_data.py, or "
-            "inspect the file if you trust where it came from"
-        )
-
-    if not isinstance(meta, dict) or meta.get("_type") != _TENSORDICT_TYPE:
-        raise refuse(f"names the class {meta.get('_type') if isinstance(meta, dict) else meta!r}, not a plain "
-                     "TensorDict", meta_path)
-    expected = {"meta.json"}
-    for key, entry in meta.items():
-        if key in ("shape", "device", "_type"):
-            continue
-        if isinstance(entry, dict) and entry == {"type": "TensorDict"}:
-            if not (folder / key).is_dir():
-                raise refuse(f"lists the nested TensorDict {key!r} but has no folder for it", meta_path)
-            check_memmap_folder(folder / key)
-            expected.add(key)
-            continue
-        dtype = entry.get("dtype", "") if isinstance(entry, dict) else ""
-        if not (isinstance(entry, dict) and set(entry) <= _TENSOR_FIELDS and "shape" in entry
-                and isinstance(getattr(torch, str(dtype).removeprefix("torch."), None), torch.dtype)
-                and not entry.get("is_nested")):
-            raise refuse(f"entry {key!r} is not a tensor ({json.dumps(entry)[:120]})", meta_path)
-        expected.add(f"{key}.memmap")
-    for p in folder.iterdir():
-        if p.name not in expected:
-            raise refuse("is not part of a tensors-only chunk (only meta.json and <key>.memmap files are)", p)
-
-
-def check_finite(td: TensorDict, folder: Path) -> None:
-    """Refuse non-finite values in a chunk's floating tensors, naming the file: a NaN target would otherwise
-    surface much later as a diverging loss that looks like a learning-rate problem."""
-    for key, value in td.items(include_nested=True, leaves_only=True):
-        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-            finite = torch.isfinite(value)
-            if not bool(finite.all()):
-                name = "/".join(key) if isinstance(key, tuple) else key
-                bad = int((~finite).sum())
-                raise DatasetError(
-                    f"{folder / name}.memmap holds {bad} non-finite value(s) (NaN / inf) of {value.numel()}: the "
-                    "data was collected from a diverged teacher or is damaged; re-collect this chunk (delete the "
-                    "dataset folder or collect into a new one) rather than training on it"
-                )
 
 
 def check_collection_settings(dataset: GuidanceDataset, seed: int, settings: dict[str, Any]) -> None:
@@ -286,7 +193,7 @@ class GuidanceDataset:
             raise ValueError("cannot append an empty chunk (0 episodes)")
         with self._lock():
             manifest = self._read_manifest()
-            spec = {"episodes": _spec(chunk.episodes), "transitions": _spec(chunk.transitions)}
+            spec = {"episodes": tensor_spec(chunk.episodes), "transitions": tensor_spec(chunk.transitions)}
             if manifest["spec"] is not None and manifest["spec"] != spec:
                 raise DatasetError(self._spec_mismatch(manifest["spec"], spec))
             self._remove_stale(manifest)
@@ -297,8 +204,8 @@ class GuidanceDataset:
                 chunk.episodes.detach().cpu().memmap_(prefix=tmp / "episodes")
                 chunk.transitions.detach().cpu().memmap_(prefix=tmp / "transitions")
                 (tmp / "prompts.json").write_text(json.dumps(chunk.prompts))
-                _fsync_tree(tmp)
-                sizes = _file_sizes(tmp)
+                fsync_tree(tmp)
+                sizes = file_sizes(tmp)
                 os.rename(tmp, self.path / name)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

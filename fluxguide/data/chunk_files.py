@@ -1,0 +1,118 @@
+"""What a dataset chunk folder on disk may hold, and the checks every load makes before trusting one.
+
+A chunk is a ``TensorDict.memmap_`` folder: ``meta.json`` files describing plain tensors and one ``.memmap`` file
+per tensor. tensordict's loader can also unpickle non-tensor leaves, so a shared dataset could run code when it
+is loaded: :func:`check_memmap_folder` refuses anything but plain tensors before tensordict reads the folder, and
+:func:`check_finite` names the file of a non-finite value once, at load (docs/design.md, "data").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tensordict import TensorDict
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, damaged, or does not fit what it is used with."""
+
+
+def tensor_spec(td: TensorDict) -> dict[str, dict[str, Any]]:
+    """Per-item shape and dtype of each entry (the batch dim removed)."""
+    return {
+        k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype).removeprefix("torch.")}
+        for k, v in sorted(td.items(include_nested=False, leaves_only=True))
+    }
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush a freshly written folder to disk (files, then the folders), so a power cut cannot tear it."""
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    for d in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+#: The only class a chunk's ``meta.json`` may name: a plain TensorDict (no tensorclass, no non-tensor leaf).
+_TENSORDICT_TYPE = "<class 'tensordict._td.TensorDict'>"
+_TENSOR_FIELDS = {"device", "shape", "dtype", "is_nested"}
+
+
+def check_memmap_folder(folder: Path) -> None:
+    """Refuse a memmap TensorDict folder holding anything but tensors, before tensordict reads it.
+
+    tensordict's loader unpickles non-tensor leaves (``*.pickle``) and imports the class its ``meta.json``
+    names, so a dataset shared between people could run code when loaded. Here every ``meta.json`` must name a
+    plain TensorDict whose entries are tensors (a ``<key>.memmap`` file of a torch dtype) or nested
+    TensorDicts (a sub-folder checked the same way), and the folder may hold no other file.
+
+    Raises:
+        DatasetError: naming the offending file.
+    """
+    meta_path = folder / "meta.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{meta_path} is missing: the chunk is damaged") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{meta_path} is not valid JSON ({e}): the chunk is damaged") from None
+
+    def refuse(what: str, path: Path) -> DatasetError:
+        return DatasetError(
+            f"{path}: {what}. A fluxguide dataset holds tensors only and is never unpickled (a pickled field could "
+            "run code when loaded); refusing to load it. Re-collect the data with experiments/collect_data.py, or "
+            "inspect the file if you trust where it came from"
+        )
+
+    if not isinstance(meta, dict) or meta.get("_type") != _TENSORDICT_TYPE:
+        raise refuse(f"names the class {meta.get('_type') if isinstance(meta, dict) else meta!r}, not a plain "
+                     "TensorDict", meta_path)
+    expected = {"meta.json"}
+    for key, entry in meta.items():
+        if key in ("shape", "device", "_type"):
+            continue
+        if isinstance(entry, dict) and entry == {"type": "TensorDict"}:
+            if not (folder / key).is_dir():
+                raise refuse(f"lists the nested TensorDict {key!r} but has no folder for it", meta_path)
+            check_memmap_folder(folder / key)
+            expected.add(key)
+            continue
+        dtype = entry.get("dtype", "") if isinstance(entry, dict) else ""
+        if not (isinstance(entry, dict) and set(entry) <= _TENSOR_FIELDS and "shape" in entry
+                and isinstance(getattr(torch, str(dtype).removeprefix("torch."), None), torch.dtype)
+                and not entry.get("is_nested")):
+            raise refuse(f"entry {key!r} is not a tensor ({json.dumps(entry)[:120]})", meta_path)
+        expected.add(f"{key}.memmap")
+    for p in folder.iterdir():
+        if p.name not in expected:
+            raise refuse("is not part of a tensors-only chunk (only meta.json and <key>.memmap files are)", p)
+
+
+def check_finite(td: TensorDict, folder: Path) -> None:
+    """Refuse non-finite values in a chunk's floating tensors, naming the file: a NaN target would otherwise
+    surface much later as a diverging loss that looks like a learning-rate problem."""
+    for key, value in td.items(include_nested=True, leaves_only=True):
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                name = "/".join(key) if isinstance(key, tuple) else key
+                bad = int((~finite).sum())
+                raise DatasetError(
+                    f"{folder / name}.memmap holds {bad} non-finite value(s) (NaN / inf) of {value.numel()}: the "
+                    "data was collected from a diverged teacher or is damaged; re-collect this chunk (delete the "
+                    "dataset folder or collect into a new one) rather than training on it"
+                )
