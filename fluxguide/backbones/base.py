@@ -7,8 +7,10 @@ straight to :func:`fluxguide.sampling.denoise`, plus ``encode`` (prompts -> cond
 
 from __future__ import annotations
 
+import itertools
+import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
-from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, denoise
+from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, check_guidance_scale, denoise
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.sampling.schedule import get_schedule
 
@@ -86,6 +88,79 @@ class Conditioning:
         )
 
 
+PROMPT_PREVIEW_CHARS = 60
+
+
+def prompt_preview(prompt: object, limit: int = PROMPT_PREVIEW_CHARS) -> str:
+    """``repr`` of a prompt for error messages: at most ``limit`` characters, with the length when cut."""
+    if not isinstance(prompt, str):
+        return f"{type(prompt).__name__} {prompt!r}"[: limit + 20]
+    if len(prompt) <= limit:
+        return repr(prompt)
+    return f"{prompt[:limit]!r}... ({len(prompt)} characters)"
+
+
+def check_prompt_list(prompts: object, *, method: str = "sample") -> list[str]:
+    """``prompts`` as a list after checking it is a non-empty list (or tuple) of strings, not a bare string.
+
+    Raises:
+        TypeError: a single string (``sample("a red circle")`` would otherwise sample one image per
+            character), a non-sequence, or non-string items.
+        ValueError: no prompts.
+    """
+    if isinstance(prompts, str):
+        raise TypeError(
+            f"{method} takes a list of prompts, got the string {prompt_preview(prompts)}: wrap it in a list "
+            f"([prompt])"
+        )
+    if isinstance(prompts, (bytes, Mapping)) or not isinstance(prompts, Iterable):
+        raise TypeError(f"{method} takes a list of prompt strings, got {type(prompts).__name__}")
+    prompts = list(prompts)
+    if not prompts:
+        raise ValueError(f"{method} needs at least one prompt, got an empty list: pass a list of prompt strings")
+    bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"{method} takes prompt strings; items (index, type) {bad[:5]} are not strings")
+    return prompts
+
+
+def check_num_steps(num_steps: object, *, name: str = "num_steps") -> None:
+    """Raise unless ``num_steps`` is ``None`` (the default) or an integer >= 1 (0 is refused, not replaced)."""
+    if num_steps is None:
+        return
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(f"{name} must be a positive integer or None (the default), got {num_steps!r}")
+    if num_steps < 1:
+        raise ValueError(
+            f"{name} must be a positive integer (>= 1 sampling step), got {num_steps}; pass None for the "
+            "backbone's default"
+        )
+
+
+def check_finite_weights(tensors: Mapping[str, torch.Tensor] | nn.Module, source: str, fix: str = "") -> None:
+    """Raise if any floating-point weight holds NaN or inf, naming ``source`` (a file or component) and the
+    first bad tensors. Run once when a base model is loaded, so broken weights are not later reported as a
+    guidance-model or learning-rate problem. Tensors on the meta device (not yet loaded) are skipped."""
+    items = (
+        itertools.chain(tensors.named_parameters(), tensors.named_buffers())
+        if isinstance(tensors, nn.Module) else tensors.items()
+    )
+    bad: list[str] = []
+    with torch.no_grad():
+        for name, t in items:
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
+                continue
+            if not bool(torch.isfinite(t).all()):
+                n = int((~torch.isfinite(t)).sum())
+                bad.append(f"{name} ({n} of {t.numel()} values)")
+    if bad:
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"the base model's weights in {source} hold NaN/inf values: {', '.join(bad[:5])}{more}. The weights "
+            f"are damaged (or were saved from a diverged run); {fix or 'load an intact copy of them'}"
+        )
+
+
 class Backbone(nn.Module, ABC):
     """Base class of base models. Subclasses set the attributes below and implement the abstract methods.
 
@@ -100,6 +175,8 @@ class Backbone(nn.Module, ABC):
         schedule_shift: whether :meth:`schedule` uses Flux's resolution-dependent shift.
         pixel_patch: side of the spatial patch packed into one token (2 latents in Flux); guidance networks
             that unpack tokens to a grid and coarse actions read it.
+        max_prompt_chars: the longest prompt (in characters) :meth:`check_prompts` accepts (``None``: no limit);
+            a tokenizer truncates far shorter, so a longer prompt is a mistake, not a request.
         verifier: an optional exact judge ``verifier(images, prompts) -> VerificationResult`` of the world
             (``None`` for open-world backbones such as Flux). Evaluation reports its pass rate when present:
             the held-out metric that tells real improvement from reward hacking.
@@ -119,6 +196,7 @@ class Backbone(nn.Module, ABC):
     recommended_cfg_scale: float | None = None
     schedule_shift: bool = True
     pixel_patch: int = 2
+    max_prompt_chars: int | None = 4096
     verifier: ClassVar[Callable[[torch.Tensor, list[str]], VerificationResult] | None] = None
 
     @property
@@ -183,8 +261,37 @@ class Backbone(nn.Module, ABC):
         return x.to(device=self.device)
 
     def schedule(self, num_steps: int | None = None) -> list[float]:
-        """Flux's schedule for this backbone's sequence length."""
-        return get_schedule(num_steps or self.default_num_steps, self.latent_seq, shift=self.schedule_shift)
+        """Flux's schedule for this backbone's sequence length (``None``: ``default_num_steps``; 0 and negative
+        counts are refused)."""
+        check_num_steps(num_steps)
+        return get_schedule(
+            self.default_num_steps if num_steps is None else int(num_steps), self.latent_seq, shift=self.schedule_shift
+        )
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """Raise unless this backbone can encode every prompt: a non-empty list of non-empty strings of at most
+        :attr:`max_prompt_chars` characters. Worlds with a grammar refuse prompts outside it (the shapes world).
+        Called when an env is built and before sampling, so a bad prompt fails before any compute is spent;
+        messages show at most the first 60 characters of a prompt and its length.
+
+        Raises:
+            TypeError: a bare string, or non-string items.
+            ValueError: no prompts, an empty prompt, or one longer than :attr:`max_prompt_chars`.
+        """
+        prompts = check_prompt_list(prompts, method=f"{type(self).__name__}.check_prompts")
+        empty = [i for i, p in enumerate(prompts) if not p.strip()]
+        if empty:
+            raise ValueError(f"prompt {empty[0]} is empty ({prompts[empty[0]]!r}); every prompt must be a non-empty string")
+        limit = self.max_prompt_chars
+        if limit is not None:
+            long = [(i, p) for i, p in enumerate(prompts) if len(p) > limit]
+            if long:
+                i, p = long[0]
+                raise ValueError(
+                    f"prompt {i} is {len(p)} characters long, more than {type(self).__name__} encodes "
+                    f"({limit} characters): {prompt_preview(p)}; shorten it"
+                    + (f" ({len(long)} prompts are too long)" if len(long) > 1 else "")
+                )
 
     @property
     def image_channels(self) -> int:
@@ -236,13 +343,28 @@ class Backbone(nn.Module, ABC):
         guidance_scale: GuidanceScale = 1.0,
         cfg_scale: float | None = None,
     ) -> torch.Tensor:
-        """Prompts -> images ``(B, 3, H, W)`` in [0, 1] with the (optionally guided) Euler sampler."""
-        cond = self.encode(list(prompts))
+        """Prompts -> images ``(B, 3, H, W)`` in [0, 1] with the (optionally guided) Euler sampler.
+
+        Raises:
+            TypeError: ``prompts`` is a bare string (wrap it in a list) or holds non-strings.
+            ValueError: no prompts, a prompt this backbone cannot encode (:meth:`check_prompts`), a bad
+                ``num_steps`` or ``noise`` of the wrong batch size.
+        """
+        prompts = check_prompt_list(prompts, method="sample")
+        self.check_prompts(prompts)
+        timesteps = self.schedule(num_steps)
+        check_guidance_scale(guidance_scale, len(timesteps) - 1)
+        if noise is not None and (noise.ndim != 3 or noise.shape[0] != len(prompts)):
+            raise ValueError(
+                f"noise must be packed latents ({len(prompts)}, {self.latent_seq}, {self.latent_channels}), one "
+                f"per prompt, got shape {tuple(noise.shape)}"
+            )
+        cond = self.encode(prompts)
         img = noise if noise is not None else self.noise(len(prompts), generator)
         cfg_scale = self.default_cfg_scale if cfg_scale is None else cfg_scale
         model = self if cfg_scale == 1.0 else self.with_cfg(cfg_scale)
         latents = denoise(
-            model, img, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, self.schedule(num_steps),
+            model, img, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
             guidance=self.default_guidance, guidance_model=guidance_model, guidance_scale=guidance_scale,
         )
         return self.decode(latents)
@@ -264,7 +386,16 @@ def sample_prompts(
 
     The noise depends only on ``seed`` and the sample index, so two samplers evaluated with one seed see the
     same initial noise (paired comparisons).
+
+    Raises:
+        TypeError, ValueError: a bare string or bad prompts (:meth:`Backbone.check_prompts`), or counts below 1.
     """
+    prompts = check_prompt_list(prompts, method="sample_prompts")
+    backbone.check_prompts(prompts)
+    for name, value in (("samples_per_prompt", samples_per_prompt), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_num_steps(num_steps)
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(all_prompts), backbone.latent_seq, backbone.latent_channels), generator=generator)

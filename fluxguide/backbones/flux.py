@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 from transformers import (
     CLIPTextModel,
@@ -35,7 +36,7 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.base import Backbone, Conditioning, check_finite_weights, check_num_steps
 from fluxguide.sampling.packing import pack, unpack
 from fluxguide.sampling.schedule import get_lin_function, time_shift
 
@@ -262,14 +263,23 @@ class FluxBackbone(Backbone):
         model_kwargs = dict(common, torch_dtype=dtype)
         if variant is not None:
             model_kwargs["variant"] = variant
+
+        def load(model_cls: Any, subfolder: str) -> Any:
+            # Non-finite weights are named here, once, instead of surfacing later as a NaN prediction
+            # blamed on the guidance model or the learning rate.
+            module = model_cls.from_pretrained(source, subfolder=subfolder, **model_kwargs)
+            check_finite_weights(
+                module, f"{source}/{subfolder}",
+                f"re-download or re-save the {subfolder} weights (FluxPipeline.save_pretrained)",
+            )
+            return module
+
         backbone = cls(
-            transformer=FluxTransformer2DModel.from_pretrained(
-                source, subfolder="transformer", **model_kwargs
-            ),
-            vae=AutoencoderKL.from_pretrained(source, subfolder="vae", **model_kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **model_kwargs),
+            transformer=load(FluxTransformer2DModel, "transformer"),
+            vae=load(AutoencoderKL, "vae"),
+            text_encoder=load(CLIPTextModel, "text_encoder"),
             tokenizer=CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common),
-            text_encoder_2=T5EncoderModel.from_pretrained(source, subfolder="text_encoder_2", **model_kwargs),
+            text_encoder_2=load(T5EncoderModel, "text_encoder_2"),
             tokenizer_2=T5TokenizerFast.from_pretrained(source, subfolder="tokenizer_2", **common),
             height=height,
             width=width,
@@ -285,7 +295,14 @@ class FluxBackbone(Backbone):
         """Wrap the components of an already loaded diffusers ``FluxPipeline`` (shared, not copied).
 
         ``kwargs`` go to :class:`FluxBackbone` (``height``, ``width``, ``max_sequence_length``, ...).
+
+        Raises:
+            ValueError: a component's weights hold NaN/inf (named: ``pipe.transformer``, ``pipe.vae``, ...).
         """
+        for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+            component = getattr(pipe, name, None)
+            if isinstance(component, nn.Module):
+                check_finite_weights(component, f"pipe.{name}", f"reload the pipeline's {name} from intact weights")
         return cls(
             transformer=pipe.transformer,
             vae=pipe.vae,
@@ -371,6 +388,7 @@ class FluxBackbone(Backbone):
         ``(max_image_seq_len, max_shift)``); otherwise the static shift ``s t / (1 + (s - 1) t)``, which is
         ``time_shift`` with ``mu = log s`` (``s = 1`` is FLUX.1-schnell's plain linspace).
         """
+        check_num_steps(num_steps)
         num_steps = self.default_num_steps if num_steps is None else num_steps
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from fluxguide import keys
-from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.base import Backbone, Conditioning, check_num_steps
 from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
-from fluxguide.envs.prompts import PromptSource, PromptSourceLike
+from fluxguide.envs.prompts import PromptSource, PromptSourceLike, resolve_prompts
 from fluxguide.envs.reward_spec import RewardLike, build_reward
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
 from fluxguide.sampling.sde_actions import sde_action_std
@@ -65,7 +65,7 @@ class GuidanceCore:
         prompts: a list of prompts, a text file with one prompt per line, or ``"shapes-train"`` /
             ``"shapes-heldout"``; each reset draws from it uniformly with the seeded generator.
         batch_size: trajectories per episode ``B``.
-        num_steps: sampling steps per episode (default: the backbone's); the times are
+        num_steps: sampling steps per episode, >= 1 (``None``: the backbone's default); the times are
             ``backbone.schedule(num_steps)``.
         guidance_scale: ``g`` in ``pred + g a``: a float, one float per step, or ``step -> float``.
         max_action: actions are clipped to ``[-max_action, max_action]`` (the finite bound RL libraries
@@ -126,6 +126,7 @@ class GuidanceCore:
             )
         if mode not in ("ode", "sde"):
             raise ValueError(f"mode must be 'ode' or 'sde', got {mode!r}")
+        check_num_steps(num_steps)  # 0 or a negative count is refused, never replaced by the default
         self.backbone = backbone
         self.batch_size = int(batch_size)
         self.samples_per_prompt = int(samples_per_prompt)
@@ -138,6 +139,9 @@ class GuidanceCore:
         if self.control_cost < 0:
             raise ValueError(f"control_cost must be >= 0 (it is subtracted from the reward), got {control_cost}")
         self.prompt_source = PromptSource(prompts)
+        # Every prompt the env may draw must be one the backbone can encode (a world's grammar, a length
+        # limit): refused here, before the reward loads and any step runs, not at the last step.
+        backbone.check_prompts(self.prompt_source.prompts)
         self.reward = build_reward(reward, backbone, reward_kwargs)
         self.verify = backbone.verifier is not None if verify is None else bool(verify)
         if self.verify and backbone.verifier is None:
@@ -247,7 +251,8 @@ class GuidanceCore:
                     f"reset(prompts=...) takes one prompt per group: {self.num_groups} (batch_size "
                     f"{self.batch_size} / samples_per_prompt {self.samples_per_prompt}), got {got}"
                 )
-            group_prompts = list(PromptSource(list(prompts)).prompts)
+            group_prompts = resolve_prompts(list(prompts), unique=False)
+            self.backbone.check_prompts(group_prompts)
         cond = self.backbone.encode(group_prompts)
         if self.samples_per_prompt > 1:
             cond = cond.repeat_interleave(self.samples_per_prompt)

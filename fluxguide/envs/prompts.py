@@ -7,6 +7,7 @@ seed fixes the prompts as well as the initial noise.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,27 @@ def _valid_sources() -> str:
             f"'package.module:function' returning a list of prompts")
 
 
-def resolve_prompts(source: PromptSourceLike) -> list[str]:
+def _preview(prompt: str, limit: int = 60) -> str:
+    return repr(prompt) if len(prompt) <= limit else f"{prompt[:limit]!r}... ({len(prompt)} characters)"
+
+
+def resolve_prompts(source: PromptSourceLike, *, unique: bool = True) -> list[str]:
     """The list of prompts a source stands for.
+
+    A prompt source is a set of distinct prompts, each drawn with equal probability: a prompt that appears
+    twice is refused (``unique=True``), not silently de-duplicated, and not a weight. To train more on some
+    prompts, build the weighting into the source's content (e.g. a prompt set whose function returns the
+    prompts you want), or train on the subset separately; fluxguide has no per-prompt weights.
 
     Args:
         source: a list (or tuple) of prompt strings; a path to a UTF-8 text file with one prompt per line
             (blank lines are skipped); or the name of a prompt set in :data:`PROMPT_SETS` (or a spec).
+        unique: refuse repeated prompts (``False`` for an explicit per-episode list, where two groups may
+            share a prompt).
 
     Raises:
         ValueError: an unknown name or missing file (the message lists the valid sources), an empty source,
-            or an entry that is not a non-empty string.
+            an entry that is not a non-empty string, or (``unique``) a prompt that appears more than once.
     """
     if isinstance(source, (str, os.PathLike)):
         key = os.fspath(source)
@@ -67,7 +79,20 @@ def resolve_prompts(source: PromptSourceLike) -> list[str]:
         raise ValueError(f"the prompt source is empty; valid sources: {_valid_sources()}")
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
-            raise ValueError(f"prompt {i} is {p!r}; every prompt must be a non-empty string")
+            shown = _preview(p) if isinstance(p, str) else repr(p)
+            raise ValueError(f"prompt {i} is {shown}; every prompt must be a non-empty string")
+    if unique:
+        counts = Counter(prompts)
+        repeated = [(p, n) for p, n in counts.items() if n > 1]
+        if repeated:
+            where = f"prompt file {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "the prompt list"
+            shown = ", ".join(f"{_preview(p)} ({n} times)" for p, n in repeated[:5])
+            more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
+            raise ValueError(
+                f"{where} repeats {len(repeated)} prompt(s): {shown}{more}. A prompt source is a set of distinct "
+                "prompts drawn uniformly; fluxguide does not de-duplicate silently and a repeat is not a weight. "
+                "Remove the repeats (e.g. list(dict.fromkeys(prompts)))."
+            )
     return prompts
 
 

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
 from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model
@@ -30,10 +30,22 @@ def save_guidance_model(model: BaseGuidanceModel, path: str | Path) -> Path:
     return path
 
 
+def _open_error(path: str | Path, e: Exception) -> ValueError:
+    return ValueError(
+        f"guidance model file {str(path)!r} is not a readable safetensors file ({e}): it is truncated or was not "
+        "written by save_guidance_model; use an intact copy (a run folder's guidance.safetensors or a checkpoint)"
+    )
+
+
 def read_guidance_config(path: str | Path) -> dict:
     """The config stored in a file written by :func:`save_guidance_model`."""
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"guidance model file {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise _open_error(path, e) from e
     if CONFIG_METADATA_KEY not in metadata:
         raise ValueError(
             f"{path} holds no guidance config (metadata key {CONFIG_METADATA_KEY!r}); it was not written by "
@@ -47,6 +59,28 @@ def load_guidance_model(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> BaseGuidanceModel:
     """Rebuild the model saved by :func:`save_guidance_model` and load its weights (strictly)."""
-    model = build_guidance_model(read_guidance_config(path), device=device, dtype=dtype)
-    load_model(model, str(path), strict=True, device=str(device) if device is not None else "cpu")
+    config = read_guidance_config(path)
+    model = build_guidance_model(config, device=device, dtype=dtype)
+    try:
+        load_model(model, str(path), strict=True, device=str(device) if device is not None else "cpu")
+    except RuntimeError as e:
+        raise _mismatch_error(path, model, config) from e
     return model
+
+
+def _mismatch_error(path: str | Path, model: BaseGuidanceModel, config: dict) -> ValueError:
+    """The config stored in ``path`` builds a model whose parameters differ from the file's tensors: name the
+    file and the first few differences (name, shape in the file vs shape the config builds)."""
+    with safe_open(str(path), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    lines = [f"{k}: file {stored[k]} vs config {expected[k]}" for k in expected if k in stored and stored[k] != expected[k]]
+    lines += [f"{k}: missing from the file (config {expected[k]})" for k in expected if k not in stored]
+    lines += [f"{k}: in the file {stored[k]} but not in the config's model" for k in stored if k not in expected]
+    shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
+    name = config.get("type", "?") if isinstance(config, dict) else "?"
+    return ValueError(
+        f"guidance model file {str(path)!r}: its stored config (architecture {name!r}) and its weights disagree "
+        f"({len(lines)} tensors differ): {shown}. The file's metadata was written for another model; save it again "
+        "with save_guidance_model(model, path) from the model that owns these weights"
+    )

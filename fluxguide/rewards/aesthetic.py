@@ -146,15 +146,27 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist.")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device="cpu")
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(
+                f"weights file {str(path)!r} is not a readable safetensors file ({e}); it is truncated or not "
+                f"safetensors at all: download it again, or write it with safetensors.torch.save_file(state_dict, path)."
+            ) from e
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{str(path)!r} is not a plain state dict of tensors (weights_only loading refused it: {e}); "
             f"save model.state_dict() instead of the model object, or convert it to safetensors."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(
+            f"weights file {str(path)!r} is not a readable torch.save file ({e}); it is truncated or in another "
+            f"format: download it again, or save the state dict with safetensors."
         ) from e
     # Lightning checkpoints wrap the state dict.
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):

@@ -7,10 +7,13 @@ which reads its local cache and reaches the hub only when the weights are not th
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -20,6 +23,28 @@ from torch import nn
 from fluxguide.rewards.preprocess import CLIPPreprocess
 
 _CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz")
+
+
+class _DropRandomInitWarning(logging.Filter):
+    """Drops open_clip's "No pretrained weights loaded for model ... Model initialized randomly." only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (message.startswith("No pretrained weights loaded for model") and "initialized randomly" in message)
+
+
+@contextlib.contextmanager
+def quiet_random_init_warning() -> Iterator[None]:
+    """Silence open_clip's "Model initialized randomly" warning (logged on the root logger by
+    ``open_clip.create_model`` without ``pretrained``) for callers that load the real weights right after it,
+    where the warning misdescribes what happened. Every other log record passes."""
+    root = logging.getLogger()
+    flt = _DropRandomInitWarning()
+    root.addFilter(flt)
+    try:
+        yield
+    finally:
+        root.removeFilter(flt)
 
 
 def _register_config(model_name: str, model_cfg: dict[str, Any], directory: Path) -> None:

@@ -8,6 +8,7 @@ guidance arguments. At every step ``pred_used = pred + scale * guidance_model(im
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -37,6 +38,50 @@ GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, t
 GuidanceScale = float | Sequence[float] | Callable[[int], float]
 
 
+SCALE_FORMS = "a float, a list with one float per step, or a callable step_idx -> float"
+
+
+def _is_number(x: object) -> bool:
+    return (isinstance(x, numbers.Real) and not isinstance(x, bool)) or (
+        isinstance(x, torch.Tensor) and x.ndim == 0 and x.dtype != torch.bool
+    )
+
+
+def check_guidance_scale(guidance_scale: object, num_steps: int) -> None:
+    """Raise unless ``guidance_scale`` is one of the accepted forms: a real number (or 0-d tensor), a sequence
+    of ``num_steps`` numbers, or a callable ``step_idx -> float`` (not called here).
+
+    Raises:
+        TypeError: a string or any other non-number, naming the value and the accepted forms.
+        ValueError: a per-step list of the wrong length.
+    """
+    if callable(guidance_scale) or _is_number(guidance_scale):
+        return
+    shown = repr(guidance_scale)
+    shown = shown if len(shown) <= 60 else shown[:60] + "..."
+    if isinstance(guidance_scale, (str, bytes)):
+        try:
+            hint = f" (guidance_scale={float(guidance_scale)!r}, not {shown})"
+        except ValueError:
+            hint = ""
+        raise TypeError(f"guidance_scale must be {SCALE_FORMS}, got the string {shown}; pass a number{hint}")
+    try:
+        scales = list(guidance_scale)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"guidance_scale must be {SCALE_FORMS}, got {shown} of type {type(guidance_scale).__name__}"
+        ) from None
+    bad = [(i, s) for i, s in enumerate(scales) if not _is_number(s)]
+    if bad:
+        i, s = bad[0]
+        raise TypeError(
+            f"a per-step guidance_scale must hold numbers, but entry {i} is {s!r} ({type(s).__name__}); "
+            f"guidance_scale must be {SCALE_FORMS}"
+        )
+    if len(scales) != num_steps:
+        raise ValueError(f"a per-step guidance_scale needs one value per step: got {len(scales)} for {num_steps} steps")
+
+
 def scale_at(guidance_scale: GuidanceScale, step_idx: int, num_steps: int) -> float:
     """The guidance scale of step ``step_idx``: a constant, one entry of a list, or ``scale(step_idx)``."""
     if callable(guidance_scale):
@@ -45,10 +90,8 @@ def scale_at(guidance_scale: GuidanceScale, step_idx: int, num_steps: int) -> fl
         isinstance(guidance_scale, torch.Tensor) and guidance_scale.ndim == 0
     ):  # numbers.Real also admits numpy scalars, which ``list()`` below cannot iterate
         return float(guidance_scale)
-    scales = list(guidance_scale)
-    if len(scales) != num_steps:
-        raise ValueError(f"a per-step guidance_scale needs one value per step: got {len(scales)} for {num_steps} steps")
-    return float(scales[step_idx])
+    check_guidance_scale(guidance_scale, num_steps)
+    return float(list(guidance_scale)[step_idx])
 
 
 def check_finite(name: str, x: torch.Tensor, step_idx: int, t: float) -> None:
@@ -98,10 +141,35 @@ def check_batch(img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, img_ids
 
 
 def check_timesteps(timesteps: Sequence[float]) -> int:
-    """The number of steps of a schedule of ``num_steps + 1`` times; raise if it has fewer than one step."""
-    num_steps = len(timesteps) - 1
+    """The number of steps of a schedule of ``num_steps + 1`` times; raise unless it has at least one step and
+    its times are finite and strictly decreasing (``t = 1`` is noise, ``t = 0`` data)."""
+    if isinstance(timesteps, (str, bytes)) or not hasattr(timesteps, "__len__"):
+        raise TypeError(
+            f"timesteps must be a sequence of floats from get_schedule (noise t=1 first), got {type(timesteps).__name__}"
+        )
+    times = timesteps.tolist() if isinstance(timesteps, torch.Tensor) else list(timesteps)
+    num_steps = len(times) - 1
     if num_steps < 1:
-        raise ValueError(f"timesteps must hold at least 2 values (num_steps >= 1), got {list(timesteps)}")
+        raise ValueError(f"timesteps must hold at least 2 values (num_steps >= 1), got {times}")
+    try:
+        values = [float(t) for t in times]
+    except (TypeError, ValueError):
+        raise TypeError(f"timesteps must be numbers, got {times[:5]}...") from None
+    bad = [i for i, t in enumerate(values) if not math.isfinite(t)]
+    if bad:
+        raise ValueError(
+            f"timesteps[{bad[0]}] is {values[bad[0]]}: every time must be a finite number in [0, 1]; "
+            "build the schedule with get_schedule(num_steps, seq_len) (or backbone.schedule(num_steps))"
+        )
+    for i, (a, b) in enumerate(itertools.pairwise(values)):
+        if not b < a:
+            hint = (" They increase: the sampler runs from noise (t=1) to data (t=0), so reverse the list."
+                    if values[-1] > values[0] else "")
+            raise ValueError(
+                f"timesteps must decrease strictly from noise (t=1) to data (t=0), but timesteps[{i + 1}]={b:.6g} "
+                f"is not below timesteps[{i}]={a:.6g}.{hint} Use get_schedule(num_steps, seq_len) or "
+                "backbone.schedule(num_steps)"
+            )
     return num_steps
 
 
@@ -161,6 +229,7 @@ def denoise(
         The final latent ``(B, seq, C)``.
     """
     num_steps = check_timesteps(timesteps)
+    check_guidance_scale(guidance_scale, num_steps)
     check_batch(img, txt, vec, img_ids)
     if grad_last_k is not None and not 1 <= grad_last_k <= num_steps:
         raise ValueError(f"grad_last_k must be in [1, {num_steps}] (the number of steps), got {grad_last_k}")

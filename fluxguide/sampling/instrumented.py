@@ -25,6 +25,7 @@ from fluxguide.sampling.denoise import (
     GuidanceScale,
     check_batch,
     check_finite,
+    check_guidance_scale,
     check_timesteps,
     denoise,
     guided_prediction,
@@ -111,6 +112,7 @@ def _sde_loop(model: FluxModel, img: torch.Tensor, img_ids: torch.Tensor, txt: t
               generator: torch.Generator | None, check_finite_values: bool, record) -> torch.Tensor:
     """The guided loop with Flow-GRPO's SDE step in place of the Euler step (the env's SDE mode)."""
     num_steps = check_timesteps(timesteps)
+    check_guidance_scale(guidance_scale, num_steps)
     check_batch(img, txt, vec, img_ids)
     b = img.shape[0]
     g = None if guidance is None else torch.full((b,), guidance, device=img.device, dtype=img.dtype)

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import text_global_pool
 
+from fluxguide.rewards.open_clip_models import quiet_random_init_warning
+
 SHAPES_CLIP_NAME = "fluxguide-shapes-clip"
 CONFIG_PATH = Path(__file__).with_name(f"{SHAPES_CLIP_NAME}.json")
 # open_clip's default normalisation, so its standard transforms and fluxguide's torch preprocessing agree.
@@ -28,14 +30,16 @@ def register_shapes_clip() -> None:
 
 
 def create_shapes_clip(checkpoint: str | Path | None = None, device: torch.device | str = "cpu") -> open_clip.CLIP:
-    """Build the tiny CLIP with open_clip, optionally loading a checkpoint file (safetensors)."""
+    """Build the tiny CLIP with open_clip, optionally loading a checkpoint file (safetensors).
+
+    Without a checkpoint the model is random, as asked (the world's loaders put their weights in right after),
+    so open_clip's "No pretrained weights loaded ... Model initialized randomly" warning is not logged.
+    """
     register_shapes_clip()
-    model = open_clip.create_model(
-        SHAPES_CLIP_NAME,
-        pretrained=str(checkpoint) if checkpoint is not None else None,
-        device=device,
-    )
-    return model
+    if checkpoint is not None:
+        return open_clip.create_model(SHAPES_CLIP_NAME, pretrained=str(checkpoint), device=device)
+    with quiet_random_init_warning():
+        return open_clip.create_model(SHAPES_CLIP_NAME, pretrained=None, device=device)
 
 
 def shapes_tokenizer() -> open_clip.tokenizer.SimpleTokenizer:

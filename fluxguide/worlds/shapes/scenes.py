@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from fluxguide.backbones.base import prompt_preview
+
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[float, float, float]] = {
     "red": (0.95, 0.15, 0.15),
@@ -101,14 +103,39 @@ def parse_prompt(prompt: str) -> PromptSpec:
     return PromptSpec((_parse_object(text, prompt),))
 
 
+GRAMMAR = (
+    "expected 'a <color> <kind>' optionally followed by 'on the left of' / 'above' and another object, with "
+    f"colors {sorted(COLORS)} and kinds {list(KINDS)} (e.g. 'a red circle on the left of a blue bar')"
+)
+
+
 def _parse_object(text: str, prompt: str) -> ShapeSpec:
     parts = text.split()
     if len(parts) != 3 or parts[0] not in ("a", "an") or parts[1] not in COLORS or parts[2] not in KINDS:
-        raise ValueError(
-            f"{prompt!r} is not a shapes-world prompt: expected 'a <color> <kind>' optionally followed by "
-            f"'on the left of' / 'above' and another object, with colors {sorted(COLORS)} and kinds {list(KINDS)}"
-        )
+        raise ValueError(f"{prompt_preview(prompt)} is not a shapes-world prompt: {GRAMMAR}")
     return ShapeSpec(parts[1], parts[2])
+
+
+def parse_prompts(prompts: list[str]) -> list[PromptSpec]:
+    """Parse every prompt; raise one ``ValueError`` naming (the first 60 characters of) the first few prompts
+    outside the grammar, how many there are, and the grammar."""
+    specs: list[PromptSpec] = []
+    bad: list[tuple[int, str]] = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise TypeError(f"prompt {i} is {type(p).__name__} {p!r}; prompts must be strings")
+        try:
+            specs.append(parse_prompt(p))
+        except ValueError:
+            bad.append((i, p))
+    if bad:
+        shown = "; ".join(f"prompt {i}: {prompt_preview(p)}" for i, p in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ValueError(
+            f"{len(bad)} of {len(prompts)} prompts are outside the shapes world's grammar: {shown}{more}. The "
+            f"shapes world can only encode its own captions: {GRAMMAR}; see fluxguide.worlds.shapes.scenes.all_prompts()"
+        )
+    return specs
 
 
 def all_prompt_specs() -> list[PromptSpec]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fluxguide.worlds.shapes.scenes import COLORS, ShapeSpec, parse_prompt
+from fluxguide.worlds.shapes.scenes import COLORS, ShapeSpec, parse_prompts
 
 FOREGROUND = 0.4
 MIN_AREA = 10
@@ -172,7 +172,7 @@ def verify(images: torch.Tensor, prompts: list[str]) -> VerificationResult:
         raise ValueError(f"verify needs images (B, 3, H, W), got shape {tuple(images.shape)}")
     if len(prompts) != images.shape[0]:
         raise ValueError(f"verify got {len(prompts)} prompts for {images.shape[0]} images: pass one prompt per image")
-    specs = [parse_prompt(p) for p in prompts]
+    specs = parse_prompts(list(prompts))
     components = find_components(images)
     scores = {a: torch.zeros(len(prompts)) for a in ATTRIBUTES}
     passed = torch.zeros(len(prompts), dtype=torch.bool)

@@ -19,10 +19,10 @@ from diffusers import FluxTransformer2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fluxguide.backbones.base import Backbone, Conditioning, straight_through_clamp
+from fluxguide.backbones.base import Backbone, Conditioning, check_finite_weights, straight_through_clamp
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
 from fluxguide.worlds.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
-from fluxguide.worlds.shapes.scenes import IMAGE_SIZE
+from fluxguide.worlds.shapes.scenes import IMAGE_SIZE, parse_prompts
 from fluxguide.worlds.shapes.verifier import verify
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
@@ -49,13 +49,13 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
             f"shapes-world weight file {path} is missing: reinstall fluxguide or rebuild the weights with "
             f"`python experiments/pretrain_shapes_world.py --out-dir {path.parent}`"
         )
+    rebuild = f"rebuild it with `python experiments/pretrain_shapes_world.py --out-dir {path.parent}`"
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(
-            f"shapes-world weight file {path} is corrupt ({e}): rebuild it with "
-            f"`python experiments/pretrain_shapes_world.py --out-dir {path.parent}`"
-        ) from e
+        raise ValueError(f"shapes-world weight file {path} is corrupt ({e}): {rebuild}") from e
+    check_finite_weights(tensors, f"shapes-world weight file {path}", rebuild)
+    return tensors
 
 
 def build_transformer(config: dict | None = None) -> FluxTransformer2DModel:
@@ -136,6 +136,12 @@ class ShapesWorld(Backbone):
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         return self.tokenizer(list(prompts)).to(self.img_ids.device)
+
+    def check_prompts(self, prompts: list[str]) -> None:
+        """The contract's checks, then the grammar: the world encodes only its own captions (a prompt outside
+        the grammar is refused when an env is built or sampling starts, not at the verifier after sampling)."""
+        super().check_prompts(prompts)
+        parse_prompts(list(prompts))
 
     def encode(self, prompts: list[str]) -> Conditioning:
         if isinstance(prompts, str):
