@@ -159,8 +159,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is long and suggests weights_only=False (running the file's code); keep its reason.
+        text = str(e)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].split("Check the documentation", 1)[0].strip()
+        reason = " ".join(reason.split())[:200] or text.splitlines()[0][:200]
         raise ValueError(
-            f"{str(path)!r} is not a plain state dict of tensors (weights_only loading refused it: {e}); "
+            f"{str(path)!r} is not a plain state dict of tensors (weights_only loading refused it: {reason}); "
             f"save model.state_dict() instead of the model object, or convert it to safetensors."
         ) from e
     except (RuntimeError, EOFError, OSError) as e:
