@@ -371,14 +371,20 @@ class RewardGradient:
         self._ids: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def encode(self, prompts: list[str]) -> Conditioning:
-        """The conditioning of ``prompts``, with text features cached per prompt (the text tower is frozen)."""
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if missing:
-            with torch.no_grad():
-                c = self.backbone.encode(missing)
-            for i, p in enumerate(missing):
-                self._cond_cache[p] = (c.txt[i], c.vec[i])
-            self._ids = (c.txt_ids, c.img_ids)
+        """The conditioning of ``prompts``, with text features cached per prompt (the text tower is frozen).
+
+        Each new prompt is encoded on its own: a text tower's output for one prompt can differ in the last bit
+        with the batch it is encoded in (the kernels a matmul picks depend on its shape), so encoding the
+        prompts missing from this batch together would make a prompt's features depend on which prompts
+        first came with it, and a resumed run (whose cache starts empty) would drift from the uninterrupted
+        run by about 1e-7. One prompt at a time, the features are a function of the prompt alone.
+        """
+        for p in dict.fromkeys(prompts):
+            if p not in self._cond_cache:
+                with torch.no_grad():
+                    c = self.backbone.encode([p])
+                self._cond_cache[p] = (c.txt[0], c.vec[0])
+                self._ids = (c.txt_ids, c.img_ids)
         assert self._ids is not None
         return Conditioning(
             txt=torch.stack([self._cond_cache[p][0] for p in prompts]),
