@@ -182,7 +182,7 @@ class Backbone(nn.Module, ABC):
             the held-out metric that tells real improvement from reward hacking.
 
     World-specific behaviour reaches the layers above only through these attributes and the hooks
-    :meth:`reward_kwargs`, :meth:`straight_through_decoder` and :meth:`render_references`, never through
+    :meth:`reward_kwargs`, :meth:`check_prompts`, :meth:`straight_through_decoder` and :meth:`render_references`, never through
     ``isinstance`` checks.
     """
 

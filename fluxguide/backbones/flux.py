@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from torch import nn
 from transformers import (
     CLIPTextModel,
     CLIPTokenizer,

@@ -72,7 +72,7 @@ def _mismatch_error(path: str | Path, model: BaseGuidanceModel, config: dict) ->
     """The config stored in ``path`` builds a model whose parameters differ from the file's tensors: name the
     file and the first few differences (name, shape in the file vs shape the config builds)."""
     with safe_open(str(path), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     lines = [f"{k}: file {stored[k]} vs config {expected[k]}" for k in expected if k in stored and stored[k] != expected[k]]
     lines += [f"{k}: missing from the file (config {expected[k]})" for k in expected if k not in stored]

@@ -173,7 +173,7 @@ def test_nan_in_flux_components_names_the_component(tmp_path: Path) -> None:
     folder = save_tiny_flux_pipeline(tmp_path / "pipe")
     (weights,) = (folder / "vae").glob("*.safetensors")
     tensors = load_file(str(weights))
-    key = sorted(tensors)[0]
+    key = min(tensors)
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, str(weights))
     with pytest.raises(ValueError, match=rf"weights in {folder}/vae hold NaN/inf values: {key}"):
@@ -226,8 +226,8 @@ def test_normal_weight_loads_log_no_random_init_warning(caplog: pytest.LogCaptur
 def test_the_filter_hides_only_that_warning(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     with quiet_random_init_warning():
-        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")
-        logging.warning("a real warning")
+        logging.warning("No pretrained weights loaded for model 'x'. Model initialized randomly.")  # noqa: LOG015 - as open_clip logs it
+        logging.warning("a real warning")  # noqa: LOG015
     assert [r.getMessage() for r in caplog.records] == ["a real warning"]
     caplog.clear()
     load_open_clip(SHAPES_CLIP_NAME, None)  # a model that really is random still says so
