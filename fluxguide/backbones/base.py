@@ -182,8 +182,8 @@ class Backbone(nn.Module, ABC):
             the held-out metric that tells real improvement from reward hacking.
 
     World-specific behaviour reaches the layers above only through these attributes and the hooks
-    :meth:`reward_kwargs`, :meth:`check_prompts`, :meth:`straight_through_decoder` and :meth:`render_references`, never through
-    ``isinstance`` checks.
+    :meth:`reward_kwargs`, :meth:`check_prompts`, :meth:`straight_through_decoder` and
+    :meth:`render_references`, never through ``isinstance`` checks.
     """
 
     latent_seq: int
@@ -281,7 +281,9 @@ class Backbone(nn.Module, ABC):
         prompts = check_prompt_list(prompts, method=f"{type(self).__name__}.check_prompts")
         empty = [i for i, p in enumerate(prompts) if not p.strip()]
         if empty:
-            raise ValueError(f"prompt {empty[0]} is empty ({prompts[empty[0]]!r}); every prompt must be a non-empty string")
+            raise ValueError(
+                f"prompt {empty[0]} is empty ({prompts[empty[0]]!r}); every prompt must be a non-empty string"
+            )
         limit = self.max_prompt_chars
         if limit is not None:
             long = [(i, p) for i, p in enumerate(prompts) if len(p) > limit]
