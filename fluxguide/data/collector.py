@@ -96,8 +96,8 @@ class GuidanceDataCollector:
                 f"strategy must be a TargetStrategy or one of {sorted(TARGET_STRATEGIES)}, got {type(strategy).__name__}"
             )
         self.backbone, self.strategy = backbone, strategy
-        self.num_steps = num_steps or backbone.default_num_steps
-        self.timesteps = backbone.schedule(self.num_steps)
+        self.timesteps = backbone.schedule(num_steps)  # refuses 0 and negatives; None: the backbone's default
+        self.num_steps = len(self.timesteps) - 1
 
     def metadata(self) -> dict[str, Any]:
         """Dataset-level facts: the strategy's settings, the backbone (class and weights) and the number of steps."""
