@@ -11,6 +11,7 @@ reward-gradient, PPO and behaviour cloning overlay in one W&B dashboard (docs/de
 
 W&B runs offline unless asked otherwise: the mode is the ``mode`` argument if given, else the ``WANDB_MODE``
 environment variable, else ``"offline"`` (sync later with ``wandb sync <run_dir>/wandb/offline-run-*``).
+Offline, nothing goes to the network (W&B's error reporting is turned off too: :func:`quiet_offline_wandb`).
 Every record also goes to ``<run_dir>/metrics.jsonl`` (one JSON object per line, with ``charts/samples_seen``
 in each), so curves can be plotted without W&B; :func:`read_metrics` reads it back.
 
@@ -66,6 +67,19 @@ def resolve_wandb_mode(mode: str | None = None) -> str:
     if mode not in WANDB_MODES:
         raise ValueError(f"W&B mode {mode!r} (from the {source}) is not one of {WANDB_MODES}")
     return mode
+
+
+def quiet_offline_wandb() -> None:
+    """Keep an offline W&B run off the network: turn off W&B's error reporting (Sentry) unless the user set it.
+
+    Offline, W&B's client writes files only, but its service process (``wandb-core``) reports its own internal
+    errors to Sentry by default, which would reach the network from a run that asked for none. W&B reads
+    ``WANDB_ERROR_REPORTING`` when it starts that process (it is then started with ``--no-observability``).
+    What remains is local: a Unix socket to the service, the system monitor reading the network interfaces'
+    counters from the kernel (netlink), and ``git`` / ``uname`` subprocesses; ``tests/reliability/test_offline.py``
+    checks that no name is looked up and no Internet socket is opened.
+    """
+    os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
 
 
 def check_metric_name(name: str) -> None:
@@ -183,6 +197,8 @@ class Tracker:
             write_json_atomic(info, tracking_path)
         self.wandb_id = info["wandb_id"]
         if self.mode != "disabled":
+            if self.mode == "offline":
+                quiet_offline_wandb()
             import wandb
 
             self.run = wandb.init(
