@@ -22,6 +22,7 @@ the script gives, and ``state`` with ``samples_seen`` (or ``pairs_seen``), ``ela
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -69,6 +70,8 @@ class Run:
         self._signal: int | None = None  # SIGINT / SIGTERM received during the loop
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
+        if "RL_LOGGING_LEVEL" not in os.environ:  # torchrl's INFO lines ("Initialized LazyTensorStorage ...")
+            logging.getLogger("torchrl").setLevel(logging.WARNING)  # on stdout say nothing about the run
         self.config = flat_config(config)
         self.update = 0  # updates done
         self.samples_seen = 0  # training samples over all ranks
