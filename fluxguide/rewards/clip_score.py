@@ -94,8 +94,11 @@ class CLIPScore(RewardModel):
             return text_embeddings(self.model, self.tokenizer, prompts, device)
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
         if missing:
+            # One prompt per call: a text tower's output can depend (in the last bits) on what else shares its
+            # batch, and a cache filled batch by batch would make the scores depend on the run's history (a
+            # resumed run, starting with an empty cache, would then differ from the uninterrupted one).
             with torch.no_grad():
-                new = text_embeddings(self.model, self.tokenizer, missing, device)
+                new = torch.cat([text_embeddings(self.model, self.tokenizer, [p], device) for p in missing])
             for prompt, emb in zip(missing, new):
                 self._text_cache[prompt] = emb
         for prompt in prompts:
