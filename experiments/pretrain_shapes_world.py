@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fluxguide.backbones.base import Conditioning
+from fluxguide.serialization import save_safetensors_atomic, write_json_atomic
 from fluxguide.worlds.shapes import heldout_prompts, train_prompts
 from fluxguide.worlds.shapes.clip import (
     contrastive_loss,
@@ -30,11 +32,10 @@ from fluxguide.worlds.shapes.clip import (
     shapes_tokenizer,
 )
 from fluxguide.worlds.shapes.evaluation import clip_retrieval_accuracy, sample_prompts, verifier_pass_rate
+from fluxguide.worlds.shapes.pretraining import ScenePool, augment_for_clip, rectified_flow_loss
 from fluxguide.worlds.shapes.quality import degrade, quality_score
 from fluxguide.worlds.shapes.scenes import all_prompts, render_prompts
-from fluxguide.worlds.shapes.pretraining import ScenePool, augment_for_clip, rectified_flow_loss
 from fluxguide.worlds.shapes.world import WEIGHTS_DIR, ShapesWorld, build_transformer, load_weights
-from fluxguide.serialization import save_safetensors_atomic, write_json_atomic
 
 Stage = Literal["clip", "flux", "aesthetic", "eval"]
 
@@ -99,15 +100,21 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 200) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def scheduled_steps(opt: torch.optim.Optimizer, steps: int, peak_lr: float, desc: str) -> Iterator[tuple[int, tqdm]]:
+    """``steps`` optimizer steps under a progress bar, each with its learning rate (:func:`lr_at`) set."""
+    bar = tqdm(range(steps), desc=desc)
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, steps, peak_lr)
+        yield step, bar
+
+
 def train_clip(cfg: Config, pool: ScenePool, gen: torch.Generator) -> torch.nn.Module:
     clip = create_shapes_clip()
     clip.train()
     tokenizer = shapes_tokenizer()
     opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.05)
-    bar = tqdm(range(cfg.clip_steps), desc="clip")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.clip_steps, cfg.clip_lr)
+    for step, bar in scheduled_steps(opt, cfg.clip_steps, cfg.clip_lr, "clip"):
         images, captions = pool.batch(cfg.clip_batch, gen)
         loss = contrastive_loss(clip, augment_for_clip(images, gen), tokenizer(captions), captions)
         opt.zero_grad(set_to_none=True)
@@ -140,10 +147,7 @@ def train_flux(cfg: Config, pool: ScenePool, clip: torch.nn.Module, gen: torch.G
     transformer.requires_grad_(True).train()
     ema = AveragedModel(transformer, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
     opt = torch.optim.AdamW(transformer.parameters(), lr=cfg.flux_lr, weight_decay=0.01)
-    bar = tqdm(range(cfg.flux_steps), desc="flux")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.flux_steps, cfg.flux_lr)
+    for step, bar in scheduled_steps(opt, cfg.flux_steps, cfg.flux_lr, "flux"):
         images, captions = pool.batch(cfg.flux_batch, gen)
         drop = torch.rand(len(captions), generator=gen) < cfg.caption_dropout
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
@@ -165,8 +169,8 @@ def train_flux(cfg: Config, pool: ScenePool, clip: torch.nn.Module, gen: torch.G
 
 
 def train_aesthetic(cfg: Config, pool: ScenePool, world: ShapesWorld, gen: torch.Generator) -> None:
-    from fluxguide.worlds.shapes.clip import normalize_images
     from fluxguide.rewards.aesthetic import AestheticPredictor
+    from fluxguide.worlds.shapes.clip import normalize_images
 
     train = train_prompts()
     generated, _ = sample_prompts(world, [train[i % len(train)] for i in range(cfg.aesthetic_generated)],

@@ -42,19 +42,10 @@ import torch
 from fluxguide import distributed
 from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning, check_dataset_matches_policy
 from fluxguide.data import GuidanceDataset
+from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import (
-    BackboneConfig,
-    ConfigError,
-    Flat,
-    PolicyConfig,
-    RunConfig,
-    TrainConfig,
-    check_float,
-    check_int,
-)
+from fluxguide.harness.config import ConfigError, check_float, check_int
 from fluxguide.harness.evaluation import ReferenceEvaluator, recommended_cfg_scale
-from fluxguide.harness.run import Run
 from fluxguide.policies import load_guidance_model
 
 

@@ -37,19 +37,9 @@ import torch
 from fluxguide import distributed
 from fluxguide.algos.ppo import PPO, AdvantageMode, PPOConfig
 from fluxguide.envs import GuidanceTorchRLEnv
+from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import (
-    BackboneConfig,
-    ConfigError,
-    Flat,
-    PolicyConfig,
-    RewardConfig,
-    RunConfig,
-    TrainConfig,
-    check_float,
-    check_int,
-)
-from fluxguide.harness.run import Run
+from fluxguide.harness.config import ConfigError, check_float, check_int
 from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network
 from fluxguide.policies.registry import image_channels, latent_grid
 

@@ -32,18 +32,9 @@ import torch
 
 from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
+from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import (
-    BackboneConfig,
-    Flat,
-    PolicyConfig,
-    RewardConfig,
-    RunConfig,
-    TrainConfig,
-    check_float,
-    check_int,
-)
-from fluxguide.harness.run import Run
+from fluxguide.harness.config import check_float, check_int
 
 
 @dataclass

@@ -140,7 +140,7 @@ def compare_samplers(
     """
     if pick_reward not in rewards:
         raise ValueError(f"pick_reward {pick_reward!r} is not one of the rewards {sorted(rewards)}")
-    steps = num_steps or backbone.default_num_steps
+    steps = len(backbone.schedule(num_steps)) - 1  # refuses 0 and negatives; None: the backbone's default
     rows, kept = [], {}
     from tqdm import tqdm
 
