@@ -16,7 +16,7 @@ from fluxguide.backbones.base import Backbone, Conditioning
 
 _LAZY = {
     "FluxBackbone": "fluxguide.backbones.flux",
-    "REQUIRED_SUBFOLDERS": "fluxguide.backbones.flux",
+    "REQUIRED_SUBFOLDERS": "fluxguide.backbones.flux_source",
     "BFLBackbone": "fluxguide.backbones.bfl",
     "save_tiny_flux_pipeline": "fluxguide.backbones.tiny_flux",
     "tiny_flux_components": "fluxguide.backbones.tiny_flux",

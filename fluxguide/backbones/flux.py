@@ -22,11 +22,10 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from torch import nn
 from transformers import (
     CLIPTextModel,
@@ -37,19 +36,9 @@ from transformers import (
 )
 
 from fluxguide.backbones.base import Backbone, Conditioning, check_finite_weights, check_num_steps
+from fluxguide.backbones.flux_source import resolve_pipeline_source
 from fluxguide.sampling.packing import pack, unpack
 from fluxguide.sampling.schedule import get_lin_function, time_shift
-
-#: The subfolders of a diffusers FluxPipeline folder that :meth:`FluxBackbone.from_pretrained` needs
-#: (``scheduler/`` is optional: without it Flux-dev's schedule is used).
-REQUIRED_SUBFOLDERS: tuple[str, ...] = (
-    "transformer",
-    "text_encoder",
-    "text_encoder_2",
-    "tokenizer",
-    "tokenizer_2",
-    "vae",
-)
 
 #: Flux-dev's ``scheduler_config.json`` entries that define the sampling schedule.
 DEFAULT_SCHEDULE_CONFIG: dict[str, Any] = {
@@ -70,14 +59,6 @@ _UNSUPPORTED_SCHEDULER_OPTIONS = (
     "invert_sigmas",
     "stochastic_sampling",
 )
-
-
-def _is_local_path(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` names a local folder rather than a hub id (``owner/name``)."""
-    text = os.fspath(path)
-    if isinstance(path, Path) or Path(text).exists() or os.path.isabs(text):
-        return True
-    return text.startswith((".", "~")) or text.count("/") != 1 or "\\" in text
 
 
 def _check_divisible(name: str, value: int, multiple: int) -> None:
@@ -235,30 +216,8 @@ class FluxBackbone(Backbone):
         device = torch.device(device)
         if dtype is None:
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        source = os.fspath(path_or_hub_id)
-        scheduler_config: Mapping[str, Any] | None = None
         common: dict[str, Any] = {"revision": revision, "local_files_only": local_files_only}
-        if _is_local_path(path_or_hub_id):
-            folder = Path(source).expanduser()
-            if not folder.is_dir():
-                raise FileNotFoundError(
-                    f"Flux folder {str(folder)!r} does not exist; pass a diffusers FluxPipeline folder "
-                    "(FluxPipeline.save_pretrained) or a hub id such as 'black-forest-labs/FLUX.1-dev'"
-                )
-            missing = [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
-            if missing:
-                raise FileNotFoundError(
-                    f"Flux folder {str(folder)!r} is missing the subfolder(s) {', '.join(missing)}; a "
-                    f"diffusers FluxPipeline folder holds {', '.join(REQUIRED_SUBFOLDERS)} and scheduler "
-                    "(write one with FluxPipeline.save_pretrained(folder))"
-                )
-            source = str(folder)
-            if (folder / "scheduler").is_dir():
-                scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(source, subfolder="scheduler")
-        else:
-            scheduler_config = FlowMatchEulerDiscreteScheduler.load_config(
-                source, subfolder="scheduler", **common
-            )
+        source, scheduler_config = resolve_pipeline_source(path_or_hub_id, common)
 
         model_kwargs = dict(common, torch_dtype=dtype)
         if variant is not None:
@@ -451,4 +410,4 @@ def _token_ids(tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_lengt
     ).input_ids
 
 
-__all__ = ["DEFAULT_SCHEDULE_CONFIG", "REQUIRED_SUBFOLDERS", "FluxBackbone"]
+__all__ = ["DEFAULT_SCHEDULE_CONFIG", "FluxBackbone"]

@@ -11,8 +11,8 @@ pretrained=<local open_clip weights>)``).
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch

@@ -18,10 +18,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from torch import nn
 
 from fluxguide.backbones.base import Conditioning
-from fluxguide.backbones.flux import REQUIRED_SUBFOLDERS, FluxBackbone
-from fluxguide.sampling.packing import make_img_ids
+from fluxguide.backbones.flux import FluxBackbone
+from fluxguide.backbones.flux_source import REQUIRED_SUBFOLDERS
 from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline, tiny_flux_components, tiny_vae
 from fluxguide.sampling import denoise
+from fluxguide.sampling.packing import make_img_ids
 
 HEIGHT, WIDTH = 32, 48  # latent grid 4 x 6 -> 2 x 3 = 6 tokens of 4 * 4 = 16 channels
 MAX_LEN = 16
