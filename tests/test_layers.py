@@ -193,3 +193,22 @@ def test_the_checker_sees_imports_inside_functions() -> None:
     assert layer_of("fluxguide.envs.core.GuidanceCore") == "envs"
     assert layer_of("fluxguide.build_backbone") == "fluxguide"
     assert layer_of("torch.nn") is None
+
+
+# Sizes (docs/design.md, "Style"): small modules named after their concept, and scripts that hold only what is
+# specific to their algorithm (the shared harness lives in fluxguide/harness).
+MAX_MODULE_LINES = 450
+MAX_TRAINING_SCRIPT_LINES = 600
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_module_is_too_long(path: Path) -> None:
+    lines = len(path.read_text(encoding="utf-8").splitlines())
+    assert lines <= MAX_MODULE_LINES, f"{path.relative_to(ROOT)} has {lines} lines: split it by concept"
+
+
+def test_the_training_scripts_stay_short() -> None:
+    scripts = sorted((ROOT / "experiments").glob("train_*.py"))
+    total = sum(len(p.read_text(encoding="utf-8").splitlines()) for p in scripts)
+    assert len(scripts) == 3 and total <= MAX_TRAINING_SCRIPT_LINES, (
+        f"{[p.name for p in scripts]} hold {total} lines: move shared lines into fluxguide/harness")
