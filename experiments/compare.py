@@ -14,9 +14,11 @@ they overlay in one W&B workspace against ``charts/samples_seen``. Then it write
 - ``curves.png``: held-out verifier pass rate against samples seen and against wall time, and each run's
   training reward, mean and spread (min-max) over seeds;
 - ``evaluation.md`` / ``.csv`` and ``samples.png``: every algorithm's policy (first seed) next to the base
-  sampler, CFG and best-of-N on the held-out prompts (``experiments/evaluate.py``'s table);
+  sampler, CFG and best-of-N on the held-out prompts (``experiments/evaluate.py``'s table: each sampler's pass
+  rate with its 90% interval, each one's gain over the base sampler with a paired-bootstrap 90% interval);
 
-and logs both to a W&B run of group ``compare``.
+and logs both to a W&B run of group ``compare``. It ends with one verdict line per algorithm ("ppo: +5.0 points
+over base, 90% interval [+1.2, +8.9]: above base"); ``experiments/report.py`` summarises the runs over seeds.
 """
 
 from __future__ import annotations
@@ -255,6 +257,10 @@ def main(cfg: Config) -> list[dict]:
         print(f"  {cfg.out_dir / name}")
     print(f"  W&B runs (offline unless online was asked for): {cfg.out_dir}/runs/*/*/**/wandb, "
           f"{cfg.out_dir}/wandb_compare/wandb; upload with `wandb sync <folder>/offline-run-*`")
+    print(f"  a report over the seeds: python experiments/report.py --runs '{cfg.out_dir}/runs/*/seed*'")
+    print(f"\nheld-out verifier pass rate, gain over the base sampler on the same noise (seed {cfg.seeds[0]}):")
+    for line in evaluate.summary(rows, policies=list(cfg.algorithms)):
+        print(f"  {line}")
     return rows
 
 

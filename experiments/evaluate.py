@@ -6,8 +6,12 @@
 Every sampler sees the same held-out prompts and the same noise (paired comparison). Rows: the base sampler,
 classifier-free guidance, best-of-N of the base sampler picked by the training reward (``--pick-reward``),
 and each policy; each row reports its base-model calls per image and wall time per image, the verifier's
-pass rate and attribute accuracies, and the mean of every reward. Writes ``<out_dir>/evaluation.md``,
-``evaluation.csv`` and ``samples.png`` (a grid of the first sample of a few prompts per sampler).
+pass rate with its 90% interval (``pass_rate``, ``pass_rate_lo``, ``pass_rate_hi``; bootstrap over prompts) and
+attribute accuracies, its gain over the base sampler with a paired-bootstrap 90% interval on the same noise
+(``gain_vs_base``, ``gain_lo``, ``gain_hi``), and the mean of every reward. A progress bar runs over the samplers,
+with one line per finished sampler; then the table and one verdict per policy ("above base" when the lower end of
+its gain's interval is above zero). Writes ``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png``
+(a grid of the first sample of a few prompts per sampler).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -32,6 +37,7 @@ from fluxguide.harness.config import (
 )
 from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, recommended_cfg_scale, write_table
 from fluxguide.harness.grids import save_prompt_grid
+from fluxguide.harness.statistics import gain_verdict
 from fluxguide.policies import load_guidance_model
 
 
@@ -129,8 +135,26 @@ def main(cfg: Config) -> list[dict]:
     index = [held.index(p) * cfg.samples_per_prompt for p in grid]
     png = save_prompt_grid({name: imgs[index] for name, imgs in images.items()}, grid, cfg.out_dir / "samples.png")
     print(md.read_text())
+    for line in summary(rows, policies=[spec.name for spec in specs if spec.policy is not None]):
+        print(line)
     print(f"wrote {md}, {csv} and {png}")
     return rows
+
+
+#: Held-out images below which a table's intervals are too wide to tell a few points apart (the issue's bar).
+MIN_IMAGES = 360
+
+
+def summary(rows: list[dict[str, Any]], policies: list[str]) -> list[str]:
+    """One verdict line per policy row (its gain over the base sampler and whether the 90% interval clears zero),
+    and a note when the table holds fewer than :data:`MIN_IMAGES` images per sampler."""
+    lines = [gain_verdict(row["sampler"], row["gain_vs_base"], row["gain_lo"], row["gain_hi"])
+             for row in rows if row["sampler"] in policies and "gain_vs_base" in row]
+    images = min((row["images"] for row in rows if "images" in row), default=None)
+    if images is not None and images < MIN_IMAGES:
+        lines.append(f"note: {images} held-out images per sampler: 90% intervals at this size are wide; "
+                     f"{MIN_IMAGES} or more (e.g. 90 prompts x 4 images) tell a few points apart")
+    return lines
 
 
 if __name__ == "__main__":

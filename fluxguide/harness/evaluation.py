@@ -3,7 +3,9 @@
 A fixed prompt set sampled with fixed noise (so evaluations of one run, and of different runs with one seed,
 are paired comparisons), scored by the rewards and by the backbone's exact verifier when it has one.
 :func:`evaluate_guidance` is the periodic evaluation of a training run; :func:`compare_samplers` puts a
-policy next to the base sampler, CFG and best-of-N, each with its cost in base-model calls per image.
+policy next to the base sampler, CFG and best-of-N, each with its cost in base-model calls per image, its held-out
+pass rate with a 90% interval and its gain over the base sampler with a paired-bootstrap 90% interval
+(:mod:`fluxguide.harness.statistics`).
 """
 
 from __future__ import annotations
@@ -17,10 +19,14 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone, sample_prompts
+from fluxguide.harness.statistics import bootstrap_interval, paired_bootstrap_interval
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
 
 #: The metrics shown in the caption of an evaluation's sample grid.
 CAPTION_METRICS: tuple[str, ...] = ("eval/verifier_pass_rate", "eval/reward_mean")
+#: The columns a comparison adds for its intervals (:func:`compare_samplers`), in the table's order.
+INTERVAL_COLUMNS: tuple[str, ...] = ("pass_rate", "pass_rate_lo", "pass_rate_hi", "gain_vs_base", "gain_lo", "gain_hi",
+                                     "images")
 #: Evaluation noise is seeded with ``seed + EVAL_SEED_OFFSET``, away from the training streams.
 EVAL_SEED_OFFSET = 12345
 
@@ -120,6 +126,7 @@ def compare_samplers(
     num_steps: int | None = None,
     batch_size: int = 64,
     progress: bool = False,
+    reference: str | None = "base",
 ) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
     """Sample ``prompts`` with every sampler (same noise for the first candidate of each) and score them.
 
@@ -131,17 +138,28 @@ def compare_samplers(
         pick_reward: the reward (a key of ``rewards``) that picks the best of N candidates.
         seed: noise seed (offset by :data:`EVAL_SEED_OFFSET`).
         num_steps: sampling steps (default: the backbone's).
-        progress: show a progress bar over the samplers.
+        progress: show a progress bar over the samplers and print one line per finished sampler.
+        reference: the sampler (a spec name) every other one is compared with, image slot by image slot
+            (``None``: no gains). Policies and CFG see its noise exactly; best-of-N's candidates are other
+            draws for the same prompt slots, so its pairing is by prompt.
 
     Returns:
         One row per sampler -- ``sampler``, ``model_calls_per_image``, ``seconds_per_image``,
-        ``verifier_pass_rate``, ``verifier_<attribute>``, ``reward/<name>`` -- and the kept images per
-        sampler, ``(len(prompts) * samples_per_prompt, 3, H, W)`` prompt-major.
+        ``verifier_pass_rate``, ``verifier_<attribute>``, ``reward/<name>`` and, with a verifier,
+        ``images``, ``pass_rate``, ``pass_rate_lo``, ``pass_rate_hi`` (90% percentile bootstrap over prompts) and,
+        on every row but the reference's, ``gain_vs_base``, ``gain_lo``, ``gain_hi`` (the pass rate minus the
+        reference's, with its paired bootstrap 90% interval over prompts) -- and the kept images per sampler,
+        ``(len(prompts) * samples_per_prompt, 3, H, W)`` prompt-major.
     """
     if pick_reward not in rewards:
         raise ValueError(f"pick_reward {pick_reward!r} is not one of the rewards {sorted(rewards)}")
+    names = [spec.name for spec in specs]
+    if reference is not None and reference not in names:
+        raise ValueError(f"reference {reference!r} is not one of the samplers {names}")
+    if reference is not None:  # the reference first, so every other row can be paired with it
+        specs = sorted(specs, key=lambda spec: spec.name != reference)
     steps = len(backbone.schedule(num_steps)) - 1  # refuses 0 and negatives; None: the backbone's default
-    rows, kept = [], {}
+    rows, kept, passed = [], {}, {}
     from tqdm import tqdm
 
     for spec in (bar := tqdm(specs, desc="samplers", disable=not progress)):
@@ -172,11 +190,41 @@ def compare_samplers(
             result = backbone.verifier(images, final_prompts)
             row["verifier_pass_rate"] = result.accuracy
             row.update({f"verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
+            passed[spec.name] = result.passed.float().cpu()
+            row.update(_interval_columns(passed, spec.name, reference, samples_per_prompt))
         for name, reward in rewards.items():
             row[f"reward/{name}"] = float(_score(reward, backbone, images, final_prompts, batch_size).mean())
         rows.append(row)
         kept[spec.name] = images
-    return rows, kept
+        if progress:
+            bar.write(sampler_line(row))
+    order = {name: i for i, name in enumerate(names)}  # the caller's order
+    rows.sort(key=lambda row: order[row["sampler"]])
+    return rows, {name: kept[name] for name in names}
+
+
+def _interval_columns(passed: dict[str, torch.Tensor], name: str, reference: str | None,
+                      samples_per_prompt: int) -> dict[str, float]:
+    """``images``, ``pass_rate`` with its interval and, against ``reference``, ``gain_vs_base`` with its paired
+    interval; whole prompts are resampled (their images share the prompt)."""
+    outcomes = passed[name]
+    rate, lo, hi = bootstrap_interval(outcomes, cluster_size=samples_per_prompt)
+    columns = {"images": len(outcomes), "pass_rate": rate, "pass_rate_lo": lo, "pass_rate_hi": hi}
+    if reference is not None and name != reference:
+        gain, lo, hi = paired_bootstrap_interval(outcomes, passed[reference], cluster_size=samples_per_prompt)
+        columns.update({"gain_vs_base": gain, "gain_lo": lo, "gain_hi": hi})
+    return columns
+
+
+def sampler_line(row: dict[str, float | str]) -> str:
+    """One finished sampler of a comparison in a line: pass rate and interval, gain, cost."""
+    r = row
+    line = f"{r['sampler']:>28}:"
+    if "pass_rate" in r:
+        line += f" pass rate {r['pass_rate']:.3f} [{r['pass_rate_lo']:.3f}, {r['pass_rate_hi']:.3f}]"
+    if "gain_vs_base" in r:
+        line += f", gain {100 * r['gain_vs_base']:+.1f} points [{100 * r['gain_lo']:+.1f}, {100 * r['gain_hi']:+.1f}]"
+    return line + f", {r['model_calls_per_image']} model calls and {r['seconds_per_image']:.3f} s per image"
 
 
 def _score(reward: nn.Module, backbone: Backbone, images: torch.Tensor, prompts: list[str], batch_size: int) -> torch.Tensor:
@@ -191,6 +239,11 @@ def write_table(rows: list[dict[str, float | str]], path: str | Path) -> tuple[P
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     columns = list(dict.fromkeys(k for row in rows for k in row))
+    if "seconds_per_image" in columns:  # the intervals next to the cost, before the attribute and reward columns
+        moved = [c for c in INTERVAL_COLUMNS if c in columns]
+        columns = [c for c in columns if c not in moved]
+        at = columns.index("seconds_per_image") + 1
+        columns[at:at] = moved
 
     def fmt(value: float | str | None) -> str:
         if isinstance(value, float):

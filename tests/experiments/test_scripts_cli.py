@@ -4,7 +4,6 @@ end to end on a tiny budget (the other scripts' smoke tests sit beside their own
 from __future__ import annotations
 
 import ast
-import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -12,9 +11,8 @@ from pathlib import Path
 import pytest
 import tyro
 
-from tests.experiments import leaf_fields
-
 from fluxguide.harness.tracking import read_metrics
+from tests.experiments import leaf_fields
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p for p in (ROOT / "experiments").glob("*.py") if "class Config" in p.read_text())
@@ -59,16 +57,30 @@ def test_help_documents_every_option(path: Path, capsys) -> None:
 def test_scripts_are_covered() -> None:
     names = {p.stem for p in SCRIPTS}
     assert {"train_reward_gradient", "train_ppo", "train_bc", "collect_data", "evaluate", "compare",
-            "pretrain_shapes_world", "main"} <= names
+            "pretrain_shapes_world", "main", "report"} <= names
 
 
-def test_compare_smoke_preset_trains_every_algorithm_and_writes_the_results(tmp_path) -> None:
+def test_compare_smoke_preset_trains_every_algorithm_and_writes_the_results(tmp_path, capsys) -> None:
     compare = load_script(ROOT / "experiments" / "compare.py")
     out = tmp_path / "compare"
     rows = compare.main(compare.Config(out_dir=out, preset="smoke", eval_num_prompts=2, eval_samples_per_prompt=1,
                                        best_of=(2,), wandb_mode="offline"))
     assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", "reward-gradient", "ppo",
                                             "bc"]
+    # every sampler's pass rate with its 90% interval; every other one's paired gain over the base sampler
+    for row in rows:
+        assert row["pass_rate"] == row["verifier_pass_rate"] and row["images"] == 2
+        assert row["pass_rate_lo"] <= row["pass_rate"] <= row["pass_rate_hi"]
+        if row["sampler"] == "base":
+            assert "gain_vs_base" not in row
+        else:
+            assert row["gain_vs_base"] == pytest.approx(row["pass_rate"] - rows[0]["pass_rate"])
+            assert row["gain_lo"] <= row["gain_vs_base"] <= row["gain_hi"]
+    printed = capsys.readouterr().out
+    for algorithm in ("reward-gradient", "ppo", "bc"):
+        assert f"  {algorithm}: " in printed and " points over base, 90% interval [" in printed
+    assert "note: 2 held-out images per sampler: 90% intervals at this size are wide" in printed
+    assert "gain_vs_base" in (out / "evaluation.csv").read_text().splitlines()[0]
     calls = {r["sampler"]: r["model_calls_per_image"] for r in rows}
     assert calls["base"] == 20 and calls["CFG 3"] == 40 and calls["best-of-2 (shapes-clip)"] == 40
     assert calls["ppo"] == 20
@@ -91,7 +103,7 @@ def test_evaluate_rejects_a_missing_policy(tmp_path) -> None:
                                       best_of=()))
 
 
-def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path) -> None:
+def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path, capsys) -> None:
     """--prompts picks the prompt set (training prompts: choose a scale without looking at the held-out set)."""
     from fluxguide.backbones.registry import build_backbone
     from fluxguide.policies import save_guidance_model
@@ -104,8 +116,13 @@ def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path) -> None:
                                          prompts="shapes-train", num_prompts=2, samples_per_prompt=1, best_of=(),
                                          grid_prompts=2))
     assert [r["sampler"] for r in rows] == ["base", "CFG 3", "blind"]
-    # a fresh policy outputs zero corrections: it reproduces the base sampler on the same noise
+    # a fresh policy outputs zero corrections: it reproduces the base sampler on the same noise, image for image,
+    # so its paired gain is exactly zero with a zero-width interval
     assert rows[2]["verifier_pass_rate"] == rows[0]["verifier_pass_rate"]
+    assert (rows[2]["gain_vs_base"], rows[2]["gain_lo"], rows[2]["gain_hi"]) == (0.0, 0.0, 0.0)
+    printed = capsys.readouterr()
+    assert "blind: +0.0 points over base, 90% interval [+0.0, +0.0]: not distinguishable from base" in printed.out
+    assert "base: pass rate" in printed.err + printed.out  # one line per finished sampler, under the progress bar
     assert (tmp_path / "eval" / "evaluation.csv").is_file() and (tmp_path / "eval" / "samples.png").is_file()
 
 
