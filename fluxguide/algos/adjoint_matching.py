@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fluxguide.algos.common import data_parallel_once, mean_over_ranks, optimizer_step, unwrap_data_parallel
+from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
 from fluxguide.algos.reward_gradient import Decoder, RewardFn
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.rewards.base import require_differentiable
@@ -227,7 +227,7 @@ def adjoint_matching_loss(
     return torch.stack(terms).sum() * (n / len(steps))
 
 
-class AdjointMatching:
+class AdjointMatching(PolicyOnSampler):
     """Adjoint Matching updates of a guidance policy on a backbone against a differentiable reward.
 
     Args:
@@ -252,16 +252,9 @@ class AdjointMatching:
     ) -> None:
         if isinstance(reward, nn.Module):
             require_differentiable(reward)
-        self.backbone = backbone
-        self.policy = data_parallel_once(policy)
-        self.reward = reward
-        self.optimizer = optimizer
-        self.modules: dict[str, nn.Module] = {"policy": unwrap_data_parallel(policy)}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
         self.config = config or AdjointMatchingConfig()
-        self.decode = decode if decode is not None else backbone.decode
-        self.model: FluxModel = backbone if cfg_scale == 1.0 else backbone.with_cfg(cfg_scale)
-        self.timesteps = backbone.schedule(self.config.num_steps)
+        self._hold(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
+                   decode=decode)
 
     def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
         """One optimizer step on fresh trajectories for ``prompts`` (this rank's); metrics averaged over ranks.

@@ -32,6 +32,7 @@ from fluxguide.distributed import mean_over_ranks
 __all__ = [
     "Algorithm",
     "NonFiniteLossError",
+    "PolicyOnSampler",
     "clip_and_check_gradients",
     "data_parallel_once",
     "mean_over_ranks",
@@ -76,6 +77,25 @@ def unwrap_data_parallel(module: nn.Module) -> nn.Module:
 def data_parallel_once(module: nn.Module) -> nn.Module:
     """:func:`fluxguide.distributed.data_parallel` of ``module``, unless it is already wrapped."""
     return module if unwrap_data_parallel(module) is not module else distributed.data_parallel(module)
+
+
+class PolicyOnSampler:
+    """What an algorithm that trains a guidance policy on the guided sampler against a reward holds (reward gradient,
+    Adjoint Matching): the backbone (and the CFG-wrapped model it samples with), the policy (data-parallel under
+    torchrun), the reward, the decoder, the schedule, and the checkpoint's ``modules`` / ``optimizers``."""
+
+    def _hold(self, backbone: Any, policy: nn.Module, reward: Any, optimizer: torch.optim.Optimizer, *,
+              num_steps: int | None, cfg_scale: float, decode: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
+        self.backbone = backbone
+        self.policy = data_parallel_once(policy)
+        self.reward = reward
+        self.optimizer = optimizer
+        self.modules: dict[str, nn.Module] = {"policy": unwrap_data_parallel(policy)}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
+        self.cfg_scale = cfg_scale
+        self.decode = decode if decode is not None else backbone.decode
+        self.model = backbone if cfg_scale == 1.0 else backbone.with_cfg(cfg_scale)
+        self.timesteps = backbone.schedule(num_steps)
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

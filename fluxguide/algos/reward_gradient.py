@@ -32,12 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fluxguide.algos.common import (
-    data_parallel_once,
-    mean_over_ranks,
-    optimizer_step,
-    unwrap_data_parallel,
-)
+from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.rewards.base import require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
@@ -317,7 +312,7 @@ def _prefix_scale(guidance_scale: GuidanceScale, num_steps: int) -> GuidanceScal
     return guidance_scale
 
 
-class RewardGradient:
+class RewardGradient(PolicyOnSampler):
     """Reward-gradient updates of a guidance policy on a backbone against a differentiable reward.
 
     Args:
@@ -355,18 +350,10 @@ class RewardGradient:
         decode: Decoder | None = None,
     ) -> None:
         require_differentiable(reward)
-        self.backbone = backbone
-        self.policy = data_parallel_once(policy)
-        self.reward = reward
-        self.optimizer = optimizer
-        self.modules: dict[str, nn.Module] = {"policy": unwrap_data_parallel(policy)}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
         self.config = config or RewardGradientConfig()
-        self.cfg_scale = cfg_scale
         self.one_step = one_step
-        self.decode = decode if decode is not None else backbone.decode
-        self.model: FluxModel = backbone if cfg_scale == 1.0 else backbone.with_cfg(cfg_scale)
-        self.timesteps = backbone.schedule(self.config.num_steps)
+        self._hold(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
+                   decode=decode)
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._ids: tuple[torch.Tensor, torch.Tensor] | None = None
 
