@@ -144,8 +144,3 @@ def call_with_options(factory: Callable[..., T], *args: Any, **options: Any) -> 
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         options = {k: v for k, v in options.items() if k in params}
     return factory(*args, **options)
-
-
-def resolve(registry: Registry[Callable[..., T]], name: str, /, *args: Any, **kwargs: Any) -> T:
-    """Build ``registry.get(name)(*args, **kwargs)``."""
-    return registry.get(name)(*args, **kwargs)

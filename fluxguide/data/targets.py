@@ -108,7 +108,7 @@ class CFGDistillation(TargetStrategy):
     """Targets ``(w - 1) * (pred_cond - pred_uncond)`` at the states CFG's own sampler visits.
 
     Args:
-        scale: the CFG scale ``w`` (the shapes world's is ``ShapesWorld.recommended_cfg_scale``).
+        scale: the CFG scale ``w`` (a backbone's ``recommended_cfg_scale``; 3 in the shapes world).
         student: a guidance model to drive the sampler instead of CFG (DAgger, see
             :class:`LabelledGuidance`): the states are the student's, the targets still CFG's correction.
         student_scale: the scale at which the student guides the sampler.
