@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from fluxguide.backbones.base import Backbone
-from fluxguide.backbones.registry import build_backbone, build_reward
+from fluxguide.backbones.registry import build_reward
 from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.episodes import REWARD
 from fluxguide.data.store import GuidanceDataset, check_collection_settings
@@ -37,6 +37,7 @@ from fluxguide.data.targets import (
     TargetStrategy,
 )
 from fluxguide.envs.prompts import resolve_prompts
+from fluxguide.harness import BackboneConfig, Flat
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
     ConfigError,
@@ -47,28 +48,34 @@ from fluxguide.harness.config import (
     validate,
 )
 from fluxguide.harness.evaluation import recommended_cfg_scale
+from fluxguide.harness.presets import FLUX_DEV_REWARD, FLUX_DEV_STEPS, flux_dev_model
 from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
 from fluxguide.locking import FolderLock
 from fluxguide.policies import load_guidance_model
 from fluxguide.rewards import CallableReward
+
+#: The shapes preset's dataset: CFG 3's corrections on this many training-prompt trajectories ...
+BC_EPISODES = 512
+#: ... each also labelled under this many other prompts of its batch (the default of --prompt-swaps).
+PROMPT_SWAPS = 1
 
 Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
 
 
 @dataclass
 class Config:
+    """Collect a behaviour-cloning dataset; the defaults are the shapes preset (CFG distillation)."""
+
+    preset: str = "shapes"
+    """the recipe whose values are the defaults, set by --preset: 'shapes' or 'flux-dev' (listed in --help)"""
     out_dir: Path = Path("runs/bc_data/cfg_distillation")
     """the dataset folder (created, or appended to; rerunning resumes)"""
     strategy: Strategy = "cfg-distillation"
     """where the targets come from (fluxguide.data.targets.TARGET_STRATEGIES)"""
-    backbone: str = "shapes"
-    """'shapes': the pretrained shapes world; 'shapes-random': a randomly initialised one (smoke tests); any
-    backbone name or 'package.module:factory' spec"""
+    model: Flat[BackboneConfig] = field(default_factory=BackboneConfig)
     train_prompts: str = "shapes-train"
     """the prompts to collect on: a text file with one prompt per line, a named set, or a spec"""
-    weights_dir: Path | None = None
-    """folder of the shapes world's weights (default: the ones shipped in the package)"""
-    episodes: int = 1024
+    episodes: int = BC_EPISODES
     """prompts to sample (training prompts, cycled and shuffled with the seed); best-of-N samples n per prompt"""
     batch_size: int = 64
     """prompts per batch; each batch is appended as one chunk"""
@@ -79,10 +86,11 @@ class Config:
     student_checkpoint: Path | None = None
     """cfg-distillation: a trained policy (train_bc.py's guidance.safetensors) that drives the sampler while CFG
     labels the states (a DAgger round; append to the teacher's dataset with another --seed)"""
-    prompt_swaps: int = 0
+    prompt_swaps: int | None = None
     """cfg-distillation: also label each sampled trajectory's states under this many other training prompts of
     its batch (CFG's correction for the new prompt at the same latents; +2 model calls per step per swap), so the
-    student sees the words of a prompt next to images drawn for other prompts"""
+    student sees the words of a prompt next to images drawn for other prompts. Default: 1 with cfg-distillation
+    (the shapes recipe: +12 held-out points over no swaps at the same budget, docs/results.md), 0 otherwise"""
     reward: str = "verifier"
     """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip);
     or 'verifier-attributes': the verifier's mean per-attribute score (count, colour, kind, position), a graded
@@ -127,7 +135,7 @@ class Config:
         """Refuse bad values before anything is loaded (:class:`ConfigError` naming the flag)."""
         for name in ("episodes", "batch_size", "num_steps", "n", "top_k", "renoise_samples", "threads"):
             check_int(name, getattr(self, name))
-        check_int("prompt_swaps", self.prompt_swaps, minimum=0)
+        check_int("prompt_swaps", self.prompt_swaps, minimum=0, optional=True)
         if self.top_k > self.n:
             raise ConfigError(f"--top-k {self.top_k} keeps more trajectories than --n {self.n} draws: use --top-k <= --n")
         check_float("cfg_scale", self.cfg_scale, optional=True)
@@ -146,6 +154,16 @@ class Config:
         check_writable_dir("out_dir", self.out_dir)
 
 
+def flux_dev() -> Config:
+    """FLUX.1-dev on one GPU (not measured here): CFG distillation on the animal prompts at 28 steps."""
+    return Config(preset="flux-dev", out_dir=Path("runs/bc_data/flux-dev"), model=flux_dev_model(),
+                  train_prompts=FLUX_DEV_REWARD["train_prompts"], episodes=256, batch_size=4,
+                  num_steps=FLUX_DEV_STEPS, device="cuda")
+
+
+PRESETS = {"shapes": Config, "flux-dev": flux_dev}
+
+
 def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
     if cfg.prompt_swaps and cfg.strategy != "cfg-distillation":
         raise ValueError(f"--prompt-swaps relabels states with CFG's correction: it needs --strategy cfg-distillation, "
@@ -155,10 +173,11 @@ def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
         student = None
         if cfg.student_checkpoint is not None:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
-        return CFGDistillation(scale, student=student, prompt_swaps=cfg.prompt_swaps)
+        swaps = PROMPT_SWAPS if cfg.prompt_swaps is None else cfg.prompt_swaps
+        return CFGDistillation(scale, student=student, prompt_swaps=swaps)
     if cfg.reward == "verifier-attributes":
         if world.verifier is None:
-            raise ValueError(f"--reward verifier-attributes needs a backbone with a verifier; {cfg.backbone!r} has none")
+            raise ValueError(f"--reward verifier-attributes needs a backbone with a verifier; {cfg.model.backbone!r} has none")
 
         def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
             """The verifier's mean attribute score per image, in [0, 1] (1 = passes)."""
@@ -193,7 +212,7 @@ def main(cfg: Config) -> GuidanceDataset:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     backbone_seed = cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed
-    world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, seed=backbone_seed, device=cfg.device)
+    world = cfg.model.build(seed=backbone_seed, device=cfg.device)
     collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
     dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
     # A batch index means these prompts only under the same batch size and prompt set: refuse a rerun that
@@ -211,7 +230,7 @@ def main(cfg: Config) -> GuidanceDataset:
     # One metrics log per seed: a DAgger round (another seed) appending to the dataset keeps the first's log.
     tracker = Tracker(cfg.out_dir / f"run_seed{cfg.seed}", config=config_dict, project=cfg.wandb_project,
                       group=cfg.wandb_group, mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None,
-                      tags=("collect", cfg.strategy, cfg.reward, cfg.backbone))
+                      tags=("collect", cfg.strategy, cfg.reward, cfg.model.backbone))
 
     bar = tqdm(enumerate(batches), total=len(batches), desc=f"collect {cfg.strategy}")
     for batch_index, batch_prompts in bar:
@@ -240,4 +259,4 @@ def main(cfg: Config) -> GuidanceDataset:
 
 
 if __name__ == "__main__":
-    cli(main, Config)
+    cli(main, Config, presets=PRESETS)

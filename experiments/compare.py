@@ -1,20 +1,22 @@
 """Train a guidance policy with every algorithm, evaluate them side by side, and plot their curves.
 
-    python experiments/compare.py                        # the README's main job: quick preset, ~15 min on 2 cores
-    python experiments/compare.py --preset full          # the budgets behind the README's numbers
+    python experiments/compare.py                        # the README's main job: ~12 min on 2 cores
+    python experiments/compare.py --budget full          # four times the samples
     python experiments/compare.py --seeds 0 1 2          # mean and spread over seeds
     python experiments/compare.py --skip-training        # re-plot / re-evaluate finished runs in --out-dir
 
 For each algorithm and seed it runs the algorithm's own script (``train_reward_gradient.py``,
 ``train_ppo.py``, and ``collect_data.py`` + ``train_bc.py`` for CFG-distillation behaviour cloning) as a
-subprocess with the preset's budget and ``--run-dir <out_dir>/runs/<algorithm>/seed<k>``, ``--parallel`` at
-a time. Each run logs its own W&B run (offline unless ``--wandb-mode online``) in group ``<algorithm>``, so
-they overlay in one W&B workspace against ``charts/samples_seen``. Then it writes, in ``--out-dir``:
+subprocess with its default recipe (its shapes preset), the budget's options and
+``--run-dir <out_dir>/runs/<algorithm>/seed<k>``, ``--parallel`` at a time. Each run logs its own W&B run
+(offline unless ``--wandb-mode online``) in group ``<algorithm>``, so they overlay in one W&B workspace against
+``charts/samples_seen``. Then it writes, in ``--out-dir``:
 
 - ``curves.png``: held-out verifier pass rate against samples seen and against wall time, and each run's
   training reward, mean and spread (min-max) over seeds;
 - ``evaluation.md`` / ``.csv`` and ``samples.png``: every algorithm's policy (first seed) next to the base
-  sampler, CFG and best-of-N on the held-out prompts (``experiments/evaluate.py``'s table: each sampler's pass
+  sampler and CFG (and best-of-N with ``--best-of``) on all 90 held-out prompts x 4 images, on noise that no
+  training run saw (``--eval-seed``) (``experiments/evaluate.py``'s table: each sampler's pass
   rate with its 90% interval, each one's gain over the base sampler with a paired-bootstrap 90% interval);
 
 and logs both to a W&B run of group ``compare``. It ends with one verdict line per algorithm ("ppo: +5.0 points
@@ -27,12 +29,13 @@ import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
+from tqdm import tqdm
 
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
@@ -41,20 +44,13 @@ from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
 EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
 
-#: The rewards and settings of the README's results: reward gradient on the tiny CLIP's caption log-probability
-#: (scored on randomly shifted images against patch-grid textures) with a text-blind policy that guides the first
-#: 10 of 20 steps and a reward target (AlignProp's cap); PPO on the verifier with partial credit, one initial
-#: noise per prompt group, and the affine policy on the first 10 steps exploring its own coefficients (ODE mode).
-_RG = ["--reward", "shapes-clip-retrieval", "--reward-shift", "2", "--policy-min-t", "0.64", "--no-text-conditioning",
-       "--reward-target=-0.1"]
-_PPO = ["--reward", "verifier-partial", "--shared-group-noise", "--mode", "ode", "--policy", "affine", "--hidden-dim", "8",
-        "--explore-coefficients", "--std", "1.0", "--policy-min-t", "0.64", "--lr", "1e-3"]
+#: Per budget and algorithm: the script arguments besides run folder, seed, threads and W&B mode. Every script's
+#: defaults are its best known recipe (its shapes preset), so a budget only sets how long each trains and how
+#: often it evaluates: "quick" is the README's headline (each script's own default budget) and the main job.
+_EVAL = ["--eval-num-prompts", "30", "--eval-samples-per-prompt", "4"]
 _TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
          "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
-#: Per preset and algorithm: the script arguments (besides run folder, seed, threads and W&B mode).
-#: "quick" is the main job (all three algorithms in about 15 minutes on two cores, evaluation included);
-#: "full" reproduces the README's learning results.
-PRESETS: dict[str, dict[str, list[str]]] = {
+BUDGETS: dict[str, dict[str, list[str]]] = {
     "smoke": {  # every code path in about a minute (the test suite's)
         "reward-gradient": ["--batch-size", "2", "--total-updates", "2", *_TINY],
         "ppo": ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2",
@@ -62,32 +58,26 @@ PRESETS: dict[str, dict[str, list[str]]] = {
         "bc-collect": ["--episodes", "4", "--batch-size", "2", "--num-steps", "3"],
         "bc": ["--batch-size", "16", "--total-updates", "2", *_TINY],
     },
-    "quick": {
-        "reward-gradient": [*_RG, "--total-updates", "60", "--eval-every", "20", "--checkpoint-every", "20",
-                            "--eval-num-prompts", "30"],
-        "ppo": [*_PPO, "--total-updates", "40", "--eval-every", "10", "--checkpoint-every", "10",
-                "--eval-num-prompts", "30"],
-        "bc-collect": ["--episodes", "256"],
-        "bc": ["--total-updates", "600", "--eval-every", "200", "--checkpoint-every", "200", "--eval-num-prompts", "30"],
-    },
-    "full": {
-        "reward-gradient": [*_RG, "--time-budget-minutes", "15", "--total-updates", "100000", "--eval-every", "40",
-                            "--checkpoint-every", "40"],
-        "ppo": [*_PPO, "--batch-size", "64", "--time-budget-minutes", "30", "--total-updates", "100000",
-                "--eval-every", "20", "--checkpoint-every", "20"],
-        "bc-collect": ["--episodes", "1024"],
-        "bc": ["--hidden-dim", "128", "--num-layers", "3", "--total-updates", "3000", "--eval-every", "500",
-               "--checkpoint-every", "500"],
+    "quick": {"reward-gradient": _EVAL, "ppo": _EVAL, "bc-collect": [], "bc": _EVAL},
+    "full": {  # four times the samples of quick (PPO, reward gradient) and of the dataset, twice BC's updates
+        "reward-gradient": ["--total-updates", "320", "--eval-every", "40", "--checkpoint-every", "40", *_EVAL],
+        "ppo": ["--total-updates", "320", "--eval-every", "40", "--checkpoint-every", "40", *_EVAL],
+        "bc-collect": ["--episodes", "4096"],
+        "bc": ["--total-updates", "4000", "--eval-every", "500", "--checkpoint-every", "500", *_EVAL],
     },
 }
+#: The evaluation noise of the comparison table: the training scripts draw their own held-out evaluation noise from
+#: their --seed, so this seed's noise is seen by no training or model-selection step.
+EVAL_SEED = 1000
 
 
 @dataclass
 class Config:
     out_dir: Path = Path("outputs/compare")
     """where the runs, curves.png, evaluation.md/.csv and samples.png go"""
-    preset: Literal["smoke", "quick", "full"] = "quick"
-    """training budgets: 'quick' (the main job), 'full' (the README's learning results), 'smoke' (tests)"""
+    budget: Literal["smoke", "quick", "full"] = "quick"
+    """training budgets: 'quick' (each script's default budget: the main job and the README's headline), 'full'
+    (four times the samples), 'smoke' (every code path in a minute: the tests)"""
     algorithms: tuple[Algorithm, ...] = ("reward-gradient", "ppo", "bc")
     """algorithms to train and compare"""
     seeds: tuple[int, ...] = (0,)
@@ -96,12 +86,14 @@ class Config:
     """runs at a time (one torch thread each)"""
     skip_training: bool = False
     """only plot and evaluate the runs already in out_dir"""
-    eval_num_prompts: int | None = 30
-    """held-out prompts of the final comparison table (default 30; None: all 90)"""
-    eval_samples_per_prompt: int = 2
-    """images per held-out prompt in the table"""
-    best_of: tuple[int, ...] = (2, 4, 8)
-    """best-of-N rows of the table"""
+    eval_num_prompts: int | None = None
+    """held-out prompts of the final comparison table (default: all 90)"""
+    eval_samples_per_prompt: int = 4
+    """images per held-out prompt in the table (90 x 4 = 360 images: a gain's 90% interval is about +-5 points)"""
+    eval_seed: int = EVAL_SEED
+    """noise seed of the comparison table (the training runs' own evaluations use their --seed)"""
+    best_of: tuple[int, ...] = ()
+    """best-of-N rows of the table (e.g. 4 8; each costs N times the base sampler)"""
     weights_dir: Path | None = None
     """shapes-world weight folder (default: the weights shipped in the package)"""
     wandb_mode: str | None = None
@@ -132,19 +124,19 @@ def run_dir(cfg: Config, algorithm: str, seed: int) -> Path:
 
 def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
     """The script invocations of one run (BC: collect, then train)."""
-    preset = PRESETS[cfg.preset]
+    budget = BUDGETS[cfg.budget]
     common = ["--seed", str(seed), "--threads", "1"] + (["--wandb-mode", cfg.wandb_mode] if cfg.wandb_mode else [])
     common += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
     out = run_dir(cfg, algorithm, seed)
     if algorithm == "reward-gradient":
-        return [[str(EXPERIMENTS / "train_reward_gradient.py"), "--run-dir", str(out), *common, *preset[algorithm]]]
+        return [[str(EXPERIMENTS / "train_reward_gradient.py"), "--run-dir", str(out), *common, *budget[algorithm]]]
     if algorithm == "ppo":
-        return [[str(EXPERIMENTS / "train_ppo.py"), "--run-dir", str(out), *common, *preset[algorithm]]]
+        return [[str(EXPERIMENTS / "train_ppo.py"), "--run-dir", str(out), *common, *budget[algorithm]]]
     data = out / "data"
     return [
-        [str(EXPERIMENTS / "collect_data.py"), "--out-dir", str(data), *common, *preset["bc-collect"]],
+        [str(EXPERIMENTS / "collect_data.py"), "--out-dir", str(data), *common, *budget["bc-collect"]],
         [str(EXPERIMENTS / "train_bc.py"), "--dataset", str(data), "--run-dir", str(out / "train"), *common,
-         *preset["bc"]],
+         *budget["bc"]],
     ]
 
 
@@ -162,7 +154,7 @@ def train(cfg: Config, algorithm: str, seed: int) -> float:
             if done.returncode:
                 raise SystemExit(f"{algorithm} (seed {seed}) failed with exit code {done.returncode}: see {out / 'log.txt'}")
     seconds = time.perf_counter() - start
-    print(f"{algorithm:>16} seed {seed}: done in {seconds / 60:.1f} min ({out})")
+    tqdm.write(f"{algorithm:>16} seed {seed}: done in {seconds / 60:.1f} min ({out})")
     return seconds
 
 
@@ -236,9 +228,15 @@ def main(cfg: Config) -> list[dict]:
     validate(cfg)  # every option, and that out_dir is writable, before any training
     start = time.perf_counter()
     if not cfg.skip_training:
-        jobs = [(a, s) for s in cfg.seeds for a in cfg.algorithms]
-        with ThreadPoolExecutor(max_workers=cfg.parallel) as pool:
-            list(pool.map(lambda job: train(cfg, *job), jobs))
+        # BC first: collection + training is the longest job, so the other lane fits the two RL runs beside it.
+        jobs = sorted(((a, s) for s in cfg.seeds for a in cfg.algorithms), key=lambda job: job[0] != "bc")
+        print(f"training {len(jobs)} runs, {cfg.parallel} at a time; each run's output goes to its log.txt under "
+              f"{cfg.out_dir / 'runs'}", flush=True)
+        with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, \
+                tqdm(total=len(jobs), desc="training runs", unit="run") as bar:
+            for future in as_completed([pool.submit(train, cfg, *job) for job in jobs]):
+                future.result()
+                bar.update()
     curves = plot(cfg)
 
     evaluate = _load_script("evaluate")
@@ -246,9 +244,10 @@ def main(cfg: Config) -> list[dict]:
     rows = evaluate.main(evaluate.Config(
         policies=policies, names=cfg.algorithms, out_dir=cfg.out_dir, weights_dir=cfg.weights_dir,
         num_prompts=cfg.eval_num_prompts, samples_per_prompt=cfg.eval_samples_per_prompt, best_of=cfg.best_of,
+        seed=cfg.eval_seed, threads=2,
     ))
     with Tracker(cfg.out_dir / "wandb_compare", config={k: str(v) for k, v in asdict(cfg).items()},
-                 group="compare", mode=cfg.wandb_mode, tags=(cfg.preset, *cfg.algorithms)) as tracker:
+                 group="compare", mode=cfg.wandb_mode, tags=(cfg.budget, *cfg.algorithms)) as tracker:
         tracker.log_image("eval/curves", curves, 0)
         tracker.log_image("eval/samples", cfg.out_dir / "samples.png", 0)
         tracker.log_table("eval/comparison", rows)

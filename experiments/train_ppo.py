@@ -1,12 +1,13 @@
 """Train a guidance policy by PPO on the denoising MDP (TorchRL collector, ClipPPOLoss), against any reward.
 
-    python experiments/train_ppo.py                                   # shapes world, verifier reward, SDE
-    python experiments/train_ppo.py --advantage gae                   # GAE with a value network
+    python experiments/train_ppo.py                                   # the shapes preset (README headline)
     python experiments/train_ppo.py --backbone tiny-flux --total-updates 5   # tiny random Flux code path
-    python experiments/train_ppo.py --backbone flux --model-path black-forest-labs/FLUX.1-dev --device cuda \
-        --reward clip --reward-kwargs '{"model_name": "ViT-L-14-quickgelu", "pretrained": "openai"}' \
-        --train-prompts prompts.txt --eval-prompts heldout.txt   # real Flux (docs/guide.md)
-    python experiments/train_ppo.py --help                            # every option
+    python experiments/train_ppo.py --preset flux-dev --train-prompts prompts.txt   # FLUX.1-dev on a GPU
+    python experiments/train_ppo.py --help                            # every option and the presets
+
+The default (``--preset shapes``) is the best recipe known on the shapes world (docs/results.md): the affine
+policy on the first 10 of 20 steps exploring its own 6 coefficients per step in ODE mode, trained on the
+verifier with partial credit, prompt groups of 8 that share their initial noise.
 
 Each update collects one episode of ``batch_size`` trajectories (``samples_per_prompt`` per *training*
 prompt) with the Gaussian policy on the TorchRL env -- in SDE mode (default) the policy's std is the SDE's,
@@ -40,6 +41,7 @@ from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int
+from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
 from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network
 from fluxguide.policies.registry import image_channels, latent_grid
 
@@ -49,34 +51,45 @@ DIAGNOSTICS = ("grad_norm", "clip_fraction", "kl_approx", "ESS", "mean_ratio", "
                "entropy", "first_mean_ratio", "first_max_ratio", "first_clip_fraction")
 
 
+#: The shapes preset's budget: updates of 64 trajectories (the README's headline is measured at it).
+PPO_UPDATES = 80
+
+
 @dataclass
 class Config:
+    """PPO; the defaults are the shapes preset."""
+
     run: Flat[RunConfig] = field(default_factory=lambda: RunConfig(
-        run_dir=Path("runs/ppo/shapes"), total_updates=300, wandb_group="ppo"))
+        run_dir=Path("runs/ppo/shapes"), total_updates=PPO_UPDATES, eval_every=PPO_UPDATES // 4,
+        checkpoint_every=PPO_UPDATES // 4, wandb_group="ppo"))
     model: Flat[BackboneConfig] = field(default_factory=BackboneConfig)
-    reward: Flat[RewardConfig] = field(default_factory=lambda: RewardConfig(reward="verifier"))  # need not be differentiable
-    guide: Flat[PolicyConfig] = field(default_factory=PolicyConfig)
-    optim: Flat[TrainConfig] = field(default_factory=lambda: TrainConfig(batch_size=32, lr=3e-4))
+    # need not be differentiable
+    reward: Flat[RewardConfig] = field(default_factory=lambda: RewardConfig(reward="verifier-partial"))
+    guide: Flat[PolicyConfig] = field(default_factory=lambda: PolicyConfig(policy="affine", hidden_dim=8,
+                                                                           policy_min_t=0.64))
+    optim: Flat[TrainConfig] = field(default_factory=lambda: TrainConfig(batch_size=64, lr=1e-3))
     coarse_actions: bool = False
     """explore and correct with coarse corrections, one value per token and image channel (192 numbers per
     shapes-world step instead of 3,072): the policy-gradient noise shrinks with the action's dimension (ODE mode)"""
-    explore_coefficients: bool = False
+    explore_coefficients: bool | None = None
     """with --policy affine: explore in the policy's 2 x channels coefficients of img and pred (6 numbers per
-    shapes-world step), each with std --std, instead of in the whole correction (ODE mode)"""
-    mode: Literal["sde", "ode"] = "sde"
+    shapes-world step), each with std --std, instead of in the whole correction (ODE mode). Default: on for
+    --policy affine in --mode ode without --coarse-actions, off otherwise"""
+    mode: Literal["sde", "ode"] = "ode"
     """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
     noise_level: float = 0.7
     """SDE noise level a of sigma_t = a sqrt(t / (1 - t)) (SDE mode)"""
-    std: float = 0.1
-    """policy std in ODE mode (initial std with --learn-std)"""
+    std: float | None = None
+    """policy std in ODE mode (initial std with --learn-std). Default: 1.0 on explored coefficients, 0.1 on
+    whole corrections"""
     learn_std: bool = False
     """learn one log-std parameter (ODE mode)"""
     log_prob_reduction: Literal["mean", "sum"] = "mean"
     """reduce the per-element log-density by mean (sane ratios at high dimension) or sum (exact)"""
     control_cost: float = 0.0
     """KL penalty to the base sampler: the env's per-step control cost (exact Gaussian KL in SDE mode)"""
-    shared_group_noise: bool = False
+    shared_group_noise: bool = True
     """start the trajectories of a prompt group from one initial noise (common random numbers, as in
     DanceGRPO): their rewards then differ only through the exploration noise"""
     advantage: AdvantageMode = "group"
@@ -98,7 +111,7 @@ class Config:
 
     def validate(self) -> None:
         check_float("noise_level", self.noise_level)
-        check_float("std", self.std)
+        check_float("std", self.std, optional=True)
         check_float("control_cost", self.control_cost, strict=False)
         check_float("gae_lambda", self.gae_lambda, strict=False, maximum=1.0)
         check_float("critic_coef", self.critic_coef, strict=False)
@@ -111,6 +124,19 @@ class Config:
         if isinstance(batch, int) and batch > 0 and batch % self.samples_per_prompt:
             raise ConfigError(f"--batch-size {batch} is not a multiple of --samples-per-prompt "
                               f"{self.samples_per_prompt}: every prompt's group needs all its trajectories")
+
+
+def flux_dev() -> Config:
+    """FLUX.1-dev on one GPU (not measured here): the shapes recipe's policy and exploration, a CLIP score."""
+    return Config(run=flux_dev_run(preset="flux-dev", run_dir=Path("runs/ppo/flux-dev"), total_updates=200,
+                                   eval_every=20, checkpoint_every=20, wandb_group="ppo"),
+                  model=flux_dev_model(), reward=flux_dev_reward(),
+                  guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64),
+                  optim=TrainConfig(batch_size=16, lr=1e-3, num_steps=FLUX_DEV_STEPS), samples_per_prompt=4,
+                  minibatch_trajectories=4)
+
+
+PRESETS = {"shapes": Config, "flux-dev": flux_dev}
 
 
 def main(cfg: Config) -> dict[str, float]:
@@ -127,18 +153,22 @@ def main(cfg: Config) -> dict[str, float]:
                              control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(seed))  # each rank its own prompts and noise
     policy = cfg.guide.build(backbone, coarse=cfg.coarse_actions)
-    if cfg.explore_coefficients:
+    explore_coefficients = cfg.explore_coefficients
+    if explore_coefficients is None:
+        explore_coefficients = cfg.guide.policy == "affine" and cfg.mode == "ode" and not cfg.coarse_actions
+    std = cfg.std if cfg.std is not None else (1.0 if explore_coefficients else 0.1)
+    if explore_coefficients:
         if cfg.guide.policy != "affine" or cfg.mode != "ode" or cfg.coarse_actions:
             raise ValueError(
                 f"--explore-coefficients explores the coefficients of --policy affine in --mode ode (without "
                 f"--coarse-actions); got --policy {cfg.guide.policy} --mode {cfg.mode}"
                 + (" --coarse-actions" if cfg.coarse_actions else "")
             )
-        actor = make_coefficient_actor(policy, std=cfg.std, learn_std=cfg.learn_std,
+        actor = make_coefficient_actor(policy, std=std, learn_std=cfg.learn_std,
                                        log_prob_reduction=cfg.log_prob_reduction)
     else:
         actor = make_probabilistic_actor(
-            policy, std=cfg.std, learn_std=cfg.learn_std and cfg.mode == "ode", use_sde_std=cfg.mode == "sde",
+            policy, std=std, learn_std=cfg.learn_std and cfg.mode == "ode", use_sde_std=cfg.mode == "sde",
             log_prob_reduction=cfg.log_prob_reduction,
             coarse_channels=image_channels(backbone) if cfg.coarse_actions else None,
             explore_min_t=cfg.guide.policy_min_t if cfg.mode == "ode" else 0.0)
@@ -177,4 +207,4 @@ def main(cfg: Config) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    cli(main, Config)
+    cli(main, Config, presets=PRESETS)

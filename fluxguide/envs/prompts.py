@@ -113,3 +113,24 @@ class PromptSource:
         """``n`` prompts drawn uniformly with replacement."""
         idx = torch.randint(len(self.prompts), (n,), generator=generator, device=generator.device)
         return [self.prompts[i] for i in idx.tolist()]
+
+
+# The animal prompts of the flux-dev presets, in the spirit of DDPO's simple-animals set (Black et al., 2023):
+# the training animals and the held-out ones are disjoint, so a held-out score measures generalisation.
+_ANIMALS_TRAIN = ("cat", "dog", "horse", "cow", "sheep", "pig", "goat", "rabbit", "fox", "wolf", "bear", "deer",
+                  "lion", "tiger", "zebra", "giraffe", "elephant", "monkey", "panda", "koala", "kangaroo", "camel",
+                  "owl", "eagle", "parrot", "penguin", "duck", "swan", "frog", "turtle")
+_ANIMALS_HELDOUT = ("raccoon", "hedgehog", "squirrel", "otter", "hippopotamus", "rhinoceros", "flamingo", "peacock",
+                    "crocodile", "octopus")
+
+
+@register_prompt_set("animals-train")
+def animal_train_prompts() -> list[str]:
+    """30 prompts "a photo of a <animal>" (the flux-dev presets' training prompts)."""
+    return [f"a photo of a {a}" for a in _ANIMALS_TRAIN]
+
+
+@register_prompt_set("animals-heldout")
+def animal_heldout_prompts() -> list[str]:
+    """10 prompts of animals that are not in ``animals-train`` (the flux-dev presets' held-out prompts)."""
+    return [f"a photo of a {a}" for a in _ANIMALS_HELDOUT]

@@ -123,6 +123,9 @@ def validate(config: Any) -> None:
 class RunConfig:
     """The run: its folder, seed, device, budgets, evaluation and checkpoint cadence, W&B."""
 
+    preset: str = "shapes"
+    """the recipe whose values are this script's defaults, set by --preset (listed in --help; the first is the
+    default): 'shapes' for the shapes world, 'flux-dev' for FLUX.1-dev on a GPU (fluxguide.harness.presets)"""
     run_dir: Path = Path("runs/run")
     """run folder (checkpoints, metrics.jsonl, sample grids, W&B files, guidance.safetensors); rerunning with it
     resumes"""

@@ -38,7 +38,7 @@ def load_script(name: str):
 collect_data = load_script("collect_data")
 train_bc = load_script("train_bc")
 
-SMALL_COLLECT = ["--backbone", "shapes-random", "--num-steps", "3", "--wandb-mode", "disabled"]
+SMALL_COLLECT = ["--backbone", "shapes-random", "--num-steps", "3", "--wandb-mode", "disabled", "--prompt-swaps", "0"]
 SMALL_TRAIN = [
     "--backbone", "shapes-random", "--batch-size", "16", "--hidden-dim", "16", "--num-heads", "2", "--num-layers",
     "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode",

@@ -33,12 +33,14 @@ def runs(tmp_path_factory) -> Path:
         train.main(tyro.cli(train.Config, args=[*TINY, "--seed", str(seed), "--run-dir", str(run_dir)]))
     with (out / "evaluation.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["sampler", "model_calls_per_image", "seconds_per_image",
-                                               "verifier_pass_rate", "pass_rate_lo", "pass_rate_hi", "gain_vs_base"])
+                                               "verifier_pass_rate", "pass_rate_lo", "pass_rate_hi", "gain_vs_base",
+                                               "gain_lo", "gain_hi", "images"])
         writer.writeheader()
         writer.writerow({"sampler": "base", "model_calls_per_image": 20, "seconds_per_image": 0.01,
                          "verifier_pass_rate": 0.25, "pass_rate_lo": 0.0, "pass_rate_hi": 0.5})
         writer.writerow({"sampler": "reward-gradient", "model_calls_per_image": 20, "seconds_per_image": 0.02,
-                         "verifier_pass_rate": 0.5, "pass_rate_lo": 0.25, "pass_rate_hi": 0.75, "gain_vs_base": 0.25})
+                         "verifier_pass_rate": 0.5, "pass_rate_lo": 0.25, "pass_rate_hi": 0.75, "gain_vs_base": 0.25,
+                         "gain_lo": 0.05, "gain_hi": 0.45, "images": 360})
     return out
 
 
@@ -61,10 +63,15 @@ def test_report_on_two_tiny_runs_has_one_row_with_their_numbers(runs: Path, caps
     assert "pass_at_equal_time" in row
 
     text = out.read_text()
-    table_rows = [line for line in text.splitlines() if line.startswith("| reward-gradient |")]
+    table_rows = [line for line in text.splitlines() if line.startswith("| reward-gradient |")
+                  and "above base" not in line]
     assert len(table_rows) == 1 and table_rows[0].startswith(f"| reward-gradient | 2 | {statistics.fmean(finals):.3f} |")
     assert "python experiments/report.py --runs" in text and "--reward-window 1" in text  # the command that made it
     assert "| base | 0.250 | [0.000, 0.500] |" in text  # the reference samplers of the evaluation table
+    # the comparison table's numbers (noise no training saw), each seed's gain with its interval, and a verdict
+    assert row["fresh_gain"]["mean"] == pytest.approx(0.25)
+    fresh = [line for line in text.splitlines() if line.startswith("| reward-gradient |") and "above base" in line]
+    assert len(fresh) == 1 and "seed 0: +25.0 [+5.0, +45.0]" in fresh[0] and "above base on all 2 seeds" in fresh[0]
     assert text in capsys.readouterr().out
 
 

@@ -60,10 +60,10 @@ def test_scripts_are_covered() -> None:
             "pretrain_shapes_world", "main", "report"} <= names
 
 
-def test_compare_smoke_preset_trains_every_algorithm_and_writes_the_results(tmp_path, capsys) -> None:
+def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_path, capsys) -> None:
     compare = load_script(ROOT / "experiments" / "compare.py")
     out = tmp_path / "compare"
-    rows = compare.main(compare.Config(out_dir=out, preset="smoke", eval_num_prompts=2, eval_samples_per_prompt=1,
+    rows = compare.main(compare.Config(out_dir=out, budget="smoke", eval_num_prompts=2, eval_samples_per_prompt=1,
                                        best_of=(2,), wandb_mode="offline"))
     assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", "reward-gradient", "ppo",
                                             "bc"]
@@ -134,11 +134,11 @@ def test_main_sample_grid_script_writes_its_grid(tmp_path, capsys) -> None:
     assert "base: verifier passes" in out and "guided: verifier passes" in out
 
 
-@pytest.mark.parametrize("preset", ["smoke", "quick", "full"])
-def test_every_compare_preset_parses_under_its_scripts(preset: str) -> None:
-    """compare.py's presets are argument lists of other scripts: each must parse under that script's Config."""
+@pytest.mark.parametrize("budget", ["smoke", "quick", "full"])
+def test_every_compare_budget_parses_under_its_scripts(budget: str) -> None:
+    """compare.py's budgets are argument lists of other scripts: each must parse under that script's Config."""
     compare = load_script(ROOT / "experiments" / "compare.py")
-    cfg = compare.Config(preset=preset)
+    cfg = compare.Config(budget=budget)
     for algorithm in ("reward-gradient", "ppo", "bc"):
         for argv in compare.commands(cfg, algorithm, seed=0):
             script = load_script(Path(argv[0]))

@@ -1,0 +1,118 @@
+"""Every script's named presets (``--preset``): each parses, sets what it names, lets flags override it, and runs
+at its smoke size; an unknown name exits with 2 and lists the presets.
+
+The shapes presets run on the shapes world as they are, with tiny budgets; the flux-dev presets run on a tiny
+random FluxPipeline folder (``--model-path``) with a tiny local open_clip file for their CLIP reward, on the CPU:
+the real FLUX.1-dev weights and a GPU are the only things swapped out.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import tyro
+
+from fluxguide.harness.cli import cli
+from fluxguide.harness.config import flat_config
+from fluxguide.harness.presets import FLUX_DEV_MODEL, preset_name
+from fluxguide.harness.config import ConfigError
+
+from tests.experiments.test_flux_scripts import ROOT, flux_files, load_script  # noqa: F401  (fixture)
+
+TRAINING = ("train_reward_gradient", "train_ppo", "train_bc", "train_adjoint_matching")
+SCRIPTS = (*TRAINING, "collect_data")
+TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--total-updates", "1",
+        "--eval-every", "1", "--checkpoint-every", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
+        "--grid-prompts", "1", "--wandb-mode", "disabled"]
+BATCH = {"train_reward_gradient": ["--batch-size", "2"],
+         "train_adjoint_matching": ["--batch-size", "2", "--time-subsample", "2"],
+         "train_ppo": ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2"],
+         "train_bc": ["--batch-size", "16"]}
+COLLECT = ["--episodes", "2", "--batch-size", "2", "--num-steps", "3", "--wandb-mode", "disabled"]
+
+
+def parse(script, args: list[str]):
+    name = preset_name(args, script.PRESETS)
+    return tyro.cli(type(script.PRESETS[name]()), default=script.PRESETS[name](), args=args)
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_preset_parses_and_names_itself(name: str) -> None:
+    script = load_script(name)
+    assert list(script.PRESETS)[:2] == ["shapes", "flux-dev"], "the shapes preset is the default"
+    for preset in script.PRESETS:
+        cfg = flat_config(parse(script, ["--preset", preset]))
+        assert cfg["preset"] == preset
+        expected = "shapes" if preset == "shapes" else FLUX_DEV_MODEL["backbone"]
+        assert cfg["backbone"] == expected
+    # No --preset is the first preset, and a flag overrides the preset's value.
+    assert flat_config(parse(script, []))["preset"] == "shapes"
+    assert flat_config(parse(script, ["--preset", "flux-dev", "--height", "64"]))["height"] == 64
+
+
+def test_script_defaults_are_the_shapes_recipes() -> None:
+    """What docs/results.md's headline rows name: the defaults are the recipe, not a flag combination."""
+    rg = flat_config(load_script("train_reward_gradient").Config())
+    assert (rg["policy"], rg["reward"], rg["policy_min_t"], rg["reward_target"], rg["reward_shift"]) == (
+        "affine", "shapes-clip-retrieval", 0.64, -0.1, 2)
+    ppo = flat_config(load_script("train_ppo").Config())
+    assert (ppo["policy"], ppo["reward"], ppo["mode"], ppo["shared_group_noise"], ppo["batch_size"]) == (
+        "affine", "verifier-partial", "ode", True, 64)
+    bc = flat_config(load_script("train_bc").Config())
+    assert bc["policy"] == "attention" and bc["text_conditioning"]
+
+
+def test_unknown_preset_exits_2_listing_the_presets() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "train_ppo.py"), "--preset", "flux-schnell"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "'flux-schnell'" in done.stderr and "shapes, flux-dev" in done.stderr
+    assert "Traceback" not in done.stderr
+    with pytest.raises(ConfigError, match="needs a name"):
+        preset_name(["--preset"], {"shapes": dict})
+
+
+def test_help_lists_the_presets(capsys) -> None:
+    script = load_script("train_reward_gradient")
+    with pytest.raises(SystemExit):
+        cli(script.main, script.Config, ["--help"], presets=script.PRESETS)
+    out = capsys.readouterr().out
+    assert "shapes:" in out and "flux-dev:" in out and "backbone flux" in out
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_shapes_preset_runs_at_smoke_size(name: str, tmp_path) -> None:
+    script = load_script(name)
+    args = ["--preset", "shapes", "--run-dir", str(tmp_path / "run"), *TINY, *BATCH[name]]
+    if name == "train_bc":
+        collect = load_script("collect_data")
+        collect.main(parse(collect, ["--out-dir", str(tmp_path / "data"), *COLLECT]))
+        args += ["--dataset", str(tmp_path / "data")]
+    result = script.main(parse(script, args))
+    assert (tmp_path / "run" / "guidance.safetensors").is_file()
+    assert any(k.startswith("eval/") for k in result)
+
+
+@pytest.mark.parametrize("name", TRAINING)
+def test_flux_dev_preset_runs_at_smoke_size(name: str, flux_files, tmp_path) -> None:  # noqa: F811
+    """The flux-dev recipe on a tiny random FluxPipeline folder and a tiny CLIP file, on the CPU."""
+    script = load_script(name)
+    tiny_flux = ["--model-path", flux_files["pipeline"], "--height", "64", "--width", "64",
+                 "--max-sequence-length", "16", "--device", "cpu"]
+    args = ["--preset", "flux-dev", "--run-dir", str(tmp_path / "run"), *tiny_flux, *TINY, *BATCH[name]]
+    if name != "train_bc":
+        args += ["--reward-kwargs", flux_files["reward_kwargs"]]
+    else:
+        collect = load_script("collect_data")
+        data = parse(collect, ["--preset", "flux-dev", "--out-dir", str(tmp_path / "data"), *tiny_flux, *COLLECT])
+        assert data.train_prompts == "animals-train"
+        collect.main(data)
+        args += ["--dataset", str(tmp_path / "data")]
+    cfg = parse(script, args)
+    assert flat_config(cfg)["preset"] == "flux-dev" and flat_config(cfg)["backbone"] == "flux"
+    script.main(cfg)
+    assert (tmp_path / "run" / "guidance.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "tracking.json").read_text()) is not None
