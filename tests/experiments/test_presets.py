@@ -116,3 +116,21 @@ def test_flux_dev_preset_runs_at_smoke_size(name: str, flux_files, tmp_path) -> 
     script.main(cfg)
     assert (tmp_path / "run" / "guidance.safetensors").is_file()
     assert json.loads((tmp_path / "run" / "tracking.json").read_text()) is not None
+
+
+@pytest.mark.parametrize("name", ["train_reward_gradient", "train_ppo"])
+def test_evaluation_options_do_not_change_training(name: str, tmp_path) -> None:
+    """compare.py's budgets pass evaluation sizes and cadence to the scripts: the trained weights must be those
+    of the script run with its defaults (evaluation draws its own noise, never the training streams)."""
+    from safetensors.torch import load_file
+
+    script = load_script(name)
+    small = ["--num-steps", "3", "--total-updates", "2", "--checkpoint-every", "2", "--grid-prompts", "1",
+             "--wandb-mode", "disabled", *BATCH[name]]
+    script.main(parse(script, [*small, "--run-dir", str(tmp_path / "a"), "--eval-every", "1",
+                               "--eval-num-prompts", "3", "--eval-samples-per-prompt", "2"]))
+    script.main(parse(script, [*small, "--run-dir", str(tmp_path / "b"), "--eval-every", "2",
+                               "--eval-num-prompts", "1", "--eval-samples-per-prompt", "1"]))
+    a, b = (load_file(str(tmp_path / run / "guidance.safetensors")) for run in ("a", "b"))
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    assert any(a[k].abs().sum() > 0 for k in a), "the policy trained (it starts at zero)"
