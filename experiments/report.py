@@ -246,10 +246,10 @@ def _fresh_table(rows: list[dict[str, Any]]) -> list[str]:
     rows = [r for r in rows if r.get("fresh")]
     if not rows:
         return []
-    lines = ["", "On the comparison tables' evaluation noise (`evaluation.csv` next to the runs; no training or "
-             "model-selection step saw it):", "",
-             "| algorithm | seeds | pass rate (mean) | min–max | gain vs base (mean) | each seed: gain [90% interval] "
-             "| images per seed | verdict |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["", ("On the comparison tables' evaluation noise (`evaluation.csv` next to the runs; no training or "
+                  "model-selection step saw it):"), "",
+             ("| algorithm | seeds | pass rate (mean) | min–max | gain vs base (mean) | each seed: gain [90% interval] "
+              "| images per seed | verdict |"), "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         fresh = row["fresh"]
         each = "; ".join(f"seed {seed}: {100 * g:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"

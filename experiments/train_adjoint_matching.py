@@ -86,7 +86,7 @@ def main(cfg: Config) -> dict[str, float]:
     # The regression is one backward through the policy at the sampled steps: DDP averages each gradient once.
     algo = AdjointMatching(
         backbone, distributed.data_parallel(policy), reward,
-        torch.optim.AdamW(policy.parameters(), lr=opt.lr, weight_decay=opt.weight_decay),
+        torch.optim.AdamW(cfg.guide.param_groups(policy, opt.lr), lr=opt.lr, weight_decay=opt.weight_decay),
         AdjointMatchingConfig(num_steps=num_steps, reward_scale=cfg.reward_scale,
                               guidance_scale=opt.guidance_scale, time_subsample=cfg.time_subsample,
                               weighting=cfg.weighting, max_grad_norm=opt.max_grad_norm),

@@ -48,11 +48,9 @@ from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning, check_dataset
 from fluxguide.data import GuidanceDataset
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import ConfigError, check_float, check_int
+from fluxguide.harness.config import check_float, check_int
 from fluxguide.harness.evaluation import ReferenceEvaluator, recommended_cfg_scale
 from fluxguide.harness.presets import flux_dev_model, flux_dev_run
-from fluxguide.policies import load_guidance_model
-
 
 #: The shapes preset's budget: updates of 128 pairs (the README's headline is measured at it).
 BC_UPDATES = 1500
@@ -70,9 +68,6 @@ class Config:
     model: Flat[BackboneConfig] = field(default_factory=BackboneConfig)  # the dataset's; its verifier evaluates
     guide: Flat[PolicyConfig] = field(default_factory=PolicyConfig)
     optim: Flat[TrainConfig] = field(default_factory=lambda: TrainConfig(batch_size=128, lr=1e-3, num_steps=None))
-    init_policy: Path | None = None
-    """start from this saved policy (e.g. a previous run's guidance.safetensors, for a DAgger round); its
-    architecture replaces --policy / --hidden-dim / ..."""
     loss: Literal["mse", "gaussian_nll"] = "mse"
     """BC loss"""
     lr_schedule: Literal["constant", "cosine"] = "cosine"
@@ -87,8 +82,6 @@ class Config:
     def validate(self) -> None:
         check_int("warmup_updates", self.warmup_updates, minimum=0)
         check_float("cfg_scale", self.cfg_scale, optional=True)
-        if self.init_policy is not None and not self.init_policy.is_file():
-            raise ConfigError(f"--init-policy {self.init_policy}: no such file (pass a guidance.safetensors)")
 
 
 def flux_dev() -> Config:
@@ -110,8 +103,7 @@ def main(cfg: Config) -> dict[str, float]:
     meta = dataset.metadata
     num_steps = opt.num_steps or int(meta.get("num_steps", backbone.default_num_steps))
     cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", recommended_cfg_scale(backbone)))
-    policy = (load_guidance_model(cfg.init_policy, device=device) if cfg.init_policy is not None
-              else cfg.guide.build(backbone))
+    policy = cfg.guide.build(backbone)  # or --init-policy's (a DAgger round continues from the last policy)
     check_dataset_matches_policy(dataset, policy)
     loss_module = BCLoss(policy, loss_type=cfg.loss).to(device)
     distributed.reseed_rank_streams(seed)  # same init on every rank, then each rank's own stream

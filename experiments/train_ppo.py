@@ -71,10 +71,10 @@ class Config:
     coarse_actions: bool = False
     """explore and correct with coarse corrections, one value per token and image channel (192 numbers per
     shapes-world step instead of 3,072): the policy-gradient noise shrinks with the action's dimension (ODE mode)"""
-    explore_coefficients: bool | None = None
-    """with --policy affine: explore in the policy's 2 x channels coefficients of img and pred (6 numbers per
-    shapes-world step), each with std --std, instead of in the whole correction (ODE mode). Default: on for
-    --policy affine in --mode ode without --coarse-actions, off otherwise"""
+    explore_coefficients: bool = True
+    """with --policy affine in --mode ode (without --coarse-actions): explore in the policy's 2 x channels
+    coefficients of img and pred (6 numbers per shapes-world step), each with std --std, instead of in the whole
+    correction. Other policies and modes always explore the whole correction"""
     mode: Literal["sde", "ode"] = "ode"
     """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
@@ -153,17 +153,10 @@ def main(cfg: Config) -> dict[str, float]:
                              control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(seed))  # each rank its own prompts and noise
     policy = cfg.guide.build(backbone, coarse=cfg.coarse_actions)
-    explore_coefficients = cfg.explore_coefficients
-    if explore_coefficients is None:
-        explore_coefficients = cfg.guide.policy == "affine" and cfg.mode == "ode" and not cfg.coarse_actions
+    explore_coefficients = (cfg.explore_coefficients and cfg.guide.policy == "affine" and cfg.mode == "ode"
+                            and not cfg.coarse_actions)
     std = cfg.std if cfg.std is not None else (1.0 if explore_coefficients else 0.1)
     if explore_coefficients:
-        if cfg.guide.policy != "affine" or cfg.mode != "ode" or cfg.coarse_actions:
-            raise ValueError(
-                f"--explore-coefficients explores the coefficients of --policy affine in --mode ode (without "
-                f"--coarse-actions); got --policy {cfg.guide.policy} --mode {cfg.mode}"
-                + (" --coarse-actions" if cfg.coarse_actions else "")
-            )
         actor = make_coefficient_actor(policy, std=std, learn_std=cfg.learn_std,
                                        log_prob_reduction=cfg.log_prob_reduction)
     else:
@@ -176,8 +169,9 @@ def main(cfg: Config) -> dict[str, float]:
     if cfg.advantage == "gae":
         critic = make_value_network(backbone.latent_channels, cfg.guide.hidden_dim, cfg.guide.num_layers,
                                     backbone.encode([""]).vec.shape[-1], latent_grid(backbone), device=run.device)
-    params = [*actor.parameters(), *(critic.parameters() if critic is not None else ())]
-    optimizer = torch.optim.Adam(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    extra = [*actor.parameters(), *(critic.parameters() if critic is not None else ())]  # log-std, critic
+    optimizer = torch.optim.Adam(cfg.guide.param_groups(policy, opt.lr, extra), lr=opt.lr,
+                                 weight_decay=opt.weight_decay)
     distributed.reseed_rank_streams(seed)  # same init on every rank, then each rank's own policy sampling
     ppo = PPO(env, actor, optimizer, PPOConfig(
         clip_epsilon=cfg.clip_epsilon, epochs=cfg.epochs, minibatch_trajectories=cfg.minibatch_trajectories,

@@ -39,7 +39,6 @@ from fluxguide.harness.cli import cli
 from fluxguide.harness.config import check_float, check_int
 from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
 
-
 #: The shapes preset's budget: updates of 16 images (the README's headline is measured at it).
 RG_UPDATES = 64
 
@@ -103,7 +102,7 @@ def main(cfg: Config) -> dict[str, float]:
     reward = cfg.reward.build(backbone, seed=seed)  # must be differentiable
     policy = cfg.guide.build(backbone)
     distributed.reseed_rank_streams(seed)  # same policy init on every rank, then each rank's own stream
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=opt.lr, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.AdamW(cfg.guide.param_groups(policy, opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)
     # DDP fits this loop: the sampler calls the policy at each step, and one backward through them all (with
     # non-reentrant checkpointing) averages each gradient once over the ranks, before clipping.
     algo = RewardGradient(

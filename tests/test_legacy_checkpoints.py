@@ -62,6 +62,17 @@ from fluxguide.rewards import make_reward
 
 #: the training scripts, relative to the repository root (rerun on a copy of a legacy run folder)
 SCRIPTS = {"train_reward_gradient": "experiments/train_reward_gradient.py", "train_ppo": "experiments/train_ppo.py"}
+#: The scripts' defaults before they became the shapes presets: a legacy command that relied on them resumes with
+#: them spelled out (a changed default is a changed configuration, which a resume refuses with a message). The
+#: recorded command comes after, so its own flags win.
+LEGACY_DEFAULTS = {
+    "train_reward_gradient": ["--policy", "attention", "--hidden-dim", "64", "--policy-min-t", "0", "--reward",
+                              "shapes-clip", "--lr", "1e-3", "--reward-target", "None", "--reward-shift", "0",
+                              "--total-updates", "200", "--eval-every", "20", "--checkpoint-every", "20"],
+    "train_ppo": ["--policy", "attention", "--hidden-dim", "64", "--policy-min-t", "0", "--reward", "verifier",
+                  "--mode", "sde", "--std", "0.1", "--no-shared-group-noise", "--batch-size", "32", "--lr", "3e-4",
+                  "--total-updates", "300", "--eval-every", "20", "--checkpoint-every", "20"],
+}
 # ------------------------------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -337,7 +348,7 @@ def test_script_resumes_legacy_run(name, tmp_path):
     resume = rec["resume"]
     run_dir = tmp_path / name
     shutil.copytree(FIXTURES / "runs" / name, run_dir)
-    argv = [SCRIPTS[rec["script"]], *resume["argv"][1:], "--run-dir", str(run_dir)]
+    argv = [SCRIPTS[rec["script"]], *LEGACY_DEFAULTS[rec["script"]], *resume["argv"][1:], "--run-dir", str(run_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300, check=False)

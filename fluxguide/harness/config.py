@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import torch
 import tyro
@@ -282,19 +282,57 @@ class PolicyConfig:
     """guide only at times t >= this (1 = noise; e.g. 0.64 = the first 10 of 20 shapes-world steps) and leave the
     later steps to the base model (0: guide every step)"""
 
+    init_policy: Path | None = None
+    """start from this saved policy (a guidance.safetensors, e.g. a CFG-distilled BC policy, for RL from a
+    distilled start or a DAgger round); its architecture replaces --policy / --hidden-dim / ..."""
+    head: Literal["none", "affine"] = "none"
+    """'affine': add a fresh affine schedule (a(t) img + b(t) pred per image channel, on t >= --policy-min-t,
+    zero at the start) to the built or loaded policy, the two corrections summed: a few parameters that move fast
+    on top of a network (see --body-lr-scale)"""
+    body_lr_scale: float = 1.0
+    """with --head: learning rate of the policy under the head, as a multiple of --lr (0 freezes it)"""
+
     def validate(self) -> None:
         check_int("hidden_dim", self.hidden_dim)
         check_int("num_layers", self.num_layers)
         check_int("num_heads", self.num_heads)
         check_float("policy_min_t", self.policy_min_t, strict=False, maximum=1.0)
+        check_float("body_lr_scale", self.body_lr_scale, strict=False)
+        if self.init_policy is not None and not Path(self.init_policy).is_file():
+            raise ConfigError(f"--init-policy {self.init_policy}: no such file (pass a guidance.safetensors)")
 
     def build(self, backbone: Any, **options: Any) -> Any:
-        """A fresh guidance network (:func:`fluxguide.policies.registry.build_policy`)."""
+        """The guidance network: loaded from ``--init-policy`` or fresh (:func:`~fluxguide.policies.registry.
+        build_policy`), under a fresh affine head with ``--head affine``."""
+        from fluxguide.policies import MultiObjectiveGuidance, load_guidance_model
         from fluxguide.policies.registry import build_policy
 
-        return build_policy(self.policy, backbone, hidden_dim=self.hidden_dim, num_layers=self.num_layers,
-                            num_heads=self.num_heads, min_t=self.policy_min_t,
-                            text_conditioning=self.text_conditioning, **options)
+        if self.init_policy is not None:
+            policy = load_guidance_model(self.init_policy, device=backbone.device)
+        else:
+            policy = build_policy(self.policy, backbone, hidden_dim=self.hidden_dim, num_layers=self.num_layers,
+                                  num_heads=self.num_heads, min_t=self.policy_min_t,
+                                  text_conditioning=self.text_conditioning, **options)
+        if self.head == "affine":
+            head = build_policy("affine", backbone, hidden_dim=8, min_t=self.policy_min_t)
+            policy = MultiObjectiveGuidance([policy, head])
+        return policy
+
+    def param_groups(self, policy: Any, lr: float, extra: Iterable[Any] = ()) -> list[dict[str, Any]]:
+        """The optimizer's parameter groups: with ``--head``, the body at ``lr * --body-lr-scale`` (left out at 0)
+        and the head at ``lr``; else every parameter at ``lr``. ``extra`` parameters (an actor's log-std, a critic)
+        join at ``lr`` unless they are the policy's own."""
+        own = {id(p) for p in policy.parameters()}
+        rest = [p for p in dict.fromkeys(extra) if id(p) not in own]
+        if self.head == "none":
+            return [{"params": [*policy.parameters(), *rest], "lr": lr}]
+        body, head = policy.models
+        groups = [{"params": [*head.parameters(), *rest], "lr": lr}]
+        if self.body_lr_scale > 0:
+            groups.insert(0, {"params": list(body.parameters()), "lr": lr * self.body_lr_scale})
+        else:
+            body.requires_grad_(False)
+        return groups
 
 
 @dataclass

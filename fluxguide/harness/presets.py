@@ -27,11 +27,11 @@ Presets = Mapping[str, Callable[[], C]]
 
 #: The flux-dev presets' base model: FLUX.1-dev from the hub (gated: accept its licence and log in) or a local
 #: diffusers folder given with --model-path; 512 px keeps the full reward-gradient backward on one 80 GB card.
-FLUX_DEV_MODEL = dict(backbone="flux", model_path="black-forest-labs/FLUX.1-dev", height=512, width=512)
+FLUX_DEV_MODEL = {"backbone": "flux", "model_path": "black-forest-labs/FLUX.1-dev", "height": 512, "width": 512}
 #: The flux-dev presets' reward: OpenAI's CLIP ViT-L/14 through open_clip (downloaded on first use).
-FLUX_DEV_REWARD = dict(reward="clip", reward_kwargs=json.dumps({"model_name": "ViT-L-14-quickgelu",
-                                                                "pretrained": "openai"}),
-                       train_prompts="animals-train")
+FLUX_DEV_REWARD = {"reward": "clip",
+                   "reward_kwargs": json.dumps({"model_name": "ViT-L-14-quickgelu", "pretrained": "openai"}),
+                   "train_prompts": "animals-train"}
 #: FLUX.1-dev's usual step count.
 FLUX_DEV_STEPS = 28
 
@@ -48,8 +48,8 @@ def flux_dev_reward() -> RewardConfig:
 
 def flux_dev_run(**overrides: Any) -> RunConfig:
     """The run group of a flux-dev preset: CUDA, held-out animal prompts, a few images per evaluation."""
-    values: dict[str, Any] = dict(device="cuda", eval_prompts="animals-heldout", eval_samples_per_prompt=2,
-                                  grid_prompts=4)
+    values: dict[str, Any] = {"device": "cuda", "eval_prompts": "animals-heldout", "eval_samples_per_prompt": 2,
+                              "grid_prompts": 4}
     values.update(overrides)
     return RunConfig(**values)
 

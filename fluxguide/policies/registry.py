@@ -69,7 +69,7 @@ def build_policy(
             (:class:`CoarseGuidance`, saved with it): the action space of PPO's coarse exploration.
         device: where to create it (default: the backbone's device).
     """
-    if not text_conditioning and name != "attention":
+    if not text_conditioning and name not in ("attention", "affine"):  # the affine schedule never reads the text
         raise ValueError(f"text_conditioning=False is implemented by the 'attention' policy, not {name!r}")
     if not 0.0 <= min_t < 1.0:
         raise ValueError(f"min_t must be in [0, 1) (guide at times t >= min_t; 0 guides every step), got {min_t}")

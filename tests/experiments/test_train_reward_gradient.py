@@ -107,14 +107,15 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(tmp_path) -> None:
 
 
 def test_tiny_flux_run_completes(tmp_path) -> None:
-    """The README's settings (early steps, text-blind, a reward target) on a tiny random Flux: the real-Flux path."""
+    """The earlier README settings (early steps, a text-blind attention network, a reward target) on a tiny random
+    Flux: the real-Flux path."""
     from fluxguide.policies import TimestepRangeGuidance, load_guidance_model
 
     final = run(["--backbone", "tiny-flux", "--run-dir", str(tmp_path), "--batch-size", "2", "--num-steps", "3",
                  "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--total-updates", "3",
                  "--eval-every", "3", "--checkpoint-every", "3", "--eval-num-prompts", "2",
                  "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode", "offline",
-                 "--policy-min-t", "0.5", "--no-text-conditioning", "--reward-target", "1.0"])
+                 "--policy", "attention", "--policy-min-t", "0.5", "--no-text-conditioning", "--reward-target", "1.0"])
     policy = load_guidance_model(tmp_path / "guidance.safetensors")
     assert isinstance(policy, TimestepRangeGuidance)
     assert policy.config["models"][0]["model"]["text_conditioning"] is False
@@ -133,3 +134,35 @@ def test_resuming_under_another_base_model_is_refused(tmp_path) -> None:
     saved = load_checkpoint(latest_checkpoint(tmp_path), restore_global_rng=False).state["backbone_fingerprint"]
     with pytest.raises(RuntimeError, match=rf"trained against another base model \(backbone fingerprint {saved};"):
         run(argv + ["--seed", "1", "--total-updates", "2"])
+
+
+def test_rl_from_a_distilled_start_with_an_affine_head(tmp_path) -> None:
+    """--init-policy loads a saved network, --head affine adds a zero-initialised affine schedule on top (so the
+    untrained sum is the loaded policy), and --body-lr-scale 0 trains the head alone, leaving the network as saved."""
+    from fluxguide.backbones.registry import build_backbone
+    from fluxguide.policies import MultiObjectiveGuidance, load_guidance_model, save_guidance_model
+    from fluxguide.policies.registry import build_policy
+
+    world = build_backbone("shapes-random", seed=0)
+    start = build_policy("attention", world, hidden_dim=16, num_layers=1, num_heads=2)
+    with torch.no_grad():  # a non-zero starting policy, as a distilled one is
+        for p in start.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    path = save_guidance_model(start, tmp_path / "start.safetensors")
+
+    args = [*SMALL, "--init-policy", str(path), "--head", "affine", "--total-updates", "3", "--eval-every", "3",
+            "--checkpoint-every", "3"]
+    run([*args, "--run-dir", str(tmp_path / "frozen"), "--body-lr-scale", "0"])
+    frozen = load_guidance_model(tmp_path / "frozen" / "guidance.safetensors")
+    assert isinstance(frozen, MultiObjectiveGuidance)
+    body, head = frozen.models
+    assert all(a.equal(b) for a, b in zip(body.state_dict().values(), start.state_dict().values()))
+    assert any(p.abs().sum() > 0 for p in head.parameters()), "the head trained"
+
+    run([*args, "--run-dir", str(tmp_path / "both"), "--body-lr-scale", "0.1"])
+    body = load_guidance_model(tmp_path / "both" / "guidance.safetensors").models[0]
+    assert not all(a.equal(b) for a, b in zip(body.state_dict().values(), start.state_dict().values()))
+
+    with pytest.raises(SystemExit):  # a missing file is refused before anything runs
+        script.cli(script.main, script.Config, [*SMALL, "--init-policy", str(tmp_path / "nope.safetensors"),
+                                                "--run-dir", str(tmp_path / "x")])

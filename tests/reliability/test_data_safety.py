@@ -117,7 +117,8 @@ def test_a_collection_rerun_under_another_batch_size_is_refused(tmp_path: Path) 
 
 def test_collect_data_rerun_under_another_batch_size_is_refused(tmp_path: Path) -> None:
     script = ROOT / "experiments" / "collect_data.py"
-    common = [sys.executable, str(script), "--backbone", "shapes-random", "--num-steps", "2", "--episodes", "4",
+    common = [sys.executable, str(script), "--backbone", "shapes-random", "--num-steps", "2", "--prompt-swaps", "0",
+              "--episodes", "4",
               "--wandb-mode", "disabled", "--out-dir", str(tmp_path / "data")]
     subprocess.run([*common, "--batch-size", "2"], env=ENV, check=True, capture_output=True)
     again = subprocess.run([*common, "--batch-size", "4"], env=ENV, capture_output=True, text=True)
@@ -138,7 +139,8 @@ def test_two_collections_on_one_dataset_folder(tmp_path: Path) -> None:
     try:
         assert owner.stdout.readline().strip() == "held"
         argv = [sys.executable, str(ROOT / "experiments" / "collect_data.py"), "--backbone", "shapes-random",
-                "--num-steps", "2", "--episodes", "2", "--batch-size", "2", "--wandb-mode", "disabled",
+                "--num-steps", "2", "--prompt-swaps", "0", "--episodes", "2", "--batch-size", "2",
+                "--wandb-mode", "disabled",
                 "--out-dir", str(folder)]
         start = time.perf_counter()
         second = subprocess.run(argv, env=ENV, capture_output=True, text=True)
