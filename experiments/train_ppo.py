@@ -46,7 +46,8 @@ from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor,
 from fluxguide.policies.registry import image_channels, latent_grid
 
 #: The metrics logged as ``train/<name>``; the loss terms and PPO's diagnostics go to ``losses/<name>``.
-TRAIN_METRICS = ("reward_mean", "reward_std", "group_reward_std", "zero_std_group_fraction", "verifier_pass_rate")
+TRAIN_METRICS = ("reward_mean", "reward_std", "group_reward_std", "zero_std_group_fraction", "verifier_pass_rate",
+                 "init_kl")
 DIAGNOSTICS = ("grad_norm", "clip_fraction", "kl_approx", "ESS", "mean_ratio", "max_ratio", "explained_variance",
                "entropy", "first_mean_ratio", "first_max_ratio", "first_clip_fraction")
 
@@ -89,6 +90,9 @@ class Config:
     """reduce the per-element log-density by mean (sane ratios at high dimension) or sum (exact)"""
     control_cost: float = 0.0
     """KL penalty to the base sampler: the env's per-step control cost (exact Gaussian KL in SDE mode)"""
+    init_kl: float = 0.0
+    """weight of the KL to the initial policy (--init-policy, else the policy as built) on each minibatch's
+    states: keeps a fine-tuned policy near its distilled start, as DDPO-style fine-tuning does"""
     shared_group_noise: bool = True
     """start the trajectories of a prompt group from one initial noise (common random numbers, as in
     DanceGRPO): their rewards then differ only through the exploration noise"""
@@ -113,6 +117,7 @@ class Config:
         check_float("noise_level", self.noise_level)
         check_float("std", self.std, optional=True)
         check_float("control_cost", self.control_cost, strict=False)
+        check_float("init_kl", self.init_kl, strict=False)
         check_float("gae_lambda", self.gae_lambda, strict=False, maximum=1.0)
         check_float("critic_coef", self.critic_coef, strict=False)
         check_float("clip_epsilon", self.clip_epsilon)
@@ -165,6 +170,7 @@ def main(cfg: Config) -> dict[str, float]:
             log_prob_reduction=cfg.log_prob_reduction,
             coarse_channels=image_channels(backbone) if cfg.coarse_actions else None,
             explore_min_t=cfg.guide.policy_min_t if cfg.mode == "ode" else 0.0)
+    reference = cfg.guide.reference(actor, cfg.init_kl)  # the initial actor, before any update or resume
     critic = None
     if cfg.advantage == "gae":
         critic = make_value_network(backbone.latent_channels, cfg.guide.hidden_dim, cfg.guide.num_layers,
@@ -176,8 +182,8 @@ def main(cfg: Config) -> dict[str, float]:
     ppo = PPO(env, actor, optimizer, PPOConfig(
         clip_epsilon=cfg.clip_epsilon, epochs=cfg.epochs, minibatch_trajectories=cfg.minibatch_trajectories,
         advantage=cfg.advantage, lmbda=cfg.gae_lambda, critic_coef=cfg.critic_coef, entropy_coef=cfg.entropy_coef,
-        max_grad_norm=opt.max_grad_norm,
-    ), critic=critic)
+        max_grad_norm=opt.max_grad_norm, init_kl=cfg.init_kl,
+    ), critic=critic, reference=reference)
 
     def pending_episode() -> dict[str, torch.Generator]:  # the env's generator as the pending episode drew it
         episode = torch.Generator().manual_seed(0)

@@ -63,6 +63,9 @@ class Config:
     """recompute step activations in the backward pass (less memory, about one more forward)"""
     control_cost: float = 0.0
     """weight of the control cost (KL to the base sampler) on the corrections"""
+    init_kl: float = 0.0
+    """weight of the KL to the initial policy (--init-policy, else the policy as built): keeps a fine-tuned
+    policy near its distilled start, as DDPO-style fine-tuning keeps the model near the pretrained one"""
     reward_target: float | None = -0.1
     """AlignProp-style reward target: the loss is -min(reward, target)"""
     reward_shift: int = 2
@@ -77,6 +80,7 @@ class Config:
     def validate(self) -> None:
         check_int("grad_last_k", self.grad_last_k, optional=True)
         check_float("control_cost", self.control_cost, strict=False)
+        check_float("init_kl", self.init_kl, strict=False)
         check_float("reward_target", self.reward_target, minimum=-math.inf, optional=True)
         check_int("reward_shift", self.reward_shift, minimum=0)
 
@@ -101,6 +105,7 @@ def main(cfg: Config) -> dict[str, float]:
     backbone = cfg.model.build(seed=seed, device=run.device, num_steps=opt.num_steps)
     reward = cfg.reward.build(backbone, seed=seed)  # must be differentiable
     policy = cfg.guide.build(backbone)
+    reference = cfg.guide.reference(policy, cfg.init_kl)  # before any update or resume
     distributed.reseed_rank_streams(seed)  # same policy init on every rank, then each rank's own stream
     optimizer = torch.optim.AdamW(cfg.guide.param_groups(policy, opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)
     # DDP fits this loop: the sampler calls the policy at each step, and one backward through them all (with
@@ -110,11 +115,12 @@ def main(cfg: Config) -> dict[str, float]:
         RewardGradientConfig(
             num_steps=opt.num_steps, guidance_scale=opt.guidance_scale, grad_last_k=cfg.grad_last_k,
             random_k=cfg.random_k, gradient_checkpointing=cfg.gradient_checkpointing,
-            control_cost=cfg.control_cost, reward_target=cfg.reward_target, max_grad_norm=opt.max_grad_norm,
+            control_cost=cfg.control_cost, init_kl=cfg.init_kl, reward_target=cfg.reward_target,
+            max_grad_norm=opt.max_grad_norm,
             reward_shift=cfg.reward_shift,
         ),
         one_step=cfg.one_step,
-        decode=backbone.straight_through_decoder() if cfg.straight_through else None,
+        decode=backbone.straight_through_decoder() if cfg.straight_through else None, reference=reference,
     )
     train = cfg.reward.prompts()
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # prompts and noise of the batches
@@ -126,8 +132,9 @@ def main(cfg: Config) -> dict[str, float]:
     for _ in run.loop(samples_per_update=opt.batch_size):
         prompts = [train[i] for i in torch.randint(len(train), (opt.batch_size,), generator=data_gen).tolist()]
         metrics = {"grad_last_k": 1.0, "loss_control": 0.0, **run.step(algo.update, prompts, data_gen)}
-        run.log(metrics, train=("reward_mean", "reward_std", "control_cost", "grad_last_k"),
-                losses=("loss", "loss_reward", "loss_control", "grad_norm"), postfix={"reward": "reward_mean"})
+        run.log(metrics, train=("reward_mean", "reward_std", "control_cost", "init_kl", "grad_last_k"),
+                losses=("loss", "loss_reward", "loss_control", "loss_init_kl", "grad_norm"),
+                postfix={"reward": "reward_mean"})
     return run.finish(policy)
 
 

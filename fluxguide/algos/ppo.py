@@ -12,7 +12,9 @@ One update (DDPO, Black et al. 2023; Flow-GRPO, Liu et al. 2025):
 
 The KL penalty to the base sampler is the env's ``control_cost``: the per-step Gaussian KL of the guided
 step to the base step (SDE mode, exact) or the squared correction (ODE mode), subtracted from the reward
-at every step, i.e. KL-regularised RL. Log-probs are reduced over the action by mean (default) or sum
+at every step, i.e. KL-regularised RL. The KL to the *initial* policy (RL from a distilled start, DDPO-style
+fine-tuning near a pretrained model) is a loss term instead, ``init_kl * KL(pi_theta || pi_init)`` on each
+minibatch's states (:func:`gaussian_kl`), with a frozen copy of the initial actor as ``reference``. Log-probs are reduced over the action by mean (default) or sum
 (:class:`fluxguide.policies.ReducedNormal`).
 
 Data-parallel (``torchrun``, :mod:`fluxguide.distributed`): each rank collects its own episode (its own
@@ -66,6 +68,8 @@ class PPOConfig:
         entropy_coef: entropy bonus (0: off; a fixed-std Gaussian's entropy is constant anyway).
         max_grad_norm: clip the global gradient norm (``None``: off).
         group_std_eps: groups whose reward std is below this carry no signal: advantage 0.
+        init_kl: weight of the KL of the policy to the reference actor (the initial policy) on the minibatch's
+            states, ``loss_init_kl`` (0: off; the KL is still logged when a reference is given).
     """
 
     clip_epsilon: float = 0.2
@@ -79,8 +83,11 @@ class PPOConfig:
     entropy_coef: float = 0.0
     max_grad_norm: float | None = 1.0
     group_std_eps: float = 1e-6
+    init_kl: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.init_kl < 0 or not math.isfinite(self.init_kl):
+            raise ValueError(f"init_kl must be a finite number >= 0, got {self.init_kl}")
         if self.advantage not in ("group", "gae"):
             raise ValueError(f"advantage must be 'group' or 'gae', got {self.advantage!r}")
         if not (self.clip_epsilon > 0 and math.isfinite(self.clip_epsilon)):
@@ -132,6 +139,17 @@ def group_advantages(
     return adv.view(b, steps), stats
 
 
+def gaussian_kl(p: torch.distributions.Normal, q: torch.distributions.Normal) -> torch.Tensor:
+    """``KL(p || q)`` of two element-wise Gaussians, averaged over every element (the mean reduction of the
+    log-probs). Elements where either std is 0 (point masses: steps where the policy does not explore) add 0,
+    as they add 0 to the log-probs."""
+    sp, sq = p.scale.float(), q.scale.float()
+    active = (sp > 0) & (sq > 0)
+    sp_, sq_ = torch.where(active, sp, 1.0), torch.where(active, sq, 1.0)
+    kl = torch.log(sq_ / sp_) + (sp_.square() + (p.loc.float() - q.loc.float()).square()) / (2 * sq_.square()) - 0.5
+    return torch.where(active, kl, torch.zeros_like(kl)).mean()
+
+
 class PPO:
     """PPO on a :class:`~fluxguide.envs.GuidanceTorchRLEnv`: collect one episode batch, then update.
 
@@ -141,6 +159,7 @@ class PPO:
         optimizer: over the actor's (and critic's) parameters.
         config: :class:`PPOConfig`.
         critic: a ``ValueOperator`` writing ``state_value`` (needed for ``advantage="gae"``).
+        reference: a frozen copy of the initial actor, for ``config.init_kl`` (and the logged ``init_kl``).
 
     A checkpoint saves ``modules = {"actor": actor}`` (plus ``"critic"`` with GAE) and ``optimizers =
     {"policy": optimizer}``.
@@ -158,8 +177,10 @@ class PPO:
         optimizer: torch.optim.Optimizer,
         config: PPOConfig | None = None,
         critic: nn.Module | None = None,
+        reference: nn.Module | None = None,
     ) -> None:
         self.env, self.actor, self.optimizer = env, actor, optimizer
+        self.reference = None if reference is None else reference.eval().requires_grad_(False)
         self.config = cfg = config or PPOConfig()
         if cfg.advantage == "gae" and critic is None:
             raise ValueError("advantage='gae' needs a critic (fluxguide.policies.make_value_network)")
@@ -277,7 +298,10 @@ class PPO:
             for _ in range(self.num_trajectories // cfg.minibatch_trajectories):
                 minibatch = self.buffer.sample().reshape(-1)  # [mb, T] whole trajectories -> mb * T steps
                 out = self.loss(minibatch)
-                loss = out["loss_objective"] + sum(out[k] for k in ("loss_critic", "loss_entropy") if k in out)
+                if self.reference is not None:
+                    out = {**out, **self.init_kl_terms(minibatch)}
+                loss = out["loss_objective"] + sum(out[k] for k in ("loss_critic", "loss_entropy", "loss_init_kl")
+                                                   if k in out)
                 # An explicit all-reduce rather than DDP: the actor is also run by the collector (no grad) and
                 # the trained parameters span the actor's Gaussian head and the critic; averaging the gradients
                 # here, before clipping, is what DDP would do, and a no-op on one process.
@@ -301,6 +325,19 @@ class PPO:
             local["verifier_pass_rate"] = float(verifier["passed"].float().mean())
         metrics.update(mean_over_ranks(local))  # equal batches per rank: the mean over all of them
         return metrics
+
+    def init_kl_terms(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
+        """``init_kl`` (the policy's KL to the reference on these states) and, with ``config.init_kl > 0``,
+        ``loss_init_kl``; the reference runs without grad."""
+        assert self.reference is not None
+        dist = self.actor.get_dist(minibatch.clone(False))
+        with torch.no_grad():
+            ref = self.reference.get_dist(minibatch.clone(False))
+        kl = gaussian_kl(dist, ref)
+        terms = {"init_kl": kl.detach()}
+        if self.config.init_kl > 0:
+            terms["loss_init_kl"] = self.config.init_kl * kl
+        return terms
 
     def shutdown(self) -> None:
         """Release the collector (the env stays usable)."""

@@ -53,6 +53,9 @@ class RewardGradientConfig:
         random_k: draw ``K`` uniformly from ``[1, grad_last_k or num_steps]`` at every update.
         gradient_checkpointing: recompute step activations in the backward pass.
         control_cost: weight of the control cost / KL term (0 disables it).
+        init_kl: weight of the KL to a reference policy (the initial one; :class:`RewardGradient`'s
+            ``reference``): the same Gaussian-step KL as the control cost, on the difference of the two
+            policies' corrections (0 disables it).
         reward_target: clip the reward at this value in the loss (``None``: no target).
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
         reward_shift: score each image translated by a random offset of up to this many pixels per axis
@@ -65,6 +68,7 @@ class RewardGradientConfig:
     random_k: bool = False
     gradient_checkpointing: bool = True
     control_cost: float = 0.0
+    init_kl: float = 0.0
     reward_target: float | None = None
     max_grad_norm: float | None = 1.0
     reward_shift: int = 0
@@ -78,6 +82,8 @@ class RewardGradientConfig:
             )
         if self.control_cost < 0:
             raise ValueError(f"control_cost must be >= 0, got {self.control_cost}")
+        if self.init_kl < 0:
+            raise ValueError(f"init_kl must be >= 0, got {self.init_kl}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if self.reward_shift < 0:
@@ -131,22 +137,30 @@ class CorrectionRecorder(nn.Module):
     trajectory stays graph-free, while the cost keeps a small graph through the policy alone
     (``cost_grad_all_steps``). Otherwise an untrained-for early-step correction could grow unchecked.
 
+    With a ``reference`` policy (the initial one, frozen) it also records the same KL between the guided step
+    and the reference-guided step, ``s_i^2 * mean((correction - reference_correction)^2)``: the penalty that
+    keeps a fine-tuned policy near its start (DDPO-style KL to the pretrained model), in :meth:`per_sample_kl`.
+
     Records are keyed by step, so the recomputation of a checkpointed step in the backward pass overwrites
     rather than duplicates them. Call :meth:`reset` before each trajectory.
     """
 
     def __init__(
-        self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int, cost_grad_all_steps: bool = True
+        self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int, cost_grad_all_steps: bool = True,
+        reference: GuidanceFn | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
         self.cost_grad_all_steps = cost_grad_all_steps
+        self.reference = reference
         self.costs: dict[int, torch.Tensor] = {}
+        self.kls: dict[int, torch.Tensor] = {}
 
     def reset(self) -> None:
         self.costs = {}
+        self.kls = {}
 
     def forward(
         self,
@@ -162,6 +176,9 @@ class CorrectionRecorder(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() or detach):
             correction = self.model(img, pred, txt, vec, timestep, step_idx)
             self.costs[int(step_idx)] = scale**2 * correction.float().square().flatten(1).mean(1)
+            if self.reference is not None:
+                self.kls[int(step_idx)] = scale**2 * step_kl(correction, self.reference, img, pred, txt, vec,
+                                                              timestep, step_idx)
         return correction.detach() if detach else correction
 
     def per_sample_cost(self) -> torch.Tensor:
@@ -170,22 +187,46 @@ class CorrectionRecorder(nn.Module):
             raise RuntimeError("no corrections recorded: run the sampler with this recorder as guidance model")
         return torch.stack([self.costs[i] for i in sorted(self.costs)]).mean(0)
 
+    def per_sample_kl(self) -> torch.Tensor | None:
+        """``(B,)``: the mean over recorded steps of the per-step KL to the reference (``None`` without one)."""
+        if self.reference is None or not self.kls:
+            return None
+        return torch.stack([self.kls[i] for i in sorted(self.kls)]).mean(0)
+
+
+def step_kl(
+    correction: torch.Tensor, reference: GuidanceFn, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor,
+    vec: torch.Tensor, timestep: torch.Tensor, step_idx: int,
+) -> torch.Tensor:
+    """``(B,)``: ``mean((correction - reference(state))^2)`` per sample, the reference evaluated without grad.
+
+    Both policies guide the same Euler step of fixed width, so this is their steps' Gaussian KL up to the
+    constant of :class:`CorrectionRecorder` (times the squared scale, which the caller applies).
+    """
+    with torch.no_grad():
+        ref = reference(img.detach(), pred.detach(), txt, vec, timestep, step_idx)
+    return (correction.float() - ref.float()).square().flatten(1).mean(1)
+
 
 def reward_terms(
-    rewards: torch.Tensor, control: torch.Tensor | None, control_cost: float, reward_target: float | None
+    rewards: torch.Tensor, control: torch.Tensor | None, control_cost: float, reward_target: float | None,
+    kl: torch.Tensor | None = None, init_kl: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """The named loss terms from per-sample rewards ``(B,)`` and control costs ``(B,)``."""
+    """The named loss terms from per-sample rewards ``(B,)``, control costs ``(B,)`` and KLs to the
+    reference policy ``(B,)``."""
     clipped = rewards if reward_target is None else rewards.clamp(max=reward_target)
     losses = {"loss_reward": -clipped.float().mean()}
     if control is not None and control_cost > 0:
         losses["loss_control"] = control_cost * control.mean()
+    if kl is not None and init_kl > 0:
+        losses["loss_init_kl"] = init_kl * kl.mean()
     return losses
 
 
 def reward_gradient_loss(
     model: FluxModel, decode: Decoder, policy: GuidanceFn, reward: RewardFn, cond: Conditioning, noise: torch.Tensor,
     timesteps: Sequence[float], config: RewardGradientConfig, *, guidance: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, reference: GuidanceFn | None = None,
 ) -> RewardGradientOutput:
     """Full-trajectory reward gradient: sample with a graph through the last ``K`` steps and score.
 
@@ -200,21 +241,25 @@ def reward_gradient_loss(
         config: truncation, checkpointing, control cost, reward target.
         guidance: distilled guidance strength for Flux-dev-like models (``None`` for others).
         generator: draws the random ``K`` when ``config.random_k``.
+        reference: the frozen policy of ``config.init_kl`` (its KL is recorded and penalised when given).
 
     Returns:
-        :class:`RewardGradientOutput` with ``losses`` ``{"loss_reward", ["loss_control"]}``.
+        :class:`RewardGradientOutput` with ``losses`` ``{"loss_reward", ["loss_control"], ["loss_init_kl"]}``.
     """
     num_steps = len(timesteps) - 1
     if num_steps != config.num_steps:
         raise ValueError(f"got {num_steps + 1} timesteps but config.num_steps={config.num_steps}")
     k = draw_truncation(num_steps, config.grad_last_k, config.random_k, generator)
-    recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps, cost_grad_all_steps=config.control_cost > 0)
+    recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps,
+                                  cost_grad_all_steps=config.control_cost > 0 or (reference is not None and config.init_kl > 0),
+                                  reference=reference)
     latents = denoise(
         model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
         guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,
         guidance_requires_grad=True, grad_last_k=k, gradient_checkpointing=config.gradient_checkpointing,
     )
-    return score(decode(latents), recorder.per_sample_cost(), reward, cond, config, generator, grad_last_k=float(k))
+    return score(decode(latents), recorder.per_sample_cost(), reward, cond, config, generator,
+                 kl=recorder.per_sample_kl(), grad_last_k=float(k))
 
 
 def score(
@@ -224,18 +269,21 @@ def score(
     cond: Conditioning,
     config: RewardGradientConfig,
     generator: torch.Generator | None,
+    kl: torch.Tensor | None = None,
     **extra: float,
 ) -> RewardGradientOutput:
     """Score decoded ``images`` (randomly translated by ``config.reward_shift``) and build the loss terms.
 
-    ``control`` is the per-sample control cost ``(B,)``; ``extra`` metrics follow the reward and control ones.
+    ``control`` is the per-sample control cost ``(B,)``, ``kl`` the per-sample KL to the reference policy
+    ``(B,)`` or ``None``; ``extra`` metrics follow the reward and control ones.
     """
     rewards = reward(random_translate(images, config.reward_shift, generator), cond.prompts)
-    losses = reward_terms(rewards, control, config.control_cost, config.reward_target)
+    losses = reward_terms(rewards, control, config.control_cost, config.reward_target, kl, config.init_kl)
     metrics = {
         "reward_mean": float(rewards.detach().mean()),
         "reward_std": float(rewards.detach().std()) if rewards.numel() > 1 else 0.0,
         "control_cost": float(control.detach().mean()),
+        **({"init_kl": float(kl.detach().mean())} if kl is not None else {}),
         **extra,
     }
     return RewardGradientOutput(losses=losses, metrics=metrics, images=images.detach(), rewards=rewards.detach())
@@ -273,7 +321,7 @@ def predicted_clean_latent(
 def one_step_reward_loss(
     model: FluxModel, decode: Decoder, policy: GuidanceFn, reward: RewardFn, cond: Conditioning, noise: torch.Tensor,
     timesteps: Sequence[float], config: RewardGradientConfig, *, step_idx: int | None = None,
-    guidance: float | None = None, generator: torch.Generator | None = None,
+    guidance: float | None = None, generator: torch.Generator | None = None, reference: GuidanceFn | None = None,
 ) -> RewardGradientOutput:
     """One-step reward gradient: reward of the predicted clean image at a sampled step.
 
@@ -302,7 +350,9 @@ def one_step_reward_loss(
     scale = scale_at(config.guidance_scale, step_idx, num_steps)
     x0 = predicted_clean_latent(img, pred, correction, t, scale)
     control = scale**2 * correction.float().square().flatten(1).mean(1)
-    return score(decode(x0), control, reward, cond, config, generator, step_idx=float(step_idx))
+    kl = None if reference is None else scale**2 * step_kl(correction, reference, img, pred, cond.txt, cond.vec,
+                                                           t_vec, step_idx)
+    return score(decode(x0), control, reward, cond, config, generator, kl=kl, step_idx=float(step_idx))
 
 
 def _prefix_scale(guidance_scale: GuidanceScale, num_steps: int) -> GuidanceScale:
@@ -326,6 +376,8 @@ class RewardGradient(PolicyOnSampler):
         one_step: use the one-step variant instead of the full trajectory.
         decode: latents -> images for the reward (default ``backbone.decode``), e.g. a decoder whose final
             clamp to [0, 1] passes gradients straight through (``backbone.straight_through_decoder()``).
+        reference: a frozen policy (typically a copy of the initial one) that ``config.init_kl`` keeps the
+            policy near; its KL is logged as ``init_kl`` whenever it is given.
 
     Example::
 
@@ -348,10 +400,14 @@ class RewardGradient(PolicyOnSampler):
         cfg_scale: float = 1.0,
         one_step: bool = False,
         decode: Decoder | None = None,
+        reference: nn.Module | None = None,
     ) -> None:
         require_differentiable(reward)
         self.config = config or RewardGradientConfig()
         self.one_step = one_step
+        if reference is not None:
+            reference = reference.eval().requires_grad_(False)
+        self.reference = reference
         self._hold(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
                    decode=decode)
         self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -386,14 +442,15 @@ class RewardGradient(PolicyOnSampler):
         fn = one_step_reward_loss if self.one_step else reward_gradient_loss
         return fn(
             self.model, self.decode, self.policy, self.reward, cond, noise, self.timesteps, self.config,
-            guidance=self.backbone.default_guidance, generator=generator,
+            guidance=self.backbone.default_guidance, generator=generator, reference=self.reference,
         )
 
     def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
         """One optimizer step on a batch of ``prompts`` (this rank's); returns metrics averaged over ranks.
 
         The metrics: ``loss``, its terms ``loss_*``, ``reward_mean`` / ``reward_std`` (the std pooled exactly
-        over every rank's samples), ``control_cost``, ``grad_last_k`` (or ``step_idx`` one-step), ``grad_norm``.
+        over every rank's samples), ``control_cost``, ``init_kl`` (with a reference), ``grad_last_k`` (or
+        ``step_idx`` one-step), ``grad_norm``.
 
         Raises:
             NonFiniteLossError: the loss or the gradient is NaN/inf; the policy was not changed.

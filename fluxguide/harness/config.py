@@ -18,6 +18,7 @@ package's entry-point name, or a ``package.module:factory`` spec (:mod:`fluxguid
 
 from __future__ import annotations
 
+import copy
 import math
 import uuid
 from collections.abc import Iterable
@@ -317,6 +318,14 @@ class PolicyConfig:
             head = build_policy("affine", backbone, hidden_dim=8, min_t=self.policy_min_t)
             policy = MultiObjectiveGuidance([policy, head])
         return policy
+
+    def reference(self, policy: Any, init_kl: float) -> Any:
+        """A frozen copy of ``policy`` as built, before any update or resume: the initial policy that an RL
+        script's ``--init-kl`` keeps the fine-tuned one near (and whose distance it logs as ``train/init_kl``).
+        ``None`` when there is nothing to measure: no ``--init-kl`` and no ``--init-policy``."""
+        if init_kl <= 0 and self.init_policy is None:
+            return None
+        return copy.deepcopy(policy).eval().requires_grad_(False)
 
     def param_groups(self, policy: Any, lr: float, extra: Iterable[Any] = ()) -> list[dict[str, Any]]:
         """The optimizer's parameter groups: with ``--head``, the body at ``lr * --body-lr-scale`` (left out at 0)

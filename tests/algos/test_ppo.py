@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -28,7 +30,9 @@ def redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
 
 def make_ppo(world: ShapesWorld, mode: str = "sde", advantage: str = "group", reduction: str = "mean",
              clip_epsilon: float = 0.2, lr: float = 3e-3, reward=redness, batch_size: int = 8,
-             samples_per_prompt: int = 4, num_steps: int = 4, seed: int = 0) -> PPO:
+             samples_per_prompt: int = 4, num_steps: int = 4, seed: int = 0, init_kl: float | None = None) -> PPO:
+    """A PPO on a redness reward; with ``init_kl`` (0 included) a frozen copy of the initial actor is the
+    reference of the KL term."""
     env = GuidanceTorchRLEnv(world, reward=CallableReward(reward) if callable(reward) else reward,
                              prompts=["a red circle", "a blue bar"], batch_size=batch_size,
                              samples_per_prompt=samples_per_prompt, num_steps=num_steps, mode=mode)
@@ -38,8 +42,10 @@ def make_ppo(world: ShapesWorld, mode: str = "sde", advantage: str = "group", re
     actor = make_probabilistic_actor(model, std=0.2, use_sde_std=mode == "sde", log_prob_reduction=reduction)
     critic = make_value_network(48, 16, 1, 64, 8) if advantage == "gae" else None
     params = list(actor.parameters()) + (list(critic.parameters()) if critic is not None else [])
-    config = PPOConfig(clip_epsilon=clip_epsilon, advantage=advantage, minibatch_trajectories=4, epochs=2)
-    return PPO(env, actor, torch.optim.Adam(params, lr=lr), config, critic=critic)
+    config = PPOConfig(clip_epsilon=clip_epsilon, advantage=advantage, minibatch_trajectories=4, epochs=2,
+                       init_kl=init_kl or 0.0)
+    reference = None if init_kl is None else copy.deepcopy(actor)
+    return PPO(env, actor, torch.optim.Adam(params, lr=lr), config, critic=critic, reference=reference)
 
 
 def test_rewards_to_go_and_group_advantages() -> None:
@@ -128,3 +134,38 @@ def test_bad_configurations_raise_clear_errors(world) -> None:
     single = make_ppo(world, samples_per_prompt=1, advantage="gae")
     with pytest.raises(ValueError, match="samples_per_prompt=1"):
         PPO(single.env, single.actor, single.optimizer, PPOConfig(advantage="group", minibatch_trajectories=4))
+
+
+def test_gaussian_kl_matches_torch_and_ignores_point_masses() -> None:
+    from fluxguide.algos.ppo import gaussian_kl
+    from fluxguide.policies import ReducedNormal
+
+    gen = torch.Generator().manual_seed(0)
+    loc_p, loc_q = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 4, generator=gen)
+    scale_p, scale_q = torch.rand(2, 3, 4, generator=gen) + 0.1, torch.rand(2, 3, 4, generator=gen) + 0.1
+    p, q = ReducedNormal(loc_p, scale_p), ReducedNormal(loc_q, scale_q)
+    expected = torch.distributions.kl_divergence(torch.distributions.Normal(loc_p, scale_p),
+                                                 torch.distributions.Normal(loc_q, scale_q)).mean()
+    torch.testing.assert_close(gaussian_kl(p, q), expected)
+    assert float(gaussian_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
+    scale_p[0] = 0.0  # a step the policy does not explore: adds 0, not inf / nan
+    kl = gaussian_kl(ReducedNormal(loc_p, scale_p), q)
+    assert torch.isfinite(kl) and float(kl) < float(expected) * 2
+
+
+def test_init_kl_term_starts_at_zero_and_holds_the_policy_near_its_reference(world) -> None:
+    kl = {}
+    for weight in (0.0, 100.0):
+        ppo = make_ppo(world, lr=1e-2, init_kl=weight)
+        reference = ppo.reference
+        batch = ppo.collect()
+        assert float(ppo.init_kl_terms(batch.reshape(-1))["init_kl"]) == pytest.approx(0.0, abs=1e-9)  # at start
+        metrics = [ppo.update() for _ in range(4)]
+        assert metrics[-1]["init_kl"] > 0
+        assert ("loss_init_kl" in metrics[-1]) == (weight > 0)
+        kl[weight] = metrics[-1]["init_kl"]
+        assert all(not p.requires_grad for p in reference.parameters())
+        ppo.shutdown()
+    assert kl[100.0] < 0.5 * kl[0.0], kl  # Adam moves the weights either way; the term keeps the policy's output near
+    with pytest.raises(ValueError, match="init_kl"):
+        PPOConfig(init_kl=-0.5)

@@ -117,7 +117,8 @@ def test_one_step_variant_learns_and_uses_the_predicted_clean_latent(world) -> N
     x0 = predicted_clean_latent(img, pred, corr, torch.tensor([0.5, 0.25]), 2.0)
     torch.testing.assert_close(x0, img - torch.tensor([0.5, 0.25]).view(2, 1, 1) * (pred + 2.0 * corr))
     net = policy("mlp")
-    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world), torch.optim.Adam(net.parameters(), 1e-2),
+    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world),
+                              torch.optim.Adam(net.parameters(), 1e-2),
                           RewardGradientConfig(num_steps=4), one_step=True)
     first = algo.update(PROMPTS, torch.Generator().manual_seed(0))
     for _ in range(4):
@@ -185,3 +186,60 @@ def test_straight_through_clamp_and_random_translation() -> None:
     for i in range(6):  # each image is a translated copy: some offset reproduces it exactly
         padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
         assert any(torch.equal(padded[:, dy : dy + 8, dx : dx + 8], shifted[i]) for dy in range(5) for dx in range(5))
+
+
+def test_init_kl_is_zero_at_the_start_and_keeps_the_policy_near_its_reference(world) -> None:
+    """RL from a distilled start: the KL to the frozen initial policy is logged, starts at 0 and, as a loss term,
+    holds the trained policy nearer its start than training without it."""
+    import copy
+
+    drift = {}
+    for weight in (0.0, 50.0):
+        net = policy("mlp")
+        torch.nn.init.normal_(net.out.weight, std=0.05)  # a non-zero start, like a distilled policy
+        reference = copy.deepcopy(net)
+        algo = RewardGradient(world, net, make_reward("shapes-clip", world=world),
+                              torch.optim.Adam(net.parameters(), 1e-2),
+                              RewardGradientConfig(num_steps=4, init_kl=weight), reference=reference)
+        first = algo.update(PROMPTS, torch.Generator().manual_seed(0))
+        assert first["init_kl"] == pytest.approx(0.0, abs=1e-12)  # the policy is its reference
+        assert ("loss_init_kl" in first) == (weight > 0)
+        for _ in range(5):
+            metrics = algo.update(PROMPTS, torch.Generator().manual_seed(0))
+        assert metrics["init_kl"] > 0
+        if weight > 0:
+            terms = metrics["loss_reward"] + metrics["loss_init_kl"]
+            assert metrics["loss"] == pytest.approx(terms, abs=1e-6)
+            assert metrics["loss_init_kl"] == pytest.approx(weight * metrics["init_kl"], rel=1e-5)
+        assert all(not p.requires_grad for p in reference.parameters())  # frozen, never stepped
+        drift[weight] = metrics["init_kl"]
+    assert drift[50.0] < 0.5 * drift[0.0], drift  # Adam moves the weights either way; the term keeps the output near
+
+
+def test_init_kl_is_the_scaled_mean_square_difference_of_the_corrections(world) -> None:
+    net, other = policy("mlp", seed=0), policy("mlp", seed=1)
+    for m in (net, other):
+        torch.nn.init.normal_(m.out.weight, std=0.05)
+    cond = world.encode(PROMPTS)
+    noise = world.noise(3, torch.Generator().manual_seed(1))
+    out = reward_gradient_loss(world, world.decode, net, lambda x, p: x.mean((1, 2, 3)), cond, noise,
+                               world.schedule(3), RewardGradientConfig(num_steps=3, guidance_scale=0.5, init_kl=1.0),
+                               reference=other)
+    # By hand: replay the trajectory, recording both corrections at each step.
+    diffs = []
+
+    def both(img, pred, txt, vec, t, i):
+        c = net(img, pred, txt, vec, t, i)
+        diffs.append(0.25 * (c - other(img, pred, txt, vec, t, i)).square().flatten(1).mean(1))
+        return c
+
+    from fluxguide.sampling import denoise
+
+    with torch.no_grad():
+        denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
+                guidance_model=both, guidance_scale=0.5)
+    expected = float(torch.stack(diffs).mean(0).mean())
+    assert out.metrics["init_kl"] == pytest.approx(expected, rel=1e-4)
+    assert float(out.losses["loss_init_kl"]) == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(ValueError, match="init_kl must be >= 0"):
+        RewardGradientConfig(init_kl=-1.0)

@@ -4,6 +4,7 @@ without a poisoned checkpoint, and the tiny random Flux code path completes."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -159,9 +160,14 @@ def test_rl_from_a_distilled_start_with_an_affine_head(tmp_path) -> None:
     assert all(a.equal(b) for a, b in zip(body.state_dict().values(), start.state_dict().values()))
     assert any(p.abs().sum() > 0 for p in head.parameters()), "the head trained"
 
-    run([*args, "--run-dir", str(tmp_path / "both"), "--body-lr-scale", "0.1"])
+    run([*args, "--run-dir", str(tmp_path / "both"), "--body-lr-scale", "0.1", "--init-kl", "1.0"])
     body = load_guidance_model(tmp_path / "both" / "guidance.safetensors").models[0]
     assert not all(a.equal(b) for a, b in zip(body.state_dict().values(), start.state_dict().values()))
+    logged = [json.loads(line) for line in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
+    kls = [r["train/init_kl"] for r in logged if "train/init_kl" in r]
+    terms = [r["losses/loss_init_kl"] for r in logged if "losses/loss_init_kl" in r]
+    assert len(kls) == 3 and kls[0] == 0.0 and kls[-1] > 0  # the distance to the start, which it begins at
+    assert terms == pytest.approx(kls, rel=1e-5)  # --init-kl 1.0: the loss term is the KL itself
 
     with pytest.raises(SystemExit):  # a missing file is refused before anything runs
         script.cli(script.main, script.Config, [*SMALL, "--init-policy", str(tmp_path / "nope.safetensors"),
