@@ -3,11 +3,14 @@
     python experiments/train_reward_gradient.py                                # the shapes preset (README headline)
     python experiments/train_reward_gradient.py --backbone tiny-flux --total-updates 20   # tiny random Flux
     python experiments/train_reward_gradient.py --preset flux-dev --train-prompts prompts.txt   # FLUX.1-dev, GPU
+    python experiments/train_reward_gradient.py --preset shapes-distilled      # from train_bc.py's policy
     python experiments/train_reward_gradient.py --help                         # every option and the presets
 
 The default (``--preset shapes``) is the best recipe known on the shapes world (docs/results.md): the affine
 policy ``a(t) img + b(t) pred`` per colour channel on the first 10 of 20 steps, trained on the tiny CLIP's
-caption log-probability of randomly shifted images with AlignProp's reward target.
+caption log-probability of randomly shifted images with AlignProp's reward target. ``--preset shapes-distilled``
+fine-tunes the CFG-distilled attention network of ``train_bc.py`` (under an affine head) with the same reward: the
+best text-aware neural guidance measured (docs/results.md).
 
 Each update samples a batch of *training* prompts, runs the guided sampler with a graph through the last K
 steps, decodes, scores with the reward and takes one optimizer step (``fluxguide.algos.RewardGradient``).
@@ -96,7 +99,22 @@ def flux_dev() -> Config:
                   reward_shift=0)
 
 
-PRESETS = {"shapes": Config, "flux-dev": flux_dev}
+#: Where ``train_bc.py`` run with its defaults writes the CFG-distilled policy that ``shapes-distilled`` starts from.
+DISTILLED_POLICY = Path("runs/bc/cfg_distillation/guidance.safetensors")
+
+
+def shapes_distilled() -> Config:
+    """RL from a distilled start (docs/results.md, "Neural guidance from a distilled start"): the CFG-distilled
+    attention network of ``collect_data.py`` + ``train_bc.py`` (their defaults) under a fresh affine head, the
+    head at --lr and the network at a tenth of it, on the shapes recipe's reward and budget."""
+    return Config(run=RunConfig(preset="shapes-distilled", run_dir=Path("runs/reward_gradient/shapes-distilled"),
+                                total_updates=RG_UPDATES, eval_every=RG_UPDATES // 4,
+                                checkpoint_every=RG_UPDATES // 4, wandb_group="reward-gradient-distilled"),
+                  guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64, init_policy=DISTILLED_POLICY,
+                                     head="affine", body_lr_scale=0.1))
+
+
+PRESETS = {"shapes": Config, "flux-dev": flux_dev, "shapes-distilled": shapes_distilled}
 
 
 def main(cfg: Config) -> dict[str, float]:

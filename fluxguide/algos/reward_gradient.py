@@ -147,9 +147,10 @@ class CorrectionRecorder(nn.Module):
 
     def __init__(
         self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int, cost_grad_all_steps: bool = True,
-        reference: GuidanceFn | None = None,
+        reference: GuidanceFn | None = None, kl_grad: bool = True,
     ) -> None:
         super().__init__()
+        self.kl_grad = kl_grad
         self.model = model
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
@@ -177,8 +178,10 @@ class CorrectionRecorder(nn.Module):
             correction = self.model(img, pred, txt, vec, timestep, step_idx)
             self.costs[int(step_idx)] = scale**2 * correction.float().square().flatten(1).mean(1)
             if self.reference is not None:
-                self.kls[int(step_idx)] = scale**2 * step_kl(correction, self.reference, img, pred, txt, vec,
-                                                              timestep, step_idx)
+                # Only a penalised KL keeps its graph: an unused graph held here outlives the update (it ties
+                # this recorder to the checkpointed steps' recomputation) and leaks its memory.
+                self.kls[int(step_idx)] = scale**2 * step_kl(correction if self.kl_grad else correction.detach(),
+                                                              self.reference, img, pred, txt, vec, timestep, step_idx)
         return correction.detach() if detach else correction
 
     def per_sample_cost(self) -> torch.Tensor:
@@ -252,7 +255,7 @@ def reward_gradient_loss(
     k = draw_truncation(num_steps, config.grad_last_k, config.random_k, generator)
     recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps,
                                   cost_grad_all_steps=config.control_cost > 0 or (reference is not None and config.init_kl > 0),
-                                  reference=reference)
+                                  reference=reference, kl_grad=config.init_kl > 0)
     latents = denoise(
         model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
         guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,
@@ -350,8 +353,8 @@ def one_step_reward_loss(
     scale = scale_at(config.guidance_scale, step_idx, num_steps)
     x0 = predicted_clean_latent(img, pred, correction, t, scale)
     control = scale**2 * correction.float().square().flatten(1).mean(1)
-    kl = None if reference is None else scale**2 * step_kl(correction, reference, img, pred, cond.txt, cond.vec,
-                                                           t_vec, step_idx)
+    kl = None if reference is None else scale**2 * step_kl(correction if config.init_kl > 0 else correction.detach(),
+                                                           reference, img, pred, cond.txt, cond.vec, t_vec, step_idx)
     return score(decode(x0), control, reward, cond, config, generator, kl=kl, step_idx=float(step_idx))
 
 

@@ -300,7 +300,8 @@ class PolicyConfig:
         check_float("policy_min_t", self.policy_min_t, strict=False, maximum=1.0)
         check_float("body_lr_scale", self.body_lr_scale, strict=False)
         if self.init_policy is not None and not Path(self.init_policy).is_file():
-            raise ConfigError(f"--init-policy {self.init_policy}: no such file (pass a guidance.safetensors)")
+            raise ConfigError(f"--init-policy {self.init_policy}: no such file; pass a saved guidance.safetensors, "
+                              "e.g. the one experiments/train_bc.py writes into its --run-dir")
 
     def build(self, backbone: Any, **options: Any) -> Any:
         """The guidance network: loaded from ``--init-policy`` or fresh (:func:`~fluxguide.policies.registry.

@@ -16,7 +16,7 @@ import pytest
 import tyro
 
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import ConfigError, flat_config
+from fluxguide.harness.config import ConfigError, flat_config, validate
 from fluxguide.harness.presets import FLUX_DEV_MODEL, preset_name
 from tests.experiments.test_flux_scripts import ROOT, flux_files, load_script  # noqa: F401  (fixture)
 
@@ -44,7 +44,7 @@ def test_every_preset_parses_and_names_itself(name: str) -> None:
     for preset in script.PRESETS:
         cfg = flat_config(parse(script, ["--preset", preset]))
         assert cfg["preset"] == preset
-        expected = "shapes" if preset == "shapes" else FLUX_DEV_MODEL["backbone"]
+        expected = "shapes" if preset.startswith("shapes") else FLUX_DEV_MODEL["backbone"]
         assert cfg["backbone"] == expected
     # No --preset is the first preset, and a flag overrides the preset's value.
     assert flat_config(parse(script, []))["preset"] == "shapes"
@@ -92,6 +92,27 @@ def test_shapes_preset_runs_at_smoke_size(name: str, tmp_path) -> None:
     result = script.main(parse(script, args))
     assert (tmp_path / "run" / "guidance.safetensors").is_file()
     assert any(k.startswith("eval/") for k in result)
+
+
+def test_shapes_distilled_preset_starts_from_the_bc_policy(tmp_path) -> None:
+    """RL from a distilled start: the preset loads train_bc.py's default output under an affine head; without
+    that file it stops with a message naming it and the script that writes it."""
+    from fluxguide.backbones.registry import build_backbone
+    from fluxguide.policies import MultiObjectiveGuidance, load_guidance_model, save_guidance_model
+    from fluxguide.policies.registry import build_policy
+
+    script = load_script("train_reward_gradient")
+    cfg = flat_config(parse(script, ["--preset", "shapes-distilled"]))
+    assert (cfg["init_policy"], cfg["head"], cfg["body_lr_scale"]) == (str(script.DISTILLED_POLICY), "affine", 0.1)
+    with pytest.raises(ConfigError, match="train_bc.py"):
+        validate(parse(script, ["--preset", "shapes-distilled", "--init-policy", str(tmp_path / "none.safetensors")]))
+    start = build_policy("attention", build_backbone("shapes-random", seed=0), hidden_dim=16, num_layers=1,
+                         num_heads=2)
+    path = save_guidance_model(start, tmp_path / "bc.safetensors")
+    script.main(parse(script, ["--preset", "shapes-distilled", "--init-policy", str(path),
+                               "--run-dir", str(tmp_path / "run"), *TINY, *BATCH["train_reward_gradient"]]))
+    trained = load_guidance_model(tmp_path / "run" / "guidance.safetensors")
+    assert isinstance(trained, MultiObjectiveGuidance) and type(trained.models[0]) is type(start)
 
 
 @pytest.mark.parametrize("name", TRAINING)
