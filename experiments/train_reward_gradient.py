@@ -30,7 +30,7 @@ process) and rank 0 logs the gathered metrics and writes the files (docs/distrib
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -107,11 +107,11 @@ def shapes_distilled() -> Config:
     """RL from a distilled start (docs/results.md, "Neural guidance from a distilled start"): the CFG-distilled
     attention network of ``collect_data.py`` + ``train_bc.py`` (their defaults) under a fresh affine head, the
     head at --lr and the network at a tenth of it, on the shapes recipe's reward and budget."""
-    return Config(run=RunConfig(preset="shapes-distilled", run_dir=Path("runs/reward_gradient/shapes-distilled"),
-                                total_updates=RG_UPDATES, eval_every=RG_UPDATES // 4,
-                                checkpoint_every=RG_UPDATES // 4, wandb_group="reward-gradient-distilled"),
-                  guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64, init_policy=DISTILLED_POLICY,
-                                     head="affine", body_lr_scale=0.1))
+    cfg = Config()  # the shapes recipe, started from the distilled network
+    cfg.run = replace(cfg.run, preset="shapes-distilled", run_dir=Path("runs/reward_gradient/shapes-distilled"),
+                      wandb_group="reward-gradient-distilled")
+    cfg.guide = replace(cfg.guide, init_policy=DISTILLED_POLICY, head="affine", body_lr_scale=0.1)
+    return cfg
 
 
 PRESETS = {"shapes": Config, "flux-dev": flux_dev, "shapes-distilled": shapes_distilled}

@@ -14,7 +14,8 @@ The KL penalty to the base sampler is the env's ``control_cost``: the per-step G
 step to the base step (SDE mode, exact) or the squared correction (ODE mode), subtracted from the reward
 at every step, i.e. KL-regularised RL. The KL to the *initial* policy (RL from a distilled start, DDPO-style
 fine-tuning near a pretrained model) is a loss term instead, ``init_kl * KL(pi_theta || pi_init)`` on each
-minibatch's states (:func:`gaussian_kl`), with a frozen copy of the initial actor as ``reference``. Log-probs are reduced over the action by mean (default) or sum
+minibatch's states (:func:`gaussian_kl`), with a frozen copy of the initial actor as ``reference``. Log-probs
+are reduced over the action by mean (default) or sum
 (:class:`fluxguide.policies.ReducedNormal`).
 
 Data-parallel (``torchrun``, :mod:`fluxguide.distributed`): each rank collects its own episode (its own

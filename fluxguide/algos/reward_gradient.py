@@ -253,9 +253,10 @@ def reward_gradient_loss(
     if num_steps != config.num_steps:
         raise ValueError(f"got {num_steps + 1} timesteps but config.num_steps={config.num_steps}")
     k = draw_truncation(num_steps, config.grad_last_k, config.random_k, generator)
+    penalise_kl = reference is not None and config.init_kl > 0
     recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps,
-                                  cost_grad_all_steps=config.control_cost > 0 or (reference is not None and config.init_kl > 0),
-                                  reference=reference, kl_grad=config.init_kl > 0)
+                                  cost_grad_all_steps=config.control_cost > 0 or penalise_kl,
+                                  reference=reference, kl_grad=penalise_kl)
     latents = denoise(
         model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
         guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,
