@@ -81,7 +81,10 @@ def parse_blocks(text: str) -> list[Block]:
 
 
 BLOCKS = parse_blocks(GUIDE.read_text(encoding="utf-8"))
-SECTIONS = list(dict.fromkeys(b.section for b in BLOCKS if b.lang in ("python", "bash")))
+# A section whose every block is '# not run:' (a long job's commands; their flags are tested elsewhere) has
+# nothing to run here.
+SECTIONS = list(dict.fromkeys(b.section for b in BLOCKS
+                              if b.lang in ("python", "bash") and b.not_run_reason is None))
 NOT_RUN_BLOCKS = [b for b in BLOCKS if b.lang == "python" and b.not_run_reason is not None]
 
 
