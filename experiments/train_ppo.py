@@ -42,7 +42,12 @@ from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, 
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int
 from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
-from fluxguide.policies import make_coefficient_actor, make_probabilistic_actor, make_value_network
+from fluxguide.policies import (
+    is_coefficient_policy,
+    make_coefficient_actor,
+    make_probabilistic_actor,
+    make_value_network,
+)
 from fluxguide.policies.registry import image_channels, latent_grid
 
 #: The metrics logged as ``train/<name>``; the loss terms and PPO's diagnostics go to ``losses/<name>``.
@@ -73,9 +78,10 @@ class Config:
     """explore and correct with coarse corrections, one value per token and image channel (192 numbers per
     shapes-world step instead of 3,072): the policy-gradient noise shrinks with the action's dimension (ODE mode)"""
     explore_coefficients: bool = True
-    """with --policy affine in --mode ode (without --coarse-actions): explore in the policy's 2 x channels
-    coefficients of img and pred (6 numbers per shapes-world step), each with std --std, instead of in the whole
-    correction. Other policies and modes always explore the whole correction"""
+    """with --policy affine, or any policy under --head affine, in --mode ode (without --coarse-actions): explore
+    in the affine schedule's 2 x channels coefficients of img and pred (6 numbers per shapes-world step), each with
+    std --std, instead of in the whole correction (a network under the head adds its correction unexplored).
+    Other policies and modes always explore the whole correction"""
     mode: Literal["sde", "ode"] = "ode"
     """'sde': the marginal-preserving SDE sampler with the policy's std set to the SDE's (Flow-GRPO);
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
@@ -158,7 +164,7 @@ def main(cfg: Config) -> dict[str, float]:
                              control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(seed))  # each rank its own prompts and noise
     policy = cfg.guide.build(backbone, coarse=cfg.coarse_actions)
-    explore_coefficients = (cfg.explore_coefficients and cfg.guide.policy == "affine" and cfg.mode == "ode"
+    explore_coefficients = (cfg.explore_coefficients and is_coefficient_policy(policy) and cfg.mode == "ode"
                             and not cfg.coarse_actions)
     std = cfg.std if cfg.std is not None else (1.0 if explore_coefficients else 0.1)
     if explore_coefficients:

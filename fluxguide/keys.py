@@ -31,6 +31,9 @@ SCALE = "scale"
 """Std of the Gaussian policy, broadcastable to the action (``(B, 1, 1)``)."""
 BASIS = "basis"
 """Per-observation basis ``(*batch, K, seq, C)`` of a coefficient-space policy (:class:`SubspaceNormal`)."""
+OFFSET = "offset"
+"""The deterministic part ``(*batch, seq, C)`` of a coefficient-space action outside its explored coefficients
+(the network under an explored affine head, :class:`SubspaceNormal`'s ``offset``)."""
 LOG_PROB = "action_log_prob"
 """Where TorchRL's ``ProbabilisticActor`` writes the action's log-prob (torchrl 0.14's default)."""
 STATE_VALUE = "state_value"
@@ -46,6 +49,7 @@ __all__ = [
     "LOC",
     "LOG_PROB",
     "OBSERVATION_KEYS",
+    "OFFSET",
     "PRED",
     "SCALE",
     "SDE_STD",

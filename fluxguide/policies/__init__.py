@@ -8,6 +8,8 @@ from fluxguide.policies.actors import (
     CoefficientHead,
     GaussianHead,
     ObservationAdapter,
+    coefficient_parts,
+    is_coefficient_policy,
     make_coefficient_actor,
     make_deterministic_actor,
     make_probabilistic_actor,
@@ -15,8 +17,8 @@ from fluxguide.policies.actors import (
 from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.attention import AttentionGuidanceModel
 from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model, check_observation
-from fluxguide.policies.coarse import CoarseGuidance, coarse_coordinates, project_coarse
 from fluxguide.policies.checkpoint import load_guidance_model, read_guidance_config, save_guidance_model
+from fluxguide.policies.coarse import CoarseGuidance, coarse_coordinates, project_coarse
 from fluxguide.policies.composite import MultiObjectiveGuidance, StepSpecificGuidance, TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
@@ -44,8 +46,10 @@ __all__ = [
     "build_guidance_model",
     "check_observation",
     "coarse_coordinates",
+    "coefficient_parts",
     "create_mlp_guidance_model",
     "grid_position_features",
+    "is_coefficient_policy",
     "load_guidance_model",
     "make_coefficient_actor",
     "make_deterministic_actor",

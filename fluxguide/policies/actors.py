@@ -20,7 +20,7 @@ from torchrl.modules import ProbabilisticActor
 
 from fluxguide import keys
 from fluxguide.policies.affine import AffineGuidance
-from fluxguide.policies.composite import TimestepRangeGuidance
+from fluxguide.policies.composite import MultiObjectiveGuidance, TimestepRangeGuidance
 from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
 
 
@@ -279,21 +279,46 @@ def _affine_parts(policy: nn.Module) -> tuple[AffineGuidance, float]:
             return inner, policy.ranges[0][0]
     raise TypeError(
         f"coefficient exploration needs an AffineGuidance policy (build_policy('affine', ...), optionally with "
-        f"min_t), got {type(policy).__name__}"
+        f"min_t), or a network under an affine head (MultiObjectiveGuidance([network, affine]), as "
+        f"PolicyConfig(head='affine') builds it), got {type(policy).__name__}"
     )
 
 
+def coefficient_parts(policy: nn.Module) -> tuple[nn.Module | None, AffineGuidance, float]:
+    """``(body, affine, min_t)`` of a policy whose exploration can live in affine coefficients: an affine
+    schedule alone (``body`` is ``None``), or a network under an affine head (``MultiObjectiveGuidance([body,
+    head])`` with unit weights, the head last), whose correction is then the deterministic offset."""
+    if isinstance(policy, MultiObjectiveGuidance) and len(policy.models) == 2 and list(policy.weights) == [1.0, 1.0]:
+        affine, min_t = _affine_parts(policy.models[1])
+        return policy.models[0], affine, min_t
+    affine, min_t = _affine_parts(policy)
+    return None, affine, min_t
+
+
+def is_coefficient_policy(policy: nn.Module) -> bool:
+    """Whether :func:`make_coefficient_actor` can explore ``policy`` in its affine coefficients."""
+    try:
+        coefficient_parts(policy)
+    except TypeError:
+        return False
+    return True
+
+
 class CoefficientHead(nn.Module):
-    """Observation -> ``(coefficients, scale, basis)`` of a :class:`SubspaceNormal` for an affine policy.
+    """Observation -> ``(coefficients, scale, basis[, offset])`` of a :class:`SubspaceNormal` for an affine policy.
 
     The coefficients are the policy's ``a(t), b(t)`` (zero before its ``min_t``), the basis its
     :meth:`AffineGuidance.basis` of the observation, and the std is 0 (no exploration) where the policy does
-    not act.
+    not act. Under an affine head (:func:`coefficient_parts`) the network's correction is the offset: PPO
+    explores the head's few coefficients, and the network learns through the density of the residual (the
+    action less its correction, read in the head's basis), so the policy gradient's noise stays as low as the
+    affine schedule's.
     """
 
     def __init__(self, policy: nn.Module, std: float = 0.1, learn_std: bool = False) -> None:
         super().__init__()
-        self.affine, self.min_t = _affine_parts(policy)  # the wrapper holds no parameters of its own
+        body, self.affine, self.min_t = coefficient_parts(policy)  # the wrappers hold no parameters
+        self.body = None if body is None else ObservationAdapter(body)
         self.std, self.log_std = _fixed_or_learned_std(std, learn_std)
 
     def forward(
@@ -304,7 +329,7 @@ class CoefficientHead(nn.Module):
         vec: torch.Tensor,
         t: torch.Tensor,
         step: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         if img.ndim < 3 or img.shape != pred.shape or img.shape[-1] != self.affine.latent_channels:
             raise ValueError(
                 f"img and pred must be packed latents (*batch, seq, {self.affine.latent_channels}), got "
@@ -315,7 +340,10 @@ class CoefficientHead(nn.Module):
         acts = (times >= self.min_t).float().unsqueeze(-1)
         coefficients = (self.affine.coefficients_at(times).float() * acts).reshape(*batch_shape, -1)
         scale = (_current_std(self.std, self.log_std, img.device) * acts).reshape(*batch_shape, 1)
-        return coefficients, scale, self.affine.basis(img, pred)
+        out = (coefficients, scale, self.affine.basis(img, pred))
+        if self.body is None:
+            return out
+        return (*out, self.body(img, pred, txt, vec, t, step))
 
 
 def make_coefficient_actor(
@@ -335,9 +363,13 @@ def make_coefficient_actor(
     step instead of the whole latent (:class:`SubspaceNormal`), none where the policy does not act (its
     ``min_t``). The deterministic action is the policy's own correction, so the saved policy samples as it
     was trained. Writes ``loc`` (the coefficients), ``scale``, ``basis``, ``action`` and ``action_log_prob``.
+    A network under an affine head (``PolicyConfig(head="affine")``: RL from a distilled start) explores the
+    same way, the network's correction added as the deterministic ``offset`` (also written): a
+    low-dimensional exploration head for a neural policy.
 
     Args:
-        policy: ``build_policy("affine", ...)``, with or without ``min_t``.
+        policy: ``build_policy("affine", ...)``, with or without ``min_t``, or ``MultiObjectiveGuidance([network,
+            that affine policy])`` (see :func:`coefficient_parts`).
         std: the std of every coefficient (the initial std when ``learn_std``).
         learn_std: learn one log-std parameter.
         log_prob_reduction: reduce over the coefficients by ``"mean"`` (default) or ``"sum"`` (exact).
@@ -345,9 +377,12 @@ def make_coefficient_actor(
     """
     _check_reduction(log_prob_reduction)
     head = CoefficientHead(policy, std=std, learn_std=learn_std)
+    dist_keys = {"loc": keys.LOC, "scale": keys.SCALE, "basis": keys.BASIS}
+    if head.body is not None:
+        dist_keys["offset"] = keys.OFFSET
     return _actor(
-        TensorDictModule(head, in_keys=list(observation_keys), out_keys=[keys.LOC, keys.SCALE, keys.BASIS]),
-        {"loc": keys.LOC, "scale": keys.SCALE, "basis": keys.BASIS},
+        TensorDictModule(head, in_keys=list(observation_keys), out_keys=list(dist_keys.values())),
+        dist_keys,
         SubspaceNormal,
         {"reduction": log_prob_reduction},
         return_log_prob,

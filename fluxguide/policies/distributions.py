@@ -207,8 +207,8 @@ def _kl_coarse_normal(p: CoarseNormal, q: CoarseNormal) -> torch.Tensor:
 
 
 class SubspaceNormal(Distribution):
-    """A Gaussian over the coefficients of an action in a per-observation basis: ``action = sum_k c_k basis_k``,
-    ``c ~ N(loc, scale^2 I)``.
+    """A Gaussian over the coefficients of an action in a per-observation basis: ``action = offset + sum_k c_k
+    basis_k``, ``c ~ N(loc, scale^2 I)``.
 
     The exploration of a policy with few outputs (:class:`fluxguide.policies.AffineGuidance`: ``2 * channels``
     coefficients of ``img`` and ``pred``) then lives in those few dimensions, and the policy gradient's noise
@@ -220,6 +220,8 @@ class SubspaceNormal(Distribution):
         scale: std ``(*batch, 1)`` or ``(*batch, K)``; 0 is a point mass (log-prob 0, see :class:`ReducedNormal`).
         basis: ``(*batch, K, seq, C)``.
         reduction: reduce the ``K`` coefficient log-densities by ``"mean"`` or ``"sum"``.
+        offset: ``(*batch, seq, C)``, a deterministic part of the action outside the explored coefficients (a
+            neural policy's correction under an explored affine head); default 0.
     """
 
     arg_constraints: ClassVar[dict[str, constraints.Constraint]] = _LOC_SCALE_CONSTRAINTS
@@ -231,6 +233,7 @@ class SubspaceNormal(Distribution):
         basis: torch.Tensor,
         reduction: Reduction = "mean",
         validate_args: bool | None = None,
+        offset: torch.Tensor | None = None,
     ) -> None:
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -238,18 +241,25 @@ class SubspaceNormal(Distribution):
             raise ValueError(
                 f"basis {tuple(basis.shape)} must be (*batch, K, seq, C) for coefficients loc {tuple(loc.shape)}"
             )
+        if offset is not None and offset.shape != basis.shape[:-3] + basis.shape[-2:]:
+            raise ValueError(f"offset {tuple(offset.shape)} must be (*batch, seq, C) = "
+                             f"{tuple(basis.shape[:-3] + basis.shape[-2:])} for basis {tuple(basis.shape)}")
         self.loc, self.scale = broadcast_all(loc, scale)
-        self.basis, self.reduction = basis, reduction
+        self.basis, self.reduction, self.offset = basis, reduction, offset
         Distribution.__init__(self, loc.shape[:-1], basis.shape[-2:], validate_args=validate_args)
 
     def _reduce(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum(-1) if self.reduction == "sum" else x.mean(-1)
 
     def _combine(self, coefficients: torch.Tensor) -> torch.Tensor:
-        return torch.einsum("...k,...ksc->...sc", coefficients.to(self.basis.dtype), self.basis)
+        action = torch.einsum("...k,...ksc->...sc", coefficients.to(self.basis.dtype), self.basis)
+        return action if self.offset is None else action + self.offset.to(action.dtype)
 
     def coordinates(self, value: torch.Tensor) -> torch.Tensor:
-        """The basis coefficients ``(*batch, K)`` of actions ``(*batch, seq, C)`` (least squares, float32)."""
+        """The basis coefficients ``(*batch, K)`` of actions ``(*batch, seq, C)`` less the offset (least squares,
+        float32)."""
+        if self.offset is not None:
+            value = value - self.offset
         basis = self.basis.float().flatten(-2)
         gram = basis @ basis.transpose(-1, -2)
         # A small ridge keeps a degenerate basis (an all-zero channel) solvable; it changes nothing measurable.
@@ -275,7 +285,7 @@ class SubspaceNormal(Distribution):
 
     @property
     def deterministic_sample(self) -> torch.Tensor:
-        """The mean action: the mean coefficients' combination of the basis."""
+        """The mean action: the offset plus the mean coefficients' combination of the basis."""
         return self._combine(self.loc)
 
     @property

@@ -15,7 +15,7 @@ import pytest
 import torch
 import tyro
 
-from tests.experiments import leaf_fields
+from tests.experiments import leaf_fields, saved_start_policy
 
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
 from fluxguide.rewards import RewardModel, make_reward, register_reward
@@ -187,3 +187,23 @@ def test_tiny_flux_runs_the_coefficient_exploring_affine_policy(tmp_path) -> Non
     assert isinstance(affine, AffineGuidance) and affine.latent_channels == 4 * affine.channels
     assert affine.coefficients.weight.abs().sum() > 0
     assert all(torch.isfinite(torch.tensor(metric_curve(read_metrics(tmp_path), "losses/loss")[1])))
+
+
+def test_distilled_start_under_an_affine_head_explores_the_head_coefficients(tmp_path) -> None:
+    """--init-policy with --head affine in ODE mode: PPO explores the head's few coefficients (the network's
+    correction is the unexplored offset), trains the head, and moves the network at --body-lr-scale."""
+    from safetensors.torch import load_file
+
+    from fluxguide.policies import MultiObjectiveGuidance, load_guidance_model
+
+    start, path = saved_start_policy(tmp_path)
+    run([*SMALL, "--init-policy", str(path), "--head", "affine", "--body-lr-scale", "0.1", "--mode", "ode",
+         "--explore-coefficients", "--std", "1.0", "--policy-min-t", "0.5", "--lr", "1e-2", "--total-updates", "2",
+         "--eval-every", "2", "--checkpoint-every", "2", "--run-dir", str(tmp_path / "run")])
+    saved = load_guidance_model(tmp_path / "run" / "guidance.safetensors")
+    assert isinstance(saved, MultiObjectiveGuidance)
+    body, head = saved.models
+    assert any(p.abs().sum() > 0 for p in head.parameters()), "the head trained"
+    assert not all(a.equal(b) for a, b in zip(body.state_dict().values(), start.state_dict().values()))
+    actor = load_file(latest_checkpoint(tmp_path / "run") / "actor.safetensors")
+    assert any(".body." in k for k in actor) and any(".affine." in k for k in actor), sorted(actor)[:4]

@@ -15,6 +15,8 @@ import pytest
 import torch
 import tyro
 
+from tests.experiments import saved_start_policy
+
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
 from fluxguide.rewards import RewardModel, make_reward, register_reward
 from fluxguide.harness.tracking import metric_curve, read_metrics
@@ -140,16 +142,9 @@ def test_resuming_under_another_base_model_is_refused(tmp_path) -> None:
 def test_rl_from_a_distilled_start_with_an_affine_head(tmp_path) -> None:
     """--init-policy loads a saved network, --head affine adds a zero-initialised affine schedule on top (so the
     untrained sum is the loaded policy), and --body-lr-scale 0 trains the head alone, leaving the network as saved."""
-    from fluxguide.backbones.registry import build_backbone
-    from fluxguide.policies import MultiObjectiveGuidance, load_guidance_model, save_guidance_model
-    from fluxguide.policies.registry import build_policy
+    from fluxguide.policies import MultiObjectiveGuidance, load_guidance_model
 
-    world = build_backbone("shapes-random", seed=0)
-    start = build_policy("attention", world, hidden_dim=16, num_layers=1, num_heads=2)
-    with torch.no_grad():  # a non-zero starting policy, as a distilled one is
-        for p in start.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    path = save_guidance_model(start, tmp_path / "start.safetensors")
+    start, path = saved_start_policy(tmp_path)
 
     args = [*SMALL, "--init-policy", str(path), "--head", "affine", "--total-updates", "3", "--eval-every", "3",
             "--checkpoint-every", "3"]

@@ -80,8 +80,8 @@ def test_coefficient_actor_acts_like_the_policy_explores_its_coefficients_and_st
     from torchrl.envs.utils import ExplorationType, set_exploration_type
     from torchrl.objectives import ClipPPOLoss
 
-    from fluxguide.policies import TimestepRangeGuidance, make_coefficient_actor
     from fluxguide import keys
+    from fluxguide.policies import TimestepRangeGuidance, make_coefficient_actor
 
     affine = AffineGuidance(world.channels, world.in_channels, time_dim=8)
     with torch.no_grad():
@@ -106,3 +106,58 @@ def test_coefficient_actor_acts_like_the_policy_explores_its_coefficients_and_st
     assert affine.coefficients.weight.grad.abs().sum() > 0
     with pytest.raises(TypeError, match="needs an AffineGuidance policy"):
         make_coefficient_actor(torch.nn.Linear(2, 2))
+
+
+def test_subspace_normal_with_an_offset_explores_around_it(world, make_observation):
+    from fluxguide.policies import SubspaceNormal
+
+    obs = make_observation(world, batch=3)
+    basis = AffineGuidance(world.channels, world.in_channels).basis(obs["img"], obs["pred"])
+    k = 2 * world.in_channels
+    loc, scale, shift = torch.randn(3, k), torch.rand(3, 1) + 0.1, torch.randn(3, k)
+    offset = torch.einsum("bk,bksc->bsc", shift, basis)  # an offset inside the span: its coordinates are `shift`
+    plain, shifted = SubspaceNormal(loc, scale, basis, "sum"), SubspaceNormal(loc, scale, basis, "sum", offset=offset)
+    torch.testing.assert_close(shifted.deterministic_sample, plain.deterministic_sample + offset)
+    action = shifted.sample()
+    torch.testing.assert_close(shifted.log_prob(action), plain.log_prob(action - offset), rtol=1e-4, atol=1e-4)
+    # The offset is not explored: the plain mean is `shift` away from the shifted one, in coefficient units.
+    drop = (shift.square() / (2 * scale.square())).sum(-1)
+    torch.testing.assert_close(shifted.log_prob(plain.mean), plain.log_prob(plain.mean) - drop, rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="offset .* must be \\(\\*batch, seq, C\\)"):
+        SubspaceNormal(loc, scale, basis, offset=offset[:, :-1])
+
+
+def test_coefficient_actor_explores_the_affine_head_of_a_network(world, make_observation):
+    from torchrl.envs.utils import ExplorationType, set_exploration_type
+    from torchrl.objectives import ClipPPOLoss
+
+    from fluxguide import keys
+    from fluxguide.policies import (
+        MultiObjectiveGuidance,
+        TimestepRangeGuidance,
+        is_coefficient_policy,
+        make_coefficient_actor,
+    )
+    from tests.policies.conftest import build_guidance, randomize
+
+    body = randomize(build_guidance("mlp", world))
+    affine = AffineGuidance(world.channels, world.in_channels, time_dim=8)  # zero at the start, as --head builds it
+    policy = MultiObjectiveGuidance([body, TimestepRangeGuidance([((0.5, 1.0), affine)])])
+    assert is_coefficient_policy(policy) and not is_coefficient_policy(body)
+    actor = make_coefficient_actor(policy, std=0.2, log_prob_reduction="sum")
+    td = _obs_td(world, make_observation, [0.9, 0.6, 0.3])  # the last is past the head's min_t: no exploration
+    with set_exploration_type(ExplorationType.DETERMINISTIC):
+        mean = actor(td.clone())[keys.ACTION]
+    expected = policy(td[keys.IMG], td[keys.PRED], td[keys.TXT], td[keys.VEC], td[keys.T][:, 0], 1)
+    torch.testing.assert_close(mean, expected, rtol=1e-5, atol=1e-5)  # the saved policy samples as it trained
+    assert mean.abs().max() > 0  # the network's correction, under a zero head
+    sampled = actor(td.clone()).detach()
+    torch.testing.assert_close(sampled[keys.ACTION][2], expected[2], rtol=1e-5, atol=1e-5)
+    residual = actor.get_dist(sampled).coordinates(sampled[keys.ACTION]) - sampled[keys.LOC]
+    assert bool((residual[:2].abs() > 0).any())  # explored in the head's coefficients where it acts
+    sampled["advantage"] = torch.tensor([[1.0], [-1.0], [0.5]])
+    out = ClipPPOLoss(actor, None, clip_epsilon=0.2, entropy_bonus=False)(sampled)
+    torch.testing.assert_close(out["ESS"], torch.tensor(1.0))  # ratio 1 before any update
+    out["loss_objective"].backward()
+    assert affine.coefficients.weight.grad.abs().sum() > 0
+    assert sum(float(p.grad.abs().sum()) for p in body.parameters() if p.grad is not None) > 0  # through the offset
