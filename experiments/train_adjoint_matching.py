@@ -10,7 +10,8 @@ The target is the reward-tilted distribution ``p_base(x) exp(lambda r(x))`` (``l
 Each update samples a batch of *training* prompts, runs the policy-controlled memoryless SDE without a graph,
 integrates the lean adjoint backwards from ``-lambda grad r`` through the base model only, and takes one
 optimizer step on the regression of the correction onto its target on ``--time-subsample`` random steps. The
-control cost (the KL of the controlled process to the base one) is logged as ``train/control_cost``. The
+control cost (the KL of the controlled process to the base one; with ``--init-policy``, to the initial policy's,
+``--tilt-from init``) is logged as ``train/control_cost``. The
 trained correction is a fine-tuned velocity, so the held-out evaluation uses the ordinary guided Euler sampler.
 
 Everything else is the harness's, as in ``train_reward_gradient.py``: held-out evaluation every ``eval_every``
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -52,6 +54,10 @@ class Config:
     """per-step weight of the regression: 'paper' (4 dtau / sigma(t)^2, the paper's loss) or 'velocity' (dtau)"""
     straight_through: bool = False
     """give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through clamp)"""
+    tilt_from: Literal["init", "base"] = "init"
+    """with --init-policy: the base process of the control problem. 'init': the initial policy's sampler, so the
+    target is p_init * exp(lambda r), the tilt of what the distilled policy samples, and the control cost the KL to
+    it; 'base': the base model's, so the target is p_base * exp(lambda r) whatever the start (unlearning it)"""
 
     def validate(self) -> None:
         check_float("reward_scale", self.reward_scale, strict=False)
@@ -82,6 +88,8 @@ def main(cfg: Config) -> dict[str, float]:
     num_steps = opt.num_steps or backbone.default_num_steps
     reward = cfg.reward.build(backbone, seed=seed)  # must be differentiable: the adjoint starts at its gradient
     policy = cfg.guide.build(backbone)
+    # The initial policy, frozen before any update or resume: the base process of a distilled start's tilt.
+    reference = cfg.guide.reference(policy, 0.0) if cfg.tilt_from == "init" else None
     distributed.reseed_rank_streams(seed)  # same policy init on every rank, then each rank's own stream
     # The regression is one backward through the policy at the sampled steps: DDP averages each gradient once.
     algo = AdjointMatching(
@@ -90,7 +98,7 @@ def main(cfg: Config) -> dict[str, float]:
         AdjointMatchingConfig(num_steps=num_steps, reward_scale=cfg.reward_scale,
                               guidance_scale=opt.guidance_scale, time_subsample=cfg.time_subsample,
                               weighting=cfg.weighting, max_grad_norm=opt.max_grad_norm),
-        decode=backbone.straight_through_decoder() if cfg.straight_through else None,
+        decode=backbone.straight_through_decoder() if cfg.straight_through else None, reference=reference,
     )
     prompt_set = cfg.reward.prompts()
     gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # the batches' prompts, noise and steps

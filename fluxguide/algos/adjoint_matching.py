@@ -29,6 +29,14 @@ noise, large near data); ``weighting="velocity"`` uses ``w = dtau`` instead (the
 have the same minimiser (the conditional mean of the target at each state), the loss is a mean over elements.
 The trained correction is a fine-tuned velocity: the deterministic Euler sampler (the harness's evaluation) with
 it samples the same tilted distribution.
+
+**Relative to a reference policy** (RL from a distilled start). The paper fine-tunes a *pretrained* model: its base
+process is the model being fine-tuned. A guidance policy distilled from CFG is that pretrained model here, so with
+a ``reference`` (the frozen initial policy) the base drift is the base model's velocity *plus the reference's
+correction*, the control is ``c - c_ref``, and the target is ``p_ref(x) exp(lambda r(x))``, the tilt of the
+distribution the initial policy samples (the control cost is then the KL to it). Without a reference the fixed
+point is the tilt of the base model's distribution, whatever policy the training starts from, so a distilled
+start would be unlearned.
 """
 
 from __future__ import annotations
@@ -128,15 +136,23 @@ def _policy(policy: GuidanceFn, img: torch.Tensor, pred: torch.Tensor, cond: Con
     return policy(img, pred, cond.txt, cond.vec, t_vec, step).float()
 
 
+def _reference(reference: GuidanceFn | None, img: torch.Tensor, pred: torch.Tensor, cond: Conditioning, t: float,
+               step: int) -> torch.Tensor | float:
+    """The frozen reference policy's correction (``0.0`` without one), differentiable in ``img`` / ``pred``."""
+    return 0.0 if reference is None else _policy(reference, img, pred, cond, t, step)
+
+
 @torch.no_grad()
 def sample_memoryless(
     model: FluxModel, policy: GuidanceFn | None, cond: Conditioning, noise: torch.Tensor, timesteps: list[float],
     guidance_scale: float = 1.0, *, guidance: float | None = None, generator: torch.Generator | None = None,
+    reference: GuidanceFn | None = None,
 ) -> Trajectory:
     """Step 1: a trajectory of the controlled memoryless SDE (``policy=None``: the base process).
 
     The control cost is the paper's ``int 0.5 ||u||^2 dtau`` (the KL of the controlled process to the base one,
-    summed over the latent's elements), with ``u = -2 g c / sigma(t)`` at each step's start.
+    summed over the latent's elements), with ``u = -2 g (c - c_ref) / sigma(t)`` at each step's start (``c_ref``:
+    the ``reference`` policy's correction, 0 without one).
     """
     img = noise.float()
     states, preds = [img], []
@@ -147,7 +163,7 @@ def sample_memoryless(
         if policy is not None:
             correction = _policy(policy, img, pred, cond, t, k)
             used = pred + guidance_scale * correction
-            u = correction_to_control(correction, t, guidance_scale)
+            u = correction_to_control(correction - _reference(reference, img, pred, cond, t, k), t, guidance_scale)
             cost = cost + 0.5 * (t - s) * u.square().flatten(1).sum(1)
         img = memoryless_step(img, used, t, s, generator=generator)
         states.append(img)
@@ -158,12 +174,14 @@ def sample_memoryless(
 def lean_adjoint(
     model: FluxModel, decode: Decoder, reward: RewardFn, cond: Conditioning, states: list[torch.Tensor],
     timesteps: list[float], reward_scale: float, *, guidance: float | None = None,
+    reference: GuidanceFn | None = None, guidance_scale: float = 1.0,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Step 2: the lean adjoint ``a_k`` at every state ``x_k`` (``k = 1..N``; ``a_0`` is not needed) and the rewards.
 
     ``a_N = -lambda grad_x r(decode(x_N))`` (the paper's terminal condition), then backwards through the base
     step ``x_{k+1} = A_k x_k + B_k v(x_k, t_k)`` only (the lean adjoint ODE ``da/dtau = -a^T grad_x b``, discretised
-    as the exact adjoint of the discrete base step): ``a_k = A_k a_{k+1} + VJP(B_k v(., t_k), a_{k+1})``.
+    as the exact adjoint of the discrete base step): ``a_k = A_k a_{k+1} + VJP(B_k v(., t_k), a_{k+1})``. With a
+    ``reference`` policy the base velocity is ``v + g c_ref(x, v)``, differentiated through both.
 
     Returns:
         ``(adjoints, rewards)``: ``adjoints[k]`` pairs with ``states[k]`` (``adjoints[0]``, never used, is zero);
@@ -182,6 +200,8 @@ def lean_adjoint(
         with torch.enable_grad():
             x = states[k].detach().requires_grad_(True)
             v = _base_velocity(model, x, timesteps[k], cond, guidance)
+            if reference is not None:
+                v = v + guidance_scale * _reference(reference, x, v, cond, timesteps[k], k)
             (vjp,) = torch.autograd.grad(v, x, grad_outputs=b_coef * nxt)
         adjoints[k] = a_coef * nxt + vjp.float()
     return adjoints, rewards.detach()
@@ -213,16 +233,19 @@ def step_weights(timesteps: list[float], weighting: str) -> torch.Tensor:
 def adjoint_matching_loss(
     policy: GuidanceFn, cond: Conditioning, trajectory: Trajectory, targets: list[torch.Tensor],
     timesteps: list[float], steps: list[int], guidance_scale: float, weighting: str = "paper",
+    reference: GuidanceFn | None = None,
 ) -> torch.Tensor:
     """Step 3: the adjoint matching loss on the ``steps`` subset, an unbiased estimate of the all-step loss
-    ``sum_k w_k mean((g c_k - g c*_k)^2)`` (see the module docstring; ``= int ||u + sigma a||^2 dtau`` up to a
-    constant for ``weighting="paper"``)."""
+    ``sum_k w_k mean((g (c_k - c_ref,k) - g c*_k)^2)`` (see the module docstring; ``= int ||u + sigma a||^2 dtau``
+    up to a constant for ``weighting="paper"``; ``c_ref = 0`` without a ``reference``)."""
     weights = step_weights(timesteps, weighting)
     n = len(timesteps) - 1
     terms = []
     for k in steps:
         correction = _policy(policy, trajectory.states[k], trajectory.preds[k], cond, timesteps[k], k)
-        residual = guidance_scale * correction - targets[k]
+        with torch.no_grad():
+            ref = _reference(reference, trajectory.states[k], trajectory.preds[k], cond, timesteps[k], k)
+        residual = guidance_scale * (correction - ref) - targets[k]
         terms.append(weights[k] * residual.square().mean())
     return torch.stack(terms).sum() * (n / len(steps))
 
@@ -238,6 +261,8 @@ class AdjointMatching(PolicyOnSampler):
         config: see :class:`AdjointMatchingConfig`.
         cfg_scale: classifier-free guidance of the base model (1 = none); the tilt is of the CFG sampler.
         decode: latents -> images for the reward (default ``backbone.decode``).
+        reference: a frozen policy (the initial one) whose sampler is the base process: the target is then the
+            tilt of the distribution it samples and the control cost the KL to it (see the module docstring).
 
     Example::
 
@@ -249,10 +274,12 @@ class AdjointMatching(PolicyOnSampler):
     def __init__(
         self, backbone: Backbone, policy: nn.Module, reward: RewardFn, optimizer: torch.optim.Optimizer,
         config: AdjointMatchingConfig | None = None, *, cfg_scale: float = 1.0, decode: Decoder | None = None,
+        reference: GuidanceFn | None = None,
     ) -> None:
         if isinstance(reward, nn.Module):
             require_differentiable(reward)
         self.config = config or AdjointMatchingConfig()
+        self.reference = reference
         self._hold(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
                    decode=decode)
 
@@ -273,16 +300,18 @@ class AdjointMatching(PolicyOnSampler):
         guidance = self.backbone.default_guidance
         self.policy.eval()
         traj = sample_memoryless(self.model, self.policy, cond, noise, ts, cfg.guidance_scale, guidance=guidance,
-                                 generator=generator)
+                                 generator=generator, reference=self.reference)
         adjoints, rewards = lean_adjoint(self.model, self.decode, self.reward, cond, traj.states, ts,
-                                         cfg.reward_scale, guidance=guidance)
+                                         cfg.reward_scale, guidance=guidance, reference=self.reference,
+                                         guidance_scale=cfg.guidance_scale)
         targets = correction_targets(adjoints, ts)
         n = cfg.num_steps
         steps = list(range(n)) if cfg.time_subsample is None else sorted(
             torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
             [: cfg.time_subsample].tolist())
         self.policy.train()
-        loss = adjoint_matching_loss(self.policy, cond, traj, targets, ts, steps, cfg.guidance_scale, cfg.weighting)
+        loss = adjoint_matching_loss(self.policy, cond, traj, targets, ts, steps, cfg.guidance_scale, cfg.weighting,
+                                     reference=self.reference)
         grad_norm = optimizer_step(
             loss, self.optimizer, max_grad_norm=cfg.max_grad_norm, name="adjoint matching loss",
             advice="Lower the learning rate or --reward-scale, or check the reward's gradient on these images",

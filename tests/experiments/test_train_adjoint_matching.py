@@ -65,3 +65,22 @@ def test_a_bad_option_stops_at_once_naming_its_flag(tmp_path, flag, value) -> No
     with pytest.raises(ConfigError, match=rf"^{flag} "):
         run(SMALL + ["--run-dir", str(tmp_path), flag, value])
     assert not list(tmp_path.iterdir())  # nothing was loaded or written
+
+
+def test_a_distilled_start_is_tilted_not_unlearned(tmp_path) -> None:
+    """--init-policy (--tilt-from init, the default): the base process is the initial policy's sampler, so with no
+    reward there is nothing to learn (control cost and loss 0, the policy stays as loaded); --tilt-from base
+    regresses the same start towards the base model's tilt, moving it at once."""
+    from fluxguide.policies import load_guidance_model
+    from tests.experiments import saved_start_policy
+
+    start, path = saved_start_policy(tmp_path)
+    args = [*SMALL, "--init-policy", str(path), "--reward-scale", "0", "--total-updates", "1"]
+    run([*args, "--run-dir", str(tmp_path / "init")])
+    records = read_metrics(tmp_path / "init")
+    assert metric_curve(records, "train/control_cost")[1] == [0.0] and metric_curve(records, "losses/loss")[1] == [0.0]
+    kept = load_guidance_model(tmp_path / "init" / "guidance.safetensors")
+    assert all(a.equal(b) for a, b in zip(kept.state_dict().values(), start.state_dict().values()))
+
+    run([*args, "--run-dir", str(tmp_path / "base"), "--tilt-from", "base"])
+    assert metric_curve(read_metrics(tmp_path / "base"), "losses/loss")[1][0] > 0
