@@ -43,10 +43,10 @@ class CorrectionRecorder(nn.Module):
 
     def __init__(
         self, model: GuidanceFn, guidance_scale: GuidanceScale, num_steps: int, cost_grad_all_steps: bool = True,
-        reference: GuidanceFn | None = None, kl_grad: bool = True,
+        reference: GuidanceFn | None = None, kl_grad: bool = True, cost_grad: bool = True,
     ) -> None:
         super().__init__()
-        self.kl_grad = kl_grad
+        self.kl_grad, self.cost_grad = kl_grad, cost_grad
         self.model = model
         self.guidance_scale = guidance_scale
         self.num_steps = num_steps
@@ -72,10 +72,11 @@ class CorrectionRecorder(nn.Module):
         detach = self.cost_grad_all_steps and not torch.is_grad_enabled()
         with torch.set_grad_enabled(torch.is_grad_enabled() or detach):
             correction = self.model(img, pred, txt, vec, timestep, step_idx)
-            self.costs[int(step_idx)] = scale**2 * correction.float().square().flatten(1).mean(1)
+            # Only a penalised cost or KL keeps its graph: an unused graph held here outlives the update (it ties
+            # this recorder to the checkpointed steps' recomputation) and leaks its memory.
+            cost = correction if self.cost_grad else correction.detach()
+            self.costs[int(step_idx)] = scale**2 * cost.float().square().flatten(1).mean(1)
             if self.reference is not None:
-                # Only a penalised KL keeps its graph: an unused graph held here outlives the update (it ties
-                # this recorder to the checkpointed steps' recomputation) and leaks its memory.
                 self.kls[int(step_idx)] = scale**2 * step_kl(correction if self.kl_grad else correction.detach(),
                                                               self.reference, img, pred, txt, vec, timestep, step_idx)
         return correction.detach() if detach else correction

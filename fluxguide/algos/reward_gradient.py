@@ -166,7 +166,7 @@ def reward_gradient_loss(
     penalise_kl = reference is not None and config.init_kl > 0
     recorder = CorrectionRecorder(policy, config.guidance_scale, num_steps,
                                   cost_grad_all_steps=config.control_cost > 0 or penalise_kl,
-                                  reference=reference, kl_grad=penalise_kl)
+                                  reference=reference, kl_grad=penalise_kl, cost_grad=config.control_cost > 0)
     latents = denoise(
         model, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps,
         guidance=guidance, guidance_model=recorder, guidance_scale=config.guidance_scale,

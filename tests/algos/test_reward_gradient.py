@@ -79,6 +79,14 @@ def test_control_cost_is_scaled_mean_square_correction_and_survives_checkpointin
             guidance_model=recorder, guidance_scale=0.5)
     assert sorted(recorder.costs) == [0, 1, 2]
     assert costs[0] == pytest.approx(float(recorder.per_sample_cost().detach().mean()), rel=1e-5)
+    # An unpenalised cost is recorded without a graph: one kept here outlives the update (it leaked ~100 MB per
+    # update with an MLP policy under gradient checkpointing).
+    logged = CorrectionRecorder(net, 0.5, 3, cost_grad=False)
+    with torch.enable_grad():
+        denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
+                guidance_model=logged, guidance_scale=0.5, guidance_requires_grad=True)
+    assert not any(c.requires_grad for c in logged.costs.values())
+    torch.testing.assert_close(logged.per_sample_cost(), recorder.per_sample_cost().detach())
 
 
 def test_truncation_only_differentiates_the_last_k_steps(world) -> None:
