@@ -104,6 +104,7 @@ def test_shapes_distilled_preset_starts_from_the_bc_policy(tmp_path) -> None:
     script = load_script("train_reward_gradient")
     cfg = flat_config(parse(script, ["--preset", "shapes-distilled"]))
     assert (cfg["init_policy"], cfg["head"], cfg["body_lr_scale"]) == (str(script.DISTILLED_POLICY), "affine", 0.1)
+    assert cfg["total_updates"] == script.DISTILLED_UPDATES and cfg["policy"] == "affine"
     with pytest.raises(ConfigError, match="train_bc.py"):
         validate(parse(script, ["--preset", "shapes-distilled", "--init-policy", str(tmp_path / "none.safetensors")]))
     start = build_policy("attention", build_backbone("shapes-random", seed=0), hidden_dim=16, num_layers=1,
