@@ -322,8 +322,9 @@ class PolicyConfig:
 
     def reference(self, policy: Any, init_kl: float) -> Any:
         """A frozen copy of ``policy`` as built, before any update or resume: the initial policy that an RL
-        script's ``--init-kl`` keeps the fine-tuned one near (and whose distance it logs as ``train/init_kl``).
-        ``None`` when there is nothing to measure: no ``--init-kl`` and no ``--init-policy``."""
+        script's ``--init-kl`` keeps the fine-tuned one near (and whose distance it logs as ``train/init_kl``), and
+        whose sampler Adjoint Matching's ``--tilt-from init`` tilts. ``None`` when there is nothing to measure: no
+        ``--init-kl`` and no ``--init-policy``."""
         if init_kl <= 0 and self.init_policy is None:
             return None
         return copy.deepcopy(policy).eval().requires_grad_(False)
