@@ -46,6 +46,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fluxguide.errors import UserError
+
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 RNG_FILE = "rng.safetensors"
@@ -57,7 +59,7 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be written (non-finite weights) or read (missing, corrupt, or mismatched)."""
 
 

@@ -27,13 +27,15 @@ from typing import Any
 
 from typing_extensions import Self
 
+from fluxguide.errors import UserError
+
 LOCK_FILE = ".owner.lock"
 
 #: The locks this process holds, by folder (resolved): a second lock of the same folder takes the first's over.
 _HELD: dict[Path, FolderLock] = {}
 
 
-class FolderLockedError(RuntimeError):
+class FolderLockedError(UserError, RuntimeError):
     """Another process is writing to the folder."""
 
 

@@ -26,10 +26,12 @@ from collections.abc import Callable
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
 
+from fluxguide.errors import UserError
+
 T = TypeVar("T")
 
 
-class PluginError(ImportError, ValueError):
+class PluginError(UserError, ImportError, ValueError):
     """A plug-in name or spec that cannot be resolved (unknown name, missing module or attribute)."""
 
 

@@ -15,7 +15,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fluxguide.errors import UserError
+
 SAMPLES_PER_TENSOR = 1024
+
+
+class FingerprintError(UserError, RuntimeError):
+    """A run or dataset was made against another base model than the one loaded now."""
 
 
 def state_dict_digest(module: nn.Module, values_per_tensor: int | None = None) -> str:
@@ -46,7 +52,7 @@ def check_resume_fingerprint(saved: str | None, current: str, checkpoint: str | 
     """
     if saved is not None and saved != current:
         run_dir = Path(checkpoint).parent.parent
-        raise RuntimeError(
+        raise FingerprintError(
             f"{checkpoint} was trained against another base model (backbone fingerprint {saved}; the one loaded "
             f"now is {current}): its policy, optimizer and reference figures do not carry over. Start a new run "
             f"with another --run-dir, or delete {run_dir} to restart this one, or load the original weights "

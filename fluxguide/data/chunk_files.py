@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from tensordict import TensorDict
 
+from fluxguide.errors import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset folder is missing, damaged, or does not fit what it is used with."""
 
 

@@ -29,13 +29,15 @@ from typing import Annotated, Any, Literal, TypeVar
 import torch
 import tyro
 
+from fluxguide.errors import UserError
+
 T = TypeVar("T")
 #: A nested config group whose flags carry no prefix (``--seed``, not ``--run.seed``).
 Flat = Annotated[T, tyro.conf.OmitArgPrefixes]
 
 
 # --------------------------------------------------------------------------------------------- validation
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad option value, found at start before anything is loaded; the message names the flag, the value and
     the fix."""
 

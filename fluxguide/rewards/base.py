@@ -12,10 +12,11 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from fluxguide.errors import UserError
 from fluxguide.rewards.inputs import DEFAULT_RANGE_TOLERANCE, check_images, check_prompts, check_reward_output
 
 
-class NotDifferentiableError(RuntimeError):
+class NotDifferentiableError(UserError, RuntimeError):
     """A gradient was asked of a reward that has none (e.g. a programmatic verifier)."""
 
 
