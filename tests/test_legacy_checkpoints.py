@@ -19,10 +19,35 @@ modules its script builds today (same step, state, weights, optimizer state and 
 the run's ``guidance.safetensors``); and two of the scripts, rerun on a copy of their legacy run folder, resume
 from it and reach the same weights and evaluation after one more update as the old code did.
 
-Tolerances: 1e-5 relative for images, rewards, corrections and trained weights; exact for verifier pass rates and
-attribute scores, checkpoint tensors, steps and RNG draws. A failure of ``test_base_sampler_evaluation`` or
-``test_observation_is_reproduced`` means the shapes world or the sampler changed (then the policy tests fail too,
-for that reason and not because of the checkpoint format).
+Tolerances, and why each holds on any x86 CPU (the fixtures were recorded on one machine; another CPU of the same
+kind runs other BLAS / vectorised kernels, e.g. AVX2 on AMD EPYC against AVX-512 on Intel, which sum in another
+order):
+
+- **Exact** where the code is exact on any CPU: loading (every stored tensor lands unchanged), checkpoint tensors,
+  optimizer state, steps, RNG draws (Mersenne Twister / Philox are integer arithmetic), and ``x_t = (1 - t) x0 +
+  t noise`` (two IEEE-rounded elementwise ops, no reduction).
+- **1e-5 relative** (``RTOL``) for whatever goes through matrix products and reductions: text embeddings,
+  velocities, corrections, images, rewards and weights after one Adam update. A float32 GEMM's result depends on the
+  kernel's summation order by a few ulps (~1e-7 relative); 20 sampling steps through a 4-block transformer and the
+  reward's CLIP amplify that to ~1e-6 at most (measured: 4.7e-7 relative on a reward mean of 0.9 between an AMD
+  EPYC and the recording Intel CPU), so 1e-5 leaves a 10x margin and still catches any change of the code, which
+  moves these numbers by 1e-3 or more. Values near zero (signed sums, first values of a correction) take an
+  absolute tolerance of ``RTOL`` times the magnitude of the terms they sum (:func:`tolerance_of`), since
+  cancellation keeps the absolute error, not the relative one.
+- **Standard deviations** (``eval/reward_std``) take ``RTOL`` times the magnitude of the values they are the spread
+  of (``eval/reward_mean``), not of the std: a std of 0.0118 over rewards of 0.9 carries the rewards' absolute
+  error (the recorded 0.011844866 read 0.011845288 on the AMD machine: 3.6e-5 relative to the std, 4.7e-7
+  relative to the rewards). See :func:`metric_tolerance`.
+- **Verifier pass rates and attribute scores** are exact functions of the pixels, but a pixel whose brightest
+  channel lies within the images' tolerance of the verifier's foreground threshold can be read either way on
+  another CPU. The policy and base-sampler evaluations count such images (:func:`ambiguous_images`) and allow that
+  many verdicts to differ (zero in the common case, then the comparison is exact). A resumed run's evaluation
+  (two images, not kept) is compared exactly: a verdict can flip only through a pixel within ~1e-5 of the
+  threshold, and the policy evaluations here find a pixel within 1e-4 of it in about one image in a hundred
+  (:func:`test_verifier_threshold_is_rarely_ambiguous`), so ~1e-3 per image at the 1e-5 the images agree to.
+
+A failure of ``test_base_sampler_evaluation`` or ``test_observation_is_reproduced`` means the shapes world or the
+sampler changed (then the policy tests fail too, for that reason and not because of the checkpoint format).
 """
 
 from __future__ import annotations
@@ -47,6 +72,7 @@ from safetensors.torch import load_file
 # the behaviour checked below must not change. Prefer the package-level public names where they exist.
 from fluxguide.algos.bc import BCLoss  # the BC loss module train_bc.py checkpoints under the name "loss"
 from fluxguide.worlds.shapes import ShapesWorld
+from fluxguide.worlds.shapes.verifier import FOREGROUND  # the verifier's pixel threshold (see ambiguous_images)
 from fluxguide.checkpointing import load_checkpoint
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.evaluation import evaluate_guidance
@@ -94,14 +120,52 @@ def assert_close(actual, expected, what: str, rtol: float = RTOL, atol: float = 
     assert not bad.any(), f"{what}: got {a[bad][:5].tolist()}, expected {e[bad][:5].tolist()} (rtol {rtol}, atol {atol})"
 
 
-def assert_eval(got: dict, expected: dict, what: str) -> None:
-    """Metrics: verifier scores exactly, rewards to RTOL; images to RTOL (pixels to 1e-5 absolute)."""
-    assert set(got["metrics"]) == set(expected["metrics"]), f"{what}: metric names {sorted(got['metrics'])}"
-    for k, v in expected["metrics"].items():
+def metric_tolerance(name: str, expected: dict[str, float]) -> float:
+    """The absolute tolerance of a reward metric besides ``RTOL``: a std carries the error of the values it is the
+    spread of (``RTOL`` times their mean's magnitude; see the module docstring), anything else 1e-7."""
+    if name.endswith("_std"):
+        mean = expected.get(name[: -len("_std")] + "_mean", 1.0)
+        return RTOL * max(abs(mean), 1.0)
+    return 1e-7
+
+
+def assert_metrics(got: dict[str, float], expected: dict[str, float], what: str, *, verdict_slack: float) -> None:
+    """Reward metrics to their tolerance; verifier rates and scores within ``verdict_slack`` (a fraction of the
+    images: the verdicts that may legitimately differ on another CPU; 0 = exact)."""
+    for k, v in expected.items():
         if k.startswith("eval/verifier"):
-            assert got["metrics"][k] == v, f"{what}: {k} = {got['metrics'][k]}, expected exactly {v}"
-        else:
-            assert_close(got["metrics"][k], v, f"{what}: {k}", atol=1e-7)
+            assert abs(got[k] - v) <= verdict_slack + 1e-12, (
+                f"{what}: {k} = {got[k]}, expected {v} (allowed difference {verdict_slack}: images whose verdict "
+                "may flip on another CPU)")
+        elif not math.isnan(v):
+            assert_close(got[k], v, f"{what}: {k}", atol=metric_tolerance(k, expected))
+
+
+def test_metric_tolerances_accept_another_cpu_and_reject_a_change():
+    """The reward_std read on an AMD EPYC against the Intel-recorded fixture passes; a 1e-4 change does not."""
+    recorded = CHECKPOINTS["reward_gradient_mlp"]["resume"]["step_2_last_eval"]
+    on_amd = {**recorded, "eval/reward_std": 0.01184528786689043}
+    assert_metrics(on_amd, recorded, "AMD EPYC", verdict_slack=0.0)
+    for key in ("eval/reward_std", "eval/reward_mean"):
+        with pytest.raises(AssertionError, match=key):
+            assert_metrics({**recorded, key: recorded[key] + 1e-4}, recorded, "changed", verdict_slack=0.0)
+    with pytest.raises(AssertionError, match="verifier_pass_rate"):
+        assert_metrics({**recorded, "eval/verifier_pass_rate": 0.0}, recorded, "changed", verdict_slack=0.0)
+
+
+def ambiguous_images(images: torch.Tensor, tolerance: float = 1e-4) -> int:
+    """How many images have a pixel whose brightest channel is within ``tolerance`` (10x the pixels' own
+    tolerance) of the verifier's foreground threshold: the only images whose verdict a CPU's rounding can flip."""
+    bright = images.detach().float().amax(dim=1)
+    return int(((bright - FOREGROUND).abs() < tolerance).flatten(1).any(1).sum())
+
+
+def assert_eval(got: dict, expected: dict, what: str) -> None:
+    """Metrics: verifier scores exactly unless an image is ambiguous (see the module docstring), rewards to RTOL;
+    images to RTOL (pixels to 1e-5 absolute)."""
+    assert set(got["metrics"]) == set(expected["metrics"]), f"{what}: metric names {sorted(got['metrics'])}"
+    slack = got["ambiguous_images"] / got["images_shape"][0]
+    assert_metrics(got["metrics"], expected["metrics"], what, verdict_slack=slack)
     assert got["images_shape"] == expected["images_shape"]
     assert_close(got["images_sum"], expected["images_sum"], f"{what}: sum of the images")
     assert_close(got["images_sq_sum"], expected["images_sq_sum"], f"{what}: sum of the squared images")
@@ -109,15 +173,20 @@ def assert_eval(got: dict, expected: dict, what: str) -> None:
     assert_close(got["pixels"], expected["pixels"], f"{what}: pixels", atol=1e-5)
 
 
-def eval_stats(world, reward, policy, prompts) -> dict:
+#: The evaluation images of each policy fixture (``None``: the base sampler), kept for the ambiguity test.
+EVAL_IMAGES: dict[str | None, torch.Tensor] = {}
+
+
+def eval_stats(world, reward, policy, prompts, name: str | None = None) -> dict:
     ev = EXPECTED["evaluation"]
     metrics, images = evaluate_guidance(world, reward, policy, prompts, samples_per_prompt=ev["samples_per_prompt"],
                                         seed=ev["seed"])
+    EVAL_IMAGES[name] = images
     flat = images.double().reshape(-1)
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "images_shape": list(images.shape),
             "images_sum": float(flat.sum()), "images_sq_sum": float((flat**2).sum()),
             "per_image_sum": [float(im.double().sum()) for im in images],
-            "pixels": [float(flat[i]) for i in ev["pixel_indices"]]}
+            "pixels": [float(flat[i]) for i in ev["pixel_indices"]], "ambiguous_images": ambiguous_images(images)}
 
 
 def class_tree(config: dict) -> list[str]:
@@ -269,9 +338,19 @@ def test_policy_correction(name, observation, one_thread):
 def test_policy_evaluation(name, world, reward, prompts):
     """The held-out evaluation of each loaded policy on the fixed evaluation noise."""
     policy = load_guidance_model(FIXTURES / POLICIES[name]["file"])
-    got = eval_stats(world, reward, policy, prompts)
+    got = eval_stats(world, reward, policy, prompts, name)
     expected = {k: v for k, v in POLICIES[name]["eval"].items() if k != "max_abs_diff_from_base_sampler"}
     assert_eval(got, expected, name)
+
+
+def test_verifier_threshold_is_rarely_ambiguous(world, reward, prompts):
+    """The premise of the verdict tolerances: few evaluation images have a pixel near the foreground threshold."""
+    for name in sorted(POLICIES):  # normally evaluated already by test_policy_evaluation
+        if name not in EVAL_IMAGES:
+            eval_stats(world, reward, load_guidance_model(FIXTURES / POLICIES[name]["file"]), prompts, name)
+    images = torch.cat([EVAL_IMAGES[name] for name in sorted(POLICIES)])
+    assert ambiguous_images(images) <= max(1, len(images) // 20), (
+        f"{ambiguous_images(images)} of {len(images)} images have a pixel within 1e-4 of the verifier's threshold")
 
 
 # ------------------------------------------------------------------------------------------- checkpoint folders
@@ -365,8 +444,5 @@ def test_script_resumes_legacy_run(name, tmp_path):
     assert [s.name for s in states] == ["step_000000001", "step_000000002"]
     state2 = json.loads((states[-1] / "state.json").read_text())["state"]
     assert state2["samples_seen"] == resume["step_2_samples_seen"]
-    for k, v in resume["step_2_last_eval"].items():
-        if k.startswith("eval/verifier"):
-            assert state2["last_eval"][k] == v, k
-        elif not math.isnan(v):
-            assert_close(state2["last_eval"][k], v, f"{name}: resumed {k}", atol=1e-7)
+    num_images = EXPECTED["evaluation"]["num_prompts"] * EXPECTED["evaluation"]["samples_per_prompt"]
+    assert_metrics(state2["last_eval"], resume["step_2_last_eval"], f"{name}: resumed", verdict_slack=1 / num_images)
