@@ -8,11 +8,13 @@ as if it had never stopped::
     optimizer-<name>.safetensors  each optimizer's tensors; the rest of its state dict is in the metadata
     rng.safetensors               torch's global CPU (and CUDA) RNG states and any named torch.Generator
     state.json                    step, the caller's JSON state (config, counters, metric history), the
-                                  numpy and Python RNG states, and a SHA-256 manifest of every file
+                                  numpy and Python RNG states, a SHA-256 manifest of every other file, and
+                                  the SHA-256 of its own values (so an edited counter is refused too)
 
 The folder is written under a temporary name and renamed into place, so a run killed mid-save leaves either
 the previous checkpoints or the new one, never half of one. Loading checks the manifest, so a corrupt or
-truncated checkpoint raises :class:`CheckpointError` naming the file and the fix instead of loading garbage.
+truncated checkpoint, an edited ``state.json`` or a file the manifest does not list raises
+:class:`CheckpointError` naming the file and the fix instead of loading garbage.
 Saving refuses modules with NaN/inf parameters (:class:`CheckpointError`): a diverged run never overwrites its
 last good state. Nothing is pickled: tensors go to safetensors, everything else to JSON.
 
@@ -28,7 +30,6 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -47,12 +48,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fluxguide.errors import UserError
+from fluxguide.serialization import json_digest, sha256_file
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
 RNG_FILE = "rng.safetensors"
 FORMAT = "fluxguide-checkpoint"
-VERSION = 1
+#: 2: ``state.json`` holds its own SHA-256 (:data:`STATE_DIGEST_KEY`). Version 1 manifests (written before,
+#: e.g. tests/fixtures/legacy) hash only the other files: they load with that rule, as they always did.
+VERSION = 2
+#: The ``state.json`` key of the SHA-256 of its other values (:func:`fluxguide.serialization.json_digest`).
+STATE_DIGEST_KEY = "state_sha256"
 #: Metadata key under which a module's ``config`` is stored (the key ``fluxguide.policies`` reads).
 CONFIG_METADATA_KEY = "fluxguide_guidance_config"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -118,14 +124,6 @@ def decode_tree(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_name(kind: str, name: str) -> None:
     if not _NAME.match(name):
         raise ValueError(f"{kind} name {name!r} must use only letters, digits, '_', '-' and '.' (it names a file)")
@@ -239,8 +237,10 @@ def save_checkpoint(
             "generators": sorted(generators),
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
             "python_rng": encode_tree(random.getstate(), {}, "python_rng"),
-            "files": {f: {"sha256": _sha256(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
+            "files": {f: {"sha256": sha256_file(tmp / f), "bytes": (tmp / f).stat().st_size} for f in files},
         }
+        manifest = json.loads(json.dumps(manifest, allow_nan=True))  # the values as load_checkpoint reads them
+        manifest[STATE_DIGEST_KEY] = json_digest(manifest, without=STATE_DIGEST_KEY)
         (tmp / STATE_FILE).write_text(json.dumps(manifest, indent=1, allow_nan=True))
         final = root / step_dir_name(step)
         if final.exists():  # the same step saved again (e.g. by a resumed run): swap it out
@@ -294,11 +294,23 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     fix = f"delete {path} to resume from the previous checkpoint (or start the run afresh)"
+    if manifest.get("version", 1) >= 2 and manifest.get(STATE_DIGEST_KEY) != json_digest(manifest, STATE_DIGEST_KEY):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: {STATE_FILE} does not match its SHA-256 (its values were edited or "
+            f"damaged: counters, configuration or RNG states cannot be trusted); {fix}"
+        )
+    listed = {STATE_FILE, *manifest["files"]}
+    for f in sorted(path.rglob("*")):
+        if str(f.relative_to(path)) not in listed:
+            raise CheckpointError(
+                f"checkpoint {path} holds {f.relative_to(path)}, which is not in its manifest ({STATE_FILE}): "
+                f"a checkpoint is written whole and never added to; remove that file if you put it there, else {fix}"
+            )
     for name, info in manifest["files"].items():
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing; {fix}")
-        if f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+        if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CheckpointError(
                 f"checkpoint {path} is corrupt: {name} does not match its SHA-256 in {STATE_FILE} "
                 f"(truncated or overwritten); {fix}"

@@ -137,3 +137,19 @@ def test_mismatched_architecture_and_unknown_names_are_reported(tmp_path) -> Non
         load_checkpoint(path, modules={"policy": other})
     with pytest.raises(CheckpointError, match=r"no optimizer named \['critic'\]"):
         load_checkpoint(path, optimizers={"critic": torch.optim.SGD(other.parameters(), lr=1.0)})
+
+
+def test_an_edited_state_or_a_file_outside_the_manifest_is_refused(tmp_path) -> None:
+    """state.json is covered by the manifest too (issue 27): an edited counter is refused, not resumed from."""
+    path = save_checkpoint(tmp_path, 3, modules={"policy": small_policy()}, state={"samples_seen": 48})
+    state_file = path / "state.json"
+    original = state_file.read_text()
+    assert '"samples_seen": 48' in original
+    state_file.write_text(original.replace('"samples_seen": 48', '"samples_seen": 96'))
+    with pytest.raises(CheckpointError, match=r"state.json does not match its SHA-256 .*edited or damaged"):
+        load_checkpoint(path)
+    state_file.write_text(original)
+    assert load_checkpoint(path, restore_global_rng=False).state == {"samples_seen": 48}
+    (path / "notes.txt").write_text("planted")
+    with pytest.raises(CheckpointError, match=r"holds notes.txt, which is not in its manifest"):
+        load_checkpoint(path, restore_global_rng=False)
