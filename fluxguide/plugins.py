@@ -15,15 +15,19 @@ the envs' ``reward=`` / ``prompts=``, ``--policy``, ``--backbone``), three kinds
    imported when it is used.
 
 A spec or entry point that fails to import raises :class:`PluginError` naming the module or the attribute
-that failed. This module imports nothing else from fluxguide: it is the bottom of the layer stack.
+that failed. A name is never taken over silently: the built-ins (registered in code, or declared by fluxguide's
+own distribution) win over an installed package's entry point of the same name, with a warning naming both; two
+packages declaring one name are warned about, and asking for that name is refused (its spec picks one). This
+module imports nothing else from fluxguide: it is the bottom of the layer stack.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Callable
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
 from fluxguide.errors import UserError
@@ -32,7 +36,30 @@ T = TypeVar("T")
 
 
 class PluginError(UserError, ImportError, ValueError):
-    """A plug-in name or spec that cannot be resolved (unknown name, missing module or attribute)."""
+    """A plug-in name or spec that cannot be resolved (unknown name, missing module or attribute, a name two
+    installed packages declare)."""
+
+
+#: The distribution whose entry points are built-ins (the shapes world's rewards, prompt sets and backbones).
+BUILTIN_DISTRIBUTION = "fluxguide"
+
+
+def distribution_name(ep: EntryPoint) -> str:
+    """The name of the installed distribution that declares ``ep`` (``"?"`` when unknown)."""
+    dist = getattr(ep, "dist", None)
+    return str(dist.name) if dist is not None and dist.name else "?"
+
+
+def describe_entry_point(ep: EntryPoint) -> str:
+    """``entry point 'pkg.mod:make' of distribution 'pkg'``: where a name comes from, for messages."""
+    return f"entry point {ep.value!r} of distribution {distribution_name(ep)!r}"
+
+
+def describe_object(obj: object) -> str:
+    """``'module:qualname'`` of a factory registered in code, for messages."""
+    module = getattr(obj, "__module__", None) or "?"
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None) or type(obj).__name__
+    return f"{module}:{name}"
 
 
 def canonical_name(name: str) -> str:
@@ -83,6 +110,7 @@ class Registry(Generic[T]):
     def __init__(self, kind: str, group: str) -> None:
         self.kind, self.group = kind, group
         self._factories: dict[str, T] = {}
+        self._warned: set[tuple[str, ...]] = set()  # the collisions warned about
 
     def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> Any:
         """Register ``obj`` under ``name``; without ``obj``, a decorator.
@@ -100,8 +128,53 @@ class Registry(Generic[T]):
 
         return add if obj is None else add(obj)
 
-    def _entry_points(self) -> dict[str, Any]:
-        return {canonical_name(ep.name): ep for ep in entry_points(group=self.group)}
+    def _warn_once(self, name: str, eps: list[EntryPoint], message: str) -> None:
+        """Warn about the collision of ``name`` with ``eps`` once per registry (the registry is asked often)."""
+        key = (name, *sorted(f"{distribution_name(ep)}={ep.value}" for ep in eps))
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=3)
+
+    def _declared(self) -> dict[str, list[EntryPoint]]:
+        """The group's entry points by canonical name, one per declaring distribution."""
+        declared: dict[str, list[EntryPoint]] = {}
+        for ep in entry_points(group=self.group):
+            eps = declared.setdefault(canonical_name(ep.name), [])
+            if all((distribution_name(e), e.value) != (distribution_name(ep), ep.value) for e in eps):
+                eps.append(ep)
+        return declared
+
+    def _entry_points(self) -> dict[str, list[EntryPoint]]:
+        """The entry points each name resolves to: one, or several when installed packages collide.
+
+        fluxguide's own entry point wins over another package's of the same name (warned); between other
+        packages none wins (warned here, refused by :meth:`get`).
+        """
+        resolved: dict[str, list[EntryPoint]] = {}
+        for key, eps in self._declared().items():
+            builtin = [ep for ep in eps if distribution_name(ep) == BUILTIN_DISTRIBUTION]
+            others = [ep for ep in eps if distribution_name(ep) != BUILTIN_DISTRIBUTION]
+            if builtin and others:
+                builtin_source = f"built in by {describe_entry_point(builtin[0])}"
+                self._warn_once(key, eps, self._shadow_message(key, builtin_source, others))
+                resolved[key] = builtin[:1]
+            else:
+                if len(eps) > 1:
+                    self._warn_once(key, eps, self._ambiguous_message(key, eps))
+                resolved[key] = eps
+        return resolved
+
+    def _shadow_message(self, key: str, builtin: str, others: list[EntryPoint]) -> str:
+        ignored = " and ".join(describe_entry_point(ep) for ep in others)
+        return (f"{self.kind} {key!r} is {builtin}, and also declared by {ignored} in group {self.group!r}: the "
+                f"built-in is used and the entry point ignored. Rename that entry point, or name it by its spec "
+                f"({', '.join(repr(ep.value) for ep in others)}) to use it")
+
+    def _ambiguous_message(self, key: str, eps: list[EntryPoint]) -> str:
+        both = " and ".join(describe_entry_point(ep) for ep in eps)
+        return (f"{self.kind} {key!r} is declared by several installed packages in group {self.group!r}: {both}; "
+                f"fluxguide does not pick one silently. Name the one you want by its spec "
+                f"({' or '.join(repr(ep.value) for ep in eps)}), or uninstall one of them")
 
     def names(self) -> list[str]:
         """Every registered and entry-point name, sorted."""
@@ -120,10 +193,16 @@ class Registry(Generic[T]):
         if is_spec(name):
             return load_spec(name, kind=self.kind)
         key = canonical_name(name)
+        eps = self._entry_points().get(key, [])
         if key in self._factories:
+            if eps:  # registered in code: a built-in (or the user's own registration) is never replaced
+                builtin_source = f"registered in code ({describe_object(self._factories[key])})"
+                self._warn_once(key, eps, self._shadow_message(key, builtin_source, eps))
             return self._factories[key]
-        ep = self._entry_points().get(key)
-        if ep is not None:
+        if len(eps) > 1:
+            raise PluginError(self._ambiguous_message(key, eps))
+        if eps:
+            ep = eps[0]
             try:
                 return ep.load()
             except (ImportError, AttributeError) as e:

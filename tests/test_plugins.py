@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import gymnasium
@@ -259,3 +259,69 @@ def test_registry_in_code() -> None:
     assert "torch.nn:Identity" in reg and reg.get("torch.nn:Identity") is nn.Identity
     with pytest.raises(PluginError, match="unknown widget 'other'; valid names: my-widget"):
         reg.get("other")
+
+
+# ---------------------------------------------------------------------------------------- name collisions
+COLLIDING = "fluxguide_test_colliding_pkg"
+
+
+@pytest.fixture
+def install(tmp_path: Path) -> Iterator[Callable[[str, str], None]]:
+    """``install(distribution, entry_points_txt)``: a real installed distribution (a ``*.dist-info`` folder with
+    ``entry_points.txt``) on ``sys.path``, whose entry points name factories of one shared package."""
+    pkg = tmp_path / COLLIDING
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent('''
+        from fluxguide.rewards import CallableReward
+
+        def make_a(**kwargs):
+            return CallableReward(lambda images, prompts: images.mean(dim=(1, 2, 3)), name="from package a")
+
+        def make_b(**kwargs):
+            return CallableReward(lambda images, prompts: -images.mean(dim=(1, 2, 3)), name="from package b")
+    '''))
+
+    def add(distribution: str, text: str) -> None:
+        dist = tmp_path / f"{distribution.replace('-', '_')}-0.0.dist-info"
+        dist.mkdir()
+        (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {distribution}\nVersion: 0.0\n")
+        (dist / "entry_points.txt").write_text(textwrap.dedent(text))
+        importlib.invalidate_caches()
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(tmp_path))
+        yield add
+    for mod in [m for m in sys.modules if m == COLLIDING or m.startswith(f"{COLLIDING}.")]:
+        del sys.modules[mod]
+    importlib.invalidate_caches()
+
+
+def test_an_entry_point_named_like_a_built_in_reward_is_ignored_with_a_warning(install) -> None:
+    # 'shapes-clip' is fluxguide's own entry point, 'clip' is registered in code: neither is replaced.
+    install("fluxguide-test-squatter", f"""
+        [fluxguide.rewards]
+        shapes-clip = {COLLIDING}:make_a
+        CLIP = {COLLIDING}:make_b
+    """)
+    from fluxguide.rewards.registry import REWARDS
+
+    with pytest.warns(UserWarning, match=rf"(?s)reward 'shapes-clip'.*fluxguide\.worlds\.shapes\.rewards:"
+                                         rf"shapes_clip_score.*'{COLLIDING}:make_a'.*fluxguide-test-squatter"):
+        factory = REWARDS.get("shapes-clip")
+    assert factory.__module__ == "fluxguide.worlds.shapes.rewards"
+    with pytest.warns(UserWarning, match=rf"(?s)reward 'clip'.*fluxguide\.rewards\.registry.*'{COLLIDING}:make_b'"):
+        factory = REWARDS.get("clip")
+    assert factory.__module__ == "fluxguide.rewards.registry"
+    assert make_reward(f"{COLLIDING}:make_a").name == "from package a"  # the spec still reaches the other one
+
+
+def test_two_packages_declaring_one_name_are_refused_naming_both(install) -> None:
+    install("fluxguide-test-one", f"[fluxguide.rewards]\nmy-shared-name = {COLLIDING}:make_a\n")
+    install("fluxguide-test-two", f"[fluxguide.rewards]\nmy_shared_name = {COLLIDING}:make_b\n")
+    with pytest.warns(UserWarning, match="my-shared-name"), pytest.raises(PluginError) as info:
+        make_reward("my-shared-name")
+    message = str(info.value)
+    for part in ("fluxguide-test-one", "fluxguide-test-two", f"'{COLLIDING}:make_a'", f"'{COLLIDING}:make_b'",
+                 "spec"):
+        assert part in message, message
+    assert "my-shared-name" in available_rewards()  # listed, but only reachable by its spec
