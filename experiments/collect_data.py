@@ -53,6 +53,7 @@ from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
 from fluxguide.locking import FolderLock
 from fluxguide.policies import load_guidance_model
 from fluxguide.rewards import CallableReward
+from fluxguide.serialization import refuse_links
 
 #: The shapes preset's dataset: CFG 3's corrections on this many training-prompt trajectories ...
 BC_EPISODES = 512
@@ -209,6 +210,8 @@ def episode_prompts(cfg: Config) -> list[str]:
 def main(cfg: Config) -> GuidanceDataset:
     validate(cfg)  # every option, before anything is loaded
     lock = FolderLock(cfg.out_dir, "dataset folder").acquire()  # one collection at a time per dataset folder
+    metrics_dir = cfg.out_dir / f"run_seed{cfg.seed}"
+    refuse_links(metrics_dir, root=cfg.out_dir)  # a planted link would take the metrics log elsewhere
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     backbone_seed = cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed
@@ -228,7 +231,7 @@ def main(cfg: Config) -> GuidanceDataset:
         print(f"resuming: {dataset.num_episodes} episodes in {dataset.num_chunks} chunks already in {cfg.out_dir}")
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
     # One metrics log per seed: a DAgger round (another seed) appending to the dataset keeps the first's log.
-    tracker = Tracker(cfg.out_dir / f"run_seed{cfg.seed}", config=config_dict, project=cfg.wandb_project,
+    tracker = Tracker(metrics_dir, config=config_dict, project=cfg.wandb_project,
                       group=cfg.wandb_group, mode=cfg.wandb_mode, resume_samples_seen=sampled if done else None,
                       tags=("collect", cfg.strategy, cfg.reward, cfg.model.backbone))
 

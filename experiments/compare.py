@@ -40,6 +40,7 @@ from tqdm import tqdm
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
 from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
+from fluxguide.serialization import open_for_writing
 
 EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
@@ -143,9 +144,8 @@ def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
 def train(cfg: Config, algorithm: str, seed: int) -> float:
     """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
-    out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with (out / "log.txt").open("a") as log:
+    with open_for_writing(out / "log.txt", "a", root=cfg.out_dir) as log:  # no link below --out-dir is followed
         for argv in commands(cfg, algorithm, seed):
             log.write(f"$ python {' '.join(argv)}\n")
             log.flush()
@@ -219,7 +219,8 @@ def plot(cfg: Config) -> Path:
             ax.legend(fontsize=8)
     fig.tight_layout()
     path = cfg.out_dir / "curves.png"
-    fig.savefig(path, dpi=110)
+    with open_for_writing(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
     return path
 

@@ -32,6 +32,7 @@ from fluxguide.checkpointing import latest_checkpoint, read_manifest
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int, validate
 from fluxguide.harness.tracking import metric_curve, read_metrics
+from fluxguide.serialization import open_for_writing
 
 PASS = "eval/verifier_pass_rate"
 WALL = "perf/wall_seconds"
@@ -296,8 +297,8 @@ def main(cfg: Config) -> list[dict[str, Any]]:
     if not rows:
         raise ConfigError(f"no run under --runs {' '.join(cfg.runs)} has a held-out evaluation ({PASS})")
     text = markdown(rows, runs, cfg)
-    cfg.out.parent.mkdir(parents=True, exist_ok=True)
-    cfg.out.write_text(text)
+    with open_for_writing(cfg.out) as f:  # never through a link
+        f.write(text)
     print(text)
     print(f"wrote {cfg.out}")
     return rows

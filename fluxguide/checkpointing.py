@@ -48,7 +48,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from fluxguide.errors import UserError
-from fluxguide.serialization import json_digest, sha256_file
+from fluxguide.serialization import json_digest, refuse_links, sha256_file
 
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"
@@ -136,9 +136,12 @@ def step_dir_name(step: int) -> str:
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """The complete checkpoint folders of a run, oldest first (temporary folders of a killed save excluded)."""
     root = Path(run_dir) / CHECKPOINTS_DIR
+    refuse_links(root)  # a link planted in the run folder is never resumed from, written into or pruned
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    for _, p in found:
+        refuse_links(p)
     return [p for _, p in sorted(found)]
 
 
@@ -202,6 +205,7 @@ def save_checkpoint(
         raise TypeError(f"checkpoint state must be JSON-serialisable: {e}") from e
 
     root = Path(run_dir) / CHECKPOINTS_DIR
+    refuse_links(root / step_dir_name(step), root=run_dir)  # a planted link would take the checkpoint elsewhere
     root.mkdir(parents=True, exist_ok=True)
     for stale in root.glob(".tmp-*"):  # left by a run killed while saving
         shutil.rmtree(stale, ignore_errors=True)

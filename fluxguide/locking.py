@@ -8,7 +8,8 @@ of interleaving its checkpoints, metrics or chunks with the first's.
 The lock is an advisory ``flock`` on the file, which the kernel releases when the owner exits however it exits
 (even ``kill -9``). A lock file left behind whose lock is free is stale: it is taken over with a warning
 naming the dead owner. One process re-locking a folder it already holds (a notebook rerunning a cell after an
-error) takes the lock over silently.
+error) takes the lock over silently. A link planted as the lock file is refused, never opened (it would truncate
+the file it points to).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from typing_extensions import Self
 
 from fluxguide.errors import UserError
+from fluxguide.serialization import open_no_follow
 
 LOCK_FILE = ".owner.lock"
 
@@ -83,7 +85,7 @@ class FolderLock:
         if previous is not None:  # this process held it (e.g. a run that raised): take it over
             previous.release()
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_no_follow(self.path, os.O_RDWR | os.O_CREAT, 0o644)  # a planted link is refused
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

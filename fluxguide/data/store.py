@@ -51,7 +51,7 @@ from fluxguide.data.chunk_files import (
 )
 from fluxguide.data.episodes import EPISODE, EPISODE_CONSTANTS, EpisodeChunk
 from fluxguide.locking import LOCK_FILE
-from fluxguide.serialization import write_json_atomic
+from fluxguide.serialization import open_for_writing, refuse_links, write_json_atomic
 
 MANIFEST = "manifest.json"
 #: Chunks already checked for non-finite values in this process, by dataset folder (each is checked once, not
@@ -177,7 +177,7 @@ class GuidanceDataset:
     @contextmanager
     def _lock(self) -> Iterator[None]:
         """One writer at a time (an advisory lock on ``.lock`` in the folder)."""
-        with open(self.path / ".lock", "a") as f:
+        with open_for_writing(self.path / ".lock", "a") as f:  # never through a planted link
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             try:
                 yield
@@ -227,6 +227,7 @@ class GuidanceDataset:
         listed = {c["name"] for c in manifest["chunks"]}
         for p in self.path.iterdir():
             if p.is_dir() and (p.name.startswith(".tmp-") or (p.name.startswith("chunk-") and p.name not in listed)):
+                refuse_links(p)  # a planted link: refused, not deleted through
                 shutil.rmtree(p)
 
     @staticmethod

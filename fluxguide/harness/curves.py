@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from fluxguide.harness.tracking import metric_curve, read_metrics
+from fluxguide.serialization import open_for_writing
 
 #: The default panels: (title, metric names) -- reward, then the held-out verifier pass rate.
 DEFAULT_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -25,7 +26,7 @@ def plot_curves(
     """Plot metrics against samples seen, one panel per ``(title, names)``; returns the PNG path.
 
     Per-batch ``train/*`` curves are noisy: from ``smooth`` points on they are shown as a running mean of
-    ``smooth`` updates. Default path: ``<run_dir>/curves.png``.
+    ``smooth`` updates. Default path: ``<run_dir>/curves.png``. A link there is refused, not written through.
     """
     import matplotlib
 
@@ -51,6 +52,9 @@ def plot_curves(
             ax.legend()
     fig.tight_layout()
     out = Path(path) if path is not None else run_dir / "curves.png"
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with open_for_writing(out, "wb") as f:
+            fig.savefig(f, format="png", dpi=110)
+    finally:
+        plt.close(fig)
     return out

@@ -21,6 +21,7 @@ from torch import nn
 from fluxguide.backbones.base import Backbone, sample_prompts
 from fluxguide.harness.statistics import bootstrap_interval, paired_bootstrap_interval
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
+from fluxguide.serialization import open_for_writing
 
 #: The metrics shown in the caption of an evaluation's sample grid.
 CAPTION_METRICS: tuple[str, ...] = ("eval/verifier_pass_rate", "eval/reward_mean")
@@ -253,8 +254,9 @@ def write_table(rows: list[dict[str, float | str]], path: str | Path) -> tuple[P
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
     md, csv_path = path.with_suffix(".md"), path.with_suffix(".csv")
-    md.write_text("\n".join(lines) + "\n")
-    with csv_path.open("w", newline="") as f:
+    with open_for_writing(md) as f:  # never through a link (fluxguide.serialization)
+        f.write("\n".join(lines) + "\n")
+    with open_for_writing(csv_path, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
@@ -301,7 +303,8 @@ class HeldoutEvaluator:
         index = {p: i * self.samples_per_prompt for i, p in enumerate(self.prompts)}
         columns = {"untrained": self.base_grid,
                    f"{samples_seen} samples": images[[index[p] for p in self.grid_prompts]]}
-        path = save_prompt_grid(columns, self.grid_prompts, self.run_dir / "samples" / f"eval_{samples_seen:08d}.png")
+        path = save_prompt_grid(columns, self.grid_prompts, self.run_dir / "samples" / f"eval_{samples_seen:08d}.png",
+                                root=self.run_dir)
         tracker.log_image("eval/samples", path, samples_seen, caption=", ".join(
             f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items() if k in CAPTION_METRICS))
         return metrics
@@ -382,7 +385,8 @@ class ReferenceEvaluator:
             out.update(self.extra())
         tracker.log(out, samples_seen)
         columns = {**self.reference_images, "trained": images[self.grid_index]}
-        path = save_prompt_grid(columns, self.grid_prompts, self.run_dir / "samples" / f"eval_{samples_seen:09d}.png")
+        path = save_prompt_grid(columns, self.grid_prompts, self.run_dir / "samples" / f"eval_{samples_seen:09d}.png",
+                                root=self.run_dir)
         tracker.log_image("eval/samples", path, samples_seen)
         if was_training:
             policy.train()

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fluxguide.serialization import open_for_writing
+
 
 def prompt_grid(
     columns: dict[str, torch.Tensor], prompts: list[str], cell: int = 128, caption_width: int = 220
@@ -41,9 +43,15 @@ def prompt_grid(
     return canvas
 
 
-def save_prompt_grid(columns: dict[str, torch.Tensor], prompts: list[str], path: str | Path, **kwargs) -> Path:
-    """Write :func:`prompt_grid` to ``path`` (PNG) and return the path."""
+def save_prompt_grid(columns: dict[str, torch.Tensor], prompts: list[str], path: str | Path, *,
+                     root: str | Path | None = None, **kwargs) -> Path:
+    """Write :func:`prompt_grid` to ``path`` (PNG) and return the path.
+
+    ``root``: the run folder ``path`` lies in, if any: a link planted below it (a ``samples`` folder, the PNG
+    itself) is refused (:class:`~fluxguide.serialization.LinkRefusedError`); so is a link at ``path`` always.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    prompt_grid(columns, prompts, **kwargs).save(path)
+    grid = prompt_grid(columns, prompts, **kwargs)
+    with open_for_writing(path, "wb", root=root) as f:
+        grid.save(f, format="PNG")
     return path

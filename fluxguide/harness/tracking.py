@@ -41,7 +41,7 @@ import torch
 from typing_extensions import Self
 
 from fluxguide.distributed import is_main
-from fluxguide.serialization import write_json_atomic
+from fluxguide.serialization import open_for_writing, refuse_links, write_json_atomic, write_text_atomic
 
 #: The x-axis of every metric: training samples (generated images) seen so far.
 SAMPLES_SEEN = "charts/samples_seen"
@@ -189,6 +189,7 @@ class Tracker:
         if not self.active:  # another rank of a data-parallel run: rank 0 logs the gathered metrics
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        refuse_links(self.metrics_path)  # a planted link: refused before it is truncated, read or appended to
         self._truncate(resume_samples_seen)
         tracking_path = self.run_dir / TRACKING_FILE
         info = json.loads(tracking_path.read_text()) if tracking_path.is_file() else {}
@@ -224,9 +225,7 @@ class Tracker:
         keep = [] if resume_samples_seen is None else [
             r for r in read_metrics(self.metrics_path) if r.get(SAMPLES_SEEN, 0) <= resume_samples_seen
         ]
-        tmp = self.metrics_path.with_name(f".{METRICS_FILE}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.metrics_path)
+        write_text_atomic("".join(json.dumps(r) + "\n" for r in keep), self.metrics_path)
 
     def log(self, metrics: Mapping[str, Any], samples_seen: int) -> dict[str, Any]:
         """Log ``metrics`` (namespaced names -> numbers) at ``samples_seen``; returns the record written.
@@ -276,7 +275,7 @@ class Tracker:
     def _append(self, record: dict[str, Any]) -> None:
         if not self.active:
             return
-        with self.metrics_path.open("a") as f:
+        with open_for_writing(self.metrics_path, "a") as f:  # never through a link planted since
             # NaN / inf are written as JSON's NaN / Infinity (Python's json reads them back): a diverged loss
             # stays visible in the curve.
             f.write(json.dumps(record, allow_nan=True) + "\n")

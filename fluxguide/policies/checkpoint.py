@@ -13,20 +13,23 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
+from fluxguide.serialization import atomic_output
+
 from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model
 
 CONFIG_METADATA_KEY = "fluxguide_guidance_config"
 
 
 def save_guidance_model(model: BaseGuidanceModel, path: str | Path) -> Path:
-    """Write ``model``'s weights and config to a ``.safetensors`` file; returns the path."""
+    """Write ``model``'s weights and config to a ``.safetensors`` file (atomically, never through a link);
+    returns the path."""
     if not isinstance(model, BaseGuidanceModel):
         raise TypeError(
             f"save_guidance_model needs a BaseGuidanceModel (with a config), got {type(model).__name__}"
         )
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(model.config)})
+    with atomic_output(path) as tmp:
+        save_model(model, tmp, metadata={CONFIG_METADATA_KEY: json.dumps(model.config)})
     return path
 
 
