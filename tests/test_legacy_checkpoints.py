@@ -71,8 +71,6 @@ from safetensors.torch import load_file
 # commit of the fixtures. When a refactor moves these names, update the paths in this block (and nothing else):
 # the behaviour checked below must not change. Prefer the package-level public names where they exist.
 from fluxguide.algos.bc import BCLoss  # the BC loss module train_bc.py checkpoints under the name "loss"
-from fluxguide.worlds.shapes import ShapesWorld
-from fluxguide.worlds.shapes.verifier import FOREGROUND  # the verifier's pixel threshold (see ambiguous_images)
 from fluxguide.checkpointing import load_checkpoint
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.evaluation import evaluate_guidance
@@ -85,6 +83,10 @@ from fluxguide.policies import (
 )
 from fluxguide.policies.registry import build_policy, image_channels, latent_grid
 from fluxguide.rewards import make_reward
+from fluxguide.worlds.shapes import ShapesWorld
+from fluxguide.worlds.shapes.verifier import (
+    FOREGROUND,  # the verifier's pixel threshold (see ambiguous_images)
+)
 
 #: the training scripts, relative to the repository root (rerun on a copy of a legacy run folder)
 SCRIPTS = {"train_reward_gradient": "experiments/train_reward_gradient.py", "train_ppo": "experiments/train_ppo.py"}

@@ -14,9 +14,14 @@ from typing import Any
 
 import torch
 
+from fluxguide.errors import UserError
 from fluxguide.plugins import Registry
 
 PromptSourceLike = str | os.PathLike | Sequence[str]
+
+
+class PromptError(UserError, ValueError):
+    """A prompt source that cannot be used: unknown, missing, unreadable, empty, or with repeated prompts."""
 
 
 PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set", "fluxguide.prompts")
@@ -39,6 +44,21 @@ def _preview(prompt: str, limit: int = 60) -> str:
     return repr(prompt) if len(prompt) <= limit else f"{prompt[:limit]!r}... ({len(prompt)} characters)"
 
 
+def _read_prompt_file(path: Path) -> list[str]:
+    """The non-blank lines of a UTF-8 prompt file, stripped."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise PromptError(f"prompt file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}): save it as "
+                          "UTF-8, one prompt per line") from None
+    except OSError as e:
+        raise PromptError(f"prompt file {str(path)!r} cannot be read ({e.strerror}): check its permissions") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise PromptError(f"prompt file {str(path)!r} holds no prompts: write one prompt per line")
+    return prompts
+
+
 def resolve_prompts(source: PromptSourceLike, *, unique: bool = True) -> list[str]:
     """The list of prompts a source stands for.
 
@@ -54,20 +74,18 @@ def resolve_prompts(source: PromptSourceLike, *, unique: bool = True) -> list[st
             share a prompt).
 
     Raises:
-        ValueError: an unknown name or missing file (the message lists the valid sources), an empty source,
-            an entry that is not a non-empty string, or (``unique``) a prompt that appears more than once.
+        PromptError: (a ``ValueError``) an unknown name, a missing or unreadable file (the message lists the valid
+            sources), an empty source, an entry that is not a non-empty string, or (``unique``) a prompt that
+            appears more than once.
     """
     if isinstance(source, (str, os.PathLike)):
         key = os.fspath(source)
         if isinstance(source, str) and not Path(key).expanduser().is_file() and key.strip() in PROMPT_SETS:
             prompts = list(PROMPT_SETS.get(key)())
         elif Path(key).expanduser().is_file():
-            lines = Path(key).expanduser().read_text(encoding="utf-8").splitlines()
-            prompts = [line.strip() for line in lines if line.strip()]
-            if not prompts:
-                raise ValueError(f"prompt file {key!r} holds no prompts: write one prompt per line")
+            prompts = _read_prompt_file(Path(key).expanduser())
         else:
-            raise ValueError(
+            raise PromptError(
                 f"unknown prompt source {key!r}: it is neither a prompt set name nor an existing file. "
                 f"Valid sources: {_valid_sources()}"
             )
@@ -76,11 +94,11 @@ def resolve_prompts(source: PromptSourceLike, *, unique: bool = True) -> list[st
     else:
         raise TypeError(f"unknown prompt source of type {type(source).__name__}. Valid sources: {_valid_sources()}")
     if not prompts:
-        raise ValueError(f"the prompt source is empty; valid sources: {_valid_sources()}")
+        raise PromptError(f"the prompt source is empty; valid sources: {_valid_sources()}")
     for i, p in enumerate(prompts):
         if not isinstance(p, str) or not p.strip():
             shown = _preview(p) if isinstance(p, str) else repr(p)
-            raise ValueError(f"prompt {i} is {shown}; every prompt must be a non-empty string")
+            raise PromptError(f"prompt {i} is {shown}; every prompt must be a non-empty string")
     if unique:
         counts = Counter(prompts)
         repeated = [(p, n) for p, n in counts.items() if n > 1]
@@ -88,7 +106,7 @@ def resolve_prompts(source: PromptSourceLike, *, unique: bool = True) -> list[st
             where = f"prompt file {os.fspath(source)!r}" if isinstance(source, (str, os.PathLike)) else "the prompt list"
             shown = ", ".join(f"{_preview(p)} ({n} times)" for p, n in repeated[:5])
             more = f" and {len(repeated) - 5} more" if len(repeated) > 5 else ""
-            raise ValueError(
+            raise PromptError(
                 f"{where} repeats {len(repeated)} prompt(s): {shown}{more}. A prompt source is a set of distinct "
                 "prompts drawn uniformly; fluxguide does not de-duplicate silently and a repeat is not a weight. "
                 "Remove the repeats (e.g. list(dict.fromkeys(prompts)))."
