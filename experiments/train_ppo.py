@@ -135,6 +135,9 @@ class Config:
         if isinstance(batch, int) and batch > 0 and batch % self.samples_per_prompt:
             raise ConfigError(f"--batch-size {batch} is not a multiple of --samples-per-prompt "
                               f"{self.samples_per_prompt}: every prompt's group needs all its trajectories")
+        if isinstance(batch, int) and self.minibatch_trajectories > batch:
+            raise ConfigError(f"--minibatch-trajectories {self.minibatch_trajectories} exceeds the --batch-size {batch} "
+                              f"trajectories collected per update: use --minibatch-trajectories <= {batch}")
 
 
 def flux_dev() -> Config:
