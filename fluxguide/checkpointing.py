@@ -265,10 +265,11 @@ def save_checkpoint(
 
 # ------------------------------------------------------------------------------------------------- load
 def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The parsed ``state.json`` of checkpoint folder ``path``, checked for format.
+    """The parsed ``state.json`` of checkpoint folder ``path``, checked for format and against its own SHA-256
+    (cheap: the other files are hashed by :func:`verify_checkpoint`).
 
     Raises:
-        CheckpointError: missing folder or file, or not a fluxguide checkpoint.
+        CheckpointError: missing folder or file, not a fluxguide checkpoint, or an edited ``state.json``.
     """
     path = Path(path)
     fix = f"delete {path} to resume from the previous checkpoint (or start the run afresh)"
@@ -286,6 +287,11 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} has format version {manifest['version']}, newer than this fluxguide's {VERSION}: "
             f"upgrade fluxguide"
         )
+    if manifest.get("version", 1) >= 2 and manifest.get(STATE_DIGEST_KEY) != json_digest(manifest, STATE_DIGEST_KEY):
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt: {STATE_FILE} does not match its SHA-256 (its values were edited or "
+            f"damaged: counters, configuration or RNG states cannot be trusted); {fix}"
+        )
     return manifest
 
 
@@ -298,11 +304,6 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     manifest = read_manifest(path)
     fix = f"delete {path} to resume from the previous checkpoint (or start the run afresh)"
-    if manifest.get("version", 1) >= 2 and manifest.get(STATE_DIGEST_KEY) != json_digest(manifest, STATE_DIGEST_KEY):
-        raise CheckpointError(
-            f"checkpoint {path} is corrupt: {STATE_FILE} does not match its SHA-256 (its values were edited or "
-            f"damaged: counters, configuration or RNG states cannot be trusted); {fix}"
-        )
     listed = {STATE_FILE, *manifest["files"]}
     for f in sorted(path.rglob("*")):
         if str(f.relative_to(path)) not in listed:

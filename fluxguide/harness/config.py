@@ -19,9 +19,10 @@ package's entry-point name, or a ``package.module:factory`` spec (:mod:`fluxguid
 from __future__ import annotations
 
 import copy
+import json
 import math
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -165,6 +166,11 @@ class RunConfig:
     """W&B group"""
     wandb_mode: str | None = None
     """'online', 'offline' or 'disabled' (default: $WANDB_MODE, else offline)"""
+    allow_config_change: bool = False
+    """resume even though options differ from those the run's checkpoint recorded (the new values apply from the
+    resumed update on, so its curves mix two configurations); without it such a resume is refused, naming each
+    changed flag. The budgets, the evaluation and checkpoint cadence, --device, --threads and the W&B options may
+    always change"""
 
     def validate(self) -> None:
         """Refuse bad values before anything is loaded (:class:`ConfigError` naming the flag)."""
@@ -373,6 +379,54 @@ class TrainConfig:
         check_float("max_grad_norm", self.max_grad_norm, optional=True)
         check_int("num_steps", self.num_steps, optional=True)
         check_float("guidance_scale", self.guidance_scale, minimum=-math.inf)
+
+
+#: The options a resumed run may give another value than its checkpoint recorded, and why: they say how long,
+#: where and how visibly the run goes on, not what it trains or how it is measured. Every other recorded option
+#: must be given the same value (:func:`check_resume_config`); the evaluation prompts and samples are compared,
+#: since a resumed evaluation on others would not continue the curves (and BC reuses its stored references).
+RESUME_MAY_CHANGE: dict[str, str] = {
+    "run_dir": "the run folder may be moved or copied",
+    "total_updates": "a budget: extending it is what resuming is for",
+    "total_samples": "a budget",
+    "time_budget_minutes": "a budget",
+    "eval_every": "the cadence of evaluations, not what they measure",
+    "checkpoint_every": "the cadence of checkpoints",
+    "grid_prompts": "how many evaluation prompts the sample grids show, not what is measured",
+    "device": "where the run computes (another GPU, or the same run moved to another machine)",
+    "threads": "how many CPU threads compute it",
+    "wandb_project": "where the metrics are sent",
+    "wandb_group": "where the metrics are sent",
+    "wandb_mode": "where the metrics are sent",
+    "preset": "it only picks defaults: the values it sets are compared one by one",
+    "gradient_checkpointing": "trades memory for compute; the gradients are the same",
+    "storage": "BC's replay storage (memory or memmap) holds the same pairs",
+    "allow_config_change": "the option that accepts a change",
+}
+
+
+def check_resume_config(recorded: Mapping[str, Any] | None, current: Mapping[str, Any], checkpoint: Path, *,
+                        allow: bool) -> list[str]:
+    """Compare a resumed run's flat options with those ``checkpoint`` recorded; return the changes found.
+
+    Options in :data:`RESUME_MAY_CHANGE` are not compared, nor options one side lacks (a checkpoint written
+    before an option existed, or without a config at all, resumes as before).
+
+    Raises:
+        ConfigError: an option changed and ``allow`` (``--allow-config-change``) is not set, naming each flag with
+            the recorded and the given value, and the fixes.
+    """
+    now = json.loads(json.dumps(dict(current), default=str))  # as recorded: paths as strings, tuples as lists
+    changes = [f"{flag(k)}: recorded {recorded[k]!r}, given {now[k]!r}" for k in sorted(now)
+               if recorded and k in recorded and k not in RESUME_MAY_CHANGE and recorded[k] != now[k]]
+    if changes and not allow:
+        raise ConfigError(
+            f"the run in {Path(checkpoint).parent.parent} was started with other options than given now ("
+            + "; ".join(changes) + f"), recorded in {checkpoint}: rerun with the recorded values to resume it, use "
+            "another --run-dir to start a new run with these, or pass --allow-config-change to resume it with the "
+            "new values"
+        )
+    return changes
 
 
 def flat_config(config: Any) -> dict[str, Any]:

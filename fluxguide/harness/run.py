@@ -1,7 +1,8 @@
 """A training run's bookkeeping, shared by every training script: what is not the algorithm.
 
 :class:`Run` sets up the process (distributed init and device, threads, seed), resumes from the run folder's
-latest checkpoint (refusing one written against another base model), opens the :class:`Tracker`, and drives
+latest checkpoint (refusing one written against another base model, or under other options without
+``--allow-config-change``), opens the :class:`Tracker`, and drives
 the update loop: the progress bar, the samples seen, the time and sample budgets (agreed over ranks), the
 held-out evaluation and checkpoint cadence, a uniform stop on a non-finite loss, and the final
 ``guidance.safetensors`` and curves plot. A script reads top to bottom::
@@ -39,8 +40,8 @@ from torch import nn
 from tqdm import tqdm
 
 from fluxguide import distributed
-from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, save_checkpoint
-from fluxguide.harness.config import RunConfig, flat_config, validate
+from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from fluxguide.harness.config import RunConfig, check_resume_config, flat_config, validate
 from fluxguide.harness.tracking import Tracker
 from fluxguide.locking import FolderLock
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
@@ -73,6 +74,7 @@ class Run:
         if "RL_LOGGING_LEVEL" not in os.environ:  # torchrl's INFO lines ("Initialized LazyTensorStorage ...")
             logging.getLogger("torchrl").setLevel(logging.WARNING)  # on stdout say nothing about the run
         self.config = flat_config(config)
+        self._check_resume_config()  # before anything is loaded: a refused resume costs nothing
         self.update = 0  # updates done
         self.samples_seen = 0  # training samples over all ranks
         self.state: dict[str, Any] = {}  # the resumed checkpoint's state ({} on a fresh run)
@@ -84,6 +86,18 @@ class Run:
         self.bar: tqdm | None = None
 
     # ------------------------------------------------------------------------------------------- resume
+    def _check_resume_config(self) -> None:
+        """Refuse to resume the run folder's latest checkpoint under other options than it recorded (a
+        :class:`~fluxguide.harness.config.ConfigError` naming each flag), unless ``--allow-config-change``; only
+        ``state.json`` is read here (checked against its own SHA-256), the other files when :meth:`resume` loads."""
+        ckpt = latest_checkpoint(self.cfg.run_dir)
+        if ckpt is None:
+            return
+        recorded = read_manifest(ckpt).get("state", {}).get("config")
+        changes = check_resume_config(recorded, self.config, ckpt, allow=self.cfg.allow_config_change)
+        if changes and distributed.is_main():
+            print(f"resuming with changed options (--allow-config-change): {'; '.join(changes)}")
+
     def resume(
         self,
         backbone: nn.Module,

@@ -18,6 +18,7 @@ import tyro
 from tests.experiments import saved_start_policy
 
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
+from fluxguide.harness.config import ConfigError
 from fluxguide.rewards import RewardModel, make_reward, register_reward
 from fluxguide.harness.tracking import metric_curve, read_metrics
 
@@ -135,8 +136,11 @@ def test_resuming_under_another_base_model_is_refused(tmp_path) -> None:
     argv = SMALL + ["--run-dir", str(tmp_path), "--reward", "shapes-clip", "--total-updates", "1", "--eval-every", "100"]
     run(argv)
     saved = load_checkpoint(latest_checkpoint(tmp_path), restore_global_rng=False).state["backbone_fingerprint"]
-    with pytest.raises(RuntimeError, match=rf"trained against another base model \(backbone fingerprint {saved};"):
+    with pytest.raises(ConfigError, match=r"--seed: recorded 0, given 1"):  # a changed option, named first
         run(argv + ["--seed", "1", "--total-updates", "2"])
+    # --allow-config-change accepts the option, never another base model.
+    with pytest.raises(RuntimeError, match=rf"trained against another base model \(backbone fingerprint {saved};"):
+        run(argv + ["--seed", "1", "--total-updates", "2", "--allow-config-change"])
 
 
 def test_rl_from_a_distilled_start_with_an_affine_head(tmp_path) -> None:
