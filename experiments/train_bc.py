@@ -16,12 +16,14 @@ those pairs to the dataset, and continue from the policy::
     python experiments/train_bc.py --dataset runs/bc_data/cfg_distillation --run-dir runs/bc/cfg_dagger \
         --init-policy runs/bc/cfg_distillation/guidance.safetensors
 
-The dataset is loaded (all its appended chunks) into a TorchRL replay buffer; each update samples a batch of
-(observation, target correction) pairs and takes one optimizer step on the BC loss (MSE or Gaussian
-log-likelihood, ``fluxguide.algos.BehaviourCloning``). Every ``eval_every`` updates the policy samples the
-*held-out* prompts with fixed noise, at one base-model call per step, and the backbone's exact verifier scores
-them (``fluxguide.harness.evaluation.ReferenceEvaluator``); the
-base sampler and CFG are scored once with the same noise, so ``eval/verifier_pass_rate`` can be read against
+The dataset must come from the base model loaded here: the backbone fingerprint its collection recorded is
+compared with this one's, and a dataset of another model is refused before any work (``fluxguide.provenance``).
+It is loaded (all its appended chunks, every file checked against its SHA-256) into a TorchRL replay buffer;
+each update samples a batch of (observation, target correction) pairs and takes one optimizer step on the BC
+loss (MSE or Gaussian log-likelihood, ``fluxguide.algos.BehaviourCloning``). Every ``eval_every`` updates the
+policy samples the *held-out* prompts with fixed noise, at one base-model call per step, and the backbone's
+exact verifier scores them (``fluxguide.harness.evaluation.ReferenceEvaluator``); the base sampler and CFG are
+scored once with the same noise, so ``eval/verifier_pass_rate`` can be read against
 ``eval/base_pass_rate`` and ``eval/cfg_pass_rate`` (``eval/cfg_gain_recovered`` is the fraction of CFG's gain
 over the base sampler that the policy recovers; ``eval/cfg_attribute_gain_recovered`` the same for the mean
 per-attribute accuracy, ``eval/verifier_attribute_mean``). Metrics go to W&B (offline unless
@@ -51,6 +53,7 @@ from fluxguide.harness.cli import cli
 from fluxguide.harness.config import check_float, check_int
 from fluxguide.harness.evaluation import ReferenceEvaluator, recommended_cfg_scale
 from fluxguide.harness.presets import flux_dev_model, flux_dev_run
+from fluxguide.provenance import backbone_fingerprint, check_dataset_fingerprint
 
 #: The shapes preset's budget: updates of 128 pairs (the README's headline is measured at it).
 BC_UPDATES = 1500
@@ -101,6 +104,8 @@ def main(cfg: Config) -> dict[str, float]:
     dataset = GuidanceDataset(cfg.dataset)
     backbone = cfg.model.build(seed=seed, device=device)
     meta = dataset.metadata
+    # States and targets of another base model would clone a policy for that model: refused before any work.
+    check_dataset_fingerprint(meta.get("backbone_fingerprint"), backbone_fingerprint(backbone), cfg.dataset)
     num_steps = opt.num_steps or int(meta.get("num_steps", backbone.default_num_steps))
     cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", recommended_cfg_scale(backbone)))
     policy = cfg.guide.build(backbone)  # or --init-policy's (a DAgger round continues from the last policy)

@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
+from fluxguide.data.store import GuidanceDataset
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import RESUME_MAY_CHANGE, ConfigError, check_resume_config
+from fluxguide.provenance import FingerprintError, check_dataset_fingerprint
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--backbone", "shapes-random", "--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers",
@@ -70,3 +72,28 @@ def test_the_resume_comparison_accepts_older_checkpoints_and_what_may_change() -
     assert len(check_resume_config(recorded, current, ckpt, allow=True)) == 2
     assert {"total_updates", "run_dir", "device", "allow_config_change"} <= set(RESUME_MAY_CHANGE)
     assert all(reason for reason in RESUME_MAY_CHANGE.values())
+
+
+def test_bc_refuses_a_dataset_of_another_base_model(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    collect_data, train_bc = load_script("collect_data"), load_script("train_bc")
+    data = tmp_path / "data"
+    run_cli(collect_data, ["--backbone", "shapes-random", "--num-steps", "3", "--wandb-mode", "disabled",
+                           "--prompt-swaps", "0", "--episodes", "4", "--batch-size", "4", "--out-dir", str(data)])
+    recorded = GuidanceDataset(data).metadata["backbone_fingerprint"]
+    capsys.readouterr()
+    # The random shapes world follows --seed: seed 1 is another base model than the one the data was collected on.
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(train_bc, [*SMALL, "--batch-size", "16", "--warmup-updates", "2", "--dataset", str(data), "--run-dir",
+                           str(tmp_path / "run"), "--total-updates", "1", "--seed", "1"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert f"the dataset {data} was collected against another base model (backbone fingerprint {recorded}; " in err
+    assert "collect a dataset with this one" in err
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_fingerprint_absent_from_a_file_is_no_mismatch() -> None:
+    check_dataset_fingerprint(None, "abc", "old-dataset")  # collected before fingerprints: loads as before
+    check_dataset_fingerprint("abc", "abc", "data")
+    with pytest.raises(FingerprintError, match=r"data was collected .*fingerprint abc; the one loaded now is xyz"):
+        check_dataset_fingerprint("abc", "xyz", "data")
