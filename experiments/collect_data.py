@@ -15,6 +15,7 @@ trajectories sampled.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,7 @@ from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.registry import build_reward
 from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.episodes import REWARD
-from fluxguide.data.store import GuidanceDataset, check_collection_settings
+from fluxguide.data.store import MANIFEST, GuidanceDataset, check_collection_settings
 from fluxguide.data.targets import (
     BestOfN,
     CFGDistillation,
@@ -38,7 +39,7 @@ from fluxguide.data.targets import (
 )
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness import BackboneConfig, Flat
-from fluxguide.harness.cli import cli
+from fluxguide.harness.cli import INTERRUPTED_MESSAGE, cli
 from fluxguide.harness.config import (
     ConfigError,
     check_device,
@@ -207,7 +208,35 @@ def episode_prompts(cfg: Config) -> list[str]:
     return [train[i] for i in order[: cfg.episodes]]
 
 
-def main(cfg: Config) -> GuidanceDataset:
+class CollectionProgress:
+    """What a Ctrl-C during a collection reports: what the dataset folder keeps, and how much of it this run wrote
+    (:func:`main` calls :meth:`opened` once it has opened the dataset)."""
+
+    def __init__(self) -> None:
+        self.out_dir: Path | None = None
+        self.found = (0, 0)  # (episodes, chunks) in the dataset when this run opened it
+
+    def opened(self, dataset: GuidanceDataset) -> None:
+        self.out_dir, self.found = dataset.path, (dataset.num_episodes, dataset.num_chunks)
+
+    def interrupted(self) -> str:
+        """The message, from the chunks the dataset's manifest lists now: exactly what a rerun keeps."""
+        if self.out_dir is None:
+            return INTERRUPTED_MESSAGE
+        chunks = json.loads((self.out_dir / MANIFEST).read_text())["chunks"]
+        episodes = sum(c["num_episodes"] for c in chunks)
+        new_episodes, new_chunks = episodes - self.found[0], len(chunks) - self.found[1]
+        kept = f"the dataset at {self.out_dir} keeps {episodes} episodes in {len(chunks)} chunks"
+        if new_chunks == 0:
+            said = f"nothing new was written; {kept}"
+        elif new_chunks == len(chunks):
+            said = f"{kept}, all written by this run"
+        else:
+            said = f"{kept}, of which this run wrote {new_episodes} episodes in {new_chunks} chunks"
+        return f"interrupted: {said}; a batch being sampled is not kept: rerun the same command to collect the rest"
+
+
+def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDataset:
     validate(cfg)  # every option, before anything is loaded
     lock = FolderLock(cfg.out_dir, "dataset folder").acquire()  # one collection at a time per dataset folder
     metrics_dir = cfg.out_dir / f"run_seed{cfg.seed}"
@@ -218,6 +247,8 @@ def main(cfg: Config) -> GuidanceDataset:
     world = cfg.model.build(seed=backbone_seed, device=cfg.device)
     collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
     dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
+    if progress is not None:
+        progress.opened(dataset)
     # A batch index means these prompts only under the same batch size and prompt set: refuse a rerun that
     # would mix them up (and silently keep half the episodes).
     settings = {"batch_size": cfg.batch_size, "train_prompts": cfg.train_prompts}
@@ -262,4 +293,5 @@ def main(cfg: Config) -> GuidanceDataset:
 
 
 if __name__ == "__main__":
-    cli(main, Config, presets=PRESETS)
+    progress = CollectionProgress()
+    cli(lambda cfg: main(cfg, progress), Config, presets=PRESETS, interrupted=progress.interrupted)

@@ -48,6 +48,20 @@ from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
 
 #: The eval metric shown next to the training metrics in the progress bar.
 BAR_EVAL_METRIC = "eval/verifier_pass_rate"
+#: The signals that end a run with a checkpoint: Ctrl-C, ``kill``, and a closed terminal or SSH session.
+INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def say(text: str, stream: str = "stdout") -> None:
+    """Write ``text`` to ``sys.<stream>`` and flush it. After a hang-up the terminal is gone and writing to it
+    fails (EIO): the stream is then replaced by ``os.devnull``, so an interrupted run still saves its checkpoint,
+    frees its folder and exits with its status instead of failing on a message nobody can read."""
+    try:
+        out = getattr(sys, stream)
+        out.write(text)
+        out.flush()
+    except (OSError, ValueError):  # ValueError: the stream was closed
+        setattr(sys, stream, open(os.devnull, "w"))  # noqa: SIM115 - open while the process lives
 
 
 class Run:
@@ -68,7 +82,7 @@ class Run:
         self.device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
         # One writer per run folder: a second process on it stops here, naming the owner (rank 0 writes the files).
         self.lock = FolderLock(cfg.run_dir, "run folder").acquire() if distributed.is_main() else None
-        self._signal: int | None = None  # SIGINT / SIGTERM received during the loop
+        self._signal: int | None = None  # SIGINT / SIGTERM / SIGHUP received during the loop
         torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
         if "RL_LOGGING_LEVEL" not in os.environ:  # torchrl's INFO lines ("Initialized LazyTensorStorage ...")
@@ -222,12 +236,12 @@ class Run:
 
     # -------------------------------------------------------------------------------------- interrupts
     def _install_signal_handlers(self) -> None:
-        """SIGINT / SIGTERM during the loop: finish the update in flight, checkpoint, exit (a second one exits
+        """:data:`INTERRUPTS` during the loop: finish the update in flight, checkpoint, exit (a second one exits
         at once). Signal handlers can only be set in the main thread; elsewhere the defaults stay."""
         self._previous_handlers: dict[int, Any] = {}
         if threading.current_thread() is not threading.main_thread():
             return
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in INTERRUPTS:
             self._previous_handlers[sig] = signal.getsignal(sig)
             signal.signal(sig, self._on_signal)
 
@@ -239,16 +253,14 @@ class Run:
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self._signal is not None:  # the second one: exit now, saving nothing more
-            sys.stderr.write(f"\n{name} again: exiting at once; the last checkpoint is "
-                             f"{latest_checkpoint(self.cfg.run_dir) or '(none)'}\n")
-            sys.stderr.flush()
+            say(f"\n{name} again: exiting at once; the last checkpoint is "
+                f"{latest_checkpoint(self.cfg.run_dir) or '(none)'}\n", "stderr")
             if self.lock is not None:
                 self.lock.release()
             os._exit(128 + signum)
         self._signal = signum
-        sys.stderr.write(f"\n{name} received: finishing update {self.update + 1}, then saving a checkpoint and "
-                         f"exiting (press Ctrl-C again to exit at once without saving it)\n")
-        sys.stderr.flush()
+        say(f"\n{name} received: finishing update {self.update + 1}, then saving a checkpoint and "
+            f"exiting (press Ctrl-C again to exit at once without saving it)\n", "stderr")
 
     def _exit_interrupted(self, saved: Path | None) -> None:
         """Close the files and exit with 128 + the signal (130 for SIGINT), without a traceback."""
@@ -261,9 +273,11 @@ class Run:
             metrics = self.cfg.run_dir / "metrics.jsonl"
             where = (f"saved update {self.update} to {saved}" if saved is not None else
                      f"no update was done since the last checkpoint ({latest_checkpoint(self.cfg.run_dir) or 'none'})")
-            print(f"\ninterrupted by {signal.Signals(signum).name}: {where}; metrics in {metrics}.\n"
-                  f"Resume with the same command (same --run-dir {self.cfg.run_dir}): it continues from update "
-                  f"{self.update}.", flush=True)
+            say(f"\ninterrupted by {signal.Signals(signum).name}: {where}; metrics in {metrics}.\n"
+                f"Resume with the same command (same --run-dir {self.cfg.run_dir}): it continues from update "
+                f"{self.update}.\n")
+        for stream in ("stdout", "stderr"):  # after a hang-up: drop what is left unwritten, so the status holds
+            say("", stream)
         if self.lock is not None:
             self.lock.release()
         distributed.cleanup()
