@@ -50,7 +50,7 @@ from torch import nn
 from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
 from fluxguide.algos.reward_gradient import Decoder, RewardFn
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.rewards.base import require_differentiable
+from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn
 from fluxguide.sampling.memoryless import (
     correction_to_control,
@@ -190,7 +190,7 @@ def lean_adjoint(
     n = len(timesteps) - 1
     with torch.enable_grad():
         x = states[-1].detach().requires_grad_(True)
-        rewards = reward(decode(x), cond.prompts)
+        rewards = call_reward(reward, decode(x), cond.prompts)
         (grad,) = torch.autograd.grad(rewards.float().sum(), x)
     adjoints = [torch.zeros_like(states[0])] * (n + 1)
     adjoints[n] = -reward_scale * grad.float()

@@ -36,7 +36,7 @@ from torch import nn
 from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
 from fluxguide.algos.control_cost import CorrectionRecorder, step_kl
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.rewards.base import require_differentiable
+from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -191,7 +191,8 @@ def score(
     ``control`` is the per-sample control cost ``(B,)``, ``kl`` the per-sample KL to the reference policy
     ``(B,)`` or ``None``; ``extra`` metrics follow the reward and control ones.
     """
-    rewards = reward(random_translate(images, config.reward_shift, generator), cond.prompts)
+    # Checked before reward_terms clamps at the reward target (an inf would be clamped to the target and train on).
+    rewards = call_reward(reward, random_translate(images, config.reward_shift, generator), cond.prompts)
     losses = reward_terms(rewards, control, config.control_cost, config.reward_target, kl, config.init_kl)
     metrics = {
         "reward_mean": float(rewards.detach().mean()),

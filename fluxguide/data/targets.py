@@ -42,7 +42,7 @@ from fluxguide.data.teachers import (
     reference_correction,
     relabel_with_prompts,
 )
-from fluxguide.rewards.base import require_differentiable
+from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
 from fluxguide.sampling.instrumented import NEXT_IMG, denoise_with_state_collection
 
@@ -262,7 +262,7 @@ class BestOfN(TargetStrategy):
         )
         images = bb.decode(final)
         with torch.no_grad():
-            rewards = self.reward(images, prompts).float().reshape(b, self.n)
+            rewards = call_reward(self.reward, images, prompts).reshape(b, self.n)
         # Top-k per prompt; ties keep the earlier sample (stable sort), so equal rewards are deterministic.
         order = torch.sort(rewards, dim=1, descending=True, stable=True).indices[:, : self.top_k]
         keep = torch.zeros(b, self.n, dtype=torch.bool, device=rewards.device)

@@ -21,7 +21,7 @@ from torch import nn
 
 from fluxguide import keys
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.rewards.base import require_differentiable
+from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
 from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED
 
@@ -103,7 +103,7 @@ class RewardGradientTeacher(nn.Module):
         with torch.enable_grad():
             p = pred.detach().float().requires_grad_(True)
             x0 = img.detach().float() - _per_sample(timestep, img) * p
-            r = self.reward(self.decode(x0), self.prompts)
+            r = call_reward(self.reward, self.decode(x0), self.prompts)
             (grad,) = torch.autograd.grad(r.sum(), p)
         if self.normalize:
             rms = grad.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()

@@ -30,6 +30,7 @@ from fluxguide.backbones.base import Backbone, Conditioning, check_num_steps
 from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike, resolve_prompts
 from fluxguide.envs.reward_spec import RewardLike, build_reward
+from fluxguide.rewards.base import call_reward
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
 from fluxguide.sampling.sde_actions import sde_action_std
 from fluxguide.sampling.steps import euler_step, sde_mean
@@ -359,10 +360,7 @@ class GuidanceCore:
     def _terminal_reward(self, info: dict[str, Any]) -> torch.Tensor:
         images = self.backbone.decode(self.img).float()
         prompts = self.prompts
-        values = self.reward(images, prompts)
-        values = torch.as_tensor(values).detach().to(device=self.device, dtype=torch.float32).reshape(-1)
-        if values.shape != (self.batch_size,):
-            raise ValueError(f"the reward returned shape {tuple(values.shape)}, expected ({self.batch_size},)")
+        values = call_reward(self.reward, images, prompts).detach().to(device=self.device)
         self.final_images = images
         info["terminal_reward"] = values
         info["final_images"] = images

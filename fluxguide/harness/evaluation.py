@@ -20,6 +20,7 @@ from torch import nn
 
 from fluxguide.backbones.base import Backbone, sample_prompts
 from fluxguide.harness.statistics import bootstrap_interval, paired_bootstrap_interval
+from fluxguide.rewards.base import call_reward
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
 from fluxguide.serialization import open_for_writing
 
@@ -80,8 +81,7 @@ def evaluate_guidance(
     finally:
         if was_training:
             policy.train()
-    rewards = torch.cat([reward(images[i : i + batch_size].to(backbone.device), all_prompts[i : i + batch_size])
-                         .float().cpu() for i in range(0, len(all_prompts), batch_size)])
+    rewards = _score(reward, backbone, images, all_prompts, batch_size)
     metrics = {"eval/reward_mean": float(rewards.mean()),
                "eval/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0}
     if backbone.verifier is not None:
@@ -229,8 +229,9 @@ def sampler_line(row: dict[str, float | str]) -> str:
 
 
 def _score(reward: nn.Module, backbone: Backbone, images: torch.Tensor, prompts: list[str], batch_size: int) -> torch.Tensor:
-    return torch.cat([reward(images[i : i + batch_size].to(backbone.device), prompts[i : i + batch_size]).float().cpu()
-                      for i in range(0, len(prompts), batch_size)])
+    """The rewards of ``images`` in batches, each checked (:func:`~fluxguide.rewards.base.call_reward`)."""
+    return torch.cat([call_reward(reward, images[i : i + batch_size].to(backbone.device), prompts[i : i + batch_size])
+                      .cpu() for i in range(0, len(prompts), batch_size)])
 
 
 def write_table(rows: list[dict[str, float | str]], path: str | Path) -> tuple[Path, Path]:

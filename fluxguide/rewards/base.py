@@ -1,13 +1,16 @@
 """The reward contract: ``forward(images (B, 3, H, W) in [0, 1], prompts) -> (B,)`` plus ``differentiable``.
 
 Subclasses implement :meth:`RewardModel.score`; :meth:`RewardModel.forward` validates the inputs and the
-output around it, so every reward rejects bad input the same way. Rewards never decide on ``no_grad``:
-a reward-gradient algorithm calls them with gradients on, PPO calls them under ``torch.no_grad()``.
+output around it, so every reward rejects bad input the same way. A reward that is not a :class:`RewardModel`
+(any ``nn.Module`` or function a plug-in returns) is checked where it enters an algorithm or an evaluation:
+they all call it through :func:`call_reward`. Rewards never decide on ``no_grad``: a reward-gradient
+algorithm calls them with gradients on, PPO calls them under ``torch.no_grad()``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -53,7 +56,7 @@ class RewardModel(nn.Module, ABC):
         check_images(images, tolerance=self.range_tolerance)
         check_prompts(prompts, images.shape[0])
         values = self.score(images, list(prompts))
-        return check_reward_output(values, images.shape[0], source=self.describe())
+        return check_reward_output(values, images.shape[0], source=describe_reward(self))
 
     def describe(self) -> str:
         """How error messages name this reward."""
@@ -62,6 +65,34 @@ class RewardModel(nn.Module, ABC):
     @abstractmethod
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """Compute the reward on validated inputs; returns ``(B,)``."""
+
+
+#: The attribute :func:`fluxguide.rewards.make_reward` records a reward's registry name or spec in.
+REGISTRY_NAME_ATTR = "registry_name"
+
+
+def describe_reward(reward: object) -> str:
+    """How messages name a reward: its registry name or spec (recorded by ``make_reward``) and what it is
+    (:meth:`RewardModel.describe`, a function's or a module's class name), e.g. ``reward 'shapes-clip'
+    (CLIPScore)``."""
+    describe = getattr(reward, "describe", None)
+    what = describe() if callable(describe) else (
+        getattr(reward, "__qualname__", None) if not isinstance(reward, nn.Module) else None) or type(reward).__name__
+    name = getattr(reward, REGISTRY_NAME_ATTR, None)
+    return f"reward {name!r} ({what})" if isinstance(name, str) and name else what
+
+
+def call_reward(reward: Callable[[torch.Tensor, list[str]], torch.Tensor], images: torch.Tensor,
+                prompts: list[str]) -> torch.Tensor:
+    """``reward(images, prompts)``, checked as every algorithm and evaluation takes it: one finite float per
+    image (float32 ``(B,)``), whatever the reward is.
+
+    Raises:
+        fluxguide.rewards.inputs.RewardOutputError: naming the reward (:func:`describe_reward`) and what is
+            wrong: not a floating-point tensor, the wrong shape, or NaN / inf values (before any clamp or mean
+            could hide them).
+    """
+    return check_reward_output(reward(images, prompts), images.shape[0], source=describe_reward(reward))
 
 
 def require_differentiable(reward: nn.Module) -> None:
@@ -88,4 +119,4 @@ def reward_with_grad(reward: nn.Module, images: torch.Tensor, prompts: list[str]
     """
     require_differentiable(reward)
     with torch.enable_grad():
-        return reward(images, prompts)
+        return call_reward(reward, images, prompts)

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from fluxguide.rewards.base import RewardModel
+from fluxguide.rewards.base import RewardModel, call_reward
 
 
 class WeightedSum(RewardModel):
@@ -55,7 +55,7 @@ class WeightedSum(RewardModel):
         total = torch.zeros(images.shape[0], device=images.device, dtype=torch.float32)
         components: dict[str, torch.Tensor] = {}
         for name, reward in self.parts.items():
-            values = reward(images, prompts)
+            values = call_reward(reward, images, prompts)
             components[name] = values.detach()
             for sub, sub_values in getattr(reward, "last_components", {}).items():
                 components[f"{name}/{sub}"] = sub_values.detach()

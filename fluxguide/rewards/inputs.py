@@ -1,8 +1,9 @@
 """Checks of what goes into and comes out of a reward (the contract in docs/design.md, "rewards").
 
-Rewards see images ``(B, 3, H, W)`` as floats in [0, 1] and one prompt per image, and return ``(B,)``.
-Every check raises an error that names the bad value and says how to fix it, rather than silently
-clamping or broadcasting (a reward that quietly accepts images in [-1, 1] scores the wrong thing).
+Rewards see images ``(B, 3, H, W)`` as floats in [0, 1] and one prompt per image, and return ``(B,)``
+finite floats. Every check raises an error that names the bad value and says how to fix it, rather than
+silently clamping or broadcasting (a reward that quietly accepts images in [-1, 1] scores the wrong thing,
+and an inf reward under a reward target's clamp trains on nothing).
 """
 
 from __future__ import annotations
@@ -11,6 +12,21 @@ import math
 from collections.abc import Sequence
 
 import torch
+
+from fluxguide.errors import UserError
+
+
+class RewardOutputError(UserError, ValueError):
+    """A reward returned something other than one finite float per image; the message names the reward."""
+
+
+class RewardOutputTypeError(RewardOutputError, TypeError):
+    """A reward returned something other than a floating-point tensor (a ``TypeError`` too, as it was)."""
+
+
+class NonFiniteRewardError(RewardOutputError, FloatingPointError):
+    """A reward returned NaN or inf. A ``FloatingPointError`` too, so a training loop stops the update as it
+    does on a non-finite loss: nothing is stepped and no checkpoint is written for it."""
 
 #: How far outside [0, 1] a pixel may be before it is an error: covers bf16/fp16 rounding of clamped
 #: decoder output (bf16 spacing just below 1 is 2**-8), not images in [-1, 1] or [0, 255].
@@ -94,7 +110,7 @@ def check_prompts(prompts: object, batch_size: int) -> None:
 
 
 def check_reward_output(values: object, batch_size: int, *, source: str) -> torch.Tensor:
-    """Check a reward's output is a ``(batch_size,)`` tensor and return it as float32.
+    """Check a reward's output is a finite floating-point ``(batch_size,)`` tensor and return it as float32.
 
     Args:
         values: what the reward returned.
@@ -102,17 +118,43 @@ def check_reward_output(values: object, batch_size: int, *, source: str) -> torc
         source: the reward's name, for the error message.
 
     Raises:
-        TypeError: not a tensor.
-        ValueError: not of shape ``(batch_size,)``.
+        RewardOutputTypeError: not a tensor, or not floating point.
+        RewardOutputError: not of shape ``(batch_size,)``.
+        NonFiniteRewardError: NaN or inf values.
     """
     if not isinstance(values, torch.Tensor):
-        raise TypeError(
+        raise RewardOutputTypeError(
             f"{source} must return a torch.Tensor of shape ({batch_size},), got {type(values).__name__}."
+        )
+    if not values.is_floating_point():
+        raise RewardOutputTypeError(
+            f"{source} must return floating-point values, got dtype {values.dtype}: a reward is a score, not a "
+            f"count or a flag; return values.float()."
         )
     if values.shape != (batch_size,):
         hint = " Squeeze the last dimension (values.squeeze(-1))." if values.shape == (batch_size, 1) else ""
-        raise ValueError(
+        raise RewardOutputError(
             f"{source} must return one value per image, shape ({batch_size},), got shape {tuple(values.shape)}.{hint}"
         )
+    check_finite_rewards(values, source=source)
     # Rewards feed float32 sampler and loss math (docs/design.md, "Precision"), whatever the model's dtype.
     return values.float()
+
+
+def check_finite_rewards(values: torch.Tensor, *, source: str) -> None:
+    """Raise :class:`NonFiniteRewardError` naming ``source``, how many values are NaN / inf and the first
+    images they belong to. Checked before any clamp or mean can hide them (a reward target clamps an inf)."""
+    with torch.no_grad():
+        finite = torch.isfinite(values.detach())
+        if bool(finite.all()):
+            return
+        nan = int(torch.isnan(values.detach()).sum())
+    inf = int((~finite).sum()) - nan
+    counts = " and ".join(f"{n} {kind} value{'s' if n > 1 else ''}" for n, kind in ((nan, "NaN"), (inf, "inf")) if n)
+    where = (~finite).nonzero().flatten()[:5].tolist()
+    raise NonFiniteRewardError(
+        f"{source} returned {counts} for {values.numel()} images (image{'s' if len(where) > 1 else ''} "
+        f"{', '.join(map(str, where))}{', ...' if int((~finite).sum()) > len(where) else ''}): a reward must give "
+        f"every image a finite score. Fix the reward (guard its divisions and logarithms; score a failure as a "
+        f"low finite value)."
+    )

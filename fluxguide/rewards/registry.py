@@ -31,6 +31,7 @@ from torch import nn
 
 from fluxguide.plugins import Registry, canonical_name
 from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward
+from fluxguide.rewards.base import REGISTRY_NAME_ATTR
 from fluxguide.rewards.callable_reward import CallableReward
 from fluxguide.rewards.clip_score import CLIPScore
 from fluxguide.rewards.composite import WeightedSum
@@ -65,7 +66,11 @@ def make_reward(name: str, **kwargs: Any) -> nn.Module:
             or attribute fails to import (the message names which).
     """
     canonical_name(name)  # a clear TypeError for a non-string
-    return REWARDS.get(name)(**kwargs)
+    reward = REWARDS.get(name)(**kwargs)
+    if isinstance(reward, nn.Module) and not getattr(reward, REGISTRY_NAME_ATTR, None):
+        # Error messages about its output name it as the user did (call_reward, RewardModel.forward).
+        setattr(reward, REGISTRY_NAME_ATTR, name)
+    return reward
 
 
 @register_reward("clip")

@@ -16,6 +16,7 @@ from torch import nn
 
 from fluxguide.algos import AdjointMatching, AdjointMatchingConfig, NonFiniteLossError, sample_memoryless
 from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.rewards import NonFiniteRewardError
 from fluxguide.sampling import denoise
 from fluxguide.sampling.memoryless import memoryless_coefficients, memoryless_sigma
 
@@ -161,9 +162,14 @@ def test_non_finite_reward_gradient_is_refused_and_settings_are_checked() -> Non
     torch.manual_seed(0)
     backbone, policy = GaussianFlow(MEAN, STD), Control()
     before = [p.detach().clone() for p in policy.parameters()]
-    algo = AdjointMatching(backbone, policy, lambda im, p: im.sum((1, 2, 3)) * float("nan"),
+    # Finite rewards whose gradient is NaN (sqrt at 0): the adjoint, the targets and the loss are NaN.
+    algo = AdjointMatching(backbone, policy, lambda im, p: (im.sum((1, 2, 3)) * 0).sqrt(),
                            torch.optim.Adam(policy.parameters(), 1e-2), AdjointMatchingConfig(num_steps=4))
     with pytest.raises(NonFiniteLossError, match="adjoint matching loss"):
+        algo.update(["x"] * 4, torch.Generator().manual_seed(0))
+    # A NaN reward itself is refused where it enters, naming the reward (issue 27).
+    algo.reward = lambda im, p: im.sum((1, 2, 3)) * float("nan")
+    with pytest.raises(NonFiniteRewardError, match="<lambda> returned 4 NaN values"):
         algo.update(["x"] * 4, torch.Generator().manual_seed(0))
     assert all(torch.equal(p, q) for p, q in zip(policy.parameters(), before, strict=True))
     for bad in ({"time_subsample": 0}, {"reward_scale": -1.0}, {"weighting": "sum"}, {"guidance_scale": 0.0}):

@@ -17,7 +17,7 @@ from fluxguide.algos import (
     total_loss,
 )
 from fluxguide.policies import AttentionGuidanceModel, MLPGuidanceModel
-from fluxguide.rewards import CallableReward, NotDifferentiableError, make_reward
+from fluxguide.rewards import CallableReward, NonFiniteRewardError, NotDifferentiableError, make_reward
 from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
 from fluxguide.worlds.shapes.world import build_transformer
 
@@ -138,10 +138,15 @@ def test_one_step_variant_learns_and_uses_the_predicted_clean_latent(world) -> N
 def test_non_finite_loss_is_refused_and_leaves_the_policy_unchanged(world) -> None:
     net = policy("mlp")
     before = [p.detach().clone() for p in net.parameters()]
-    nan_reward = CallableReward(lambda images, prompts: images.mean((1, 2, 3)) * float("nan"), differentiable=True)
-    algo = RewardGradient(world, net, nan_reward, torch.optim.Adam(net.parameters(), 1e-2),
+    # A finite reward whose gradient is NaN (sqrt at 0): the gradient is refused before the step.
+    nan_grad = CallableReward(lambda images, prompts: (images.mean((1, 2, 3)) * 0).sqrt(), differentiable=True)
+    algo = RewardGradient(world, net, nan_grad, torch.optim.Adam(net.parameters(), 1e-2),
                           RewardGradientConfig(num_steps=2))
-    with pytest.raises(NonFiniteLossError, match="non-finite loss.*policy is unchanged"):
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm nan.*update was skipped"):
+        algo.update(PROMPTS, torch.Generator().manual_seed(0))
+    # A NaN reward is refused where it enters, naming the reward, before any loss is formed (issue 27).
+    algo.reward = CallableReward(lambda images, prompts: images.mean((1, 2, 3)) * float("nan"), name="nan")
+    with pytest.raises(NonFiniteRewardError, match="reward function 'nan' returned 3 NaN values"):
         algo.update(PROMPTS, torch.Generator().manual_seed(0))
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 

@@ -94,7 +94,9 @@ def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(tmp_path) -> None:
     # Calls: 1 = initial evaluation, 2-3 = updates 1-2 (checkpoint at 2), 4 = update 3 -> NaN.
     argv = SMALL + ["--run-dir", str(tmp_path), "--reward", "test-ppo-nan-after-4", "--total-updates", "10",
                     "--checkpoint-every", "2", "--eval-every", "100"]
-    with pytest.raises(SystemExit, match=r"(?s)stopping at update 3: non-finite PPO loss.*No checkpoint was written"):
+    # The NaN is refused where the env takes the reward, naming it (issue 27), and stops the run as a NaN loss.
+    with pytest.raises(SystemExit, match=r"(?s)stopping at update 3: reward 'test-ppo-nan-after-4' "
+                                         r"\(NaNAfterCalls\) returned \d+ NaN values.*No checkpoint was written"):
         run(argv)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000002"]
 

@@ -101,7 +101,9 @@ register_reward("test-clip-nan-after-3", overwrite=True)(
 def test_nan_loss_stops_the_run_without_a_poisoned_checkpoint(tmp_path) -> None:
     argv = SMALL + ["--run-dir", str(tmp_path), "--reward", "test-clip-nan-after-3", "--total-updates", "10",
                     "--checkpoint-every", "2", "--eval-every", "100"]
-    with pytest.raises(SystemExit, match=r"(?s)stopping at update 3: non-finite loss.*No checkpoint was written"):
+    # The NaN is refused where the reward enters the algorithm, naming it (issue 27), and stops the run as a NaN loss.
+    with pytest.raises(SystemExit, match=r"(?s)stopping at update 3: reward 'test-clip-nan-after-3' \(NaNAfter\) "
+                                         r"returned 2 NaN values.*No checkpoint was written"):
         run(argv)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000002"]
     cfg = tyro.cli(script.Config, args=argv)
