@@ -4,6 +4,11 @@ A chunk is a ``TensorDict.memmap_`` folder: ``meta.json`` files describing plain
 per tensor. tensordict's loader can also unpickle non-tensor leaves, so a shared dataset could run code when it
 is loaded: :func:`check_memmap_folder` refuses anything but plain tensors before tensordict reads the folder, and
 :func:`check_finite` names the file of a non-finite value once, at load (docs/design.md, "data").
+
+The manifest records every file of a chunk with its size and SHA-256 (:func:`chunk_record`), and its own SHA-256
+(:func:`signed`): :func:`check_chunk_files` and :func:`check_manifest_digest` find a flipped bit in a memory map,
+reordered prompts of the same size, a planted file or an edited manifest. Chunks listed by a version 1 manifest
+(written before the SHA-256s) keep the check they were written with: file sizes only.
 """
 
 from __future__ import annotations
@@ -17,6 +22,12 @@ import torch
 from tensordict import TensorDict
 
 from fluxguide.errors import UserError
+from fluxguide.serialization import json_digest, sha256_file
+
+#: The manifest key of its own SHA-256 (:func:`fluxguide.serialization.json_digest` of its other values).
+MANIFEST_DIGEST_KEY = "manifest_sha256"
+#: The manifest key of how many of its first chunks a version 1 writer appended (checked by size only).
+CHUNKS_BEFORE_SHA256 = "chunks_before_sha256"
 
 
 class DatasetError(UserError, ValueError):
@@ -33,6 +44,49 @@ def tensor_spec(td: TensorDict) -> dict[str, dict[str, Any]]:
 
 def file_sizes(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def chunk_record(folder: Path) -> dict[str, dict[str, Any]]:
+    """What a manifest entry records of a freshly written chunk folder: every file's size and SHA-256."""
+    sizes = file_sizes(folder)
+    return {"files": sizes, "sha256": {rel: sha256_file(folder / rel) for rel in sizes}}
+
+
+def signed(manifest: dict[str, Any]) -> dict[str, Any]:
+    """``manifest`` (as it will be read back) with its own SHA-256 under :data:`MANIFEST_DIGEST_KEY`."""
+    manifest = json.loads(json.dumps(manifest))
+    return {**manifest, MANIFEST_DIGEST_KEY: json_digest(manifest, MANIFEST_DIGEST_KEY)}
+
+
+def check_manifest_digest(manifest: dict[str, Any], path: Path) -> None:
+    """Refuse a version 2 manifest whose values do not match its own SHA-256 (always checked: it is cheap)."""
+    if manifest["version"] >= 2 and manifest.get(MANIFEST_DIGEST_KEY) != json_digest(manifest, MANIFEST_DIGEST_KEY):
+        raise DatasetError(
+            f"{path} does not match its SHA-256 (its chunk list, file hashes or metadata were edited or damaged): "
+            f"the dataset at {path.parent} cannot be trusted; restore the file or re-collect into a new folder"
+        )
+
+
+def check_chunk_files(folder: Path, entry: dict[str, Any], hashed: bool) -> None:
+    """Check chunk ``folder`` against its manifest ``entry``: every file present with its size and, when
+    ``hashed`` (appended by a version 2 writer), its SHA-256, and no file the entry does not list. Hashing reads
+    the whole chunk (seconds per GB): ``GuidanceDataset(path, verify=False)`` skips this check."""
+    dataset, sha256 = folder.parent, entry.get("sha256", {})
+    fix = f"the dataset at {dataset} is damaged; restore the file or re-collect into a new folder"
+    for rel, size in entry["files"].items():
+        f = folder / rel
+        if not f.is_file():
+            raise DatasetError(f"dataset file {f} is missing (the manifest lists it, {size} bytes): {fix}")
+        if f.stat().st_size != size:
+            raise DatasetError(f"dataset file {f} is truncated or altered: {f.stat().st_size} bytes, the manifest "
+                               f"says {size}; {fix}")
+        if hashed and sha256_file(f) != sha256.get(rel):
+            raise DatasetError(f"dataset file {f} does not match its SHA-256 in manifest.json (altered or damaged "
+                               f"with its size kept: a flipped bit, reordered prompts); {fix}")
+    unlisted = sorted(set(file_sizes(folder)) - set(entry["files"]))  # every writer listed every file
+    if unlisted:
+        raise DatasetError(f"dataset file {folder / unlisted[0]} is not in the manifest of {dataset}: a chunk is "
+                           "written whole and never added to; remove the file if you put it there, else re-collect")
 
 
 def fsync_tree(folder: Path) -> None:

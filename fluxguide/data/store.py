@@ -3,7 +3,8 @@
 A dataset folder is safe to append to while a crash can happen at any moment:
 
     dataset/
-        manifest.json           the chunks that belong to the dataset, with every file's size (written last)
+        manifest.json           the chunks that belong to the dataset, with every file's size and SHA-256, and
+                                its own SHA-256 (written last)
         chunk-000000/           one appended batch of episodes (TensorDict.memmap_ layout, no pickle)
             episodes/           [E]: per-episode constants, stored once (txt, vec, final image, reward)
             transitions/        [N]: per-step img, pred, target, t, t_prev, step, episode (index into E)
@@ -13,8 +14,8 @@ A dataset folder is safe to append to while a crash can happen at any moment:
 An append writes the chunk into a hidden temporary folder, renames it into place (atomic on one file
 system) and only then rewrites the manifest (atomically, :func:`fluxguide.serialization.write_json_atomic`).
 A crash mid-append leaves a temporary folder or a chunk the manifest does not list: readers ignore both and
-the next append removes them, so a killed collection loses at most the chunk in flight. File sizes in the
-manifest catch truncated files (a memory map of a truncated file would silently read zeros).
+the next append removes them, so a killed collection loses at most the chunk in flight. File sizes and SHA-256s
+in the manifest catch truncated or altered files (a memory map of a truncated file would silently read zeros).
 
 Loading concatenates the chunks into one dataset (global episode indices), and
 :meth:`GuidanceDataset.replay_buffer` fills a TorchRL ``ReplayBuffer`` whose transform joins each sampled
@@ -42,11 +43,15 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, ReplayBuffer
 
 from fluxguide import keys
 from fluxguide.data.chunk_files import (
+    CHUNKS_BEFORE_SHA256,
     DatasetError,
+    check_chunk_files,
     check_finite,
+    check_manifest_digest,
     check_memmap_folder,
-    file_sizes,
+    chunk_record,
     fsync_tree,
+    signed,
     tensor_spec,
 )
 from fluxguide.data.episodes import EPISODE, EPISODE_CONSTANTS, EpisodeChunk
@@ -58,7 +63,9 @@ MANIFEST = "manifest.json"
 #: again at every reload after an append). Chunks are immutable once listed in the manifest.
 _FINITE_CHECKED: set[tuple[Path, int]] = set()
 FORMAT = "fluxguide.guidance_dataset"
-VERSION = 1
+#: 2: SHA-256s of every chunk file and of the manifest itself. A version 1 dataset loads with its size checks and
+#: becomes version 2 at its next append (its chunks so far, :data:`CHUNKS_BEFORE_SHA256`, keep those checks).
+VERSION = 2
 
 
 def check_collection_settings(dataset: GuidanceDataset, seed: int, settings: dict[str, Any]) -> None:
@@ -127,12 +134,14 @@ class GuidanceDataset:
 
     Args:
         path: the dataset folder.
-        verify: check every file's size against the manifest (catches truncated files).
+        verify: check every chunk file's size and SHA-256 against the manifest (catches truncated or altered
+            files; reads the whole dataset once per load, seconds per GB); ``False`` skips it.
     """
 
     def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.path = Path(path)
         self.verify = verify
+        self._verified: set[str] = set()  # manifest entries of the chunks checked by this object (immutable)
         self.reload()
 
     # ---- creation and appends
@@ -168,10 +177,8 @@ class GuidanceDataset:
                 "another path"
             )
         path.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(
-            {"format": FORMAT, "version": VERSION, "metadata": dict(metadata or {}), "spec": None, "chunks": []},
-            manifest,
-        )
+        write_json_atomic(signed({"format": FORMAT, "version": VERSION, "metadata": dict(metadata or {}),
+                                  "spec": None, "chunks": [], CHUNKS_BEFORE_SHA256: 0}), manifest)
         return cls(path)
 
     @contextmanager
@@ -197,6 +204,8 @@ class GuidanceDataset:
             if manifest["spec"] is not None and manifest["spec"] != spec:
                 raise DatasetError(self._spec_mismatch(manifest["spec"], spec))
             self._remove_stale(manifest)
+            if manifest["version"] < VERSION:  # written before SHA-256s: its chunks so far keep their size checks
+                manifest.update({"version": VERSION, CHUNKS_BEFORE_SHA256: len(manifest["chunks"])})
             name = f"chunk-{len(manifest['chunks']):06d}"
             tmp = self.path / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -205,7 +214,7 @@ class GuidanceDataset:
                 chunk.transitions.detach().cpu().memmap_(prefix=tmp / "transitions")
                 (tmp / "prompts.json").write_text(json.dumps(chunk.prompts))
                 fsync_tree(tmp)
-                sizes = file_sizes(tmp)
+                record = chunk_record(tmp)  # every file's size and SHA-256
                 os.rename(tmp, self.path / name)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -215,10 +224,11 @@ class GuidanceDataset:
                 "name": name,
                 "num_episodes": chunk.num_episodes,
                 "num_transitions": chunk.num_transitions,
-                "files": sizes,
+                **record,
                 "metadata": chunk.metadata,
             })
-            write_json_atomic(manifest, self.path / MANIFEST)
+            write_json_atomic(signed(manifest), self.path / MANIFEST)
+            self._verified.add(json.dumps(manifest["chunks"][-1], sort_keys=True))  # hashed from disk just now
         self.reload()
         return name
 
@@ -264,40 +274,28 @@ class GuidanceDataset:
             manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{path} is corrupt ({e}); the dataset at {self.path} cannot be read") from e
-        if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        manifest = manifest if isinstance(manifest, dict) else {}
+        if manifest.get("format") != FORMAT or manifest.get("version") not in range(1, VERSION + 1):
             raise DatasetError(
-                f"{path} is not a {FORMAT} v{VERSION} manifest (format={manifest.get('format')!r}, "
-                f"version={manifest.get('version')!r})"
+                f"{path} is not a {FORMAT} manifest of version 1 to {VERSION} (format={manifest.get('format')!r}, "
+                f"version={manifest.get('version')!r}; a newer version needs a newer fluxguide)"
             )
+        check_manifest_digest(manifest, path)
         return manifest
-
-    def _check_files(self, entry: dict[str, Any]) -> None:
-        folder = self.path / entry["name"]
-        for rel, size in entry["files"].items():
-            f = folder / rel
-            if not f.is_file():
-                raise DatasetError(
-                    f"dataset file {f} is missing (the manifest lists it, {size} bytes): the dataset at {self.path} "
-                    f"is damaged; restore the file or re-collect into a new folder"
-                )
-            actual = f.stat().st_size
-            if actual != size:
-                raise DatasetError(
-                    f"dataset file {f} is truncated or altered: {actual} bytes, the manifest says {size}; the "
-                    f"dataset at {self.path} is damaged; restore the file or re-collect into a new folder"
-                )
 
     def reload(self) -> None:
         """Re-read the manifest and the chunks it lists (ignoring any left by a crashed append)."""
         manifest = self._read_manifest()
         self.manifest = manifest
         chunks = []
-        for entry in manifest["chunks"]:
-            if self.verify:
-                self._check_files(entry)
+        hashed_from = manifest.get(CHUNKS_BEFORE_SHA256, 0) if manifest["version"] >= 2 else len(manifest["chunks"])
+        for i, entry in enumerate(manifest["chunks"]):
             folder = self.path / entry["name"]
             for part in ("episodes", "transitions"):  # tensors only: nothing in a dataset is unpickled
                 check_memmap_folder(folder / part)
+            if self.verify and json.dumps(entry, sort_keys=True) not in self._verified:
+                check_chunk_files(folder, entry, hashed=i >= hashed_from)
+                self._verified.add(json.dumps(entry, sort_keys=True))
             try:
                 episodes = TensorDict.load_memmap(folder / "episodes", allow_pickle=False)
                 transitions = TensorDict.load_memmap(folder / "transitions", allow_pickle=False)

@@ -17,6 +17,7 @@ import torch
 from tensordict import TensorDict
 
 from fluxguide import keys
+from fluxguide.data.chunk_files import chunk_record, signed
 from fluxguide.data.episodes import EPISODE, TARGET, EpisodeChunk
 from fluxguide.data.store import DatasetError, GuidanceDataset, check_collection_settings
 from fluxguide.locking import LOCK_FILE
@@ -57,11 +58,11 @@ def plant_pickled_field(dataset: Path, marker: Path, scratch: Path) -> Path:
     meta = json.loads((target / "meta.json").read_text())
     meta["evil"] = json.loads((scratch / "meta.json").read_text())["evil"]
     (target / "meta.json").write_text(json.dumps(meta))
-    manifest = json.loads((dataset / "manifest.json").read_text())  # a crafted dataset lists its files' sizes
-    folder = dataset / "chunk-000000"
-    manifest["chunks"][0]["files"] = {str(p.relative_to(folder)): p.stat().st_size
-                                      for p in sorted(folder.rglob("*")) if p.is_file()}
-    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    # A crafted dataset lists its files' sizes and SHA-256s and signs its manifest: the integrity checks pass, and
+    # the tensors-only check must refuse it on its own.
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest["chunks"][0].update(chunk_record(dataset / "chunk-000000"))
+    (dataset / "manifest.json").write_text(json.dumps(signed(manifest)))
     return target / "meta.json"
 
 

@@ -5,16 +5,18 @@ line naming the flag or the dataset and the fix (exit 2)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
-from fluxguide.data.store import GuidanceDataset
+from fluxguide.data.store import DatasetError, GuidanceDataset
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import RESUME_MAY_CHANGE, ConfigError, check_resume_config
 from fluxguide.provenance import FingerprintError, check_dataset_fingerprint
+from tests.reliability.test_data_safety import chunk
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--backbone", "shapes-random", "--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers",
@@ -97,3 +99,62 @@ def test_a_fingerprint_absent_from_a_file_is_no_mismatch() -> None:
     check_dataset_fingerprint("abc", "abc", "data")
     with pytest.raises(FingerprintError, match=r"data was collected .*fingerprint abc; the one loaded now is xyz"):
         check_dataset_fingerprint("abc", "xyz", "data")
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+def test_a_flipped_bit_reordered_prompts_or_an_edited_manifest_are_found(tmp_path: Path) -> None:
+    """Every file of a chunk has its SHA-256 in the manifest, and the manifest its own: same-size edits are found."""
+    GuidanceDataset.create(tmp_path / "data", {"strategy": "test"}).append(chunk(episodes=3))
+    folder = tmp_path / "data" / "chunk-000000"
+    target = folder / "transitions" / "target.memmap"
+    original = target.read_bytes()
+    target.write_bytes(original[:100] + bytes([original[100] ^ 1]) + original[101:])  # one flipped bit
+    with pytest.raises(DatasetError, match=rf"{target} does not match its SHA-256 in manifest.json"):
+        GuidanceDataset(tmp_path / "data")
+    assert GuidanceDataset(tmp_path / "data", verify=False).num_episodes == 3  # verify=False skips the hashing
+    target.write_bytes(original)
+
+    prompts = folder / "prompts.json"
+    text = prompts.read_text()
+    prompts.write_text(json.dumps(json.loads(text)[::-1]))  # the same bytes in another order
+    assert prompts.stat().st_size == len(text)
+    with pytest.raises(DatasetError, match=rf"{prompts} does not match its SHA-256"):
+        GuidanceDataset(tmp_path / "data")
+    prompts.write_text(text)
+
+    (folder / "notes.txt").write_text("planted")
+    with pytest.raises(DatasetError, match=rf"{folder / 'notes.txt'} is not in the manifest"):
+        GuidanceDataset(tmp_path / "data")
+    (folder / "notes.txt").unlink()
+
+    manifest = tmp_path / "data" / "manifest.json"
+    saved = manifest.read_text()
+    manifest.write_text(saved.replace('"strategy": "test"', '"strategy": "tset"'))
+    with pytest.raises(DatasetError, match=r"manifest.json does not match its SHA-256 .*edited or damaged"):
+        GuidanceDataset(tmp_path / "data", verify=False)  # the manifest's own digest is cheap: always checked
+    manifest.write_text(saved)
+    assert GuidanceDataset(tmp_path / "data").prompts == ["prompt 0", "prompt 1", "prompt 2"]
+
+
+def as_written_before_sha256s(dataset: Path) -> None:
+    """Rewrite ``dataset``'s manifest as version 1 wrote it: file sizes only, no digests."""
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    manifest = {k: v for k, v in manifest.items() if k in ("format", "metadata", "spec", "chunks")}
+    manifest["version"] = 1
+    manifest["chunks"] = [{k: v for k, v in c.items() if k != "sha256"} for c in manifest["chunks"]]
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_dataset_written_before_sha256s_loads_and_appends(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    GuidanceDataset.create(data).append(chunk(rng=0))
+    as_written_before_sha256s(data)
+    old = data / "chunk-000000" / "transitions" / "target.memmap"
+    old.write_bytes(old.read_bytes()[:-1] + bytes([old.read_bytes()[-1] ^ 1]))  # undetectable by size alone
+    assert GuidanceDataset(data).num_chunks == 1  # its files are checked by size, as when it was written
+    GuidanceDataset(data).append(chunk(rng=1))  # the new chunk is hashed, the old one keeps its size check
+    assert GuidanceDataset(data).num_chunks == 2
+    new = data / "chunk-000001" / "transitions" / "target.memmap"
+    new.write_bytes(new.read_bytes()[:-1] + bytes([new.read_bytes()[-1] ^ 1]))
+    with pytest.raises(DatasetError, match=rf"{new} does not match its SHA-256"):
+        GuidanceDataset(data)
