@@ -264,6 +264,33 @@ def save_checkpoint(
 
 
 # ------------------------------------------------------------------------------------------------- load
+def recovery_advice(path: str | Path) -> str:
+    """What to do about the unusable checkpoint folder ``path``, losing nothing (the end of every load error).
+
+    Deleting it makes the rerun resume from the run's previous checkpoint: the updates after that one are redone
+    and their metrics records rewritten, nothing else is lost. But deleting the run's only checkpoint would make
+    the rerun start the run afresh, which rewrites the run folder's metrics from the start: the advice is then to
+    move the run folder aside (it keeps everything) and start afresh in a new one.
+    """
+    path = Path(path)
+    run_dir = path.parent.parent
+    try:
+        found = list_checkpoints(run_dir) if path.parent.name == CHECKPOINTS_DIR else []
+    except OSError:  # e.g. a link planted in the run folder
+        found = []
+    if path not in found:
+        return f"restore {path} from a backup, or use an intact copy"
+    earlier, later = found[: found.index(path)], found[found.index(path) + 1 :]
+    if later:
+        return f"delete {path}: the run resumes from its latest checkpoint, {later[-1]}, and loses nothing"
+    if earlier:
+        return (f"delete {path} to resume from the previous checkpoint, {earlier[-1]} (the updates after it are "
+                f"redone and their metrics rewritten; nothing else is lost)")
+    return (f"{path} is the run's only checkpoint: deleting it would restart the run and rewrite its metrics; to "
+            f"keep them, move the run folder aside (mv {run_dir} {run_dir}.damaged) and rerun to start afresh, or "
+            f"restore {path} from a backup")
+
+
 def read_manifest(path: str | Path) -> dict[str, Any]:
     """The parsed ``state.json`` of checkpoint folder ``path``, checked for format and against its own SHA-256
     (cheap: the other files are hashed by :func:`verify_checkpoint`).
@@ -272,7 +299,7 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         CheckpointError: missing folder or file, not a fluxguide checkpoint, or an edited ``state.json``.
     """
     path = Path(path)
-    fix = f"delete {path} to resume from the previous checkpoint (or start the run afresh)"
+    fix = recovery_advice(path)
     state_file = path / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: {STATE_FILE} is missing; {fix}")
@@ -303,7 +330,7 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     manifest = read_manifest(path)
-    fix = f"delete {path} to resume from the previous checkpoint (or start the run afresh)"
+    fix = recovery_advice(path)
     listed = {STATE_FILE, *manifest["files"]}
     for f in sorted(path.rglob("*")):
         if str(f.relative_to(path)) not in listed:
@@ -329,7 +356,7 @@ def _load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); delete {path.parent} to resume from the previous one") from e
+        raise CheckpointError(f"cannot read {path} ({e}); {recovery_advice(path.parent)}") from e
 
 
 def load_checkpoint(

@@ -123,7 +123,8 @@ def test_corrupt_checkpoint_raises_a_clear_error(tmp_path) -> None:
     path = save_checkpoint(tmp_path, 5, modules={"policy": policy})
     data = (path / "policy.safetensors").read_bytes()
     (path / "policy.safetensors").write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match=r"corrupt: policy.safetensors .*delete .*step_000000005"):
+    with pytest.raises(CheckpointError, match=r"corrupt: policy.safetensors .*step_000000005 is the run's only "
+                                              r"checkpoint: deleting it would restart the run .*move the run folder"):
         load_checkpoint(path, modules={"policy": small_policy()})
     (path / "state.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):

@@ -297,10 +297,12 @@ class Run:
             if self.lock is not None:
                 self.lock.release()
             last = latest_checkpoint(self.cfg.run_dir)
-            raise SystemExit(
-                f"stopping at update {self.update + 1}: {e}\nNo checkpoint was written for this update; the last "
-                f"good checkpoint is {last if last is not None else '(none)'}. Rerunning resumes from it: {self.hint}."
-            ) from e
+            rerun = ("the run has no checkpoint yet, so rerunning starts it afresh and rewrites its metrics (use "
+                     f"another --run-dir to keep them): {self.hint}." if last is None else f"the last good checkpoint "
+                     f"is {last}. Rerunning resumes from it: {self.hint}, with --allow-config-change to resume under "
+                     "the changed value.")
+            raise SystemExit(f"stopping at update {self.update + 1}: {e}\nNo checkpoint was written for this update; "
+                             f"{rerun}") from e
         self.update += 1
         self.samples_seen += self._samples_per_update
         return metrics
