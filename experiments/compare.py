@@ -40,7 +40,7 @@ from tqdm import tqdm
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
 from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
-from fluxguide.serialization import open_for_writing
+from fluxguide.serialization import open_for_writing, refuse_links
 
 EXPERIMENTS = Path(__file__).resolve().parent
 Algorithm = Literal["reward-gradient", "ppo", "bc"]
@@ -144,6 +144,8 @@ def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
 def train(cfg: Config, algorithm: str, seed: int) -> float:
     """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
+    for folder in (out / "data", out / "train"):  # BC's dataset and run folders (the others write in out)
+        refuse_links(folder, root=cfg.out_dir)
     start = time.perf_counter()
     with open_for_writing(out / "log.txt", "a", root=cfg.out_dir) as log:  # no link below --out-dir is followed
         for argv in commands(cfg, algorithm, seed):
@@ -247,6 +249,7 @@ def main(cfg: Config) -> list[dict]:
         num_prompts=cfg.eval_num_prompts, samples_per_prompt=cfg.eval_samples_per_prompt, best_of=cfg.best_of,
         seed=cfg.eval_seed, threads=2,
     ))
+    refuse_links(cfg.out_dir / "wandb_compare")
     with Tracker(cfg.out_dir / "wandb_compare", config={k: str(v) for k, v in asdict(cfg).items()},
                  group="compare", mode=cfg.wandb_mode, tags=(cfg.budget, *cfg.algorithms)) as tracker:
         tracker.log_image("eval/curves", curves, 0)

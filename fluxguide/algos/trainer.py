@@ -21,8 +21,6 @@ Checkpoint files (no pickle either way; both written atomically):
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,7 @@ from fluxguide.algos.common import optimizer_step
 from fluxguide.algos.reward_gradient import predicted_clean_latent
 from fluxguide.checkpointing import CONFIG_METADATA_KEY, decode_tree, encode_tree
 from fluxguide.policies.base import BaseGuidanceModel
-from fluxguide.serialization import save_safetensors_atomic
+from fluxguide.serialization import atomic_output, save_safetensors_atomic
 
 TORCH_SUFFIXES = (".pt", ".pth")
 FORMAT = "fluxguide-guidance-trainer/1"
@@ -180,14 +178,8 @@ class GuidanceModelTrainer:
                 "config": self._config(),
                 "step": self.step,
             }
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
+            with atomic_output(path) as tmp:  # atomic, and never through a link
                 torch.save(payload, tmp)
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
             return path
         config = self._config()
         metadata = {"format": FORMAT, "step": str(self.step)}

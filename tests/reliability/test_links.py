@@ -221,6 +221,20 @@ def test_collect_data_refuses_a_linked_metrics_folder_before_sampling(tmp_path: 
     assert GuidanceDataset(data).num_chunks == 0  # refused before any work
 
 
+def test_compare_refuses_a_linked_run_folder_before_training(tmp_path: Path, victim_dir: Path) -> None:
+    from tests.reliability.test_training_faults import load_script
+
+    compare = load_script("compare")
+    out = tmp_path / "out"
+    for planted in ("runs", "runs/bc/seed0/data"):  # a training's run folder, BC's dataset folder
+        link = plant(out / planted, victim_dir)
+        with pytest.raises(LinkRefusedError) as e:
+            compare.train(compare.Config(out_dir=out), "bc", 0)
+        assert_refused(e, link)
+        link.unlink()
+    assert tree(victim_dir) == {"keep.txt": PRECIOUS}
+
+
 # --------------------------------------------------------------------------- what a user may link
 def test_a_run_folder_named_as_a_link_is_written_normally(tmp_path: Path) -> None:
     scratch = tmp_path / "scratch" / "run"
