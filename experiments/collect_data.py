@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_reward
 from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.episodes import REWARD
@@ -198,9 +199,11 @@ def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
     return ReferenceImage(world.render_references, strength=cfg.strength, guide=cfg.guide)
 
 
-def episode_prompts(cfg: Config) -> list[str]:
-    """``cfg.episodes`` training prompts: the training set cycled, each cycle shuffled with the seed."""
+def episode_prompts(cfg: Config, backbone: Backbone) -> list[str]:
+    """``cfg.episodes`` training prompts: the training set cycled, each cycle shuffled with the seed. The set is
+    refused first if ``backbone`` cannot render one of its prompts (a ``PromptError`` naming --train-prompts)."""
     train = resolve_prompts(cfg.train_prompts)
+    check_backbone_prompts(backbone, train, where=f"--train-prompts {cfg.train_prompts}", source=cfg.train_prompts)
     g = torch.Generator().manual_seed(cfg.seed)
     order: list[int] = []
     while len(order) < cfg.episodes:
@@ -245,6 +248,7 @@ def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDat
     torch.manual_seed(cfg.seed)
     backbone_seed = cfg.seed if cfg.backbone_seed is None else cfg.backbone_seed
     world = cfg.model.build(seed=backbone_seed, device=cfg.device)
+    prompts = episode_prompts(cfg, world)  # before any model runs: prompts the world cannot render are refused
     collector = GuidanceDataCollector(world, build_strategy(cfg, world), num_steps=cfg.num_steps)
     dataset = GuidanceDataset.create(cfg.out_dir, collector.metadata())
     if progress is not None:
@@ -253,7 +257,6 @@ def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDat
     # would mix them up (and silently keep half the episodes).
     settings = {"batch_size": cfg.batch_size, "train_prompts": cfg.train_prompts}
     check_collection_settings(dataset, cfg.seed, settings)
-    prompts = episode_prompts(cfg)
     batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     done = {m.get("batch_index") for m in dataset.chunk_metadata if m.get("seed") == cfg.seed}
     per_prompt = cfg.n if cfg.strategy == "best-of-n" else 1

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.cli import cli
@@ -117,9 +118,10 @@ def main(cfg: Config) -> list[dict]:
     validate(cfg)  # every option, and that out_dir is writable, before any model is loaded or sample drawn
     torch.set_num_threads(cfg.threads)
     world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, device=cfg.device)
+    held = resolve_prompts(cfg.prompts)[: cfg.num_prompts]
+    check_backbone_prompts(world, held, where=f"--prompts {cfg.prompts}", source=cfg.prompts)  # before any sampling
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
     rewards = {name: build_reward(name, world) for name in dict.fromkeys((*cfg.rewards, cfg.pick_reward))}
-    held = resolve_prompts(cfg.prompts)[: cfg.num_prompts]
     specs = [SamplerSpec("base"), SamplerSpec(f"CFG {cfg_scale:g}", cfg_scale=cfg_scale)]
     specs += [SamplerSpec(f"best-of-{n} ({cfg.pick_reward})", best_of=n) for n in cfg.best_of]
     for i, path in enumerate(cfg.policies):

@@ -86,6 +86,8 @@ def main(cfg: Config) -> dict[str, float]:
     seed, opt = cfg.run.seed, cfg.optim
     backbone = cfg.model.build(seed=seed, device=run.device, num_steps=opt.num_steps)
     num_steps = opt.num_steps or backbone.default_num_steps
+    prompt_set = cfg.reward.prompts(backbone)  # prompts the backbone cannot render are refused here, before any model
+    cfg.run.heldout_prompts(backbone)  # runs; the held-out ones too, not at the first evaluation
     reward = cfg.reward.build(backbone, seed=seed)  # must be differentiable: the adjoint starts at its gradient
     policy = cfg.guide.build(backbone)
     # The initial policy, frozen before any update or resume: the base process of a distilled start's tilt.
@@ -100,7 +102,6 @@ def main(cfg: Config) -> dict[str, float]:
                               weighting=cfg.weighting, max_grad_norm=opt.max_grad_norm),
         decode=backbone.straight_through_decoder() if cfg.straight_through else None, reference=reference,
     )
-    prompt_set = cfg.reward.prompts()
     gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # the batches' prompts, noise and steps
 
     run.resume(backbone, algo.modules, algo.optimizers, {"data": gen},

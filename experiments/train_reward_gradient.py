@@ -124,6 +124,8 @@ def main(cfg: Config) -> dict[str, float]:
     run = Run(cfg.run, cfg, name="reward-gradient", hint="lower --lr or --guidance-scale, or add --control-cost")
     seed, opt = cfg.run.seed, cfg.optim
     backbone = cfg.model.build(seed=seed, device=run.device, num_steps=opt.num_steps)
+    train = cfg.reward.prompts(backbone)  # prompts the backbone cannot render are refused here, before any model runs
+    cfg.run.heldout_prompts(backbone)  # the held-out ones too, not at the first evaluation
     reward = cfg.reward.build(backbone, seed=seed)  # must be differentiable
     policy = cfg.guide.build(backbone)
     reference = cfg.guide.reference(policy, cfg.init_kl)  # before any update or resume
@@ -143,7 +145,6 @@ def main(cfg: Config) -> dict[str, float]:
         one_step=cfg.one_step,
         decode=backbone.straight_through_decoder() if cfg.straight_through else None, reference=reference,
     )
-    train = cfg.reward.prompts()
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # prompts and noise of the batches
 
     run.resume(backbone, algo.modules, algo.optimizers, {"data": data_gen},

@@ -50,6 +50,7 @@ from torch import nn
 from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
 from fluxguide.algos.reward_gradient import Decoder, RewardFn
 from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn
 from fluxguide.sampling.memoryless import (
@@ -294,6 +295,7 @@ class AdjointMatching(PolicyOnSampler):
             NonFiniteLossError: the loss or the gradient is NaN/inf; the policy was not changed.
         """
         cfg, ts = self.config, self.timesteps
+        check_backbone_prompts(self.backbone, list(prompts))  # before any model runs on them
         with torch.no_grad():
             cond = self.backbone.encode(list(prompts))
         noise = self.backbone.noise(len(prompts), generator)

@@ -36,6 +36,7 @@ from torch import nn
 from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
 from fluxguide.algos.control_cost import CorrectionRecorder, step_kl
 from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
@@ -336,7 +337,13 @@ class RewardGradient(PolicyOnSampler):
         prompts missing from this batch together would make a prompt's features depend on which prompts
         first came with it, and a resumed run (whose cache starts empty) would drift from the uninterrupted
         run by about 1e-7. One prompt at a time, the features are a function of the prompt alone.
+
+        Raises:
+            PromptError: a prompt the backbone cannot render, before any model runs on this batch.
         """
+        new = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
+        if new:
+            check_backbone_prompts(self.backbone, new)
         for p in dict.fromkeys(prompts):
             if p not in self._cond_cache:
                 with torch.no_grad():

@@ -13,6 +13,7 @@ import importlib
 from typing import Any
 
 from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.prompt_check import PromptError, check_backbone_prompts
 
 _LAZY = {
     "FluxBackbone": "fluxguide.backbones.flux",
@@ -26,6 +27,8 @@ _LAZY = {
 __all__ = [  # noqa: RUF022 - contract first, then the lazy exports
     "Backbone",
     "Conditioning",
+    "PromptError",
+    "check_backbone_prompts",
     "FluxBackbone",
     "REQUIRED_SUBFOLDERS",
     "BFLBackbone",

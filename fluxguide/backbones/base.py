@@ -17,6 +17,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, check_guidance_scale, denoise
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids
@@ -271,8 +272,9 @@ class Backbone(nn.Module, ABC):
     def check_prompts(self, prompts: list[str]) -> None:
         """Raise unless this backbone can encode every prompt: a non-empty list of non-empty strings of at most
         :attr:`max_prompt_chars` characters. Worlds with a grammar refuse prompts outside it (the shapes world).
-        Called when an env is built and before sampling, so a bad prompt fails before any compute is spent;
-        messages show at most the first 60 characters of a prompt and its length.
+        Called through :func:`~fluxguide.backbones.prompt_check.check_backbone_prompts` when an env is built, when
+        a script starts and before sampling, so a bad prompt fails before any compute is spent; messages show at
+        most the first 60 characters of a prompt and its length.
 
         Raises:
             TypeError: a bare string, or non-string items.
@@ -349,11 +351,11 @@ class Backbone(nn.Module, ABC):
 
         Raises:
             TypeError: ``prompts`` is a bare string (wrap it in a list) or holds non-strings.
-            ValueError: no prompts, a prompt this backbone cannot encode (:meth:`check_prompts`), a bad
-                ``num_steps`` or ``noise`` of the wrong batch size.
+            ValueError: no prompts, a bad ``num_steps`` or ``noise`` of the wrong batch size; a prompt this backbone
+                cannot encode (:meth:`check_prompts`) is a ``PromptError``, a ``ValueError`` too.
         """
         prompts = check_prompt_list(prompts, method="sample")
-        self.check_prompts(prompts)
+        check_backbone_prompts(self, prompts)
         timesteps = self.schedule(num_steps)
         check_guidance_scale(guidance_scale, len(timesteps) - 1)
         if noise is not None and (noise.ndim != 3 or noise.shape[0] != len(prompts)):
@@ -393,7 +395,7 @@ def sample_prompts(
         TypeError, ValueError: a bare string or bad prompts (:meth:`Backbone.check_prompts`), or counts below 1.
     """
     prompts = check_prompt_list(prompts, method="sample_prompts")
-    backbone.check_prompts(prompts)
+    check_backbone_prompts(backbone, prompts)
     for name, value in (("samples_per_prompt", samples_per_prompt), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

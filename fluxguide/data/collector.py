@@ -13,6 +13,7 @@ import torch
 from tensordict import TensorDict
 
 from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.data.episodes import EpisodeChunk, TargetsArg, create_training_pairs
 from fluxguide.data.store import GuidanceDataset, check_collection_settings
 from fluxguide.data.targets import TARGET_STRATEGIES, CollectionBatch, TargetStrategy, make_target_strategy
@@ -114,6 +115,7 @@ class GuidanceDataCollector:
         prompts = list(prompts)
         if not prompts:
             raise ValueError("collect needs at least one prompt")
+        check_backbone_prompts(self.backbone, prompts)  # before the strategy runs any model on them
         generator = self.batch_generator(seed, batch_index)
         noise = torch.randn((len(prompts), *self.backbone.latent_shape), generator=generator)
         noise = noise.to(self.backbone.device)
@@ -144,6 +146,8 @@ class GuidanceDataCollector:
         prompts = list(prompts)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        if prompts:  # all of them, before the first batch
+            check_backbone_prompts(self.backbone, list(dict.fromkeys(prompts)))
         with FolderLock(path, "dataset folder"):  # one collection at a time per dataset folder
             dataset = GuidanceDataset.create(path, self.metadata())
             check_collection_settings(dataset, seed, {"batch_size": batch_size})

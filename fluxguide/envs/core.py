@@ -17,6 +17,7 @@ module on ``backbone.decode(final latent)``. Exactly as :func:`fluxguide.samplin
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -27,6 +28,7 @@ from torch import nn
 
 from fluxguide import keys
 from fluxguide.backbones.base import Backbone, Conditioning, check_num_steps
+from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike, resolve_prompts
 from fluxguide.envs.reward_spec import RewardLike, build_reward
@@ -142,7 +144,9 @@ class GuidanceCore:
         self.prompt_source = PromptSource(prompts)
         # Every prompt the env may draw must be one the backbone can encode (a world's grammar, a length
         # limit): refused here, before the reward loads and any step runs, not at the last step.
-        backbone.check_prompts(self.prompt_source.prompts)
+        named = os.fspath(prompts) if isinstance(prompts, (str, os.PathLike)) else None  # a prompt file or set
+        check_backbone_prompts(backbone, self.prompt_source.prompts, source=named,
+                               where=f"prompts={named!r}" if named is not None else None)
         self.reward = build_reward(reward, backbone, reward_kwargs)
         self.verify = backbone.verifier is not None if verify is None else bool(verify)
         if self.verify and backbone.verifier is None:
@@ -253,7 +257,7 @@ class GuidanceCore:
                     f"{self.batch_size} / samples_per_prompt {self.samples_per_prompt}), got {got}"
                 )
             group_prompts = resolve_prompts(list(prompts), unique=False)
-            self.backbone.check_prompts(group_prompts)
+            check_backbone_prompts(self.backbone, group_prompts, where="reset(prompts=...)")
         cond = self.backbone.encode(group_prompts)
         if self.samples_per_prompt > 1:
             cond = cond.repeat_interleave(self.samples_per_prompt)

@@ -14,14 +14,10 @@ from typing import Any
 
 import torch
 
-from fluxguide.errors import UserError
+from fluxguide.backbones.prompt_check import PromptError
 from fluxguide.plugins import Registry
 
 PromptSourceLike = str | os.PathLike | Sequence[str]
-
-
-class PromptError(UserError, ValueError):
-    """A prompt source that cannot be used: unknown, missing, unreadable, empty, or with repeated prompts."""
 
 
 PROMPT_SETS: Registry[Callable[[], list[str]]] = Registry("prompt set", "fluxguide.prompts")

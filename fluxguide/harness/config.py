@@ -192,11 +192,15 @@ class RunConfig:
         check_device("device", self.device)
         check_writable_dir("run_dir", self.run_dir)
 
-    def heldout_prompts(self) -> list[str]:
-        """The held-out evaluation prompts (the first ``eval_num_prompts``)."""
+    def heldout_prompts(self, backbone: Any = None) -> list[str]:
+        """The held-out evaluation prompts (the first ``eval_num_prompts``), checked against ``backbone`` if given
+        (a script's start: not at the first evaluation)."""
+        from fluxguide.backbones.prompt_check import check_backbone_prompts
         from fluxguide.envs.prompts import resolve_prompts
 
-        return resolve_prompts(self.eval_prompts)[: self.eval_num_prompts]
+        held = resolve_prompts(self.eval_prompts)[: self.eval_num_prompts]
+        return held if backbone is None else check_backbone_prompts(
+            backbone, held, where=f"--eval-prompts {self.eval_prompts}", source=self.eval_prompts)
 
 
 @dataclass
@@ -263,11 +267,14 @@ class RewardConfig:
 
         return build_reward(self.reward, backbone, seed=seed, **parse_reward_kwargs(self.reward_kwargs))
 
-    def prompts(self) -> list[str]:
-        """The training prompts."""
+    def prompts(self, backbone: Any = None) -> list[str]:
+        """The training prompts, checked against ``backbone`` if given (at a script's start, before any model runs)."""
+        from fluxguide.backbones.prompt_check import check_backbone_prompts
         from fluxguide.envs.prompts import resolve_prompts
 
-        return resolve_prompts(self.train_prompts)
+        train = resolve_prompts(self.train_prompts)
+        return train if backbone is None else check_backbone_prompts(
+            backbone, train, where=f"--train-prompts {self.train_prompts}", source=self.train_prompts)
 
 
 @dataclass
