@@ -40,14 +40,23 @@ from torch import nn
 from tqdm import tqdm
 
 from fluxguide import distributed
-from fluxguide.checkpointing import latest_checkpoint, load_checkpoint, read_manifest, save_checkpoint
+from fluxguide.checkpointing import (
+    CHECKPOINTS_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from fluxguide.harness.config import RunConfig, check_resume_config, flat_config, validate
-from fluxguide.harness.tracking import Tracker
+from fluxguide.harness.tracking import METRICS_FILE, TRACKING_FILE, Tracker
 from fluxguide.locking import FolderLock
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
+from fluxguide.serialization import refuse_links
 
 #: The eval metric shown next to the training metrics in the progress bar.
 BAR_EVAL_METRIC = "eval/verifier_pass_rate"
+#: What a run writes in its folder (besides the lock file, which FolderLock checks).
+RUN_OUTPUTS = (METRICS_FILE, TRACKING_FILE, "curves.png", "samples", "guidance.safetensors", CHECKPOINTS_DIR)
 #: The signals that end a run with a checkpoint: Ctrl-C, ``kill``, and a closed terminal or SSH session.
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -80,6 +89,9 @@ class Run:
         validate(config if is_dataclass(config) else cfg)  # every option, before anything is loaded (ConfigError)
         self.cfg, self.name, self.unit, self.hint = cfg, name, unit, hint
         self.device = distributed.init_distributed(cfg.device)  # this rank's device (a no-op without torchrun)
+        if distributed.is_main():  # a link planted where the run writes: refused now, not after the training
+            for output in RUN_OUTPUTS:
+                refuse_links(Path(cfg.run_dir) / output)
         # One writer per run folder: a second process on it stops here, naming the owner (rank 0 writes the files).
         self.lock = FolderLock(cfg.run_dir, "run folder").acquire() if distributed.is_main() else None
         self._signal: int | None = None  # SIGINT / SIGTERM / SIGHUP received during the loop

@@ -172,6 +172,21 @@ def test_guidance_safetensors_and_evaluation_tables_are_not_written_through_link
     assert victim.read_text() == PRECIOUS
 
 
+@pytest.mark.parametrize("name", ["curves.png", "guidance.safetensors", "samples", "checkpoints", METRICS_FILE])
+def test_a_training_run_refuses_a_planted_link_at_its_start_not_after_the_training(
+        tmp_path: Path, victim: Path, name: str) -> None:
+    from fluxguide.harness.config import RunConfig
+    from fluxguide.harness.run import Run
+
+    cfg = RunConfig(run_dir=tmp_path / "run")
+    link = plant(cfg.run_dir / name, victim)
+    with pytest.raises(LinkRefusedError) as e:
+        Run(cfg, cfg, name="test")
+    assert_refused(e, link)
+    assert not (cfg.run_dir / LOCK_FILE).exists()  # the folder is left free
+    assert victim.read_text() == PRECIOUS
+
+
 # -------------------------------------------------------------------------------------- dataset folder
 def test_a_dataset_append_does_not_write_through_links(tmp_path: Path, victim: Path) -> None:
     data = tmp_path / "data"
