@@ -3,6 +3,8 @@
     python experiments/evaluate.py --policies runs/reward_gradient/shapes runs/ppo/shapes
     python experiments/evaluate.py --policies runs/bc/cfg_distillation/guidance.safetensors --best-of 2 4 8
 
+The prompts and every policy are checked against the base model first (prompts it can render; each policy's
+network sizes and the backbone fingerprint its run recorded), before any row is sampled.
 Every sampler sees the same held-out prompts and the same noise (paired comparison). Rows: the base sampler,
 classifier-free guidance, best-of-N of the base sampler picked by the training reward (``--pick-reward``),
 and each policy; each row reports its base-model calls per image and wall time per image, the verifier's
@@ -23,8 +25,10 @@ from typing import Any
 
 import torch
 
+from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_backbone, build_reward
+from fluxguide.checkpointing import latest_checkpoint, read_manifest
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
@@ -40,6 +44,8 @@ from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, recommen
 from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.harness.statistics import gain_verdict
 from fluxguide.policies import load_guidance_model
+from fluxguide.policies.registry import check_fits_backbone
+from fluxguide.provenance import backbone_fingerprint, check_fingerprint
 
 
 @dataclass
@@ -114,21 +120,43 @@ def policy_file(path: Path) -> Path:
     return file
 
 
+def load_policies(cfg: Config, world: Backbone) -> list[SamplerSpec]:
+    """One sampler row per ``--policies`` entry, each loaded and checked against the base model before anything
+    is sampled: the backbone fingerprint its run recorded (a run folder's latest checkpoint) and its network's
+    observation sizes. Otherwise every reference row would be sampled before a policy's first call failed."""
+    fingerprint = backbone_fingerprint(world)
+    specs = []
+    for i, path in enumerate(cfg.policies):
+        file = policy_file(path)
+        check_fingerprint(recorded_fingerprint(file), fingerprint, made=f"the policy {file} was trained", fix=(
+            "its corrections are for that model's predictions. Evaluate it with the base model it was trained "
+            "on (the same --backbone and --weights-dir), or leave it out of --policies"))
+        policy = load_guidance_model(file, device=cfg.device)
+        check_fits_backbone(policy, world, name=f"the policy {file}")
+        name = cfg.names[i] if cfg.names else f"{file.parent.parent.name}/{file.parent.name}"
+        specs.append(SamplerSpec(name, policy=policy, guidance_scale=cfg.guidance_scale))
+    return specs
+
+
+def recorded_fingerprint(file: Path) -> str | None:
+    """The backbone fingerprint the run that saved ``file`` (a run folder's ``guidance.safetensors``) recorded in
+    its latest checkpoint; ``None`` for a file outside a run folder or a run from before fingerprints."""
+    checkpoint = latest_checkpoint(file.parent)
+    return None if checkpoint is None else read_manifest(checkpoint).get("state", {}).get("backbone_fingerprint")
+
+
 def main(cfg: Config) -> list[dict]:
     validate(cfg)  # every option, and that out_dir is writable, before any model is loaded or sample drawn
     torch.set_num_threads(cfg.threads)
     world = build_backbone(cfg.backbone, weights_dir=cfg.weights_dir, device=cfg.device)
     held = resolve_prompts(cfg.prompts)[: cfg.num_prompts]
     check_backbone_prompts(world, held, where=f"--prompts {cfg.prompts}", source=cfg.prompts)  # before any sampling
+    policies = load_policies(cfg, world)  # all of them, checked against the world before any row is sampled
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
     rewards = {name: build_reward(name, world) for name in dict.fromkeys((*cfg.rewards, cfg.pick_reward))}
     specs = [SamplerSpec("base"), SamplerSpec(f"CFG {cfg_scale:g}", cfg_scale=cfg_scale)]
     specs += [SamplerSpec(f"best-of-{n} ({cfg.pick_reward})", best_of=n) for n in cfg.best_of]
-    for i, path in enumerate(cfg.policies):
-        file = policy_file(path)
-        name = cfg.names[i] if cfg.names else f"{file.parent.parent.name}/{file.parent.name}"
-        specs.append(SamplerSpec(name, policy=load_guidance_model(file, device=cfg.device),
-                                 guidance_scale=cfg.guidance_scale))
+    specs += policies
     rows, images = compare_samplers(world, specs, held, rewards, pick_reward=cfg.pick_reward,
                                     samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
                                     num_steps=cfg.num_steps, progress=True)

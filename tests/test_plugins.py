@@ -44,11 +44,14 @@ MODULES = {
         import torch
         from torch import nn
 
-        class ScaledPred(nn.Module):
+        from fluxguide.policies import BaseGuidanceModel
+
+        class ScaledPred(BaseGuidanceModel):
             """A one-parameter guidance network: ``w * pred`` (zero at initialisation)."""
 
-            def __init__(self, device):
+            def __init__(self, device=None):
                 super().__init__()
+                self.register_config()  # no constructor arguments to record: the class name rebuilds it
                 self.w = nn.Parameter(torch.zeros((), device=device))
 
             def forward(self, img, pred, txt, vec, timestep, step_idx):

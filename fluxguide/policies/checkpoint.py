@@ -1,7 +1,9 @@
 """Guidance-model files: weights in safetensors with the model's config in the file's metadata.
 
 One file rebuilds the model (no pickle, docs/design.md): ``load_guidance_model(path)`` reads the config,
-builds the architecture with :func:`build_guidance_model` and loads the weights.
+builds the architecture with :func:`build_guidance_model` and loads the weights. The config's tensor shapes
+are compared with the file's header (a build on the ``meta`` device, no memory) before the network is
+allocated, so a config that asks for a huge network is refused, not allocated.
 """
 
 from __future__ import annotations
@@ -13,11 +15,18 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_model
 
+from fluxguide.errors import UserError
+from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model
 from fluxguide.serialization import atomic_output
 
-from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model
-
 CONFIG_METADATA_KEY = "fluxguide_guidance_config"
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+class GuidanceFileError(UserError, ValueError):
+    """A guidance model file that cannot be loaded: unreadable, without a config, or whose config and weights
+    disagree; the message names the file and the fix."""
 
 
 def save_guidance_model(model: BaseGuidanceModel, path: str | Path) -> Path:
@@ -33,8 +42,8 @@ def save_guidance_model(model: BaseGuidanceModel, path: str | Path) -> Path:
     return path
 
 
-def _open_error(path: str | Path, e: Exception) -> ValueError:
-    return ValueError(
+def _open_error(path: str | Path, e: Exception) -> GuidanceFileError:
+    return GuidanceFileError(
         f"guidance model file {str(path)!r} is not a readable safetensors file ({e}): it is truncated or was not "
         "written by save_guidance_model; use an intact copy (a run folder's guidance.safetensors or a checkpoint)"
     )
@@ -50,7 +59,7 @@ def read_guidance_config(path: str | Path) -> dict:
     except (SafetensorError, OSError) as e:
         raise _open_error(path, e) from e
     if CONFIG_METADATA_KEY not in metadata:
-        raise ValueError(
+        raise GuidanceFileError(
             f"{path} holds no guidance config (metadata key {CONFIG_METADATA_KEY!r}); it was not written by "
             "save_guidance_model. Build the model yourself and load the weights with "
             "safetensors.torch.load_model"
@@ -61,29 +70,58 @@ def read_guidance_config(path: str | Path) -> dict:
 def load_guidance_model(
     path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> BaseGuidanceModel:
-    """Rebuild the model saved by :func:`save_guidance_model` and load its weights (strictly)."""
+    """Rebuild the model saved by :func:`save_guidance_model` and load its weights (strictly).
+
+    Raises:
+        GuidanceFileError: the file is unreadable or holds no config, or the config builds tensors of other names
+            or shapes than the file holds (found from the header and a ``meta`` build, before allocating).
+    """
     config = read_guidance_config(path)
+    stored = stored_shapes(path)
+    expected = config_shapes(config)
+    if expected is not None and expected != stored:
+        raise _mismatch_error(path, stored, expected, config)
     model = build_guidance_model(config, device=device, dtype=dtype)
     try:
         load_model(model, str(path), strict=True, device=str(device) if device is not None else "cpu")
     except RuntimeError as e:
-        raise _mismatch_error(path, model, config) from e
+        raise _mismatch_error(path, stored, {k: tuple(v.shape) for k, v in model.state_dict().items()}, config) from e
     return model
 
 
-def _mismatch_error(path: str | Path, model: BaseGuidanceModel, config: dict) -> ValueError:
-    """The config stored in ``path`` builds a model whose parameters differ from the file's tensors: name the
-    file and the first few differences (name, shape in the file vs shape the config builds)."""
-    with safe_open(str(path), framework="pt") as f:
-        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+def stored_shapes(path: str | Path) -> Shapes:
+    """Every tensor's shape in a safetensors file, read from its header (no tensor is loaded)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError) as e:
+        raise _open_error(path, e) from e
+
+
+def config_shapes(config: dict) -> Shapes | None:
+    """The shapes of the tensors the model of ``config`` holds, from a build on the ``meta`` device (no memory);
+    ``None`` for an architecture that cannot be built there (its ``__init__`` reads tensor values), which is
+    then compared after the real build."""
+    try:
+        with torch.device("meta"):
+            model = build_guidance_model(config)
+    except (NotImplementedError, RuntimeError):
+        return None
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _mismatch_error(path: str | Path, stored: Shapes, expected: Shapes, config: dict) -> GuidanceFileError:
+    """The config stored in ``path`` builds a model whose tensors differ from the file's: name the file, the first
+    differing tensor with both shapes, and a few more differences."""
     lines = [f"{k}: file {stored[k]} vs config {expected[k]}" for k in expected if k in stored and stored[k] != expected[k]]
     lines += [f"{k}: missing from the file (config {expected[k]})" for k in expected if k not in stored]
     lines += [f"{k}: in the file {stored[k]} but not in the config's model" for k in stored if k not in expected]
-    shown = "; ".join(lines[:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
+    first, _, rest = lines[0].partition(": ") if lines else ("?", "", "")
+    shown = "; ".join(lines[1:5]) + (f"; and {len(lines) - 5} more" if len(lines) > 5 else "")
     name = config.get("type", "?") if isinstance(config, dict) else "?"
-    return ValueError(
+    return GuidanceFileError(
         f"guidance model file {str(path)!r}: its stored config (architecture {name!r}) and its weights disagree "
-        f"({len(lines)} tensors differ): {shown}. The file's metadata was written for another model; save it again "
-        "with save_guidance_model(model, path) from the model that owns these weights"
+        f"({len(lines)} tensors differ): first differing tensor {first!r}: {rest}"
+        + (f"; also {shown}" if shown else "") + ". The file's metadata was written for another model; save it "
+        "again with save_guidance_model(model, path) from the model that owns these weights"
     )

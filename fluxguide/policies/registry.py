@@ -1,17 +1,21 @@
-"""Guidance networks sized for a backbone, by architecture name (what the experiment scripts build)."""
+"""Guidance networks sized for a backbone, by architecture name (what the experiment scripts build), and the
+checks that a network fits a backbone and can be saved, made before any training or sampling."""
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.errors import UserError
 from fluxguide.plugins import Registry, call_with_options
 from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.attention import AttentionGuidanceModel
-from fluxguide.policies.base import BaseGuidanceModel
+from fluxguide.policies.base import BaseGuidanceModel, GuidanceInputChecks
 from fluxguide.policies.coarse import CoarseGuidance
 from fluxguide.policies.composite import TimestepRangeGuidance
 from fluxguide.policies.conv import ConvGuidanceModel
@@ -21,9 +25,28 @@ PolicyName = str
 """``"mlp"``, ``"attention"``, ``"conv"``, ``"affine"``, an entry-point name or a spec ``"package.module:factory"``."""
 
 
+class PolicyPluginError(UserError, TypeError):
+    """A policy plug-in built something a run cannot save and reload: not a :class:`BaseGuidanceModel`, or one
+    whose config does not rebuild it."""
+
+
+class PolicyMismatchError(UserError, ValueError):
+    """A guidance network built for other observation sizes than the backbone's (another base model)."""
+
+
+#: How a plug-in architecture becomes one a run can save (docs/guide.md, "Plug in a new guidance architecture").
+GUIDANCE_CONTRACT = ("subclass fluxguide.policies.BaseGuidanceModel, call self.register_config(**constructor_args) "
+                     "with JSON values in __init__, and return an instance from the factory (docs/guide.md, 'Plug in "
+                     "a new guidance architecture')")
+
+
 def latent_grid(backbone: Backbone) -> tuple[int, int]:
     """The ``(rows, cols)`` token grid of the backbone's packed latents (read off its Flux position ids)."""
-    ids = backbone.encode([""]).img_ids
+    return _grid_of(backbone.encode([""]))
+
+
+def _grid_of(cond: Conditioning) -> tuple[int, int]:
+    ids = cond.img_ids
     return int(ids[:, 1].max()) + 1, int(ids[:, 2].max()) + 1
 
 
@@ -125,7 +148,53 @@ def _build_network(
     options = {"hidden_dim": hidden_dim, "num_layers": num_layers, "num_heads": num_heads,
                "text_conditioning": text_conditioning, "vec_dim": cond.vec.shape[-1], "txt_dim": cond.txt.shape[-1],
                "grid_size": latent_grid(backbone), "device": device or backbone.device}
-    model = call_with_options(factory, backbone, **options)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"policy {name!r} built a {type(model).__name__}, not a guidance nn.Module")
+    return check_saveable(call_with_options(factory, backbone, **options), name)
+
+
+def check_saveable(model: object, name: str) -> BaseGuidanceModel:
+    """``model`` if a run can checkpoint and reload it: a :class:`BaseGuidanceModel` whose JSON config rebuilds it
+    (:func:`~fluxguide.policies.base.build_guidance_model`). Checked when the policy is built, so a plug-in that
+    returns a plain ``nn.Module`` is refused before training, not at the first checkpoint.
+
+    Raises:
+        PolicyPluginError: naming the plug-in, what it built and how to make it a guidance network.
+    """
+    if not isinstance(model, BaseGuidanceModel):
+        raise PolicyPluginError(
+            f"policy {name!r} built a {type(model).__name__}, not a fluxguide guidance network: a run saves its "
+            f"policy as weights plus the config that rebuilds it, so the factory must return a BaseGuidanceModel; "
+            f"{GUIDANCE_CONTRACT}")
+    config = model.config
+    try:
+        json.dumps(config)
+    except (TypeError, ValueError) as e:
+        raise PolicyPluginError(f"policy {name!r}: the config of its {type(model).__name__} is not JSON ({e}); "
+                                f"{GUIDANCE_CONTRACT}") from None
+    try:  # the config's entries must be constructor arguments (what from_config passes)
+        inspect.signature(type(model).__init__).bind(model, **{k: v for k, v in config.items() if k != "type"})
+    except TypeError as e:
+        raise PolicyPluginError(f"policy {name!r}: its config {sorted(config)} does not rebuild "
+                                f"{type(model).__name__} ({e}); {GUIDANCE_CONTRACT}") from None
     return model
+
+
+@torch.no_grad()
+def check_fits_backbone(policy: nn.Module, backbone: Backbone, *, name: str) -> None:
+    """Raise :class:`PolicyMismatchError` unless every guidance network inside ``policy`` reads observations of
+    ``backbone``'s sizes (latent channels, token grid, text and pooled-text widths; a size a network leaves
+    ``None`` accepts any), naming ``name`` and each difference: found before any sampling, not at the first
+    call. Costs one text encoding of the empty prompt."""
+    cond = backbone.encode([""])
+    expected = {"latent_channels": backbone.latent_channels, "grid_size": _grid_of(cond),
+                "txt_dim": cond.txt.shape[-1], "vec_dim": cond.vec.shape[-1]}
+    wrong: list[str] = []
+    for module in policy.modules():
+        if isinstance(module, GuidanceInputChecks):
+            for attr, want in expected.items():
+                got = getattr(module, attr, None)
+                if got is not None and (tuple(got) if attr == "grid_size" else got) != want:
+                    wrong.append(f"{type(module).__name__} has {attr} {got}, the backbone's is {want}")
+    if wrong:
+        raise PolicyMismatchError(
+            f"{name} does not fit {type(backbone).__name__}: {'; '.join(dict.fromkeys(wrong))}. It was built for "
+            f"another base model: use it with the one it was trained on (the same --backbone and weights)")
