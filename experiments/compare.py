@@ -141,6 +141,12 @@ def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
     ]
 
 
+def refusal(log: Path) -> str:
+    """The last ``error: ...`` line a script wrote to ``log`` (its refusal of an input), without the prefix."""
+    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+    return lines[-1].removeprefix("error: ") if lines else "refused its options"
+
+
 def train(cfg: Config, algorithm: str, seed: int) -> float:
     """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
@@ -153,6 +159,8 @@ def train(cfg: Config, algorithm: str, seed: int) -> float:
             log.flush()
             done = subprocess.run([sys.executable, *argv], check=False, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode == 2:  # the script refused an option or input: its one-line reason is the message
+                raise ConfigError(f"{algorithm} (seed {seed}): {refusal(out / 'log.txt')} (log: {out / 'log.txt'})")
             if done.returncode:
                 raise SystemExit(f"{algorithm} (seed {seed}) failed with exit code {done.returncode}: see {out / 'log.txt'}")
     seconds = time.perf_counter() - start

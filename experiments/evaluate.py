@@ -116,7 +116,8 @@ def policy_file(path: Path) -> Path:
     """``path`` itself, or the ``guidance.safetensors`` inside a run folder."""
     file = path / "guidance.safetensors" if path.is_dir() else path
     if not file.is_file():
-        raise SystemExit(f"no saved policy at {file}: pass a guidance.safetensors or a finished run folder")
+        raise ConfigError(f"--policies {path}: no saved policy at {file}: pass a guidance.safetensors or a finished "
+                          "run folder")
     return file
 
 

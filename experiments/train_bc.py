@@ -106,6 +106,7 @@ def main(cfg: Config) -> dict[str, float]:
     meta = dataset.metadata
     # States and targets of another base model would clone a policy for that model: refused before any work.
     check_dataset_fingerprint(meta.get("backbone_fingerprint"), backbone_fingerprint(backbone), cfg.dataset)
+    cfg.run.heldout_prompts(backbone)  # held-out prompts the backbone cannot render: refused now, not after training
     num_steps = opt.num_steps or int(meta.get("num_steps", backbone.default_num_steps))
     cfg_scale = cfg.cfg_scale or float(meta.get("cfg_scale", recommended_cfg_scale(backbone)))
     policy = cfg.guide.build(backbone)  # or --init-policy's (a DAgger round continues from the last policy)

@@ -157,8 +157,9 @@ def main(cfg: Config) -> dict[str, float]:
     run = Run(cfg.run, cfg, name="ppo", hint="lower --lr, --clip-epsilon or --std")
     seed, opt = cfg.run.seed, cfg.optim
     backbone = cfg.model.build(seed=seed, device=run.device, num_steps=opt.num_steps)
+    train = cfg.reward.prompts(backbone)  # prompts the backbone cannot render are refused here, before any model runs
+    cfg.run.heldout_prompts(backbone)  # the held-out ones too, not at the first evaluation
     reward = cfg.reward.build(backbone, seed=seed)
-    train = cfg.reward.prompts()
     if cfg.model.backbone == "tiny-flux":  # its tokenizer knows English; the shapes captions serve as prompts
         train = train[: opt.batch_size // cfg.samples_per_prompt]
     env = GuidanceTorchRLEnv(backbone, reward=reward, prompts=train, batch_size=opt.batch_size,

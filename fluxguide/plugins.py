@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 import warnings
 from collections.abc import Callable
 from importlib.metadata import EntryPoint, entry_points
@@ -90,6 +91,11 @@ def load_spec(spec: str, *, kind: str = "plug-in") -> Any:
         raise PluginError(
             f"{kind} spec {spec!r}: could not import module {module_name!r} ({e}); check the module path and "
             f"that its package is installed in this environment"
+        ) from e
+    except Exception as e:  # the plug-in's own code failed while importing: its bug to fix, named as such
+        raise PluginError(
+            f"{kind} spec {spec!r}: importing module {module_name!r} raised {type(e).__name__}: {e}. Fix that "
+            f"module (rerun with --debug or FLUXGUIDE_DEBUG=1 to see its traceback)"
         ) from e
     walked = module_name
     for part in attr.split("."):
@@ -205,14 +211,32 @@ class Registry(Generic[T]):
             ep = eps[0]
             try:
                 return ep.load()
-            except (ImportError, AttributeError) as e:
+            except Exception as e:  # ImportError, a missing attribute, or the package's own code failing
                 raise PluginError(
-                    f"{self.kind} {name!r} (entry point {ep.value!r} in group {self.group!r}) failed to load: {e}"
+                    f"{self.kind} {name!r} (entry point {ep.value!r} in group {self.group!r}) failed to load: "
+                    f"{type(e).__name__}: {e}"
                 ) from e
         raise PluginError(
             f"unknown {self.kind} {name!r}; valid names: {', '.join(self.names())}, or a spec "
             f"'package.module:attribute' naming your own factory"
         )
+
+
+#: How Python words a call whose arguments do not fit the signature (the caller's mistake, not the callee's bug).
+_SIGNATURE_MISMATCH = re.compile(r"unexpected keyword argument|missing \d+ required|takes \d+ positional|"
+                                 r"got multiple values|takes no (keyword )?arguments")
+
+
+def build_plugin(kind: str, name: str, factory: Callable[..., T], **options: Any) -> T:
+    """``factory(**options)``, refusing options the factory (or the class it constructs) does not take with a
+    :class:`PluginError` naming the plug-in and the options, rather than a bare ``TypeError``."""
+    try:
+        return factory(**options)
+    except TypeError as e:
+        if not _SIGNATURE_MISMATCH.search(str(e)):
+            raise
+        raise PluginError(f"{kind} {name!r} does not take the options {options}: {e}. Check their names (the "
+                          f"scripts' --{kind}-kwargs) against the {kind}'s signature") from e
 
 
 def call_with_options(factory: Callable[..., T], *args: Any, **options: Any) -> T:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.prompt_check import check_backbone_prompts
+from fluxguide.errors import UserError
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, check_guidance_scale, denoise
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids
@@ -138,6 +139,14 @@ def check_num_steps(num_steps: object, *, name: str = "num_steps") -> None:
         )
 
 
+class WeightsError(UserError, ValueError):
+    """A base model's weights that cannot be used: corrupt, non-finite, or (:class:`WeightsNotFoundError`) missing."""
+
+
+class WeightsNotFoundError(WeightsError, FileNotFoundError):
+    """A base model's weight file or folder that does not exist."""
+
+
 def check_finite_weights(tensors: Mapping[str, torch.Tensor] | nn.Module, source: str, fix: str = "") -> None:
     """Raise if any floating-point weight holds NaN or inf, naming ``source`` (a file or component) and the
     first bad tensors. Run once when a base model is loaded, so broken weights are not later reported as a
@@ -156,7 +165,7 @@ def check_finite_weights(tensors: Mapping[str, torch.Tensor] | nn.Module, source
                 bad.append(f"{name} ({n} of {t.numel()} values)")
     if bad:
         more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise ValueError(
+        raise WeightsError(
             f"the base model's weights in {source} hold NaN/inf values: {', '.join(bad[:5])}{more}. The weights "
             f"are damaged (or were saved from a diverged run); {fix or 'load an intact copy of them'}"
         )

@@ -10,6 +10,8 @@ from typing import Any
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from fluxguide.backbones.base import WeightsNotFoundError
+
 #: The subfolders of a diffusers FluxPipeline folder that :meth:`FluxBackbone.from_pretrained` needs
 #: (``scheduler/`` is optional: without it Flux-dev's schedule is used).
 REQUIRED_SUBFOLDERS: tuple[str, ...] = (
@@ -36,20 +38,20 @@ def resolve_pipeline_source(
     """The source string the components load from and the scheduler config (``None``: Flux-dev's schedule).
 
     Raises:
-        FileNotFoundError: a local folder that does not exist or lacks one of :data:`REQUIRED_SUBFOLDERS`.
+        WeightsNotFoundError: (a ``FileNotFoundError``) a local folder that does not exist or lacks one of :data:`REQUIRED_SUBFOLDERS`.
     """
     source = os.fspath(path_or_hub_id)
     scheduler_config: Mapping[str, Any] | None = None
     if _is_local_path(path_or_hub_id):
         folder = Path(source).expanduser()
         if not folder.is_dir():
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"Flux folder {str(folder)!r} does not exist; pass a diffusers FluxPipeline folder "
                 "(FluxPipeline.save_pretrained) or a hub id such as 'black-forest-labs/FLUX.1-dev'"
             )
         missing = [name for name in REQUIRED_SUBFOLDERS if not (folder / name).is_dir()]
         if missing:
-            raise FileNotFoundError(
+            raise WeightsNotFoundError(
                 f"Flux folder {str(folder)!r} is missing the subfolder(s) {', '.join(missing)}; a "
                 f"diffusers FluxPipeline folder holds {', '.join(REQUIRED_SUBFOLDERS)} and scheduler "
                 "(write one with FluxPipeline.save_pretrained(folder))"

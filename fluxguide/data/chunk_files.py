@@ -34,6 +34,10 @@ class DatasetError(UserError, ValueError):
     """A dataset folder is missing, damaged, or does not fit what it is used with."""
 
 
+class DatasetNotFoundError(DatasetError, FileNotFoundError):
+    """No dataset at the path: the folder or its manifest is missing."""
+
+
 def tensor_spec(td: TensorDict) -> dict[str, dict[str, Any]]:
     """Per-item shape and dtype of each entry (the batch dim removed)."""
     return {

@@ -45,6 +45,7 @@ from fluxguide import keys
 from fluxguide.data.chunk_files import (
     CHUNKS_BEFORE_SHA256,
     DatasetError,
+    DatasetNotFoundError,
     check_chunk_files,
     check_finite,
     check_manifest_digest,
@@ -261,12 +262,12 @@ class GuidanceDataset:
     def _read_manifest(self) -> dict[str, Any]:
         path = self.path / MANIFEST
         if not self.path.is_dir():
-            raise FileNotFoundError(
+            raise DatasetNotFoundError(
                 f"no guidance dataset at {self.path}: the folder does not exist (collect one with "
                 "experiments/collect_data.py or GuidanceDataCollector.collect_to)"
             )
         if not path.is_file():
-            raise FileNotFoundError(
+            raise DatasetNotFoundError(
                 f"{self.path} is not a guidance dataset: {MANIFEST} is missing (it is written when the dataset "
                 "is created; collect into this folder with experiments/collect_data.py)"
             )

@@ -47,6 +47,7 @@ from fluxguide.checkpointing import (
     read_manifest,
     save_checkpoint,
 )
+from fluxguide.errors import UserError
 from fluxguide.harness.config import RunConfig, check_resume_config, flat_config, validate
 from fluxguide.harness.tracking import METRICS_FILE, TRACKING_FILE, Tracker
 from fluxguide.locking import FolderLock
@@ -309,12 +310,17 @@ class Run:
             if self.lock is not None:
                 self.lock.release()
             last = latest_checkpoint(self.cfg.run_dir)
+            # A refusal of the user's input (a reward that returned NaN / inf) is fixed there, not by a lower --lr.
+            hint = "fix what the message names" if isinstance(e, UserError) else self.hint
             rerun = ("the run has no checkpoint yet, so rerunning starts it afresh and rewrites its metrics (use "
-                     f"another --run-dir to keep them): {self.hint}." if last is None else f"the last good checkpoint "
-                     f"is {last}. Rerunning resumes from it: {self.hint}, with --allow-config-change to resume under "
-                     "the changed value.")
-            raise SystemExit(f"stopping at update {self.update + 1}: {e}\nNo checkpoint was written for this update; "
-                             f"{rerun}") from e
+                     f"another --run-dir to keep them): {hint}." if last is None else f"the last good checkpoint "
+                     f"is {last}. Rerunning resumes from it: {hint}" + ("." if isinstance(e, UserError) else
+                     ", with --allow-config-change to resume under the changed value."))
+            message = f"stopping at update {self.update + 1}: {e}\nNo checkpoint was written for this update; {rerun}"
+            if isinstance(e, UserError):
+                say(f"error: {message}\n", "stderr")
+                raise SystemExit(2) from e
+            raise SystemExit(message) from e
         self.update += 1
         self.samples_seen += self._samples_per_update
         return metrics

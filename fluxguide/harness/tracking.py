@@ -41,6 +41,7 @@ import torch
 from typing_extensions import Self
 
 from fluxguide.distributed import is_main
+from fluxguide.errors import UserError
 from fluxguide.serialization import open_for_writing, refuse_links, write_json_atomic, write_text_atomic
 
 #: The x-axis of every metric: training samples (generated images) seen so far.
@@ -50,6 +51,10 @@ NAMESPACES: tuple[str, ...] = ("train", "eval", "losses", "charts", "perf")
 METRICS_FILE = "metrics.jsonl"
 TRACKING_FILE = "tracking.json"
 WANDB_MODES: tuple[str, ...] = ("online", "offline", "disabled")
+
+
+class MetricsFileError(UserError, ValueError):
+    """A ``metrics.jsonl`` with a damaged line (not the torn last line a killed writer leaves)."""
 
 
 def resolve_wandb_mode(mode: str | None = None) -> str:
@@ -130,7 +135,7 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(record, dict):
             if i == len(lines) - 1:
                 break
-            raise ValueError(
+            raise MetricsFileError(
                 f"{path} line {i + 1} is not a JSON record: {raw[:80]!r}. The file is damaged: delete or repair that "
                 "line (every line is one JSON object), or start the run in a new --run-dir"
             ) from None

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fluxguide.plugins import Registry, canonical_name
+from fluxguide.plugins import Registry, build_plugin, canonical_name
 from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward
 from fluxguide.rewards.base import REGISTRY_NAME_ATTR
 from fluxguide.rewards.callable_reward import CallableReward
@@ -66,7 +66,7 @@ def make_reward(name: str, **kwargs: Any) -> nn.Module:
             or attribute fails to import (the message names which).
     """
     canonical_name(name)  # a clear TypeError for a non-string
-    reward = REWARDS.get(name)(**kwargs)
+    reward = build_plugin("reward", name, REWARDS.get(name), **kwargs)
     if isinstance(reward, nn.Module) and not getattr(reward, REGISTRY_NAME_ATTR, None):
         # Error messages about its output name it as the user did (call_reward, RewardModel.forward).
         setattr(reward, REGISTRY_NAME_ATTR, name)

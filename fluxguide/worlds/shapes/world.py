@@ -19,7 +19,14 @@ from diffusers import FluxTransformer2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fluxguide.backbones.base import Backbone, Conditioning, check_finite_weights, straight_through_clamp
+from fluxguide.backbones.base import (
+    Backbone,
+    Conditioning,
+    WeightsError,
+    WeightsNotFoundError,
+    check_finite_weights,
+    straight_through_clamp,
+)
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
 from fluxguide.worlds.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
 from fluxguide.worlds.shapes.scenes import IMAGE_SIZE, parse_prompts
@@ -45,7 +52,7 @@ AESTHETIC_HIDDEN: tuple[int, ...] = (128, 64, 16)
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file, turning a missing or corrupt file into an error that names it."""
     if not path.is_file():
-        raise FileNotFoundError(
+        raise WeightsNotFoundError(
             f"shapes-world weight file {path} is missing: reinstall fluxguide or rebuild the weights with "
             f"`python experiments/pretrain_shapes_world.py --out-dir {path.parent}`"
         )
@@ -53,7 +60,7 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
-        raise ValueError(f"shapes-world weight file {path} is corrupt ({e}): {rebuild}") from e
+        raise WeightsError(f"shapes-world weight file {path} is corrupt ({e}): {rebuild}") from e
     check_finite_weights(tensors, f"shapes-world weight file {path}", rebuild)
     return tensors
 
@@ -71,7 +78,7 @@ def read_flux_config(weights_dir: Path) -> dict:
     try:
         return {**FLUX_CONFIG, **json.loads(path.read_text())}
     except json.JSONDecodeError as e:
-        raise ValueError(f"shapes-world config {path} is corrupt ({e}): rebuild the weights") from e
+        raise WeightsError(f"shapes-world config {path} is corrupt ({e}): rebuild the weights") from e
 
 
 class ShapesWorld(Backbone):

@@ -1,0 +1,101 @@
+"""Issue 27: one error path in the scripts. Every refusal of a user's input is one line ``error: ...`` on stderr
+naming the input and the fix, with exit status 2 and no traceback; ``--debug`` (or ``FLUXGUIDE_DEBUG=1``) shows
+the traceback. Each case here ended in a raw traceback (exit 1) before: prompt files, plug-in modules that fail
+to import, reward options a factory does not take, a missing dataset or weight folder, a damaged metrics file,
+a missing policy file, PPO's minibatch larger than its batch, and a refusal inside one of compare.py's runs.
+
+The scripts run in-process through :func:`fluxguide.harness.cli.cli`, the same entry point as on the command line
+(only the final ``sys.exit`` differs), so each case costs the refusal, not an interpreter start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from fluxguide.errors import DEBUG_ENV, UserError
+from fluxguide.harness.cli import cli
+from tests.scripts import ROOT, load_script
+
+SMALL = ["--backbone", "shapes-random", "--batch-size", "2", "--num-steps", "2", "--hidden-dim", "8",
+         "--num-heads", "2", "--num-layers", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
+         "--grid-prompts", "2", "--wandb-mode", "disabled", "--total-updates", "1"]
+PPO_SMALL = ["--samples-per-prompt", "2", "--minibatch-trajectories", "2"]
+
+
+def refused(capsys, script: str, args: list[str]) -> str:
+    """Run ``script`` with ``args`` through ``cli``; assert a one-line refusal with exit 2; return the line."""
+    module = load_script(script, module_name=f"error_path_{script}")
+    with pytest.raises(SystemExit) as exit_info:
+        cli(module.main, module.Config, args, presets=getattr(module, "PRESETS", None))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.fixture
+def files(tmp_path: Path, monkeypatch) -> Path:
+    """Bad inputs: an empty and a non-UTF-8 prompt file, a plug-in module that raises when imported, a run folder
+    with a damaged metrics.jsonl, a file that is not safetensors."""
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "latin1.txt").write_bytes("un cercle rouge \xe9\n".encode("latin-1"))
+    (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('boom while importing')\n")
+    run = tmp_path / "damaged_run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"charts/samples_seen": 1}\nnot json\n{"charts/samples_seen": 2}\n')
+    (tmp_path / "not_weights.safetensors").write_bytes(b"junk")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(("script", "args", "named"), [
+    ("train_reward_gradient", ["--train-prompts", "{tmp}/empty.txt"], "empty.txt' holds no prompts"),
+    ("train_reward_gradient", ["--train-prompts", "{tmp}/latin1.txt"], "latin1.txt' is not UTF-8"),
+    ("train_ppo", ["--eval-prompts", "{tmp}/missing.txt", *PPO_SMALL], "missing.txt"),
+    ("train_reward_gradient", ["--reward", "broken_plugin:make_reward"], "importing module 'broken_plugin' raised"),
+    ("train_ppo", ["--reward", "verifier", "--reward-kwargs", '{"nosuch": 1}', *PPO_SMALL],
+     "does not take the options {'nosuch': 1}"),
+    ("train_ppo", ["--samples-per-prompt", "2", "--minibatch-trajectories", "4"], "--minibatch-trajectories 4"),
+    ("train_bc", ["--dataset", "{tmp}/no_dataset"], "no guidance dataset at"),
+    ("train_reward_gradient", ["--backbone", "shapes", "--weights-dir", "{tmp}/no_weights"], "is missing"),
+    ("report", ["--runs", "{tmp}/damaged_run"], "line 2 is not a JSON record"),
+    ("evaluate", ["--policies", "{tmp}/no_policy.safetensors", "--num-prompts", "1"], "no saved policy at"),
+    ("evaluate", ["--policies", "{tmp}/not_weights.safetensors", "--num-prompts", "1"], "not a readable safetensors"),
+])
+def test_a_refusal_is_one_line_with_exit_2(capsys, files, script, args, named):
+    tmp = str(files)
+    argv = [a.replace("{tmp}", tmp) for a in args]
+    small = SMALL[2:] if "--backbone" in argv else SMALL  # the case picks its own backbone
+    common = [] if script in ("report", "evaluate") else [*small, "--run-dir", f"{tmp}/run"]
+    line = refused(capsys, script, [*common, *argv])
+    assert named in line, line
+
+
+def test_debug_shows_the_traceback(capsys, files, monkeypatch):
+    """``--debug`` re-raises the user error itself (the traceback), and passes the request to child processes."""
+    monkeypatch.setenv(DEBUG_ENV, "0")  # restored (unset) after the test: cli sets it for the children it starts
+    module = load_script("train_reward_gradient", module_name="error_path_debug")
+    with pytest.raises(UserError, match="holds no prompts"):
+        cli(module.main, module.Config, [*SMALL, "--run-dir", str(files / "run"), "--train-prompts",
+                                         str(files / "empty.txt"), "--debug"])
+    assert os.environ[DEBUG_ENV] == "1"
+
+
+def test_compare_reports_a_refusal_inside_its_runs_as_one_line(tmp_path):
+    """A run that compare.py starts refuses its options (exit 2): compare says why in one line, exit 2."""
+    proc = subprocess.run(
+        [sys.executable, "experiments/compare.py", "--budget", "smoke", "--algorithms", "reward-gradient",
+         "--out-dir", str(tmp_path / "out"), "--weights-dir", str(tmp_path / "no_weights"), "--wandb-mode", "disabled"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert "error: reward-gradient (seed 0): shapes-world weight file" in proc.stderr, textwrap.shorten(proc.stderr, 800)
