@@ -5,9 +5,11 @@
     python experiments/compare.py --seeds 0 1 2          # mean and spread over seeds
     python experiments/compare.py --skip-training        # re-plot / re-evaluate finished runs in --out-dir
 
-For each algorithm and seed it runs the algorithm's own script (``train_reward_gradient.py``,
-``train_ppo.py``, and ``collect_data.py`` + ``train_bc.py`` for CFG-distillation behaviour cloning) as a
-subprocess with its default recipe (its shapes preset), the budget's options and
+The algorithms are those of the registry (``fluxguide.algos.registry``: ``--algorithms`` alone lists them; the
+main job trains reward gradient, PPO and behaviour cloning, ``--budget smoke`` every one, and an installed
+package's or a spec ``pkg.module:SPEC`` runs the same way). For each algorithm and seed it runs the algorithm's
+own scripts (``train_reward_gradient.py``; ``collect_data.py`` + ``train_bc.py`` for CFG-distillation behaviour
+cloning; ...) as subprocesses with their default recipe (the shapes preset), the budget's options and
 ``--run-dir <out_dir>/runs/<algorithm>/seed<k>``, ``--parallel`` at a time. Each run logs its own W&B run
 (offline unless ``--wandb-mode online``) in group ``<algorithm>``, so they overlay in one W&B workspace against
 ``charts/samples_seen``. Then it writes, in ``--out-dir``:
@@ -37,36 +39,22 @@ from typing import Literal
 import torch
 from tqdm import tqdm
 
+from fluxguide.algos.registry import (
+    ALGORITHMS,
+    AlgorithmSpec,
+    algorithm_names,
+    get_algorithm,
+    main_job_algorithms,
+    register_algorithm,
+)
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
 from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
+from fluxguide.plugins import is_spec
 from fluxguide.serialization import open_for_writing, refuse_links
 
 EXPERIMENTS = Path(__file__).resolve().parent
-Algorithm = Literal["reward-gradient", "ppo", "bc"]
 
-#: Per budget and algorithm: the script arguments besides run folder, seed, threads and W&B mode. Every script's
-#: defaults are its best known recipe (its shapes preset), so a budget only sets how long each trains and how
-#: often it evaluates: "quick" is the README's headline (each script's own default budget) and the main job.
-_EVAL = ["--eval-num-prompts", "30", "--eval-samples-per-prompt", "4"]
-_TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--eval-every", "2",
-         "--checkpoint-every", "2", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2"]
-BUDGETS: dict[str, dict[str, list[str]]] = {
-    "smoke": {  # every code path in about a minute (the test suite's)
-        "reward-gradient": ["--batch-size", "2", "--total-updates", "2", *_TINY],
-        "ppo": ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2",
-                "--total-updates", "2", *_TINY],
-        "bc-collect": ["--episodes", "4", "--batch-size", "2", "--num-steps", "3"],
-        "bc": ["--batch-size", "16", "--total-updates", "2", *_TINY],
-    },
-    "quick": {"reward-gradient": _EVAL, "ppo": _EVAL, "bc-collect": [], "bc": _EVAL},
-    "full": {  # four times the samples of quick (PPO, reward gradient) and of the dataset, twice BC's updates
-        "reward-gradient": ["--total-updates", "320", "--eval-every", "40", "--checkpoint-every", "40", *_EVAL],
-        "ppo": ["--total-updates", "320", "--eval-every", "40", "--checkpoint-every", "40", *_EVAL],
-        "bc-collect": ["--episodes", "4096"],
-        "bc": ["--total-updates", "4000", "--eval-every", "500", "--checkpoint-every", "500", *_EVAL],
-    },
-}
 #: The evaluation noise of the comparison table: the training scripts draw their own held-out evaluation noise from
 #: their --seed, so this seed's noise is seen by no training or model-selection step.
 EVAL_SEED = 1000
@@ -79,8 +67,10 @@ class Config:
     budget: Literal["smoke", "quick", "full"] = "quick"
     """training budgets: 'quick' (each script's default budget: the main job and the README's headline), 'full'
     (four times the samples), 'smoke' (every code path in a minute: the tests)"""
-    algorithms: tuple[Algorithm, ...] = ("reward-gradient", "ppo", "bc")
-    """algorithms to train and compare"""
+    algorithms: tuple[str, ...] | None = None
+    """algorithms to train and compare: registered names (fluxguide.algos.registry) or specs 'pkg.module:SPEC'
+    (default: the main job's, reward-gradient ppo bc; with --budget smoke, every registered one). Given without a
+    value, lists every registered algorithm and exits"""
     seeds: tuple[int, ...] = (0,)
     """one run per algorithm and seed; curves show the mean and the min-max spread"""
     parallel: int = 2
@@ -107,9 +97,10 @@ class Config:
         check_int("eval_samples_per_prompt", self.eval_samples_per_prompt)
         for n in self.best_of:
             check_int("best_of", n)
-        if not self.algorithms or not self.seeds:
-            raise ConfigError("--algorithms and --seeds need at least one value each")
-        check_no_duplicates("algorithms", self.algorithms)
+        if not self.seeds:
+            raise ConfigError("--seeds needs at least one value")
+        if self.algorithms is None:
+            self.algorithms = tuple(algorithm_names()) if self.budget == "smoke" else main_job_algorithms()
         check_no_duplicates("seeds", self.seeds)
         check_no_duplicates("best_of", self.best_of)
         try:
@@ -117,6 +108,24 @@ class Config:
         except ValueError as e:
             raise ConfigError(f"--wandb-mode: {e}") from None
         check_writable_dir("out_dir", self.out_dir)
+        self.algorithms = tuple(resolve_algorithm(name).name for name in self.algorithms)
+        check_no_duplicates("algorithms", self.algorithms)
+
+
+def resolve_algorithm(name: str) -> AlgorithmSpec:
+    """The registered algorithm ``name``; a spec ``pkg.module:SPEC`` is registered under its own name, so its
+    runs, curves and table rows carry that name. Refused before any training: a missing script."""
+    spec = get_algorithm(name)
+    if is_spec(name):
+        known = ALGORITHMS.registered().get(spec.name)
+        if known is not None and known is not spec:
+            raise ConfigError(f"--algorithms {name}: its name {spec.name!r} is taken by a registered algorithm; "
+                              "give the AlgorithmSpec another name")
+        register_algorithm(spec, overwrite=True)
+    missing = [str(stage.path) for stage in spec.stages if not stage.path.is_file()]
+    if missing:
+        raise ConfigError(f"--algorithms {name}: its script {', '.join(missing)} does not exist")
+    return spec
 
 
 def run_dir(cfg: Config, algorithm: str, seed: int) -> Path:
@@ -124,21 +133,10 @@ def run_dir(cfg: Config, algorithm: str, seed: int) -> Path:
 
 
 def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
-    """The script invocations of one run (BC: collect, then train)."""
-    budget = BUDGETS[cfg.budget]
+    """The script invocations of one run (BC: collect, then train), from the algorithm's registry entry."""
     common = ["--seed", str(seed), "--threads", "1"] + (["--wandb-mode", cfg.wandb_mode] if cfg.wandb_mode else [])
     common += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
-    out = run_dir(cfg, algorithm, seed)
-    if algorithm == "reward-gradient":
-        return [[str(EXPERIMENTS / "train_reward_gradient.py"), "--run-dir", str(out), *common, *budget[algorithm]]]
-    if algorithm == "ppo":
-        return [[str(EXPERIMENTS / "train_ppo.py"), "--run-dir", str(out), *common, *budget[algorithm]]]
-    data = out / "data"
-    return [
-        [str(EXPERIMENTS / "collect_data.py"), "--out-dir", str(data), *common, *budget["bc-collect"]],
-        [str(EXPERIMENTS / "train_bc.py"), "--dataset", str(data), "--run-dir", str(out / "train"), *common,
-         *budget["bc"]],
-    ]
+    return get_algorithm(algorithm).commands(run_dir(cfg, algorithm, seed), common, cfg.budget)
 
 
 def refusal(log: Path) -> str:
@@ -150,7 +148,8 @@ def refusal(log: Path) -> str:
 def train(cfg: Config, algorithm: str, seed: int) -> float:
     """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
-    for folder in (out / "data", out / "train"):  # BC's dataset and run folders (the others write in out)
+    spec = get_algorithm(algorithm)
+    for folder in (*spec.preparation(out), spec.training_run(out)):  # e.g. BC's dataset and run folders
         refuse_links(folder, root=cfg.out_dir)
     start = time.perf_counter()
     with open_for_writing(out / "log.txt", "a", root=cfg.out_dir) as log:  # no link below --out-dir is followed
@@ -170,19 +169,18 @@ def train(cfg: Config, algorithm: str, seed: int) -> float:
 
 def training_run(cfg: Config, algorithm: str, seed: int) -> Path:
     """The folder holding the run's metrics.jsonl and guidance.safetensors."""
-    out = run_dir(cfg, algorithm, seed)
-    return out / "train" if algorithm == "bc" else out
+    return get_algorithm(algorithm).training_run(run_dir(cfg, algorithm, seed))
 
 
 def collection_offset(cfg: Config, algorithm: str, seed: int) -> tuple[int, float]:
-    """BC's cost before training starts: images sampled and wall seconds of its data collection."""
-    if algorithm != "bc":
-        return 0, 0.0
-    records = read_metrics(next((run_dir(cfg, algorithm, seed) / "data").glob("run_seed*"), Path("/nonexistent")))
-    if not records:
-        return 0, 0.0
-    last = records[-1]
-    return int(last.get("charts/samples_seen", 0)), float(last.get("perf/wall_seconds", 0.0))
+    """The cost of the stages before training (BC's data collection): images sampled and wall seconds."""
+    images, seconds = 0, 0.0
+    for folder in get_algorithm(algorithm).preparation(run_dir(cfg, algorithm, seed)):
+        records = read_metrics(next(folder.glob("run_seed*"), folder))  # a collection logs under run_seed<k>/
+        if records:
+            images += int(records[-1].get("charts/samples_seen", 0))
+            seconds += float(records[-1].get("perf/wall_seconds", 0.0))
+    return images, seconds
 
 
 def plot(cfg: Config) -> Path:
@@ -203,8 +201,8 @@ def plot(cfg: Config) -> Path:
                 records = read_metrics(training_run(cfg, algorithm, seed))
                 images, seconds = collection_offset(cfg, algorithm, seed)
                 pairs = [(r[xkey], r[metric]) for r in records if metric in r and xkey in r]
-                if algorithm == "bc" and xkey == "charts/samples_seen":
-                    # BC's cost in samples is its dataset: every point sits at the images collected.
+                if len(get_algorithm(algorithm).stages) > 1 and xkey == "charts/samples_seen":
+                    # A collected dataset's cost in samples is its images: every point sits at the images collected.
                     pairs = [(images, y) for _, y in pairs[-1:]]
                 elif xkey == "perf/wall_seconds":
                     pairs = [(x + seconds, y) for x, y in pairs]
@@ -235,12 +233,26 @@ def plot(cfg: Config) -> Path:
     return path
 
 
+def list_algorithms() -> list[str]:
+    """One line per registered algorithm: name, what it needs of the reward, scripts, description."""
+    lines = []
+    for name in algorithm_names():
+        spec = get_algorithm(name)
+        scripts = " + ".join(stage.path.name + (f" {' '.join(stage.args)}" if stage.args else "") for stage in spec.stages)
+        lines.append(f"{name:<18} {spec.reward:<14} {scripts:<45} {spec.description}")
+    return lines
+
+
 def main(cfg: Config) -> list[dict]:
+    if cfg.algorithms == ():  # --algorithms without a value: the list
+        print("\n".join(list_algorithms()))
+        return []
     validate(cfg)  # every option, and that out_dir is writable, before any training
     start = time.perf_counter()
     if not cfg.skip_training:
-        # BC first: collection + training is the longest job, so the other lane fits the two RL runs beside it.
-        jobs = sorted(((a, s) for s in cfg.seeds for a in cfg.algorithms), key=lambda job: job[0] != "bc")
+        # Runs with a collection stage first (BC: the longest job), so the other lane fits the RL runs beside it.
+        jobs = sorted(((a, s) for s in cfg.seeds for a in cfg.algorithms),
+                      key=lambda job: len(get_algorithm(job[0]).stages) == 1)
         print(f"training {len(jobs)} runs, {cfg.parallel} at a time; each run's output goes to its log.txt under "
               f"{cfg.out_dir / 'runs'}", flush=True)
         with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, \

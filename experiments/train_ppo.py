@@ -29,7 +29,7 @@ the files (docs/distributed.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -150,7 +150,21 @@ def flux_dev() -> Config:
                   minibatch_trajectories=4)
 
 
-PRESETS = {"shapes": Config, "flux-dev": flux_dev}
+#: Flow-GRPO's KL coefficient to the reference policy (Liu et al., 2025, "Flow-GRPO", GenEval setting).
+GRPO_KL = 0.04
+
+
+def grpo() -> Config:
+    """GRPO as Flow-GRPO / DanceGRPO run it (Liu et al., 2025; Xue et al., 2025): group-relative advantages over
+    the samples of one prompt (no critic), exploration by the marginal-preserving SDE sampler, and a KL penalty
+    to the reference (initial) policy; the shapes preset's policy, reward, groups and budget otherwise."""
+    cfg = Config()
+    cfg.run = replace(cfg.run, preset="grpo", run_dir=Path("runs/grpo/shapes"), wandb_group="grpo")
+    cfg.mode, cfg.advantage, cfg.init_kl = "sde", "group", GRPO_KL
+    return cfg
+
+
+PRESETS = {"shapes": Config, "flux-dev": flux_dev, "grpo": grpo}
 
 
 def main(cfg: Config) -> dict[str, float]:

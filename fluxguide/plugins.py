@@ -182,6 +182,10 @@ class Registry(Generic[T]):
                 f"fluxguide does not pick one silently. Name the one you want by its spec "
                 f"({' or '.join(repr(ep.value) for ep in eps)}), or uninstall one of them")
 
+    def registered(self) -> dict[str, T]:
+        """What was registered in code, by name, in registration order (no entry point is loaded)."""
+        return dict(self._factories)
+
     def names(self) -> list[str]:
         """Every registered and entry-point name, sorted."""
         return sorted(set(self._factories) | set(self._entry_points()))

@@ -27,7 +27,15 @@ from fluxguide.algos.bc import (
     bc_update,
     check_dataset_matches_policy,
 )
-from fluxguide.algos.common import Algorithm, NonFiniteLossError, clip_and_check_gradients, optimizer_step
+from fluxguide.algos.common import (
+    Algorithm,
+    LossOutput,
+    NonFiniteLossError,
+    clip_and_check_gradients,
+    optimizer_step,
+    total_loss,
+)
+from fluxguide.algos.on_sampler import OnSamplerAlgorithm, SamplerBatch
 from fluxguide.algos.ppo import PPO, PPOConfig, group_advantages, rewards_to_go
 from fluxguide.algos.reward_gradient import (
     CorrectionRecorder,
@@ -39,7 +47,6 @@ from fluxguide.algos.reward_gradient import (
     predicted_clean_latent,
     random_translate,
     reward_gradient_loss,
-    total_loss,
 )
 from fluxguide.algos.trainer import GuidanceModelTrainer
 from fluxguide.backbones.base import straight_through_clamp
@@ -54,11 +61,14 @@ __all__ = [
     "BehaviourCloning",
     "CorrectionRecorder",
     "GuidanceModelTrainer",
+    "LossOutput",
     "NonFiniteLossError",
+    "OnSamplerAlgorithm",
     "PPOConfig",
     "RewardGradient",
     "RewardGradientConfig",
     "RewardGradientOutput",
+    "SamplerBatch",
     "adjoint_matching_loss",
     "bc_evaluate",
     "bc_update",

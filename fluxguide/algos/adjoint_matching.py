@@ -47,10 +47,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
-from fluxguide.algos.reward_gradient import Decoder, RewardFn
+from fluxguide.algos.common import LossOutput
+from fluxguide.algos.on_sampler import Decoder, OnSamplerAlgorithm, SamplerBatch
+from fluxguide.algos.reward_gradient import RewardFn
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn
 from fluxguide.sampling.memoryless import (
@@ -61,6 +61,7 @@ from fluxguide.sampling.memoryless import (
 )
 
 __all__ = [
+    "AdjointBatch",
     "AdjointMatching",
     "AdjointMatchingConfig",
     "Trajectory",
@@ -251,7 +252,20 @@ def adjoint_matching_loss(
     return torch.stack(terms).sum() * (n / len(steps))
 
 
-class AdjointMatching(PolicyOnSampler):
+@dataclass
+class AdjointBatch:
+    """The data of one Adjoint Matching update: the sampled trajectories, their regression targets, the final
+    rewards, the RMS of the final adjoint, and the steps the loss regresses on."""
+
+    batch: SamplerBatch
+    trajectory: Trajectory
+    targets: list[torch.Tensor]
+    rewards: torch.Tensor
+    adjoint_norm: float
+    steps: list[int]
+
+
+class AdjointMatching(OnSamplerAlgorithm):
     """Adjoint Matching updates of a guidance policy on a backbone against a differentiable reward.
 
     Args:
@@ -270,7 +284,15 @@ class AdjointMatching(PolicyOnSampler):
         algo = AdjointMatching(world, policy, make_reward("shapes-clip", world=world), optimizer,
                                AdjointMatchingConfig(reward_scale=10.0, time_subsample=5))
         metrics = algo.update(prompts, generator)  # reward_mean, reward_std, control_cost, loss, grad_norm
+
+    One update returns ``loss`` (= ``loss_adjoint``), ``reward_mean`` / ``reward_std`` (of the sampled
+    trajectories' final images, std pooled over ranks), ``control_cost`` (``int 0.5 ||u||^2 dtau``, the KL to
+    the base process), ``adjoint_norm`` (RMS of ``a`` at the final state) and ``grad_norm``.
     """
+
+    name = "adjoint-matching"
+    loss_name = "adjoint matching loss"
+    advice = "Lower the learning rate or --reward-scale, or check the reward's gradient on these images"
 
     def __init__(
         self, backbone: Backbone, policy: nn.Module, reward: RewardFn, optimizer: torch.optim.Optimizer,
@@ -281,49 +303,35 @@ class AdjointMatching(PolicyOnSampler):
             require_differentiable(reward)
         self.config = config or AdjointMatchingConfig()
         self.reference = reference
-        self._hold(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
-                   decode=decode)
+        super().__init__(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
+                         decode=decode)
 
-    def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
-        """One optimizer step on fresh trajectories for ``prompts`` (this rank's); metrics averaged over ranks.
-
-        The metrics: ``loss``, ``reward_mean`` / ``reward_std`` (of the sampled trajectories' final images, std
-        pooled over ranks), ``control_cost`` (``int 0.5 ||u||^2 dtau``, the KL to the base process),
-        ``adjoint_norm`` (RMS of ``a`` at the final state), ``grad_norm``.
-
-        Raises:
-            NonFiniteLossError: the loss or the gradient is NaN/inf; the policy was not changed.
-        """
-        cfg, ts = self.config, self.timesteps
-        check_backbone_prompts(self.backbone, list(prompts))  # before any model runs on them
-        with torch.no_grad():
-            cond = self.backbone.encode(list(prompts))
-        noise = self.backbone.noise(len(prompts), generator)
-        guidance = self.backbone.default_guidance
+    def collect(self, prompts: list[str], generator: torch.Generator | None = None) -> AdjointBatch:
+        """Sample memoryless trajectories for ``prompts`` without grad and solve the lean adjoint on them."""
+        batch = super().collect(prompts, generator)
+        cfg, ts, guidance = self.config, self.timesteps, self.backbone.default_guidance
         self.policy.eval()
-        traj = sample_memoryless(self.model, self.policy, cond, noise, ts, cfg.guidance_scale, guidance=guidance,
-                                 generator=generator, reference=self.reference)
-        adjoints, rewards = lean_adjoint(self.model, self.decode, self.reward, cond, traj.states, ts,
+        traj = sample_memoryless(self.model, self.policy, batch.cond, batch.noise, ts, cfg.guidance_scale,
+                                 guidance=guidance, generator=generator, reference=self.reference)
+        adjoints, rewards = lean_adjoint(self.model, self.decode, self.reward, batch.cond, traj.states, ts,
                                          cfg.reward_scale, guidance=guidance, reference=self.reference,
                                          guidance_scale=cfg.guidance_scale)
-        targets = correction_targets(adjoints, ts)
         n = cfg.num_steps
         steps = list(range(n)) if cfg.time_subsample is None else sorted(
             torch.randperm(n, generator=generator, device=generator.device if generator else "cpu")
             [: cfg.time_subsample].tolist())
+        return AdjointBatch(batch, traj, correction_targets(adjoints, ts), rewards,
+                            float(adjoints[-1].square().mean().sqrt()), steps)
+
+    def loss(self, data: AdjointBatch) -> LossOutput:
+        """The regression of the policy's corrections onto the adjoint targets, on the chosen steps."""
+        cfg = self.config
         self.policy.train()
-        loss = adjoint_matching_loss(self.policy, cond, traj, targets, ts, steps, cfg.guidance_scale, cfg.weighting,
-                                     reference=self.reference)
-        grad_norm = optimizer_step(
-            loss, self.optimizer, max_grad_norm=cfg.max_grad_norm, name="adjoint matching loss",
-            advice="Lower the learning rate or --reward-scale, or check the reward's gradient on these images",
-        )
-        metrics = {
-            "loss": float(loss.detach()),
-            "reward_mean": float(rewards.float().mean()),
-            "reward_std": float(rewards.float().std()) if rewards.numel() > 1 else 0.0,
-            "control_cost": float(traj.control_cost.mean()),
-            "adjoint_norm": float(adjoints[-1].square().mean().sqrt()),
-            "grad_norm": grad_norm,
-        }
-        return mean_over_ranks(metrics, pooled_std={"reward_std": "reward_mean"}, count=len(prompts))
+        loss = adjoint_matching_loss(self.policy, data.batch.cond, data.trajectory, data.targets, self.timesteps,
+                                     data.steps, cfg.guidance_scale, cfg.weighting, reference=self.reference)
+        rewards = data.rewards.float()
+        metrics = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()) if rewards.numel() > 1
+                   else 0.0, "control_cost": float(data.trajectory.control_cost.mean()),
+                   "adjoint_norm": data.adjoint_norm}
+        return LossOutput({"loss_adjoint": loss}, metrics, count=len(data.batch.prompts),
+                          pooled_std={"reward_std": "reward_mean"})

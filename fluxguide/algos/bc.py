@@ -24,7 +24,13 @@ from tensordict import TensorDict
 from torch import nn
 
 from fluxguide import keys
-from fluxguide.algos.common import data_parallel_once, mean_over_ranks, optimizer_step, unwrap_data_parallel
+from fluxguide.algos.common import (
+    Algorithm,
+    LossOutput,
+    data_parallel_once,
+    optimizer_step,
+    unwrap_data_parallel,
+)
 from fluxguide.data.episodes import TARGET
 from fluxguide.data.store import DatasetError, GuidanceDataset
 from fluxguide.policies import GaussianHead, ObservationAdapter
@@ -222,7 +228,7 @@ class BCConfig:
         return self.lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-class BehaviourCloning:
+class BehaviourCloning(Algorithm):
     """Behaviour cloning as an algorithm: scheduled learning rate, data-parallel step, rank-averaged metrics.
 
     Args:
@@ -240,6 +246,10 @@ class BehaviourCloning:
             metrics = bc.update(replay.sample(), step)
     """
 
+    name = "bc"
+    loss_name = "BC loss"
+    advice = "Lower the learning rate or clip gradients (max_grad_norm)"
+
     def __init__(self, loss_module: BCLoss, optimizer: torch.optim.Optimizer, config: BCConfig | None = None) -> None:
         self.loss_module = loss_module
         self.optimizer = optimizer
@@ -248,20 +258,31 @@ class BehaviourCloning:
         self.modules: dict[str, nn.Module] = {"loss": unwrap_data_parallel(loss_module)}
         self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
 
+    def collect(self, batch: TensorDict, step: int) -> TensorDict:
+        """Set the learning rate of the ``step``-th update (0-based) of the schedule; the data is ``batch``."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate(step)
+        return batch
+
+    def loss(self, batch: TensorDict) -> LossOutput:
+        """The BC terms on this rank's ``batch``: ``loss_bc`` and its diagnostics."""
+        self.trained.train()
+        terms = self.trained(batch)
+        return LossOutput({k: v for k, v in terms.items() if k.startswith("loss_")},
+                          {k: float(v.detach()) for k, v in terms.items() if not k.startswith("loss_")})
+
     def update(self, batch: TensorDict, step: int) -> dict[str, float]:
         """One update (the ``step``-th, 0-based, of the schedule) on this rank's ``batch``.
 
         Returns:
-            The loss terms, diagnostics and ``grad_norm`` averaged over ranks, and ``learning_rate``.
+            ``loss``, the loss terms, diagnostics and ``grad_norm`` averaged over ranks, and ``learning_rate``.
 
         Raises:
             NonFiniteLossError: the loss or the gradient is NaN/inf; the optimizer was not stepped.
         """
-        lr = self.config.learning_rate(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        metrics = bc_update(self.trained, self.optimizer, batch, max_grad_norm=self.config.max_grad_norm)
-        return {**mean_over_ranks(metrics), "learning_rate": lr}
+        out = self.loss(self.collect(batch, step))
+        metrics = self.optimize(out, parameters=[p for p in self.trained.parameters() if p.requires_grad])
+        return {**metrics, "learning_rate": self.config.learning_rate(step)}
 
     def evaluate(self, batch: TensorDict) -> dict[str, float]:
         """The loss terms on ``batch`` without a step (:func:`bc_evaluate`; this process's batch)."""

@@ -20,8 +20,10 @@ harness) drives any of them the same way::
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -31,13 +33,14 @@ from fluxguide.distributed import mean_over_ranks
 
 __all__ = [
     "Algorithm",
+    "LossOutput",
     "NonFiniteLossError",
-    "PolicyOnSampler",
     "clip_and_check_gradients",
     "data_parallel_once",
     "mean_over_ranks",
     "optimizer_parameters",
     "optimizer_step",
+    "total_loss",
     "unwrap_data_parallel",
 ]
 
@@ -46,25 +49,108 @@ class NonFiniteLossError(FloatingPointError):
     """A loss or gradient became NaN/inf; the update was not applied (a :class:`FloatingPointError`)."""
 
 
-@runtime_checkable
-class Algorithm(Protocol):
-    """What a training loop needs of an algorithm.
+@dataclass
+class LossOutput:
+    """What an algorithm's :meth:`Algorithm.loss` returns for one optimizer step.
 
     Attributes:
-        modules: the modules a checkpoint saves, by name (e.g. ``{"policy": policy}``).
-        optimizers: the optimizers a checkpoint saves, by name (e.g. ``{"policy": optimizer}``).
+        losses: named terms; those whose names start with ``loss_`` are summed into the optimised loss (TorchRL's
+            loss modules name their terms the same way), the others are logged as they are.
+        metrics: float diagnostics of the step (``reward_mean``, ...), logged next to the terms.
+        count: the samples this process contributed, the weight of its metrics in the mean over ranks.
+        pooled_std: ``{"reward_std": "reward_mean"}``: stds pooled exactly over ranks with their means.
     """
 
+    losses: dict[str, torch.Tensor]
+    metrics: dict[str, float] = field(default_factory=dict)
+    count: int | None = None
+    pooled_std: dict[str, str] = field(default_factory=dict)
+
+
+def total_loss(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of the terms whose names start with ``loss_`` (TorchRL's convention)."""
+    terms = [v for k, v in losses.items() if k.startswith("loss_")]
+    if not terms:
+        raise ValueError(f"no loss terms (names starting with 'loss_') in {sorted(losses)}")
+    return torch.stack([t.float() for t in terms]).sum()
+
+
+class Algorithm(ABC):
+    """The contract of a training algorithm: what it declares and the one update path it shares.
+
+    An algorithm declares its registry :attr:`name`, its ``config`` (a dataclass), the :attr:`modules` and
+    :attr:`optimizers` a checkpoint holds (by the names old checkpoints used), and writes two methods:
+
+    - :meth:`collect` -- the data step: what one update consumes (fresh trajectories on the guided sampler, a
+      batch of a dataset, an env rollout), built from the update's inputs;
+    - :meth:`loss` -- the named loss terms on that data (:class:`LossOutput`).
+
+    :meth:`update` is the shared bookkeeping: ``collect``, ``loss``, the sum of the ``loss_*`` terms, backward,
+    gradient averaging and clipping, the non-finite check (nothing is stepped with a NaN/inf), the optimizer
+    step and the mean of the metrics over data-parallel ranks. An algorithm that takes several optimizer steps
+    per update (PPO's epochs of minibatches) overrides :meth:`update` and calls :meth:`optimize` for each.
+
+    The smallest complete algorithm (docs/design.md shows it with its script)::
+
+        class OneStepReward(Algorithm):
+            name = "one-step-reward"
+
+            def __init__(self, backbone, policy, reward, optimizer, config):
+                self.backbone, self.policy, self.reward, self.config = backbone, policy, reward, config
+                self.modules, self.optimizers = {"policy": policy}, {"policy": optimizer}
+
+            def collect(self, prompts, generator):
+                return self.backbone.encode(prompts), self.backbone.noise(len(prompts), generator)
+
+            def loss(self, data):
+                cond, noise = data
+                images = self.backbone.decode(denoise(self.backbone, noise, ..., guidance_model=self.policy))
+                rewards = call_reward(self.reward, images, cond.prompts)
+                return LossOutput({"loss_reward": -rewards.mean()}, {"reward_mean": float(rewards.mean())})
+    """
+
+    #: The registry name (:data:`fluxguide.algos.registry.ALGORITHMS`), also the label of its runs.
+    name: ClassVar[str] = ""
+    #: How the optimised loss is called in a non-finite error, and what the error suggests.
+    loss_name: ClassVar[str] = "loss"
+    advice: ClassVar[str] = "Lower the learning rate"
+
+    config: Any
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
 
-    def update(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """One update; returns float metrics averaged over ranks.
+    def collect(self, *inputs: Any, **options: Any) -> Any:
+        """The data one update consumes, from the update's inputs (default: the single input itself)."""
+        if options or len(inputs) != 1:
+            raise TypeError(f"{type(self).__name__}.collect takes one input by default; override it")
+        return inputs[0]
+
+    @abstractmethod
+    def loss(self, data: Any) -> LossOutput:
+        """The named loss terms (and metrics) of one optimizer step on ``data``."""
+
+    def update(self, *inputs: Any, **options: Any) -> dict[str, float]:
+        """One update: :meth:`collect`, :meth:`loss`, :meth:`optimize`; float metrics averaged over ranks.
 
         Raises:
             NonFiniteLossError: the loss or a gradient is NaN/inf; nothing was stepped with it.
         """
-        ...
+        return self.optimize(self.loss(self.collect(*inputs, **options)))
+
+    def optimize(self, out: LossOutput, *, optimizer: torch.optim.Optimizer | None = None,
+                 parameters: Iterable[nn.Parameter] | None = None,
+                 before_clip: Callable[[list[nn.Parameter]], None] | None = None) -> dict[str, float]:
+        """Step the optimizer on the ``loss_*`` terms of ``out``; returns ``loss``, every term, the metrics and
+        ``grad_norm``, averaged over ranks (weighted by ``out.count``)."""
+        loss = total_loss(out.losses)
+        terms = {k: float(v.detach()) for k, v in out.losses.items()}
+        grad_norm = optimizer_step(
+            loss, optimizer or self.optimizers["policy"],
+            max_grad_norm=getattr(getattr(self, "config", None), "max_grad_norm", None),  # None: no clipping
+            parameters=parameters, before_clip=before_clip, name=self.loss_name,
+            terms={k: v for k, v in terms.items() if k.startswith("loss_")}, advice=self.advice)
+        metrics = {"loss": float(loss.detach()), **terms, **out.metrics, "grad_norm": grad_norm}
+        return mean_over_ranks(metrics, pooled_std=out.pooled_std or None, count=out.count)
 
 
 def unwrap_data_parallel(module: nn.Module) -> nn.Module:
@@ -77,25 +163,6 @@ def unwrap_data_parallel(module: nn.Module) -> nn.Module:
 def data_parallel_once(module: nn.Module) -> nn.Module:
     """:func:`fluxguide.distributed.data_parallel` of ``module``, unless it is already wrapped."""
     return module if unwrap_data_parallel(module) is not module else distributed.data_parallel(module)
-
-
-class PolicyOnSampler:
-    """What an algorithm that trains a guidance policy on the guided sampler against a reward holds (reward gradient,
-    Adjoint Matching): the backbone (and the CFG-wrapped model it samples with), the policy (data-parallel under
-    torchrun), the reward, the decoder, the schedule, and the checkpoint's ``modules`` / ``optimizers``."""
-
-    def _hold(self, backbone: Any, policy: nn.Module, reward: Any, optimizer: torch.optim.Optimizer, *,
-              num_steps: int | None, cfg_scale: float, decode: Callable[[torch.Tensor], torch.Tensor] | None) -> None:
-        self.backbone = backbone
-        self.policy = data_parallel_once(policy)
-        self.reward = reward
-        self.optimizer = optimizer
-        self.modules: dict[str, nn.Module] = {"policy": unwrap_data_parallel(policy)}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {"policy": optimizer}
-        self.cfg_scale = cfg_scale
-        self.decode = decode if decode is not None else backbone.decode
-        self.model = backbone if cfg_scale == 1.0 else backbone.with_cfg(cfg_scale)
-        self.timesteps = backbone.schedule(num_steps)
 
 
 def optimizer_parameters(optimizer: torch.optim.Optimizer) -> list[nn.Parameter]:

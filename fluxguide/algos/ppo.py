@@ -43,7 +43,7 @@ from torchrl.data import LazyTensorStorage, SamplerWithoutReplacement, TensorDic
 from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
 from fluxguide import distributed, keys
-from fluxguide.algos.common import NonFiniteLossError, mean_over_ranks, optimizer_step
+from fluxguide.algos.common import Algorithm, LossOutput, NonFiniteLossError, mean_over_ranks, optimizer_step
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
 
 AdvantageMode = Literal["group", "gae"]
@@ -151,7 +151,7 @@ def gaussian_kl(p: torch.distributions.Normal, q: torch.distributions.Normal) ->
     return torch.where(active, kl, torch.zeros_like(kl)).mean()
 
 
-class PPO:
+class PPO(Algorithm):
     """PPO on a :class:`~fluxguide.envs.GuidanceTorchRLEnv`: collect one episode batch, then update.
 
     Args:
@@ -170,6 +170,10 @@ class PPO:
         >>> for _ in range(10):
         ...     metrics = ppo.update()
     """
+
+    name = "ppo"
+    loss_name = "PPO loss"
+    advice = "Check the reward for NaN, lower the learning rate or the policy std"
 
     def __init__(
         self,
@@ -205,15 +209,15 @@ class PPO:
                 "trajectories collected per update (the env's batch_size)"
             )
         # functional=False: the loss calls the actor itself (no parameter copies), so DDP-wrapped modules work.
-        self.loss = ClipPPOLoss(
+        self.ppo_loss = ClipPPOLoss(
             actor, self.critic, clip_epsilon=cfg.clip_epsilon, entropy_bonus=cfg.entropy_coef > 0,
             entropy_coeff=cfg.entropy_coef if cfg.entropy_coef > 0 else None,
             critic_coeff=cfg.critic_coef if self.critic is not None else None,
             normalize_advantage=cfg.normalize_advantage and cfg.advantage == "gae", functional=False,
         )
-        self.loss.set_keys(sample_log_prob=keys.LOG_PROB, action=keys.ACTION, value=keys.STATE_VALUE)
+        self.ppo_loss.set_keys(sample_log_prob=keys.LOG_PROB, action=keys.ACTION, value=keys.STATE_VALUE)
         if self.critic is not None:
-            self.loss.make_value_estimator(ValueEstimators.GAE, gamma=cfg.gamma, lmbda=cfg.lmbda)
+            self.ppo_loss.make_value_estimator(ValueEstimators.GAE, gamma=cfg.gamma, lmbda=cfg.lmbda)
         # One episode per batch: every trajectory of the env ends at step T together. The Gaussian actor is
         # not recurrent, so it needs no InitTracker (opting out silences torchrl 0.14's FutureWarning).
         kwargs = {}
@@ -272,11 +276,15 @@ class PPO:
                                          cfg.gamma, cfg.group_std_eps)[1]
         else:
             with torch.no_grad():
-                self.loss.value_estimator(batch)
+                self.ppo_loss.value_estimator(batch)
         return stats
 
     def update(self) -> dict[str, float]:
         """Collect one batch and run the PPO epochs on it; return the metrics of this update.
+
+        PPO takes several optimizer steps per update (epochs of minibatches of whole trajectories), so it
+        overrides the contract's single-step :meth:`~fluxguide.algos.common.Algorithm.update`; its sum of terms
+        keeps TorchRL's order (objective, critic, entropy, then the KL to the reference).
 
         Diagnostics with the prefix ``first_`` come from the first minibatch before any gradient step
         (its ratio is 1 and its clip fraction 0 when the collected log-probs are consistent); the others
@@ -298,9 +306,7 @@ class PPO:
         for _ in range(cfg.epochs):
             for _ in range(self.num_trajectories // cfg.minibatch_trajectories):
                 minibatch = self.buffer.sample().reshape(-1)  # [mb, T] whole trajectories -> mb * T steps
-                out = self.loss(minibatch)
-                if self.reference is not None:
-                    out = {**out, **self.init_kl_terms(minibatch)}
+                out = self.loss(minibatch).losses
                 loss = out["loss_objective"] + sum(out[k] for k in ("loss_critic", "loss_entropy", "loss_init_kl")
                                                    if k in out)
                 # An explicit all-reduce rather than DDP: the actor is also run by the collector (no grad) and
@@ -308,9 +314,8 @@ class PPO:
                 # here, before clipping, is what DDP would do, and a no-op on one process.
                 grad_norm = optimizer_step(
                     loss, self.optimizer, max_grad_norm=cfg.max_grad_norm, parameters=self.parameters(),
-                    before_clip=distributed.average_gradients, name="PPO loss",
-                    terms={k: v.detach() for k, v in out.items() if k.startswith("loss_")},
-                    advice="Check the reward for NaN, lower the learning rate or the policy std",
+                    before_clip=distributed.average_gradients, name=self.loss_name,
+                    terms={k: v.detach() for k, v in out.items() if k.startswith("loss_")}, advice=self.advice,
                 )
                 values = {k: float(v.detach()) for k, v in out.items() if v.numel() == 1}
                 values["grad_norm"] = grad_norm
@@ -326,6 +331,15 @@ class PPO:
             local["verifier_pass_rate"] = float(verifier["passed"].float().mean())
         metrics.update(mean_over_ranks(local))  # equal batches per rank: the mean over all of them
         return metrics
+
+    def loss(self, minibatch: TensorDictBase) -> LossOutput:
+        """The clipped PPO terms on a minibatch of steps (TorchRL's ``ClipPPOLoss``: ``loss_objective``,
+        ``loss_critic``, ``loss_entropy`` and its diagnostics), with ``loss_init_kl`` / ``init_kl`` given a
+        reference."""
+        out = dict(self.ppo_loss(minibatch).items())
+        if self.reference is not None:
+            out.update(self.init_kl_terms(minibatch))
+        return LossOutput(out)
 
     def init_kl_terms(self, minibatch: TensorDictBase) -> dict[str, torch.Tensor]:
         """``init_kl`` (the policy's KL to the reference on these states) and, with ``config.init_kl > 0``,

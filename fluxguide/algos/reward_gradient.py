@@ -27,21 +27,20 @@ sums (:func:`total_loss`); metrics are a separate dict of floats.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from fluxguide.algos.common import PolicyOnSampler, mean_over_ranks, optimizer_step
+from fluxguide.algos.common import LossOutput
 from fluxguide.algos.control_cost import CorrectionRecorder, step_kl
+from fluxguide.algos.on_sampler import Decoder, OnSamplerAlgorithm, SamplerBatch
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
-Decoder = Callable[[torch.Tensor], torch.Tensor]
 """Latents -> images ``(B, 3, H, W)`` in [0, 1], differentiable."""
 
 
@@ -102,14 +101,6 @@ class RewardGradientOutput:
     images: torch.Tensor
     rewards: torch.Tensor
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
-
-
-def total_loss(losses: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of the terms whose names start with ``loss_`` (TorchRL's convention)."""
-    terms = [v for k, v in losses.items() if k.startswith("loss_")]
-    if not terms:
-        raise ValueError(f"no loss terms (names starting with 'loss_') in {sorted(losses)}")
-    return torch.stack([t.float() for t in terms]).sum()
 
 
 def draw_truncation(
@@ -278,7 +269,7 @@ def _prefix_scale(guidance_scale: GuidanceScale, num_steps: int) -> GuidanceScal
     return guidance_scale
 
 
-class RewardGradient(PolicyOnSampler):
+class RewardGradient(OnSamplerAlgorithm):
     """Reward-gradient updates of a guidance policy on a backbone against a differentiable reward.
 
     Args:
@@ -301,9 +292,16 @@ class RewardGradient(PolicyOnSampler):
                               RewardGradientConfig(grad_last_k=4, control_cost=0.1))
         metrics = algo.update(prompts, generator)
 
+    One update (:meth:`~fluxguide.algos.common.Algorithm.update`) returns ``loss``, its terms ``loss_*``,
+    ``reward_mean`` / ``reward_std`` (the std pooled exactly over every rank's samples), ``control_cost``,
+    ``init_kl`` (with a reference), ``grad_last_k`` (or ``step_idx`` one-step) and ``grad_norm``, and raises
+    :class:`~fluxguide.algos.common.NonFiniteLossError` (the policy unchanged) on a NaN/inf loss or gradient.
     A checkpoint saves ``modules = {"policy": policy}`` (the plain module) and ``optimizers = {"policy":
     optimizer}``.
     """
+
+    name = "reward-gradient"
+    advice = "Lower the learning rate or the guidance scale, or check the reward on these images"
 
     def __init__(
         self,
@@ -324,66 +322,19 @@ class RewardGradient(PolicyOnSampler):
         if reference is not None:
             reference = reference.eval().requires_grad_(False)
         self.reference = reference
-        self._hold(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
-                   decode=decode)
-        self._cond_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._ids: tuple[torch.Tensor, torch.Tensor] | None = None
+        super().__init__(backbone, policy, reward, optimizer, num_steps=self.config.num_steps, cfg_scale=cfg_scale,
+                         decode=decode)
 
-    def encode(self, prompts: list[str]) -> Conditioning:
-        """The conditioning of ``prompts``, with text features cached per prompt (the text tower is frozen).
-
-        Each new prompt is encoded on its own: a text tower's output for one prompt can differ in the last bit
-        with the batch it is encoded in (the kernels a matmul picks depend on its shape), so encoding the
-        prompts missing from this batch together would make a prompt's features depend on which prompts
-        first came with it, and a resumed run (whose cache starts empty) would drift from the uninterrupted
-        run by about 1e-7. One prompt at a time, the features are a function of the prompt alone.
-
-        Raises:
-            PromptError: a prompt the backbone cannot render, before any model runs on this batch.
-        """
-        new = [p for p in dict.fromkeys(prompts) if p not in self._cond_cache]
-        if new:
-            check_backbone_prompts(self.backbone, new)
-        for p in dict.fromkeys(prompts):
-            if p not in self._cond_cache:
-                with torch.no_grad():
-                    c = self.backbone.encode([p])
-                self._cond_cache[p] = (c.txt[0], c.vec[0])
-                self._ids = (c.txt_ids, c.img_ids)
-        assert self._ids is not None
-        return Conditioning(
-            txt=torch.stack([self._cond_cache[p][0] for p in prompts]),
-            vec=torch.stack([self._cond_cache[p][1] for p in prompts]),
-            txt_ids=self._ids[0], img_ids=self._ids[1], prompts=list(prompts),
-        )
-
-    def loss(self, prompts: list[str], generator: torch.Generator | None = None) -> RewardGradientOutput:
-        """The loss terms on fresh noise for ``prompts`` (one sample per entry)."""
-        cond = self.encode(prompts)
-        noise = self.backbone.noise(len(prompts), generator)
+    def forward_pass(self, batch: SamplerBatch) -> RewardGradientOutput:
+        """The loss terms, metrics, images and rewards of one guided sampling of ``batch`` (with a graph)."""
         fn = one_step_reward_loss if self.one_step else reward_gradient_loss
         return fn(
-            self.model, self.decode, self.policy, self.reward, cond, noise, self.timesteps, self.config,
-            guidance=self.backbone.default_guidance, generator=generator, reference=self.reference,
+            self.model, self.decode, self.policy, self.reward, batch.cond, batch.noise, self.timesteps, self.config,
+            guidance=self.backbone.default_guidance, generator=batch.generator, reference=self.reference,
         )
 
-    def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
-        """One optimizer step on a batch of ``prompts`` (this rank's); returns metrics averaged over ranks.
-
-        The metrics: ``loss``, its terms ``loss_*``, ``reward_mean`` / ``reward_std`` (the std pooled exactly
-        over every rank's samples), ``control_cost``, ``init_kl`` (with a reference), ``grad_last_k`` (or
-        ``step_idx`` one-step), ``grad_norm``.
-
-        Raises:
-            NonFiniteLossError: the loss or the gradient is NaN/inf; the policy was not changed.
-        """
+    def loss(self, batch: SamplerBatch) -> LossOutput:
+        """The reward-gradient loss terms on ``batch`` (one sample per prompt)."""
         self.policy.train()
-        out = self.loss(prompts, generator)
-        loss = total_loss(out.losses)
-        terms = {k: float(v.detach()) for k, v in out.losses.items()}
-        grad_norm = optimizer_step(
-            loss, self.optimizer, max_grad_norm=self.config.max_grad_norm, terms=terms,
-            advice="Lower the learning rate or the guidance scale, or check the reward on these images",
-        )
-        metrics = {"loss": float(loss.detach()), **terms, **out.metrics, "grad_norm": grad_norm}
-        return mean_over_ranks(metrics, pooled_std={"reward_std": "reward_mean"}, count=len(prompts))
+        out = self.forward_pass(batch)
+        return LossOutput(out.losses, out.metrics, count=len(batch.prompts), pooled_std={"reward_std": "reward_mean"})

@@ -100,7 +100,7 @@ def test_behaviour_cloning_is_the_scripts_loop_with_its_schedule() -> None:
         for group in ref_opt.param_groups:
             group["lr"] = lr
         expected = bc_update(ref_loss, ref_opt, batch, max_grad_norm=0.5)
-        assert metrics == {**expected, "learning_rate": lr}
+        assert metrics == {**expected, "loss": expected["loss_bc"], "learning_rate": lr}
     assert all(torch.equal(a, b) for a, b in zip(loss.state_dict().values(), ref_loss.state_dict().values()))
     assert bc.evaluate(batch).keys() == {"loss_bc", "mse", "target_rms", "correction_rms", "relative_error"}
 

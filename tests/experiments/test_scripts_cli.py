@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import tyro
 
+from fluxguide.algos.registry import algorithm_names
+from fluxguide.errors import UserError
 from fluxguide.harness.tracking import read_metrics
 from tests.experiments import leaf_fields
 
@@ -65,8 +67,9 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
     out = tmp_path / "compare"
     rows = compare.main(compare.Config(out_dir=out, budget="smoke", eval_num_prompts=2, eval_samples_per_prompt=1,
                                        best_of=(2,), wandb_mode="offline"))
-    assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", "reward-gradient", "ppo",
-                                            "bc"]
+    # the smoke budget trains every registered algorithm (fluxguide.algos.registry), Adjoint Matching included
+    assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", *algorithm_names()]
+    assert {"reward-gradient", "ppo", "bc", "grpo", "adjoint-matching"} <= set(algorithm_names())
     # every sampler's pass rate with its 90% interval; every other one's paired gain over the base sampler
     for row in rows:
         assert row["pass_rate"] == row["verifier_pass_rate"] and row["images"] == 2
@@ -77,7 +80,7 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
             assert row["gain_vs_base"] == pytest.approx(row["pass_rate"] - rows[0]["pass_rate"])
             assert row["gain_lo"] <= row["gain_vs_base"] <= row["gain_hi"]
     printed = capsys.readouterr().out
-    for algorithm in ("reward-gradient", "ppo", "bc"):
+    for algorithm in algorithm_names():
         assert f"  {algorithm}: " in printed and " points over base, 90% interval [" in printed
     assert "note: 2 held-out images per sampler: 90% intervals at this size are wide" in printed
     assert "gain_vs_base" in (out / "evaluation.csv").read_text().splitlines()[0]
@@ -87,7 +90,7 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
     for name in ("curves.png", "evaluation.md", "evaluation.csv", "samples.png"):
         assert (out / name).is_file(), name
     assert "| reward-gradient |" in (out / "evaluation.md").read_text()
-    for algorithm in ("reward-gradient", "ppo"):
+    for algorithm in ("reward-gradient", "ppo", "grpo", "adjoint-matching"):
         run = out / "runs" / algorithm / "seed0"
         assert (run / "guidance.safetensors").is_file()
         assert any("eval/verifier_pass_rate" in r for r in read_metrics(run))
@@ -98,7 +101,7 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
 
 def test_evaluate_rejects_a_missing_policy(tmp_path) -> None:
     evaluate = load_script(ROOT / "experiments" / "evaluate.py")
-    with pytest.raises(SystemExit, match="no saved policy"):
+    with pytest.raises(UserError, match="no saved policy"):
         evaluate.main(evaluate.Config(policies=(tmp_path,), out_dir=tmp_path, num_prompts=1, samples_per_prompt=1,
                                       best_of=()))
 
@@ -139,8 +142,11 @@ def test_every_compare_budget_parses_under_its_scripts(budget: str) -> None:
     """compare.py's budgets are argument lists of other scripts: each must parse under that script's Config."""
     compare = load_script(ROOT / "experiments" / "compare.py")
     cfg = compare.Config(budget=budget)
-    for algorithm in ("reward-gradient", "ppo", "bc"):
+    for algorithm in algorithm_names():
         for argv in compare.commands(cfg, algorithm, seed=0):
-            script = load_script(Path(argv[0]))
-            parsed = tyro.cli(script.Config, args=argv[1:])
+            script, args, default = load_script(Path(argv[0])), argv[1:], None
+            if "--preset" in args:  # a preset sets the defaults the other flags override (harness.cli)
+                at = args.index("--preset")
+                default, args = script.PRESETS[args[at + 1]](), args[:at] + args[at + 2:]
+            parsed = tyro.cli(script.Config, args=args, default=default)
             assert getattr(parsed, "run", parsed).seed == 0, argv
