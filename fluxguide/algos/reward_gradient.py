@@ -37,7 +37,12 @@ from fluxguide.algos.common import LossOutput
 from fluxguide.algos.control_cost import CorrectionRecorder, step_kl
 from fluxguide.algos.on_sampler import Decoder, OnSamplerAlgorithm, SamplerBatch
 from fluxguide.backbones.base import Backbone, Conditioning
-from fluxguide.rewards.base import call_reward, require_differentiable
+from fluxguide.rewards.base import (
+    NotDifferentiableError,
+    call_reward,
+    describe_reward,
+    require_differentiable,
+)
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -185,6 +190,11 @@ def score(
     """
     # Checked before reward_terms clamps at the reward target (an inf would be clamped to the target and train on).
     rewards = call_reward(reward, random_translate(images, config.reward_shift, generator), cond.prompts)
+    if images.requires_grad and not rewards.requires_grad:  # e.g. it left torch, or computed under no_grad
+        raise NotDifferentiableError(
+            f"{describe_reward(reward)} returned rewards with no gradient (they do not depend on the images through "
+            "torch operations), so reward gradient cannot train on it: set differentiable = False on it and use "
+            "PPO / GRPO, or compute the reward with differentiable torch operations")
     losses = reward_terms(rewards, control, config.control_cost, config.reward_target, kl, config.init_kl)
     metrics = {
         "reward_mean": float(rewards.detach().mean()),
