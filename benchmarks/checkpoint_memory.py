@@ -32,8 +32,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from fluxguide.sampling.packing import make_img_ids, make_txt_ids
+from fluxguide.backbones.bfl import BFLFlux
 from fluxguide.sampling import denoise, get_schedule
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 
 
 @dataclass
@@ -68,35 +69,6 @@ class Config:
     benchmark 5-40x slower, and with 20x the run-to-run variance, at 2 threads than at 1."""
     seed: int = 0
     """Seed of the random model, guidance model and inputs."""
-
-
-class BFLFlux(nn.Module):
-    """A diffusers Flux transformer behind the BFL signature (both take t in [0, 1] and raw guidance)."""
-
-    def __init__(self, transformer: FluxTransformer2DModel) -> None:
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(
-        self,
-        img: torch.Tensor,
-        img_ids: torch.Tensor,
-        txt: torch.Tensor,
-        txt_ids: torch.Tensor,
-        timesteps: torch.Tensor,
-        y: torch.Tensor,
-        guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=timesteps,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance if self.transformer.config.guidance_embeds else None,
-            return_dict=False,
-        )[0]
 
 
 class TokenMLPGuidance(nn.Module):

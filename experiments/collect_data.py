@@ -54,7 +54,6 @@ from fluxguide.harness.presets import FLUX_DEV_REWARD, FLUX_DEV_STEPS, flux_dev_
 from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
 from fluxguide.locking import FolderLock
 from fluxguide.policies import load_guidance_model
-from fluxguide.rewards import CallableReward
 from fluxguide.serialization import refuse_links
 
 #: The shapes preset's dataset: CFG 3's corrections on this many training-prompt trajectories ...
@@ -95,9 +94,9 @@ class Config:
     student sees the words of a prompt next to images drawn for other prompts. Default: 1 with cfg-distillation
     (the shapes recipe: +12 held-out points over no swaps at the same budget, docs/results.md), 0 otherwise"""
     reward: str = "verifier"
-    """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip);
-    or 'verifier-attributes': the verifier's mean per-attribute score (count, colour, kind, position), a graded
-    ranking where few samples pass outright"""
+    """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip),
+    built for the backbone as every script builds it; e.g. 'verifier-attributes': the backbone's verifier's mean
+    per-attribute score (count, colour, kind, position), a graded ranking where few samples pass outright"""
     step_size: float = 1.0
     """reward-gradient: the teacher's step size"""
     normalize: bool = True
@@ -178,18 +177,7 @@ def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
         swaps = PROMPT_SWAPS if cfg.prompt_swaps is None else cfg.prompt_swaps
         return CFGDistillation(scale, student=student, prompt_swaps=swaps)
-    if cfg.reward == "verifier-attributes":
-        if world.verifier is None:
-            raise ValueError(f"--reward verifier-attributes needs a backbone with a verifier; {cfg.model.backbone!r} has none")
-
-        def verifier_attribute_score(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-            """The verifier's mean attribute score per image, in [0, 1] (1 = passes)."""
-            scores = world.verifier(images, prompts).scores
-            return torch.stack([v.float() for v in scores.values()]).mean(0)
-
-        reward = CallableReward(verifier_attribute_score, differentiable=False, name="verifier-attributes")
-    else:
-        reward = build_reward(cfg.reward, world)
+    reward = build_reward(cfg.reward, world)
     if cfg.strategy == "reward-gradient":
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)
     if cfg.strategy == "best-of-n":

@@ -1,7 +1,7 @@
 """fluxguide: reinforcement learning for learned guidance of Flux (rectified-flow) image sampling.
 
-The public API, imported lazily (PEP 562): ``import fluxguide`` loads nothing else, and ``fluxguide.X``
-imports the one module that defines ``X`` the first time it is used. Each name has one canonical home (the right
+The public API, imported lazily (PEP 562, :mod:`fluxguide.lazy`): ``import fluxguide`` loads nothing else (no
+torch), and ``fluxguide.X`` imports the one module that defines ``X`` the first time it is used. Each name has one canonical home (the right
 column of :data:`_EXPORTS`); this module and the seed's module paths (:mod:`fluxguide.guidance_models`,
 :mod:`fluxguide.sampling_instrumented`) give the same object. The design of record is ``docs/design.md``.
 
@@ -19,8 +19,7 @@ and what a user needs first::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from fluxguide.lazy import lazy_attributes
 
 __version__ = "0.1.0"
 
@@ -62,7 +61,7 @@ _EXPORTS: dict[str, str] = {
 #: The subpackages and modules, reachable as attributes (``fluxguide.envs``) without importing them first.
 _SUBMODULES = frozenset({
     "algos", "backbones", "checkpointing", "data", "distributed", "envs", "guidance_models", "harness",
-    "keys", "plugins", "policies", "provenance", "rewards", "sampling", "sampling_instrumented",
+    "keys", "lazy", "plugins", "policies", "provenance", "rewards", "sampling", "sampling_instrumented",
     "serialization", "worlds",
 })
 
@@ -100,15 +99,4 @@ __all__ = [  # noqa: RUF022 - the seed's names first, then the rest, as in _EXPO
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value  # later lookups skip this hook
-        return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module 'fluxguide' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__, *_SUBMODULES})
+__getattr__, __dir__ = lazy_attributes(__name__, _EXPORTS, _SUBMODULES)

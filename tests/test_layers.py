@@ -3,7 +3,7 @@
 Layers, bottom to top (a module may import its own folder and any lower layer, never a higher one)::
 
     0  infrastructure: fluxguide/plugins.py, keys.py, serialization.py, provenance.py, checkpointing.py,
-       distributed.py, locking.py, errors.py (top-level modules; they may import each other)
+       distributed.py, locking.py, errors.py, lazy.py (top-level modules; they may import each other)
     1  sampling      schedule, steps, packing, SDE action math, denoise, instrumented, CFG
     2  rewards       the reward contract, registry, CLIP / aesthetic / style / composition
     3  backbones     the Backbone contract, Flux, BFL-signature modules, tiny Flux, the backbone registry
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "fluxguide"
 
 INFRA = ("plugins", "keys", "serialization", "provenance", "checkpointing", "distributed",
-         "locking", "errors")
+         "locking", "errors", "lazy")
 RANKS: dict[str, int] = {
     **dict.fromkeys(INFRA, 0),
     "sampling": 1,

@@ -9,16 +9,16 @@ need not pay for.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.backbones.prompt_check import PromptError, check_backbone_prompts
+from fluxguide.lazy import lazy_attributes
 
 _LAZY = {
     "FluxBackbone": "fluxguide.backbones.flux",
     "REQUIRED_SUBFOLDERS": "fluxguide.backbones.flux_source",
     "BFLBackbone": "fluxguide.backbones.bfl",
+    "BFLFlux": "fluxguide.backbones.bfl",
+    "TinyFluxBackbone": "fluxguide.backbones.tiny_flux",
     "save_tiny_flux_pipeline": "fluxguide.backbones.tiny_flux",
     "tiny_flux_components": "fluxguide.backbones.tiny_flux",
     "tiny_flux_transformer": "fluxguide.backbones.tiny_flux",
@@ -32,13 +32,12 @@ __all__ = [  # noqa: RUF022 - contract first, then the lazy exports
     "FluxBackbone",
     "REQUIRED_SUBFOLDERS",
     "BFLBackbone",
+    "BFLFlux",
+    "TinyFluxBackbone",
     "save_tiny_flux_pipeline",
     "tiny_flux_components",
     "tiny_flux_transformer",
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fluxguide.backbones' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_attributes(__name__, _LAZY)

@@ -11,7 +11,6 @@ import itertools
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -19,9 +18,10 @@ from torch import nn
 
 from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.errors import UserError
+from fluxguide.rewards.registry import make_reward, reward_options, reward_world
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
+from fluxguide.sampling.conditioning import Conditioning, model_velocity
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, check_guidance_scale, denoise
-from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.sampling.schedule import get_schedule
 
 
@@ -33,61 +33,6 @@ class VerificationResult(Protocol):
 
     @property
     def accuracy(self) -> float: ...
-
-
-@dataclass
-class Conditioning:
-    """Text conditioning of a batch, in Flux's layout.
-
-    Attributes:
-        txt: token features ``(B, L, D_txt)``.
-        vec: pooled text embedding ``(B, D_vec)``.
-        txt_ids: text position ids ``(L, 3)``.
-        img_ids: image position ids ``(seq, 3)``.
-        prompts: the ``B`` prompt strings.
-    """
-
-    txt: torch.Tensor
-    vec: torch.Tensor
-    txt_ids: torch.Tensor
-    img_ids: torch.Tensor
-    prompts: list[str] = field(default_factory=list)
-
-    @classmethod
-    def in_flux_layout(
-        cls, txt: torch.Tensor, vec: torch.Tensor, prompts: list[str], grid: tuple[int, int], device: torch.device
-    ) -> Conditioning:
-        """Encoder outputs as float32 conditioning on ``device``, with Flux's ids for a ``grid`` of
-        ``(rows, cols)`` latent tokens."""
-        return cls(
-            txt=txt.to(device=device, dtype=torch.float32),
-            vec=vec.to(device=device, dtype=torch.float32),
-            txt_ids=make_txt_ids(txt.shape[1], device=device),
-            img_ids=make_img_ids(*grid, device=device),
-            prompts=prompts,
-        )
-
-    @property
-    def batch_size(self) -> int:
-        return self.txt.shape[0]
-
-    def repeat_interleave(self, n: int) -> Conditioning:
-        """Each prompt ``n`` times in a row (``n`` samples per prompt, grouped)."""
-        return replace(
-            self,
-            txt=self.txt.repeat_interleave(n, 0),
-            vec=self.vec.repeat_interleave(n, 0),
-            prompts=[p for p in self.prompts for _ in range(n)],
-        )
-
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Conditioning:
-        return replace(
-            self,
-            txt=self.txt.to(device=device, dtype=dtype),
-            vec=self.vec.to(device=device, dtype=dtype),
-            txt_ids=self.txt_ids.to(device=device, dtype=dtype),
-            img_ids=self.img_ids.to(device=device, dtype=dtype),
-        )
 
 
 PROMPT_PREVIEW_CHARS = 60
@@ -126,6 +71,26 @@ def check_prompt_list(prompts: object, *, method: str = "sample") -> list[str]:
     return prompts
 
 
+def prompts_to_encode(prompts: list[str] | str) -> list[str]:
+    """What an encoder takes: a bare string as a list of one, else a non-empty list of strings.
+
+    Raises:
+        ValueError: no prompts, or an item that is not a string.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"encode needs a non-empty list of prompt strings, got {prompts!r}")
+    return prompts
+
+
+def per_sample(value: torch.Tensor | None, batch: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A model input given per sample (times, guidance strengths) as a ``(batch,)`` tensor in ``dtype``: a 0-d
+    tensor is broadcast; ``None`` (no guidance) stays ``None``."""
+    if value is None:
+        return None
+    return (value.expand(batch) if value.ndim == 0 else value).to(dtype)
+
+
 def check_num_steps(num_steps: object, *, name: str = "num_steps") -> None:
     """Raise unless ``num_steps`` is ``None`` (the default) or an integer >= 1 (0 is refused, not replaced)."""
     if num_steps is None:
@@ -137,6 +102,10 @@ def check_num_steps(num_steps: object, *, name: str = "num_steps") -> None:
             f"{name} must be a positive integer (>= 1 sampling step), got {num_steps}; pass None for the "
             "backbone's default"
         )
+
+
+class RewardWorldError(UserError, ValueError):
+    """A reward of one world asked to score the images of another backbone (the shapes verifier on Flux)."""
 
 
 class WeightsError(UserError, ValueError):
@@ -190,10 +159,13 @@ class Backbone(nn.Module, ABC):
         verifier: an optional exact judge ``verifier(images, prompts) -> VerificationResult`` of the world
             (``None`` for open-world backbones such as Flux). Evaluation reports its pass rate when present:
             the held-out metric that tells real improvement from reward hacking.
+        world_name: the world this backbone renders (``None``: the open world, e.g. Flux). It scores the rewards
+            that declare this world (``fluxguide.rewards.world_reward``) and refuses those of another world.
 
     World-specific behaviour reaches the layers above only through these attributes and the hooks
-    :meth:`reward_kwargs`, :meth:`check_prompts`, :meth:`straight_through_decoder` and
-    :meth:`render_references`, never through ``isinstance`` checks.
+    :meth:`default_reward`, :meth:`reward_kwargs`, :meth:`build_reward`, :meth:`check_prompts`,
+    :meth:`straight_through_decoder` and :meth:`render_references`, never through ``isinstance`` checks or
+    backbone names.
     """
 
     latent_seq: int
@@ -208,10 +180,20 @@ class Backbone(nn.Module, ABC):
     pixel_patch: int = 2
     max_prompt_chars: int | None = 4096
     verifier: ClassVar[Callable[[torch.Tensor, list[str]], VerificationResult] | None] = None
+    world_name: ClassVar[str | None] = None
 
     @property
     def latent_shape(self) -> tuple[int, int]:
         return (self.latent_seq, self.latent_channels)
+
+    def check_latents(self, img: torch.Tensor, method: str) -> None:
+        """Raise unless ``img`` is packed latents ``(B, seq, C)`` of this backbone's shape (``method`` names the
+        caller in the message)."""
+        if img.ndim != 3 or tuple(img.shape[1:]) != self.latent_shape:
+            raise ValueError(
+                f"{method} needs packed latents (B, {self.latent_seq}, {self.latent_channels}) for "
+                f"{self.image_height}x{self.image_width} images, got {tuple(img.shape)}"
+            )
 
     def check_packed(self, img: torch.Tensor) -> None:
         """Raise unless ``img`` is packed latents ``(B, seq, latent_channels)``."""
@@ -256,12 +238,9 @@ class Backbone(nn.Module, ABC):
     def velocity(
         self, img: torch.Tensor, t: torch.Tensor | float, cond: Conditioning, guidance: float | None = None
     ) -> torch.Tensor:
-        """The base prediction at time ``t`` (a float or a ``(B,)`` tensor) under conditioning ``cond``."""
-        if not isinstance(t, torch.Tensor):
-            t = torch.full((img.shape[0],), float(t), device=img.device, dtype=img.dtype)
-        guidance = self.default_guidance if guidance is None else guidance
-        g = None if guidance is None else torch.full((img.shape[0],), guidance, device=img.device, dtype=img.dtype)
-        return self(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.vec, guidance=g)
+        """The base prediction at time ``t`` (a float or a ``(B,)`` tensor) under conditioning ``cond``, with this
+        backbone's distilled guidance unless ``guidance`` says otherwise (:func:`~fluxguide.sampling.model_velocity`)."""
+        return model_velocity(self, img, t, cond, self.default_guidance if guidance is None else guidance)
 
     def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Standard normal initial latents ``(batch, seq, C)`` in float32 (sampler math stays float32 even
@@ -311,10 +290,47 @@ class Backbone(nn.Module, ABC):
         """Image (or latent) channels per token: ``latent_channels / pixel_patch**2`` (16 in Flux)."""
         return self.latent_channels // self.pixel_patch**2
 
+    def default_reward(self) -> str:
+        """The reward this backbone is trained against when none is named: ``"clip"`` (an open_clip CLIP score,
+        whose weights the caller names) for open-world backbones; a world names one of its own."""
+        return "clip"
+
     def reward_kwargs(self, name: str) -> dict[str, Any]:
-        """Keyword arguments a reward registry name needs from this backbone (e.g. a world's own rewards share
-        its loaded models); ``{}`` by default."""
-        return {}
+        """What this backbone gives the reward ``name``, among the options its factory declares by name (read from
+        its signature, not from a list of reward names): ``device`` (this backbone's, so open_clip rewards load
+        next to it), ``verify`` (this backbone's :attr:`verifier`, if it has one) and, for the rewards of this
+        backbone's own world (:attr:`world_name`), ``world`` (the backbone itself: the shapes rewards share its
+        loaded tiny CLIP)."""
+        offered: dict[str, Any] = {"device": self.device}
+        if self.verifier is not None:
+            offered["verify"] = self.verifier
+        if self.world_name is not None and reward_world(name) == self.world_name:
+            offered["world"] = self
+        options = reward_options(name)
+        return {key: value for key, value in offered.items() if key in options}
+
+    def build_reward(self, name: str | None = None, *, seed: int = 0, **kwargs: Any) -> nn.Module:
+        """The reward ``name`` (default :meth:`default_reward`) for this backbone's images: ``make_reward(name)``
+        with :meth:`reward_kwargs` and ``seed`` (for a random reward whose factory takes it) unless ``kwargs``
+        set them.
+
+        Raises:
+            RewardWorldError: the reward declares another world (``fluxguide.rewards.world_reward``) than this
+                backbone's :attr:`world_name`.
+            fluxguide.plugins.PluginError: an unknown name, or options its factory does not take.
+        """
+        name = self.default_reward() if name is None else name
+        world = reward_world(name)
+        if world is not None and world != self.world_name:
+            default = self.default_reward()
+            raise RewardWorldError(
+                f"reward {name!r} belongs to the {world} world and cannot score {type(self).__name__} images; use "
+                f"a reward for them, e.g. {default!r} (scripts: --reward {default}; an open_clip reward takes its "
+                "weights in --reward-kwargs, e.g. '{\"model_name\": \"ViT-L-14\", \"pretrained\": "
+                "\"/weights/vitl14.safetensors\"}')"
+            )
+        seeded = {"seed": seed} if "seed" in reward_options(name) else {}
+        return make_reward(name, **{**self.reward_kwargs(name), **seeded, **kwargs})
 
     def straight_through_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """:meth:`decode` with a straight-through final clamp, for worlds whose decoder is a clamp.

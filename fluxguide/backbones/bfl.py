@@ -13,6 +13,8 @@ latents ``(B, 16, H/8, W/8)`` (scale and shift included) to images in [-1, 1]. W
     )
 
 Nothing here depends on the BFL package: any module with that signature and any pair of callables work.
+:class:`BFLFlux` gives a diffusers ``FluxTransformer2DModel`` that signature (tests and benchmarks drive the
+sampler with it); :func:`diffusers_flux_velocity` is the one place the BFL arguments are renamed for diffusers.
 """
 
 from __future__ import annotations
@@ -22,11 +24,63 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fluxguide.backbones.base import Backbone, Conditioning
+from fluxguide.backbones.base import Backbone, Conditioning, per_sample, prompts_to_encode
 from fluxguide.sampling.packing import unpack
 
 EncodeFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 DecodeFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def diffusers_flux_velocity(
+    owner: nn.Module,
+    img: torch.Tensor,
+    img_ids: torch.Tensor,
+    txt: torch.Tensor,
+    txt_ids: torch.Tensor,
+    timesteps: torch.Tensor,
+    y: torch.Tensor,
+    guidance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``owner.transformer``, a diffusers ``FluxTransformer2DModel``, called with the BFL ``flux`` signature's
+    arguments as they are: :meth:`BFLFlux.forward`, and the call inside the Flux and shapes-world backbones.
+
+    Both take ``t`` in [0, 1] and the raw distilled-guidance strength: diffusers multiplies both by 1000 inside
+    ``forward`` (as BFL's ``timestep_embedding`` does with its ``time_factor``). Like BFL's ``Flux.forward``,
+    ``guidance`` is ignored by a transformer without a guidance embedding and required by one with it.
+
+    Raises:
+        ValueError: a guidance-distilled transformer (FLUX.1-dev) called without ``guidance``.
+    """
+    transformer = owner.transformer
+    if not transformer.config.guidance_embeds:
+        guidance = None
+    elif guidance is None:
+        raise ValueError(
+            "this Flux transformer is guidance-distilled (guidance_embeds=True, like FLUX.1-dev): pass guidance=, "
+            "a (B,) tensor of guidance strengths"
+        )
+    return transformer(
+        hidden_states=img,
+        encoder_hidden_states=txt,
+        pooled_projections=y,
+        timestep=timesteps,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=guidance,
+        return_dict=False,
+    )[0]
+
+
+class BFLFlux(nn.Module):
+    """A diffusers ``FluxTransformer2DModel`` behind the BFL ``flux`` signature, computing in the dtype of its
+    inputs: a base model for :func:`fluxguide.sampling.denoise` or :class:`BFLBackbone` without a text encoder or
+    a VAE."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.transformer = transformer
+
+    forward = diffusers_flux_velocity
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -126,11 +180,7 @@ class BFLBackbone(Backbone):
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> Conditioning:
         """Prompts -> float32 :class:`Conditioning` through ``encode_fn``, on the backbone's device."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"encode needs a non-empty list of prompt strings, got {prompts!r}")
+        prompts = prompts_to_encode(prompts)
         out = self.encode_fn(prompts)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TypeError(f"encode_fn must return a pair (txt, vec), got {type(out).__name__}")
@@ -161,17 +211,14 @@ class BFLBackbone(Backbone):
         # BFL's Flux concatenates txt_ids and img_ids along dim 1, so it needs them batched.
         img_ids = img_ids.expand(b, -1, -1) if img_ids.ndim == 2 else img_ids
         txt_ids = txt_ids.expand(b, -1, -1) if txt_ids.ndim == 2 else txt_ids
-        timesteps = timesteps.expand(b) if timesteps.ndim == 0 else timesteps
-        if guidance is not None:
-            guidance = (guidance.expand(b) if guidance.ndim == 0 else guidance).to(dtype)
         pred = self.model(
             img=img.to(dtype),
             img_ids=img_ids.to(dtype),
             txt=txt.to(dtype),
             txt_ids=txt_ids.to(dtype),
-            timesteps=timesteps.to(dtype),
+            timesteps=per_sample(timesteps, b, dtype),
             y=y.to(dtype),
-            guidance=guidance,
+            guidance=per_sample(guidance, b, dtype),
         )
         if not isinstance(pred, torch.Tensor) or pred.shape != img.shape:
             got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
@@ -180,19 +227,9 @@ class BFLBackbone(Backbone):
             )
         return pred.float()
 
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal float32 latents ``(batch, seq, C)`` on the backbone's device (sampler dtype)."""
-        device = generator.device if generator is not None else self.device
-        x = torch.randn((batch, self.latent_seq, self.latent_channels), generator=generator, device=device)
-        return x.to(self.device)
-
     def decode(self, img: torch.Tensor) -> torch.Tensor:
         """Packed latents -> float32 images ``(B, 3, H, W)`` in [0, 1] via ``decode_fn``, differentiable."""
-        if img.ndim != 3 or tuple(img.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"decode needs packed latents (B, {self.latent_seq}, {self.latent_channels}) for "
-                f"{self.image_height}x{self.image_width} images, got {tuple(img.shape)}"
-            )
+        self.check_latents(img, "decode")
         z = unpack(img, self.latent_height * self.patch, self.latent_width * self.patch, patch=self.patch)
         x = self.decode_fn(z.to(self.decode_dtype))
         expected = (img.shape[0], 3, self.image_height, self.image_width)
@@ -207,4 +244,4 @@ class BFLBackbone(Backbone):
         return f"image={size}, latent={self.latent_shape}, guidance={self.default_guidance}"
 
 
-__all__ = ["BFLBackbone"]
+__all__ = ["BFLBackbone", "BFLFlux", "diffusers_flux_velocity"]

@@ -35,7 +35,15 @@ from transformers import (
     T5TokenizerFast,
 )
 
-from fluxguide.backbones.base import Backbone, Conditioning, check_finite_weights, check_num_steps
+from fluxguide.backbones.base import (
+    Backbone,
+    Conditioning,
+    check_finite_weights,
+    check_num_steps,
+    per_sample,
+    prompts_to_encode,
+)
+from fluxguide.backbones.bfl import diffusers_flux_velocity
 from fluxguide.backbones.flux_source import resolve_pipeline_source
 from fluxguide.sampling.packing import pack, unpack
 from fluxguide.sampling.schedule import get_lin_function, time_shift
@@ -277,11 +285,7 @@ class FluxBackbone(Backbone):
     @torch.no_grad()
     def encode(self, prompts: list[str] | str) -> Conditioning:
         """Prompts -> float32 :class:`Conditioning`: T5 tokens ``(B, L, d_model)``, CLIP pooled ``(B, D)``."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        prompts = list(prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"encode needs a non-empty list of prompt strings, got {prompts!r}")
+        prompts = prompts_to_encode(prompts)
         device = self.device
         clip_ids = _token_ids(self.tokenizer, prompts, self.clip_max_length)
         vec = self.text_encoder(
@@ -311,33 +315,12 @@ class FluxBackbone(Backbone):
         self.check_packed(img)
         dtype = self.transformer.dtype
         batch = img.shape[0]
-        if self.guidance_embeds:
-            if guidance is None:
-                raise ValueError(
-                    "this Flux transformer is guidance-distilled (guidance_embeds=True, like FLUX.1-dev): "
-                    f"pass guidance= a (B,) tensor of guidance strengths (default {self.default_guidance})"
-                )
-            guidance = guidance.to(dtype).expand(batch) if guidance.ndim == 0 else guidance.to(dtype)
-        else:
-            guidance = None
-        timesteps = timesteps.to(dtype).expand(batch) if timesteps.ndim == 0 else timesteps.to(dtype)
-        pred = self.transformer(
-            hidden_states=img.to(dtype),
-            encoder_hidden_states=txt.to(dtype),
-            pooled_projections=y.to(dtype),
-            timestep=timesteps,
-            img_ids=img_ids[0] if img_ids.ndim == 3 else img_ids,
-            txt_ids=txt_ids[0] if txt_ids.ndim == 3 else txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
+        pred = diffusers_flux_velocity(
+            self, img.to(dtype), img_ids[0] if img_ids.ndim == 3 else img_ids, txt.to(dtype),
+            txt_ids[0] if txt_ids.ndim == 3 else txt_ids, per_sample(timesteps, batch, dtype), y.to(dtype),
+            per_sample(guidance, batch, dtype),
+        )
         return pred.float()
-
-    def noise(self, batch: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Standard normal float32 latents ``(batch, seq, C)`` on the backbone's device (sampler dtype)."""
-        device = generator.device if generator is not None else self.device
-        x = torch.randn((batch, self.latent_seq, self.latent_channels), generator=generator, device=device)
-        return x.to(self.device)
 
     def schedule(self, num_steps: int | None = None) -> list[float]:
         """The ``num_steps + 1`` times of the pipeline's scheduler for this resolution (1 -> 0).
@@ -368,11 +351,7 @@ class FluxBackbone(Backbone):
     # ------------------------------------------------------------------------------------- image side
     def decode(self, img: torch.Tensor) -> torch.Tensor:
         """Packed latents ``(B, seq, C)`` -> float32 images ``(B, 3, H, W)`` in [0, 1], differentiable."""
-        if img.ndim != 3 or tuple(img.shape[1:]) != self.latent_shape:
-            raise ValueError(
-                f"decode needs packed latents (B, {self.latent_seq}, {self.latent_channels}) for "
-                f"{self.image_height}x{self.image_width} images, got {tuple(img.shape)}"
-            )
+        self.check_latents(img, "decode")
         z = unpack(img, 2 * self.latent_height, 2 * self.latent_width)
         shift = self.vae.config.shift_factor or 0.0
         z = z / self.vae.config.scaling_factor + shift

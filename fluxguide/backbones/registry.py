@@ -1,12 +1,13 @@
-"""Named backbones of the experiment scripts, and the reward each one is trained against by default.
+"""Named backbones of the experiment scripts, and the one function that builds a reward for a backbone.
 
 ``"shapes"`` is the pretrained shapes world (the default of every script), ``"shapes-random"`` a randomly
-initialised one (smoke tests: every code path in seconds), ``"tiny-flux"`` a tiny random diffusers Flux with
-a CLIP score over a tiny random open_clip (the real-Flux code path, end to end, without weights), and
-``"flux"`` real Flux weights through :meth:`fluxguide.backbones.FluxBackbone.from_pretrained` (``model_path``:
+initialised one (smoke tests: every code path in seconds), ``"tiny-flux"`` a tiny random diffusers Flux whose
+only reward is a CLIP score over a tiny random open_clip (the real-Flux code path, end to end, without weights),
+and ``"flux"`` real Flux weights through :meth:`fluxguide.backbones.FluxBackbone.from_pretrained` (``model_path``:
 a local diffusers FluxPipeline folder or a hub id such as ``black-forest-labs/FLUX.1-dev``), trained against
-any registry reward built with the user's keyword arguments (e.g. ``make_reward("clip", model_name=...,
-pretrained=<local open_clip weights>)``).
+any registry reward built with the user's keyword arguments (e.g. ``build_reward("clip", flux,
+model_name=..., pretrained=<local open_clip weights>)``). Which rewards a backbone scores, and what it gives
+them, is the backbone's to say (:meth:`Backbone.build_reward`), never a backbone name's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from torch import nn
 
 from fluxguide.backbones.base import Backbone
 from fluxguide.plugins import Registry, call_with_options
+from fluxguide.rewards.callable_reward import CallableReward
+from fluxguide.rewards.registry import TINY_CLIP_CFG
+
+__all__ = ["BACKBONES", "TINY_CLIP_CFG", "BackboneName", "RewardLike", "build_backbone", "build_reward",
+           "parse_reward_kwargs"]
 
 BackboneName = str
 """A backbone name (``"shapes"``, ``"shapes-random"``, ``"tiny-flux"``, ``"flux"``, an entry-point name of an
@@ -31,12 +37,8 @@ BACKBONES: Registry[BackboneFactory] = Registry("backbone", "fluxguide.backbones
 ``num_steps``, ``weights_dir``, ``model_path``, ``height``, ``width``, ``max_sequence_length``; it gets those it
 declares (all of them if it takes ``**kwargs``)."""
 
-#: A tiny random open_clip (ViT on 32x32 crops, 2-layer text tower): the reward of the tiny-Flux code path.
-TINY_CLIP_CFG: dict = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "head_width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
+RewardLike = nn.Module | str | Callable[[torch.Tensor, list[str]], torch.Tensor]
+"""A reward module, a registry name or spec, or a callable ``fn(images, prompts) -> (B,)``."""
 
 
 @BACKBONES.register("flux")
@@ -58,16 +60,9 @@ def _flux(
 
 @BACKBONES.register("tiny-flux")
 def _tiny_flux(*, seed: int = 0, device: torch.device | str = "cpu", num_steps: int | None = None) -> Backbone:
-    from diffusers import FluxPipeline
+    from fluxguide.backbones.tiny_flux import TinyFluxBackbone
 
-    from fluxguide.backbones.flux import FluxBackbone
-    from fluxguide.backbones.tiny_flux import tiny_flux_components
-
-    pipe = FluxPipeline(**tiny_flux_components(seed=seed))
-    backbone = FluxBackbone.from_pipeline(pipe, height=64, width=64, max_sequence_length=16,
-                                          num_steps=num_steps).to(device)
-    backbone.preset_name = "tiny-flux"  # build_reward gives it the tiny random CLIP score
-    return backbone
+    return TinyFluxBackbone.random(seed=seed, device=device, num_steps=num_steps)
 
 
 def build_backbone(
@@ -110,33 +105,31 @@ def build_backbone(
     return backbone
 
 
-def build_reward(name: str, backbone: Backbone, *, seed: int = 0, **kwargs: Any) -> nn.Module:
-    """The reward ``name`` (a :func:`fluxguide.rewards.make_reward` name) for ``backbone``, built with ``kwargs``.
+def build_reward(reward: RewardLike | None, backbone: Backbone, *, seed: int = 0, **kwargs: Any) -> nn.Module:
+    """The reward to score ``backbone``'s images with: how the scripts, the envs and the collector all build one.
 
-    A world's own rewards get what the backbone supplies (:meth:`Backbone.reward_kwargs`: the shapes world's
-    ``shapes-*`` rewards share its tiny CLIP). The ``"tiny-flux"`` backbone's reward is a CLIP score over a tiny random open_clip
-    whatever ``name`` and ``kwargs`` say (there is no trained reward model for random images). Any other
-    backbone (real Flux) gets ``make_reward(name, **kwargs)``, on the backbone's device unless ``kwargs`` name
-    one, e.g. ``build_reward("clip", flux, model_name="ViT-L-14", pretrained="/weights/vitl14.safetensors")``.
+    Args:
+        reward: a registry name or spec, built by the backbone (:meth:`Backbone.build_reward`: with what the
+            backbone gives it, refused if it belongs to another world; ``None``: the backbone's
+            :meth:`~Backbone.default_reward`), e.g. ``build_reward("clip", flux, model_name="ViT-L-14",
+            pretrained="/weights/vitl14.safetensors")``; or a reward module (used as it is); or a callable
+            ``fn(images, prompts) -> (B,)`` (a :class:`~fluxguide.rewards.CallableReward`).
+        backbone: the base model whose images the reward scores.
+        seed: the seed of a random reward (the tiny-Flux backbone's tiny random CLIP).
+        **kwargs: the reward's options (a registry name only; they win over what the backbone gives).
     """
-    from fluxguide.rewards import CLIPScore, load_open_clip, make_reward
-
-    if getattr(backbone, "preset_name", None) != "tiny-flux":
-        key = name.strip().lower().replace("_", "-")
-        if backbone.verifier is None and (key.startswith("shapes-") or key in ("verifier", "verifier-partial")):
-            raise ValueError(
-                f"reward {name!r} belongs to the shapes world and cannot score {type(backbone).__name__} images; "
-                "use e.g. 'clip' with its weights (scripts: --reward clip --reward-kwargs "
-                "'{\"model_name\": \"ViT-L-14\", \"pretrained\": \"/weights/open_clip_vitl14.safetensors\"}')"
-            )
-        if key in ("clip", "style", "aesthetic"):  # the open_clip rewards: next to the backbone by default
-            kwargs.setdefault("device", backbone.device)
-        return make_reward(name, **{**backbone.reward_kwargs(name), **kwargs})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        clip, tokenizer = load_open_clip("fluxguide-tiny-random-clip", None, model_cfg=TINY_CLIP_CFG,
-                                         device=backbone.device)
-    return CLIPScore(clip, tokenizer)
+    if reward is None or isinstance(reward, str):
+        return backbone.build_reward(reward, seed=seed, **kwargs)
+    if kwargs:
+        raise ValueError(f"reward_kwargs {sorted(kwargs)} are only used with a reward registry name, not a built reward")
+    if isinstance(reward, nn.Module):
+        return reward
+    if callable(reward):
+        return CallableReward(reward)
+    raise TypeError(
+        f"reward must be a reward module, a registry name or a callable fn(images, prompts) -> (B,), "
+        f"got {type(reward).__name__}"
+    )
 
 
 def parse_reward_kwargs(text: str | None) -> dict[str, Any]:

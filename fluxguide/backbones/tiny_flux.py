@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from torch import nn
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
@@ -30,6 +31,8 @@ from transformers import (
     T5EncoderModel,
     T5TokenizerFast,
 )
+
+from fluxguide.backbones.flux import FluxBackbone
 
 #: Sentences the tiny tokenizers are trained on: enough to tokenise typical prompts into several pieces.
 TINY_CORPUS: tuple[str, ...] = (
@@ -167,32 +170,28 @@ def _seeded(seed: int, build: Callable[[], ModuleT]) -> ModuleT:
         return build().eval()
 
 
-def tiny_flux_transformer(
-    *,
-    in_channels: int = 16,
-    joint_attention_dim: int = 32,
-    pooled_projection_dim: int = 32,
-    num_layers: int = 1,
-    num_single_layers: int = 1,
-    num_attention_heads: int = 2,
-    attention_head_dim: int = 16,
-    axes_dims_rope: tuple[int, int, int] = (4, 6, 6),
-    guidance_embeds: bool = True,
-    seed: int = 0,
-) -> FluxTransformer2DModel:
-    """A tiny random ``FluxTransformer2DModel``; ``sum(axes_dims_rope)`` must equal ``attention_head_dim``."""
-    return _seeded(seed, lambda: FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=in_channels,
-        num_layers=num_layers,
-        num_single_layers=num_single_layers,
-        attention_head_dim=attention_head_dim,
-        num_attention_heads=num_attention_heads,
-        joint_attention_dim=joint_attention_dim,
-        pooled_projection_dim=pooled_projection_dim,
-        guidance_embeds=guidance_embeds,
-        axes_dims_rope=tuple(axes_dims_rope),
-    ))
+#: The tiny transformer's ``FluxTransformer2DModel`` configuration (``sum(axes_dims_rope)`` must equal
+#: ``attention_head_dim``): one double and one single block, two heads of 16, a guidance embedding like FLUX.1-dev.
+TINY_TRANSFORMER_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 1,
+    "num_single_layers": 1,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
+def tiny_flux_transformer(*, seed: int = 0, **config: Any) -> FluxTransformer2DModel:
+    """A tiny random ``FluxTransformer2DModel``: :data:`TINY_TRANSFORMER_CONFIG` with ``config``'s entries in place
+    of its own (``in_channels=``, ``guidance_embeds=``, ...)."""
+    config = {**TINY_TRANSFORMER_CONFIG, **config}
+    config["axes_dims_rope"] = tuple(config["axes_dims_rope"])
+    return _seeded(seed, lambda: FluxTransformer2DModel(**config))
 
 
 def tiny_clip_text_encoder(tokenizer: CLIPTokenizer, hidden_size: int = 32, seed: int = 0) -> CLIPTextModel:
@@ -302,3 +301,27 @@ def save_tiny_flux_pipeline(folder: str | Path, **component_kwargs: Any) -> Path
     folder = Path(folder)
     FluxPipeline(**tiny_flux_components(**component_kwargs)).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+class TinyFluxBackbone(FluxBackbone):
+    """The backbone ``"tiny-flux"``: a tiny random FluxPipeline (:func:`tiny_flux_components`) at 64x64 pixels and
+    16 T5 tokens, the real-Flux code path end to end in seconds.
+
+    Its only reward is ``"tiny-random-clip"``, a CLIP score over a tiny random open_clip drawn from the run's seed:
+    there is no trained reward model for random images, so whatever reward a script names, it scores with that one.
+    """
+
+    @classmethod
+    def random(
+        cls, *, seed: int = 0, device: torch.device | str = "cpu", num_steps: int | None = None
+    ) -> TinyFluxBackbone:
+        """The tiny random Flux with weights drawn from ``seed`` (the global RNG is left untouched), on ``device``."""
+        pipe = FluxPipeline(**tiny_flux_components(seed=seed))
+        return cls.from_pipeline(pipe, height=64, width=64, max_sequence_length=16, num_steps=num_steps).to(device)
+
+    def default_reward(self) -> str:
+        return "tiny-random-clip"
+
+    def build_reward(self, name: str | None = None, *, seed: int = 0, **kwargs: Any) -> nn.Module:
+        """The tiny random CLIP score drawn from ``seed``, whatever ``name`` and ``kwargs`` ask for."""
+        return super().build_reward(self.default_reward(), seed=seed)

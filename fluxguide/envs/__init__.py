@@ -15,6 +15,7 @@ copies them per step. The numpy faces copy them per step by Gymnasium's contract
 new memory).
 """
 
+from fluxguide.backbones.registry import build_reward  # the one reward builder, for env users
 from fluxguide.envs.core import GuidanceCore, StepResult
 from fluxguide.envs.gym_env import GuidanceEnv
 from fluxguide.envs.make import make_core
@@ -27,7 +28,6 @@ from fluxguide.envs.registration import (
     register_envs,
     shapes_core,
 )
-from fluxguide.envs.reward_spec import build_reward
 from fluxguide.envs.spaces import UnboundedBox
 from fluxguide.envs.specs import LeanUnbounded
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv

@@ -29,10 +29,11 @@ from torch import nn
 from fluxguide import keys
 from fluxguide.backbones.base import Backbone, Conditioning, check_num_steps
 from fluxguide.backbones.prompt_check import check_backbone_prompts
+from fluxguide.backbones.registry import RewardLike, build_reward
 from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike, resolve_prompts
-from fluxguide.envs.reward_spec import RewardLike, build_reward
 from fluxguide.rewards.base import call_reward
+from fluxguide.sampling.conditioning import model_velocity
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
 from fluxguide.sampling.sde_actions import sde_action_std
 from fluxguide.sampling.steps import euler_step, sde_mean
@@ -63,8 +64,10 @@ class GuidanceCore:
 
     Args:
         backbone: the base model (:class:`fluxguide.backbones.Backbone`); the core runs on its device.
-        reward: a reward module (``forward(images, prompts) -> (B,)``), a registry name for
-            :func:`fluxguide.rewards.make_reward`, or a callable ``fn(images, prompts) -> (B,)``.
+        reward: a reward module (``forward(images, prompts) -> (B,)``), a registry name (built for the backbone
+            by :func:`fluxguide.backbones.registry.build_reward`; ``None``: the backbone's
+            :meth:`~fluxguide.backbones.Backbone.default_reward`, ``"shapes-clip"`` in the shapes world), or a
+            callable ``fn(images, prompts) -> (B,)``.
         prompts: a list of prompts, a text file with one prompt per line, or ``"shapes-train"`` /
             ``"shapes-heldout"``; each reset draws from it uniformly with the seeded generator.
         batch_size: trajectories per episode ``B``.
@@ -92,7 +95,7 @@ class GuidanceCore:
         shared_group_noise: the ``k`` trajectories of a group also start from the same initial noise, so
             their rewards differ only through the policy's (or the SDE's) noise: common random numbers for
             the per-prompt advantage, as DanceGRPO (Xue et al. 2025) does. Needs a stochastic policy.
-        reward_kwargs: keyword arguments for ``make_reward`` when ``reward`` is a name.
+        reward_kwargs: the reward's options when ``reward`` is a name (they win over what the backbone gives).
         verify: run the backbone's verifier (:attr:`Backbone.verifier`) on the final images and report it in ``info``
             (default: on when the backbone has one).
     """
@@ -100,7 +103,7 @@ class GuidanceCore:
     def __init__(
         self,
         backbone: Backbone,
-        reward: RewardLike = "shapes-clip",
+        reward: RewardLike | None = None,
         prompts: PromptSourceLike = "shapes-train",
         *,
         batch_size: int = 1,
@@ -147,7 +150,7 @@ class GuidanceCore:
         named = os.fspath(prompts) if isinstance(prompts, (str, os.PathLike)) else None  # a prompt file or set
         check_backbone_prompts(backbone, self.prompt_source.prompts, source=named,
                                where=f"prompts={named!r}" if named is not None else None)
-        self.reward = build_reward(reward, backbone, reward_kwargs)
+        self.reward = build_reward(reward, backbone, **dict(reward_kwargs or {}))
         self.verify = backbone.verifier is not None if verify is None else bool(verify)
         if self.verify and backbone.verifier is None:
             raise ValueError(f"verify=True but {type(backbone).__name__} has no verifier; pass verify=False")
@@ -185,13 +188,7 @@ class GuidanceCore:
         self.generator = torch.Generator("cpu")
         self.generator.seed()
         self.episode_rng_state: torch.Tensor = self.generator.get_state()
-        b = self.batch_size
         self.latent_shape: tuple[int, int] = tuple(backbone.latent_shape)  # type: ignore[assignment]
-        # Model inputs, built once: the (B,) times of every step and the distilled guidance strength, in the
-        # dtype denoise uses (the latent's, float32), so the core calls the model exactly as denoise does.
-        self._t_model = [torch.full((b,), t, dtype=torch.float32, device=self.device) for t in self.timesteps[:-1]]
-        guidance = backbone.default_guidance
-        self._guidance_vec = None if guidance is None else torch.full((b,), guidance, dtype=torch.float32, device=self.device)
 
         probe = backbone.encode([self.prompt_source.prompts[0]])
         self.txt_shape: tuple[int, int] = tuple(probe.txt.shape[1:])  # type: ignore[assignment]
@@ -274,12 +271,9 @@ class GuidanceCore:
         return self.observation(), {"prompts": self.prompts}
 
     def _predict(self, img: torch.Tensor, i: int) -> torch.Tensor:
-        cond = self.cond
-        assert cond is not None
-        return self.model(
-            img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, y=cond.vec,
-            timesteps=self._t_model[i], guidance=self._guidance_vec,
-        )
+        """The base prediction at step ``i``'s time, called exactly as :func:`fluxguide.sampling.denoise` calls it."""
+        assert self.cond is not None
+        return model_velocity(self.model, img, self.timesteps[i], self.cond, self.backbone.default_guidance)
 
     def observation(self) -> dict[str, torch.Tensor]:
         """The current observation. ``txt`` and ``vec`` are the same tensor objects all episode long."""

@@ -66,7 +66,8 @@ class GuidanceEnv(gym.Env):
     ## Rewards
     0 at every step but the last, minus the optional control cost (``control_cost``: ``beta mean(a^2)`` in
     ODE mode, ``beta`` times the step's KL to the base sampler in nats in SDE mode). At the last step, the
-    reward module (default ``"shapes-clip"``) on the decoded final image, minus that step's cost.
+    reward (default: the backbone's :meth:`~fluxguide.backbones.Backbone.default_reward`, ``"shapes-clip"`` in the
+    shapes world) on the decoded final image, minus that step's cost.
 
     ## Starting State
     ``reset(seed=...)`` seeds the env's generator, draws a prompt from ``prompts`` and the initial noise
@@ -97,21 +98,17 @@ class GuidanceEnv(gym.Env):
     def __init__(
         self,
         backbone: Backbone | None = None,
-        reward: Any = "shapes-clip",
-        prompts: Any = "shapes-train",
         *,
         core: GuidanceCore | None = None,
         device: torch.device | str | None = None,
         render_mode: str | None = None,
         **core_kwargs: Any,
     ) -> None:
-        if core is None:
-            if core_kwargs.setdefault("batch_size", 1) != 1:
-                raise ValueError(
-                    f"GuidanceEnv runs one trajectory (batch_size=1), got batch_size={core_kwargs['batch_size']}: "
-                    "use GuidanceVectorEnv or GuidanceTorchRLEnv for batches"
-                )
-            core_kwargs.update(reward=reward, prompts=prompts)
+        if core is None and core_kwargs.setdefault("batch_size", 1) != 1:
+            raise ValueError(
+                f"GuidanceEnv runs one trajectory (batch_size=1), got batch_size={core_kwargs['batch_size']}: "
+                "use GuidanceVectorEnv or GuidanceTorchRLEnv for batches"
+            )
         self.core = make_core(backbone, core=core, device=device, **core_kwargs)
         if self.core.batch_size != 1 or self.core.samples_per_prompt != 1:
             raise ValueError(

@@ -17,8 +17,10 @@ batched TorchRL env from the same id and keywords.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import gymnasium as gym
@@ -60,26 +62,19 @@ def flux_core(
     model_path: str | os.PathLike[str] | None = None,
     *,
     prompts: Any = None,
-    reward: Any = "clip",
-    reward_kwargs: dict[str, Any] | None = None,
-    height: int = 1024,
-    width: int = 1024,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype | None = None,
-    max_sequence_length: int = 512,
-    guidance: float = 3.5,
-    local_files_only: bool = False,
-    **core_kwargs: Any,
+    reward: Any = None,
+    **kwargs: Any,
 ) -> GuidanceCore:
     """A core over Flux loaded with :meth:`fluxguide.backbones.FluxBackbone.from_pretrained`.
 
     Args:
         model_path: a diffusers FluxPipeline folder (or a hub id where the machine has access). Required.
         prompts: list or text file of prompts. Required (Flux has no built-in prompt set).
-        reward: default ``"clip"`` (open_clip ViT-L-14 / openai, loaded on ``device``).
-        height, width, device, dtype, max_sequence_length, guidance, local_files_only: see
-            ``FluxBackbone.from_pretrained``.
-        **core_kwargs: the other :class:`GuidanceCore` keywords.
+        reward: default: the backbone's, ``"clip"`` (open_clip ViT-L-14 / openai, loaded on the backbone's device;
+            ``reward_kwargs=`` names other weights).
+        **kwargs: the options of ``FluxBackbone.from_pretrained`` (``height``, ``width``, ``device``, ``dtype``,
+            ``max_sequence_length``, ``guidance``, ``local_files_only``, ...; Flux-v0 defaults to FLUX.1-dev's
+            3.5) and the other :class:`GuidanceCore` keywords (``num_steps`` is the core's).
     """
     if model_path is None:
         raise ValueError(
@@ -90,41 +85,33 @@ def flux_core(
         raise ValueError(f"{FLUX_ID} needs prompts= (a list of prompts or a text file with one prompt per line)")
     from fluxguide.backbones.flux import FluxBackbone
 
-    backbone = FluxBackbone.from_pretrained(
-        model_path, height=height, width=width, device=device, dtype=dtype,
-        max_sequence_length=max_sequence_length, guidance=guidance, local_files_only=local_files_only,
-    )
-    reward_kwargs = dict(reward_kwargs or {})
-    if isinstance(reward, str) and reward.strip().lower() == "clip":
-        reward_kwargs.setdefault("device", device)
-    return make_core(backbone, reward=reward, prompts=prompts, reward_kwargs=reward_kwargs or None, **core_kwargs)
+    loading = set(inspect.signature(FluxBackbone.from_pretrained).parameters) - {"path_or_hub_id", "num_steps"}
+    backbone = FluxBackbone.from_pretrained(model_path, **{k: kwargs.pop(k) for k in loading & set(kwargs)})
+    return make_core(backbone, reward=reward, prompts=prompts, **kwargs)
 
 
 CORE_BUILDERS: dict[str, Callable[..., GuidanceCore]] = {SHAPES_ID: shapes_core, FLUX_ID: flux_core}
 
 
-def make_shapes_env(render_mode: str | None = None, **kwargs: Any) -> GuidanceEnv:
-    """Entry point of ``fluxguide/Shapes-v0``: a :class:`GuidanceEnv` over :func:`shapes_core`."""
-    return GuidanceEnv(core=shapes_core(**kwargs), render_mode=render_mode)
+def make_env(build_core: Callable[..., GuidanceCore], render_mode: str | None = None, **kwargs: Any) -> GuidanceEnv:
+    """A registered id's ``gymnasium.make`` entry point: a :class:`GuidanceEnv` over ``build_core(**kwargs)``."""
+    return GuidanceEnv(core=build_core(**kwargs), render_mode=render_mode)
 
 
-def make_shapes_vector_env(
-    num_envs: int = 1, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **kwargs: Any
+def make_vector_env(
+    build_core: Callable[..., GuidanceCore], num_envs: int = 1,
+    autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **kwargs: Any,
 ) -> GuidanceVectorEnv:
-    """Vector entry point of ``fluxguide/Shapes-v0``: a native :class:`GuidanceVectorEnv`."""
-    return GuidanceVectorEnv(num_envs, core=shapes_core(batch_size=num_envs, **kwargs), autoreset_mode=autoreset_mode)
+    """A registered id's ``gymnasium.make_vec`` entry point: a native :class:`GuidanceVectorEnv` over
+    ``build_core(batch_size=num_envs, **kwargs)``."""
+    return GuidanceVectorEnv(num_envs, core=build_core(batch_size=num_envs, **kwargs), autoreset_mode=autoreset_mode)
 
 
-def make_flux_env(render_mode: str | None = None, **kwargs: Any) -> GuidanceEnv:
-    """Entry point of ``fluxguide/Flux-v0``: a :class:`GuidanceEnv` over :func:`flux_core`."""
-    return GuidanceEnv(core=flux_core(**kwargs), render_mode=render_mode)
-
-
-def make_flux_vector_env(
-    num_envs: int = 1, autoreset_mode: AutoresetMode | str = AutoresetMode.NEXT_STEP, **kwargs: Any
-) -> GuidanceVectorEnv:
-    """Vector entry point of ``fluxguide/Flux-v0``: a native :class:`GuidanceVectorEnv`."""
-    return GuidanceVectorEnv(num_envs, core=flux_core(batch_size=num_envs, **kwargs), autoreset_mode=autoreset_mode)
+# The entry points Gymnasium loads by name, one pair per id.
+make_shapes_env = partial(make_env, shapes_core)
+make_shapes_vector_env = partial(make_vector_env, shapes_core)
+make_flux_env = partial(make_env, flux_core)
+make_flux_vector_env = partial(make_vector_env, flux_core)
 
 
 def make_torchrl_env(env_id: str = SHAPES_ID, **kwargs: Any) -> GuidanceTorchRLEnv:

@@ -17,6 +17,20 @@ from torchrl.data.tensor_specs import ContinuousBox, TensorSpec
 from fluxguide import keys
 
 
+def _kept_bound(attribute: str) -> property:
+    """A bound of :class:`BroadcastBox`, read and set as it is: ``ContinuousBox``'s own property would move it to
+    the box's device and expand it per batch, materialising the view. Setting it moves the box to its device."""
+
+    def get(box: ContinuousBox) -> torch.Tensor:
+        return getattr(box, attribute)
+
+    def set_(box: ContinuousBox, value: torch.Tensor) -> None:
+        setattr(box, attribute, value)
+        box.device = value.device
+
+    return property(get, set_)
+
+
 class BroadcastBox(ContinuousBox):
     """A :class:`ContinuousBox` whose ``low`` / ``high`` are expanded (stride-0) views of scalars.
 
@@ -34,22 +48,8 @@ class BroadcastBox(ContinuousBox):
         high = torch.full((), value_high, device=device, dtype=dtype).expand(shape)
         return BroadcastBox(low, high)
 
-    @property
-    def low(self) -> torch.Tensor:  # type: ignore[override]
-        return self._low
-
-    @low.setter
-    def low(self, value: torch.Tensor) -> None:
-        self._low = value
-        self.device = value.device
-
-    @property
-    def high(self) -> torch.Tensor:  # type: ignore[override]
-        return self._high
-
-    @high.setter
-    def high(self, value: torch.Tensor) -> None:
-        self._high = value
+    low = _kept_bound("_low")
+    high = _kept_bound("_high")
 
     def _rebuild(self, shape: torch.Size, device: torch.device, dtype: torch.dtype) -> BroadcastBox:
         lo = self._low.reshape(-1)[0].item() if self._low.numel() else 0.0

@@ -73,15 +73,11 @@ class GuidanceTorchRLEnv(EnvBase):
     def __init__(
         self,
         backbone: Backbone | None = None,
-        reward: Any = "shapes-clip",
-        prompts: Any = "shapes-train",
         *,
         core: GuidanceCore | None = None,
         device: torch.device | str | None = None,
         **core_kwargs: Any,
     ) -> None:
-        if core is None:
-            core_kwargs.update(reward=reward, prompts=prompts)
         self.core = make_core(backbone, core=core, device=device, **core_kwargs)
         c = self.core
         super().__init__(device=c.device, batch_size=torch.Size([c.batch_size]))

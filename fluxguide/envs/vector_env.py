@@ -60,8 +60,6 @@ class GuidanceVectorEnv(VectorEnv):
         self,
         num_envs: int = 1,
         backbone: Backbone | None = None,
-        reward: Any = "shapes-clip",
-        prompts: Any = "shapes-train",
         *,
         core: GuidanceCore | None = None,
         device: torch.device | str | None = None,
@@ -71,7 +69,7 @@ class GuidanceVectorEnv(VectorEnv):
         if core is None:
             if "batch_size" in core_kwargs and core_kwargs["batch_size"] != num_envs:
                 raise ValueError(f"pass num_envs, not batch_size (got num_envs={num_envs}, batch_size={core_kwargs['batch_size']})")
-            core_kwargs.update(batch_size=num_envs, reward=reward, prompts=prompts)
+            core_kwargs["batch_size"] = num_envs
         elif num_envs not in (1, core.batch_size):
             raise ValueError(f"num_envs={num_envs} but the core has batch_size={core.batch_size}")
         self.core = make_core(backbone, core=core, device=device, **core_kwargs)

@@ -243,9 +243,10 @@ class RewardConfig:
 
     reward: str = "shapes-clip"
     """reward: a registry name ('shapes-clip', 'verifier', 'clip', 'aesthetic', ...; fluxguide.rewards.make_reward,
-    built with the backbone's reward keyword arguments, e.g. world=<the shapes world>), an installed package's
-    entry-point name, or a spec 'package.module:make_my_reward'. Ignored by tiny-flux, which uses its own tiny
-    CLIP score; on flux e.g. 'clip' with --reward-kwargs (the shapes rewards and the verifier are shapes-only)"""
+    built by the backbone with what it gives the reward, e.g. world=<the shapes world>, device=<its device>), an
+    installed package's entry-point name, or a spec 'package.module:make_my_reward'. Ignored by tiny-flux, whose
+    only reward is its tiny random CLIP score; on flux e.g. 'clip' with --reward-kwargs (the shapes rewards and
+    the verifier belong to the shapes world, which flux refuses)"""
     reward_kwargs: str | None = None
     """keyword arguments of the reward as a JSON object, e.g. '{"model_name": "ViT-L-14", "pretrained":
     "/weights/open_clip_vitl14.safetensors"}' (a local open_clip weights file or an open_clip tag)"""
@@ -262,7 +263,7 @@ class RewardConfig:
             raise ConfigError(str(e)) from None
 
     def build(self, backbone: Any, *, seed: int) -> Any:
-        """The reward module (:func:`fluxguide.backbones.registry.build_reward`)."""
+        """The reward module, built by the one reward builder (:func:`fluxguide.backbones.registry.build_reward`)."""
         from fluxguide.backbones.registry import build_reward, parse_reward_kwargs
 
         return build_reward(self.reward, backbone, seed=seed, **parse_reward_kwargs(self.reward_kwargs))

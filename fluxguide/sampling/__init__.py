@@ -2,6 +2,7 @@
 instrumented form (the seed's ``denoise``, ``get_schedule``, ``apply_guidance_model``, ``denoise_with_state_collection``)."""
 
 from fluxguide.sampling.cfg import ClassifierFreeGuidance
+from fluxguide.sampling.conditioning import Conditioning, model_velocity
 from fluxguide.sampling.denoise import FluxModel, apply_guidance_model, denoise, scale_at
 from fluxguide.sampling.instrumented import denoise_with_state_collection
 from fluxguide.sampling.memoryless import (
@@ -23,6 +24,7 @@ from fluxguide.sampling.steps import (
 
 __all__ = [
     "ClassifierFreeGuidance",
+    "Conditioning",
     "FluxModel",
     "SDEStepOutput",
     "apply_guidance_model",
@@ -36,6 +38,7 @@ __all__ = [
     "memoryless_coefficients",
     "memoryless_sigma",
     "memoryless_step",
+    "model_velocity",
     "scale_at",
     "sde_action_coefficient",
     "sde_action_std",

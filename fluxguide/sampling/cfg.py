@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fluxguide.sampling.denoise import FluxModel
+from fluxguide.sampling.conditioning import FluxModel
 
 
 class ClassifierFreeGuidance(nn.Module):

@@ -11,31 +11,17 @@ import itertools
 import math
 import numbers
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from fluxguide.sampling.conditioning import Conditioning, FluxModel, model_velocity
 from fluxguide.sampling.steps import euler_step
-
-
-class FluxModel(Protocol):
-    """Anything with the BFL ``flux`` model signature returning the velocity ``(B, seq, C)``."""
-
-    def __call__(
-        self,
-        img: torch.Tensor,
-        img_ids: torch.Tensor,
-        txt: torch.Tensor,
-        txt_ids: torch.Tensor,
-        timesteps: torch.Tensor,
-        y: torch.Tensor,
-        guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
-
 
 GuidanceFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 GuidanceScale = float | Sequence[float] | Callable[[int], float]
+StepFn = Callable[[torch.Tensor, torch.Tensor, float, float], torch.Tensor]
+"""``step(img, pred_used, t_curr, t_prev) -> next img``: how the loop moves from one time to the next."""
 
 
 SCALE_FORMS = "a float, a list with one float per step, or a callable step_idx -> float"
@@ -173,17 +159,16 @@ def check_timesteps(timesteps: Sequence[float]) -> int:
     return num_steps
 
 
-def guided_prediction(model: FluxModel, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor,
-                      txt_ids: torch.Tensor, vec: torch.Tensor, guidance_vec: torch.Tensor | None, t_curr: float,
-                      step_idx: int, guidance_model: GuidanceFn | None, scale: float,
+def guided_prediction(model: FluxModel, img: torch.Tensor, cond: Conditioning, guidance: float | None,
+                      t_curr: float, step_idx: int, guidance_model: GuidanceFn | None, scale: float,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """One step's ``(pred, pred_used)``: the model's velocity at ``t_curr`` and, with a guidance model, the
     guided ``pred + scale * correction`` (else ``pred`` itself)."""
     t_vec = torch.full((img.shape[0],), t_curr, dtype=img.dtype, device=img.device)
-    pred = model(img=img, img_ids=img_ids, txt=txt, txt_ids=txt_ids, y=vec, timesteps=t_vec, guidance=guidance_vec)
+    pred = model_velocity(model, img, t_vec, cond, guidance)
     if guidance_model is None:
         return pred, pred
-    return pred, apply_guidance_model(guidance_model, img, pred, txt, vec, t_vec, step_idx, scale)
+    return pred, apply_guidance_model(guidance_model, img, pred, cond.txt, cond.vec, t_vec, step_idx, scale)
 
 
 def denoise(
@@ -203,6 +188,7 @@ def denoise(
     gradient_checkpointing: bool = True,
     check_finite_values: bool = True,
     callback: Callable[[int, float, float, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    step_fn: StepFn = euler_step,
 ) -> torch.Tensor:
     """Sample with Flux's Euler loop, optionally adding a guidance model's correction at every step.
 
@@ -224,6 +210,9 @@ def denoise(
         check_finite_values: raise on NaN/inf in the prediction or the guided prediction.
         callback: called after each step as ``callback(step_idx, t_curr, t_prev, img, pred, pred_used)``
             with ``img`` the latent *before* the step (used by state collection and the envs).
+        step_fn: ``step_fn(img, pred_used, t_curr, t_prev) -> next latent``; Flux's Euler step by default
+            (state collection passes Flow-GRPO's SDE step). With gradient checkpointing it runs twice in the
+            backward pass, so a random step must draw its noise outside (or keep ``guidance_requires_grad`` off).
 
     Returns:
         The final latent ``(B, seq, C)``.
@@ -233,17 +222,13 @@ def denoise(
     check_batch(img, txt, vec, img_ids)
     if grad_last_k is not None and not 1 <= grad_last_k <= num_steps:
         raise ValueError(f"grad_last_k must be in [1, {num_steps}] (the number of steps), got {grad_last_k}")
-    guidance_vec = None
-    if guidance is not None:
-        guidance_vec = torch.full((img.shape[0],), guidance, device=img.device, dtype=img.dtype)
+    cond = Conditioning(txt=txt, vec=vec, txt_ids=txt_ids, img_ids=img_ids)
     first_grad_step = 0 if grad_last_k is None else num_steps - grad_last_k
 
     def step(img: torch.Tensor, t_curr: float, t_prev: float, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         scale = scale_at(guidance_scale, i, num_steps) if guidance_model is not None else 1.0
-        pred, pred_used = guided_prediction(
-            model, img, img_ids, txt, txt_ids, vec, guidance_vec, t_curr, i, guidance_model, scale
-        )
-        return euler_step(img, pred_used, t_curr, t_prev), pred, pred_used
+        pred, pred_used = guided_prediction(model, img, cond, guidance, t_curr, i, guidance_model, scale)
+        return step_fn(img, pred_used, t_curr, t_prev), pred, pred_used
 
     for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):
         with_grad = guidance_requires_grad and i >= first_grad_step

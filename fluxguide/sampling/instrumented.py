@@ -1,10 +1,9 @@
 """The seed's instrumented sampler: ``denoise`` that also returns the state of every step.
 
-``denoise_with_state_collection`` runs the same guided loop as :func:`fluxguide.sampling.denoise` (the ODE
-path *is* ``denoise``, through its ``callback``, so the final latent is bit for bit the same) and records,
-for every step, the observation a guidance model sees and what the sampler did with it. With
-``noise_level > 0`` it runs the marginal-preserving SDE of Flow-GRPO instead (the noisy trajectories that
-best-of-N data collection draws).
+``denoise_with_state_collection`` runs :func:`fluxguide.sampling.denoise` itself (through its ``callback``, so
+the final latent is bit for bit the same) and records, for every step, the observation a guidance model sees and
+what the sampler did with it. With ``noise_level > 0`` the loop's step (``step_fn``) is the marginal-preserving
+SDE step of Flow-GRPO instead of Euler's (the noisy trajectories that best-of-N data collection draws).
 
 The states come back as one :class:`~tensordict.TensorDict` with batch size ``[B]``: per-step entries
 carry a step dimension after the batch (``img`` is ``(B, T, seq, C)``) and the per-episode constants
@@ -13,25 +12,13 @@ carry a step dimension after the batch (``img`` is ``(B, T, seq, C)``) and the p
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Sequence
 
 import torch
 from tensordict import TensorDict
 
-from fluxguide.sampling.denoise import (
-    FluxModel,
-    GuidanceFn,
-    GuidanceScale,
-    check_batch,
-    check_finite,
-    check_guidance_scale,
-    check_timesteps,
-    denoise,
-    guided_prediction,
-    scale_at,
-)
-from fluxguide.sampling.steps import sde_step
+from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, StepFn, denoise
+from fluxguide.sampling.steps import euler_step, sde_step
 
 # The observation keys of the denoising MDP, spelled as in ``fluxguide.keys`` (a layer above this
 # one, so not imported from there; tests/sampling/test_instrumented.py checks that they agree).
@@ -83,52 +70,34 @@ def denoise_with_state_collection(
     records: list[dict[str, torch.Tensor]] = []
 
     def record(step_idx: int, t_curr: float, t_prev: float, x: torch.Tensor, pred: torch.Tensor,
-               pred_used: torch.Tensor, next_x: torch.Tensor | None = None) -> None:
-        if not save_states:
-            return
-        entry = {IMG: x.detach(), PRED: pred.detach(), PRED_USED: pred_used.detach()}
-        if next_x is not None:
-            entry[NEXT_IMG] = next_x.detach()
-        records.append(entry)
+               pred_used: torch.Tensor) -> None:
+        if save_states:
+            records.append({IMG: x.detach(), PRED: pred.detach(), PRED_USED: pred_used.detach()})
 
-    if noise_level == 0:
-        final = denoise(
-            model, img, img_ids, txt, txt_ids, vec, timesteps, guidance=guidance, guidance_model=guidance_model,
-            guidance_scale=guidance_scale, guidance_requires_grad=False, check_finite_values=check_finite_values,
-            callback=record,
-        )
-    else:
-        final = _sde_loop(model, img, img_ids, txt, txt_ids, vec, timesteps, guidance, guidance_model,
-                          guidance_scale, noise_level, generator, check_finite_values, record)
+    step_fn = euler_step if noise_level == 0 else _sde_step_fn(noise_level, generator)
+    final = denoise(
+        model, img, img_ids, txt, txt_ids, vec, timesteps, guidance=guidance, guidance_model=guidance_model,
+        guidance_scale=guidance_scale, guidance_requires_grad=False, check_finite_values=check_finite_values,
+        callback=record, step_fn=step_fn,
+    )
     if not save_states:
         return final, None
+    if noise_level > 0:  # the latent after each step: the next step's latent before it, then the final one
+        for before, after in zip(records, [*records[1:], {IMG: final.detach()}]):
+            before[NEXT_IMG] = after[IMG]
     return final, _stack_states(records, txt, vec, timesteps)
 
 
-@torch.no_grad()
-def _sde_loop(model: FluxModel, img: torch.Tensor, img_ids: torch.Tensor, txt: torch.Tensor, txt_ids: torch.Tensor,
-              vec: torch.Tensor, timesteps: Sequence[float], guidance: float | None,
-              guidance_model: GuidanceFn | None, guidance_scale: GuidanceScale, noise_level: float,
-              generator: torch.Generator | None, check_finite_values: bool, record) -> torch.Tensor:
-    """The guided loop with Flow-GRPO's SDE step in place of the Euler step (the env's SDE mode)."""
-    num_steps = check_timesteps(timesteps)
-    check_guidance_scale(guidance_scale, num_steps)
-    check_batch(img, txt, vec, img_ids)
-    b = img.shape[0]
-    g = None if guidance is None else torch.full((b,), guidance, device=img.device, dtype=img.dtype)
-    for i, (t_curr, t_prev) in enumerate(itertools.pairwise(timesteps)):
-        scale = scale_at(guidance_scale, i, num_steps) if guidance_model is not None else 1.0
-        pred, pred_used = guided_prediction(model, img, img_ids, txt, txt_ids, vec, g, t_curr, i, guidance_model, scale)
-        if check_finite_values:
-            check_finite("the model prediction", pred, i, t_curr)
-            check_finite("the guided prediction", pred_used, i, t_curr)
+def _sde_step_fn(noise_level: float, generator: torch.Generator | None) -> StepFn:
+    """Flow-GRPO's SDE step around the guided prediction (the env's SDE mode), in float32, with noise drawn from
+    ``generator`` on its device."""
+
+    def step(img: torch.Tensor, pred_used: torch.Tensor, t_curr: float, t_prev: float) -> torch.Tensor:
         noise_device = img.device if generator is None else generator.device
         noise = torch.randn(img.shape, generator=generator, device=noise_device).to(img.device)
-        new_img = sde_step(img.float(), pred_used.float(), t_curr, t_prev, noise_level, noise=noise).sample
-        new_img = new_img.to(img.dtype)
-        record(i, t_curr, t_prev, img, pred, pred_used, new_img)
-        img = new_img
-    return img
+        return sde_step(img.float(), pred_used.float(), t_curr, t_prev, noise_level, noise=noise).sample.to(img.dtype)
+
+    return step
 
 
 def _stack_states(records: list[dict[str, torch.Tensor]], txt: torch.Tensor, vec: torch.Tensor,

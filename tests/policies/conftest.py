@@ -10,6 +10,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
+from fluxguide.backbones.bfl import BFLFlux
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
 
@@ -104,35 +105,6 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.2) -> nn.Module:
 @pytest.fixture
 def perturb() -> Callable[..., nn.Module]:
     return randomize
-
-
-class BFLFlux(nn.Module):
-    """A diffusers ``FluxTransformer2DModel`` behind the BFL ``flux`` signature that ``denoise`` calls."""
-
-    def __init__(self, transformer: FluxTransformer2DModel) -> None:
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(
-        self,
-        img: torch.Tensor,
-        img_ids: torch.Tensor,
-        txt: torch.Tensor,
-        txt_ids: torch.Tensor,
-        timesteps: torch.Tensor,
-        y: torch.Tensor,
-        guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        return self.transformer(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=timesteps,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
 
 
 def tiny_flux(world: World, guidance_embeds: bool = False, seed: int = 0) -> BFLFlux:

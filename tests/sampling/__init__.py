@@ -1,7 +1,7 @@
 """Tests of :mod:`fluxguide.sampling`, with the tiny real models they share.
 
 The base model is a real diffusers ``FluxTransformer2DModel`` (tiny random configuration, built in code)
-behind the BFL ``flux`` model signature, and the guidance model is a small per-token MLP whose last layer
+behind the BFL ``flux`` model signature (:class:`fluxguide.backbones.bfl.BFLFlux`), and the guidance model is a small per-token MLP whose last layer
 is zero-initialised, the way every fluxguide guidance network starts.
 """
 
@@ -11,48 +11,11 @@ import torch
 from diffusers import FluxTransformer2DModel
 from torch import nn
 
+from fluxguide.backbones.bfl import BFLFlux
+
 CHANNELS = 16
 TXT_DIM = 32
 VEC_DIM = 32
-
-
-class BFLFlux(nn.Module):
-    """A diffusers ``FluxTransformer2DModel`` called with the BFL signature.
-
-    Both take ``t`` in [0, 1] and the raw distilled-guidance strength: diffusers multiplies both by 1000
-    inside ``forward`` (as BFL's ``timestep_embedding`` does with its ``time_factor``), and ``FluxPipeline``
-    passes ``timestep / 1000`` of its 0..1000 scheduler times. Like BFL's ``Flux.forward``, ``guidance`` is
-    ignored by models without a guidance embedding and required by those with one.
-    """
-
-    def __init__(self, transformer: FluxTransformer2DModel) -> None:
-        super().__init__()
-        self.transformer = transformer
-
-    def forward(
-        self,
-        img: torch.Tensor,
-        img_ids: torch.Tensor,
-        txt: torch.Tensor,
-        txt_ids: torch.Tensor,
-        timesteps: torch.Tensor,
-        y: torch.Tensor,
-        guidance: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        if not self.transformer.config.guidance_embeds:
-            guidance = None
-        elif guidance is None:
-            raise ValueError("this model is guidance-distilled: pass a guidance strength")
-        return self.transformer(
-            hidden_states=img,
-            encoder_hidden_states=txt,
-            pooled_projections=y,
-            timestep=timesteps,
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            guidance=guidance,
-            return_dict=False,
-        )[0]
 
 
 def tiny_flux(guidance_embeds: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> BFLFlux:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import open_clip
 import torch
@@ -27,8 +26,10 @@ from fluxguide.backbones.base import (
     check_finite_weights,
     straight_through_clamp,
 )
+from fluxguide.backbones.bfl import diffusers_flux_velocity
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
 from fluxguide.worlds.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
+from fluxguide.worlds.shapes.rewards import WORLD_NAME
 from fluxguide.worlds.shapes.scenes import IMAGE_SIZE, parse_prompts
 from fluxguide.worlds.shapes.verifier import verify
 
@@ -101,6 +102,7 @@ class ShapesWorld(Backbone):
     schedule_shift = True
     pixel_patch = PATCH
     verifier = staticmethod(verify)
+    world_name = WORLD_NAME
     clip_embed_dim = 64
     aesthetic_hidden = AESTHETIC_HIDDEN
 
@@ -168,16 +170,9 @@ class ShapesWorld(Backbone):
         y: torch.Tensor,
         guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        # diffusers' Flux takes t in [0, 1] and scales it by 1000 inside, like BFL's timestep embedding.
-        out = self.transformer(
-            hidden_states=img.to(self.dtype),
-            encoder_hidden_states=txt.to(self.dtype),
-            pooled_projections=y.to(self.dtype),
-            timestep=timesteps.to(self.dtype),
-            img_ids=img_ids,
-            txt_ids=txt_ids,
-            return_dict=False,
-        )[0]
+        dtype = self.dtype
+        out = diffusers_flux_velocity(self, img.to(dtype), img_ids, txt.to(dtype), txt_ids,
+                                      timesteps.to(dtype), y.to(dtype), guidance)
         return out.to(img.dtype)
 
     def decode(self, img: torch.Tensor) -> torch.Tensor:
@@ -195,9 +190,9 @@ class ShapesWorld(Backbone):
 
         return render_prompts(prompts, seed=int(torch.randint(2**31 - 1, (1,), generator=generator)))[0]
 
-    def reward_kwargs(self, name: str) -> dict[str, Any]:
-        """The world's own rewards (``shapes-*``) share this world's tiny CLIP and aesthetic head."""
-        return {"world": self} if name.strip().lower().replace("_", "-").startswith("shapes-") else {}
+    def default_reward(self) -> str:
+        """The tiny CLIP's text-image similarity (``"shapes-clip"``), which gets this world's loaded CLIP."""
+        return "shapes-clip"
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> clean latents ``x0`` (the inverse of :meth:`decode`)."""
