@@ -52,6 +52,7 @@ from fluxguide.algos.on_sampler import Decoder, OnSamplerAlgorithm, SamplerBatch
 from fluxguide.algos.reward_gradient import RewardFn
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.rewards.base import call_reward, require_differentiable
+from fluxguide.sampling.conditioning import model_velocity
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn
 from fluxguide.sampling.memoryless import (
     correction_to_control,
@@ -125,11 +126,7 @@ class Trajectory:
 def _base_velocity(model: FluxModel, img: torch.Tensor, t: float, cond: Conditioning,
                    guidance: float | None) -> torch.Tensor:
     dtype = next((p.dtype for p in model.parameters()), torch.float32) if isinstance(model, nn.Module) else None
-    x = img if dtype is None else img.to(dtype)
-    t_vec = torch.full((img.shape[0],), t, device=img.device, dtype=x.dtype)
-    g = None if guidance is None else torch.full_like(t_vec, guidance)
-    return model(img=x, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, y=cond.vec, timesteps=t_vec,
-                 guidance=g).float()
+    return model_velocity(model, img if dtype is None else img.to(dtype), t, cond, guidance).float()
 
 
 def _policy(policy: GuidanceFn, img: torch.Tensor, pred: torch.Tensor, cond: Conditioning, t: float,

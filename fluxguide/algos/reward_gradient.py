@@ -43,6 +43,7 @@ from fluxguide.rewards.base import (
     describe_reward,
     require_differentiable,
 )
+from fluxguide.sampling.conditioning import model_velocity
 from fluxguide.sampling.denoise import FluxModel, GuidanceFn, GuidanceScale, denoise, scale_at
 
 RewardFn = Callable[[torch.Tensor, list[str]], torch.Tensor]
@@ -258,11 +259,9 @@ def one_step_reward_loss(
             guidance=guidance, guidance_model=policy, guidance_scale=_prefix_scale(config.guidance_scale, step_idx),
         )
     t = float(timesteps[step_idx])
-    t_vec = torch.full((img.shape[0],), t, device=img.device, dtype=img.dtype)
-    guidance_vec = None if guidance is None else torch.full_like(t_vec, guidance)
+    t_vec = torch.full((img.shape[0],), t, device=img.device, dtype=img.dtype)  # the policy's time input too
     with torch.no_grad():
-        pred = model(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, y=cond.vec,
-                     timesteps=t_vec, guidance=guidance_vec)
+        pred = model_velocity(model, img, t_vec, cond, guidance)
     correction = policy(img, pred, cond.txt, cond.vec, t_vec, step_idx)
     scale = scale_at(config.guidance_scale, step_idx, num_steps)
     x0 = predicted_clean_latent(img, pred, correction, t, scale)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone
-from fluxguide.plugins import Registry, call_with_options
+from fluxguide.plugins import PluginError, Registry, call_with_options
 from fluxguide.rewards.callable_reward import CallableReward
 from fluxguide.rewards.registry import TINY_CLIP_CFG
 
@@ -101,7 +101,8 @@ def build_backbone(
                "model_path": model_path, "height": height, "width": width, "max_sequence_length": max_sequence_length}
     backbone = call_with_options(factory, **options)
     if not isinstance(backbone, Backbone):
-        raise TypeError(f"backbone {name!r} built a {type(backbone).__name__}, not a fluxguide Backbone")
+        raise PluginError(f"backbone {name!r} built a {type(backbone).__name__}, not a fluxguide Backbone: return a "
+                          "subclass of fluxguide.backbones.Backbone (guide: Plug in a new backbone)")
     return backbone
 
 
