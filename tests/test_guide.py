@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import ROOT
+
 GUIDE = ROOT / "docs" / "guide.md"
 NOT_RUN = "# not run:"
 FILE = "# file:"

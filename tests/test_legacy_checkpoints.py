@@ -66,6 +66,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.scripts import ROOT
+
 # ------------------------------------------------------------------------------------------------------------------
 # fluxguide imports: the ONLY place this test names fluxguide modules or scripts. They are the paths of the source
 # commit of the fixtures. When a refactor moves these names, update the paths in this block (and nothing else):
@@ -83,7 +85,6 @@ from fluxguide.policies import (
 )
 from fluxguide.policies.registry import build_policy, image_channels, latent_grid
 from fluxguide.rewards import make_reward
-from fluxguide.worlds.shapes import ShapesWorld
 from fluxguide.worlds.shapes.verifier import (
     FOREGROUND,  # the verifier's pixel threshold (see ambiguous_images)
 )
@@ -103,7 +104,6 @@ LEGACY_DEFAULTS = {
 }
 # ------------------------------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "legacy"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 POLICIES = EXPECTED["policies"]
@@ -236,26 +236,22 @@ def build_script_modules(script: str, cfg: dict, world):
 
 
 # ----------------------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def one_thread():
+    """The fixtures' numbers were computed with one thread: every test here runs with one (the world as well)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the fixtures' numbers were computed with one thread
+    torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def world(one_thread):
-    return ShapesWorld.pretrained()
+def eval_reward(shapes_pretrained):
+    return make_reward(EXPECTED["evaluation"]["reward"], world=shapes_pretrained)
 
 
 @pytest.fixture(scope="module")
-def reward(world):
-    return make_reward(EXPECTED["evaluation"]["reward"], world=world)
-
-
-@pytest.fixture(scope="module")
-def prompts():
+def heldout_prompts():
     ev = EXPECTED["evaluation"]
     found = resolve_prompts(ev["prompt_set"])[: ev["num_prompts"]]
     assert found == ev["prompts"], "the held-out prompt set changed"
@@ -263,7 +259,7 @@ def prompts():
 
 
 @pytest.fixture(scope="module")
-def observation():
+def stored_observation():
     return load_file(str(FIXTURES / EXPECTED["observation"]["file"]))
 
 
@@ -278,25 +274,27 @@ def keep_global_rng():
 
 
 # --------------------------------------------------------------------------------------------- world and sampler
-def test_observation_is_reproduced(world, observation):
+def test_observation_is_reproduced(shapes_pretrained, stored_observation):
     """The stored observation is what the shapes world computes today (velocity at t = 0.8 and 0.3)."""
     obs = EXPECTED["observation"]
-    cond = world.encode(obs["prompts"])
-    shape = (len(obs["prompts"]), world.latent_seq, world.latent_channels)
+    cond = shapes_pretrained.encode(obs["prompts"])
+    shape = (len(obs["prompts"]), shapes_pretrained.latent_seq, shapes_pretrained.latent_channels)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(obs["noise_seed"]))
     x0 = 0.5 * torch.randn(shape, generator=torch.Generator().manual_seed(obs["x0_seed"]))
-    torch.testing.assert_close(cond.txt, observation["txt"], rtol=RTOL, atol=1e-6)
-    torch.testing.assert_close(cond.vec, observation["vec"], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(cond.txt, stored_observation["txt"], rtol=RTOL, atol=1e-6)
+    torch.testing.assert_close(cond.vec, stored_observation["vec"], rtol=RTOL, atol=1e-6)
     with torch.no_grad():
         for t in obs["times"]:
             img = (1 - t) * x0 + t * noise
-            torch.testing.assert_close(img, observation[f"img@{t}"], rtol=0, atol=0)
-            torch.testing.assert_close(world.velocity(img, t, cond), observation[f"pred@{t}"], rtol=RTOL, atol=1e-5)
+            torch.testing.assert_close(img, stored_observation[f"img@{t}"], rtol=0, atol=0)
+            torch.testing.assert_close(shapes_pretrained.velocity(img, t, cond), stored_observation[f"pred@{t}"],
+                                       rtol=RTOL, atol=1e-5)
 
 
-def test_base_sampler_evaluation(world, reward, prompts):
+def test_base_sampler_evaluation(shapes_pretrained, eval_reward, heldout_prompts):
     """The base sampler (no policy) on the evaluation noise: if this fails, the world / sampler changed."""
-    assert_eval(eval_stats(world, reward, None, prompts), EXPECTED["base_sampler"]["eval"], "base sampler")
+    assert_eval(eval_stats(shapes_pretrained, eval_reward, None, heldout_prompts), EXPECTED["base_sampler"]["eval"],
+                "base sampler")
 
 
 # ------------------------------------------------------------------------------------------------ policy files
@@ -317,15 +315,15 @@ def test_policy_file_loads(name, one_thread):
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_policy_correction(name, observation, one_thread):
+def test_policy_correction(name, stored_observation, one_thread):
     """The correction of each loaded policy on the stored observation (t = 0.8; t = 0.3 is 0 outside min_t)."""
     policy = load_guidance_model(FIXTURES / POLICIES[name]["file"]).eval()
     step_idx = EXPECTED["observation"]["step_idx"]
     with torch.no_grad():
         for t, exp in POLICIES[name]["correction"].items():
-            img, pred = observation[f"img@{t}"], observation[f"pred@{t}"]
-            out = policy(img, pred, observation["txt"], observation["vec"], torch.full((img.shape[0],), float(t)),
-                         step_idx)
+            img, pred = stored_observation[f"img@{t}"], stored_observation[f"pred@{t}"]
+            out = policy(img, pred, stored_observation["txt"], stored_observation["vec"],
+                         torch.full((img.shape[0],), float(t)), step_idx)
             what = f"{name} correction at t={t}"
             assert list(out.shape) == exp["shape"], what
             scale = exp["abs_sum"] / out.numel()  # mean |value|: the tolerance of signed values near zero
@@ -337,19 +335,20 @@ def test_policy_correction(name, observation, one_thread):
 
 
 @pytest.mark.parametrize("name", sorted(POLICIES))
-def test_policy_evaluation(name, world, reward, prompts):
+def test_policy_evaluation(name, shapes_pretrained, eval_reward, heldout_prompts):
     """The held-out evaluation of each loaded policy on the fixed evaluation noise."""
     policy = load_guidance_model(FIXTURES / POLICIES[name]["file"])
-    got = eval_stats(world, reward, policy, prompts, name)
+    got = eval_stats(shapes_pretrained, eval_reward, policy, heldout_prompts, name)
     expected = {k: v for k, v in POLICIES[name]["eval"].items() if k != "max_abs_diff_from_base_sampler"}
     assert_eval(got, expected, name)
 
 
-def test_verifier_threshold_is_rarely_ambiguous(world, reward, prompts):
+def test_verifier_threshold_is_rarely_ambiguous(shapes_pretrained, eval_reward, heldout_prompts):
     """The premise of the verdict tolerances: few evaluation images have a pixel near the foreground threshold."""
     for name in sorted(POLICIES):  # normally evaluated already by test_policy_evaluation
         if name not in EVAL_IMAGES:
-            eval_stats(world, reward, load_guidance_model(FIXTURES / POLICIES[name]["file"]), prompts, name)
+            policy = load_guidance_model(FIXTURES / POLICIES[name]["file"])
+            eval_stats(shapes_pretrained, eval_reward, policy, heldout_prompts, name)
     images = torch.cat([EVAL_IMAGES[name] for name in sorted(POLICIES)])
     assert ambiguous_images(images) <= max(1, len(images) // 20), (
         f"{ambiguous_images(images)} of {len(images)} images have a pixel within 1e-4 of the verifier's threshold")
@@ -357,12 +356,12 @@ def test_verifier_threshold_is_rarely_ambiguous(world, reward, prompts):
 
 # ------------------------------------------------------------------------------------------- checkpoint folders
 @pytest.mark.parametrize("name", sorted(CHECKPOINTS))
-def test_checkpoint_resumes(name, world, keep_global_rng):
+def test_checkpoint_resumes(name, shapes_pretrained, keep_global_rng):
     """load_checkpoint restores a legacy checkpoint folder into the modules its script builds today."""
     rec = CHECKPOINTS[name]
     folder = FIXTURES / rec["folder"]
     cfg = json.loads((folder / "state.json").read_text())["state"]["config"]
-    policy, modules, optimizers, gen_names = build_script_modules(rec["script"], cfg, world)
+    policy, modules, optimizers, gen_names = build_script_modules(rec["script"], cfg, shapes_pretrained)
     assert sorted(modules) == rec["module_names"]
     with torch.no_grad():  # scramble, so that only loading can make the weights right
         for module in modules.values():

@@ -112,25 +112,20 @@ def plugin_dist(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     importlib.invalidate_caches()
 
 
-@pytest.fixture(scope="module")
-def backbone() -> Backbone:
-    return build_backbone("shapes-random", seed=0)
-
-
-def images() -> torch.Tensor:
+def ramp_images() -> torch.Tensor:
     return torch.linspace(0, 1, 2 * 3 * 4 * 4).reshape(2, 3, 4, 4)
 
 
 # ----------------------------------------------------------------------------------------------- specs
 def test_reward_spec(plugin_dist: Path) -> None:
     reward = make_reward(f"{PKG}.rewards:make", scale=2.0)
-    assert torch.allclose(reward(images(), ["a", "b"]), 2.0 * images().mean(dim=(1, 2, 3)))
+    assert torch.allclose(reward(ramp_images(), ["a", "b"]), 2.0 * ramp_images().mean(dim=(1, 2, 3)))
 
 
-def test_policy_spec(plugin_dist: Path, backbone: Backbone) -> None:
-    policy = build_policy(f"{PKG}.policies:make", backbone)
+def test_policy_spec(plugin_dist: Path, shapes_random: Backbone) -> None:
+    policy = build_policy(f"{PKG}.policies:make", shapes_random)
     assert type(policy).__name__ == "ScaledPred"
-    assert build_policy(f"{PKG}.policies:make", backbone, min_t=0.5).__class__.__name__ == "TimestepRangeGuidance"
+    assert build_policy(f"{PKG}.policies:make", shapes_random, min_t=0.5).__class__.__name__ == "TimestepRangeGuidance"
 
 
 def test_backbone_spec(plugin_dist: Path) -> None:
@@ -142,8 +137,8 @@ def test_prompt_spec(plugin_dist: Path) -> None:
     assert resolve_prompts(f"{PKG}.prompts:make") == ["a red circle", "a blue bar"]
 
 
-def test_env_kwargs_take_specs(plugin_dist: Path, backbone: Backbone) -> None:
-    core = GuidanceCore(backbone, reward=f"{PKG}.rewards:make", prompts=f"{PKG}.prompts:make", batch_size=2,
+def test_env_kwargs_take_specs(plugin_dist: Path, shapes_random: Backbone) -> None:
+    core = GuidanceCore(shapes_random, reward=f"{PKG}.rewards:make", prompts=f"{PKG}.prompts:make", batch_size=2,
                         num_steps=2)
     assert core.prompt_source.prompts == ["a red circle", "a blue bar"]
     core.reset(seed=0)
@@ -154,8 +149,8 @@ def test_env_kwargs_take_specs(plugin_dist: Path, backbone: Backbone) -> None:
     assert torch.allclose(result.reward, core.final_images.mean(dim=(1, 2, 3)))
 
 
-def test_gymnasium_make_takes_a_reward_spec(plugin_dist: Path, backbone: Backbone) -> None:
-    env = gymnasium.make("fluxguide/Shapes-v0", backbone=backbone, reward=f"{PKG}.rewards:make", num_steps=2,
+def test_gymnasium_make_takes_a_reward_spec(plugin_dist: Path, shapes_random: Backbone) -> None:
+    env = gymnasium.make("fluxguide/Shapes-v0", backbone=shapes_random, reward=f"{PKG}.rewards:make", num_steps=2,
                          prompts="my-test-prompts")
     env.reset(seed=0)
     action = env.action_space.sample() * 0
@@ -170,13 +165,13 @@ def test_gymnasium_make_takes_a_reward_spec(plugin_dist: Path, backbone: Backbon
 def test_installed_package_registers_a_reward(plugin_dist: Path) -> None:
     assert "my-test-reward" in available_rewards()
     reward = make_reward("my-test-reward")
-    assert torch.allclose(reward(images(), ["a", "b"]), images().mean(dim=(1, 2, 3)))
+    assert torch.allclose(reward(ramp_images(), ["a", "b"]), ramp_images().mean(dim=(1, 2, 3)))
     assert make_reward("My_Test_Reward") is not None  # names are case-insensitive, _ = -
 
 
-def test_installed_package_registers_a_policy(plugin_dist: Path, backbone: Backbone) -> None:
+def test_installed_package_registers_a_policy(plugin_dist: Path, shapes_random: Backbone) -> None:
     assert "my-test-policy" in POLICIES.names()
-    assert type(build_policy("my-test-policy", backbone)).__name__ == "ScaledPred"
+    assert type(build_policy("my-test-policy", shapes_random)).__name__ == "ScaledPred"
 
 
 def test_installed_package_registers_a_backbone(plugin_dist: Path) -> None:
@@ -205,17 +200,17 @@ def test_entry_point_that_fails_to_load_names_it(plugin_dist: Path) -> None:
     ],
     ids=["make_reward", "build_policy", "build_backbone", "prompts", "GuidanceCore"],
 )
-def test_bad_specs_name_what_failed(plugin_dist: Path, backbone: Backbone, build, kind: str) -> None:
+def test_bad_specs_name_what_failed(plugin_dist: Path, shapes_random: Backbone, build, kind: str) -> None:
     with pytest.raises(PluginError, match=rf"{kind} spec .*could not import module 'no_such_pkg_zz\.sub'"):
-        build("no_such_pkg_zz.sub:make", backbone)
+        build("no_such_pkg_zz.sub:make", shapes_random)
     with pytest.raises(PluginError, match=rf"'{PKG}\.rewards' has no attribute 'nope'"):
-        build(f"{PKG}.rewards:nope", backbone)
+        build(f"{PKG}.rewards:nope", shapes_random)
     with pytest.raises(PluginError, match=rf"'{PKG}\.rewards\.make' has no attribute 'deeper'"):
-        build(f"{PKG}.rewards:make.deeper", backbone)
+        build(f"{PKG}.rewards:make.deeper", shapes_random)
     with pytest.raises(PluginError, match="not of the form 'package.module:attribute'"):
-        build(f"{PKG}.rewards:", backbone)
+        build(f"{PKG}.rewards:", shapes_random)
     with pytest.raises(PluginError, match="not of the form"):
-        build(":make", backbone)
+        build(":make", shapes_random)
 
 
 def test_plugin_error_is_an_import_and_value_error() -> None:
@@ -234,9 +229,9 @@ def test_plugin_error_is_an_import_and_value_error() -> None:
     ],
     ids=["reward", "policy", "backbone"],
 )
-def test_unknown_names_list_the_valid_ones(backbone: Backbone, build, valid: list[str]) -> None:
+def test_unknown_names_list_the_valid_ones(shapes_random: Backbone, build, valid: list[str]) -> None:
     with pytest.raises(PluginError, match="unknown .*'no-such-thing'; valid names: ") as info:
-        build(backbone)
+        build(shapes_random)
     assert all(name in str(info.value) for name in valid), str(info.value)
     assert "package.module:attribute" in str(info.value)
 

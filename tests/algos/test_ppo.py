@@ -11,20 +11,8 @@ from fluxguide.algos.ppo import PPO, PPOConfig, group_advantages, rewards_to_go
 from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.policies import MLPGuidanceModel, make_probabilistic_actor, make_value_network
 from fluxguide.rewards import CallableReward, NonFiniteRewardError
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.worlds.shapes.world import build_transformer
-
-
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return ShapesWorld(create_shapes_clip(), build_transformer())
-
-
-def redness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """Mean red minus mean green-and-blue: a reward a policy can raise in a few updates."""
-    return images[:, 0].mean((1, 2)) - images[:, 1:].mean((1, 2, 3))
+from fluxguide.worlds.shapes import ShapesWorld
+from tests.toy_rewards import redness
 
 
 def make_ppo(world: ShapesWorld, mode: str = "sde", advantage: str = "group", reduction: str = "mean",
@@ -68,13 +56,13 @@ def test_rewards_to_go_and_group_advantages() -> None:
 @pytest.mark.parametrize(("mode", "advantage", "reduction"), [
     ("sde", "group", "mean"), ("ode", "group", "sum"), ("sde", "gae", "mean"), ("ode", "gae", "mean"),
 ])
-def test_first_minibatch_has_ratio_one_and_no_clipping(world, mode, advantage, reduction) -> None:
+def test_first_minibatch_has_ratio_one_and_no_clipping(shapes_random, mode, advantage, reduction) -> None:
     # A tiny clip range makes any inconsistency between the collected and recomputed log-probs show.
     # A summed log-prob adds seq * C = 3,072 float32 log-densities (each O(1)) per step: recomputing it in another
     # batch layout moves it by up to ~3e-4 nats (float32 rounding of a sum of magnitude ~1e3), so the ratio is 1
     # within 1e-3 there, 1e-5 with the mean; the clip range sits above that.
     tol = 1e-3 if reduction == "sum" else 1e-5
-    ppo = make_ppo(world, mode=mode, advantage=advantage, reduction=reduction, clip_epsilon=10 * max(tol, 1e-4))
+    ppo = make_ppo(shapes_random, mode=mode, advantage=advantage, reduction=reduction, clip_epsilon=10 * max(tol, 1e-4))
     # The checkpoint's names (train_ppo.py has always saved these).
     assert set(ppo.modules) == ({"actor", "critic"} if advantage == "gae" else {"actor"})
     assert ppo.modules["actor"] is ppo.actor and ppo.optimizers == {"policy": ppo.optimizer}
@@ -89,8 +77,8 @@ def test_first_minibatch_has_ratio_one_and_no_clipping(world, mode, advantage, r
     ppo.shutdown()
 
 
-def test_batches_are_whole_episodes_with_consistent_groups(world) -> None:
-    ppo = make_ppo(world)
+def test_batches_are_whole_episodes_with_consistent_groups(shapes_random) -> None:
+    ppo = make_ppo(shapes_random)
     batch = ppo.collect()
     assert tuple(batch.batch_size) == (8, 4)
     assert batch["step"][:, :, 0].tolist() == [[0, 1, 2, 3]] * 8
@@ -102,8 +90,8 @@ def test_batches_are_whole_episodes_with_consistent_groups(world) -> None:
     ppo.shutdown()
 
 
-def test_short_run_raises_the_mean_reward_on_fixed_prompts(world) -> None:
-    ppo = make_ppo(world, batch_size=16, samples_per_prompt=8, lr=1e-2)
+def test_short_run_raises_the_mean_reward_on_fixed_prompts(shapes_random) -> None:
+    ppo = make_ppo(shapes_random, batch_size=16, samples_per_prompt=8, lr=1e-2)
     rewards = [ppo.update()["reward_mean"] for _ in range(25)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     spread = torch.tensor(rewards[:5]).std().item()
@@ -111,8 +99,8 @@ def test_short_run_raises_the_mean_reward_on_fixed_prompts(world) -> None:
     ppo.shutdown()
 
 
-def test_non_finite_rewards_stop_the_update_before_any_step(world) -> None:
-    ppo = make_ppo(world, reward=lambda images, prompts: redness(images, prompts) * float("nan"))
+def test_non_finite_rewards_stop_the_update_before_any_step(shapes_random) -> None:
+    ppo = make_ppo(shapes_random, reward=lambda images, prompts: redness(images, prompts) * float("nan"))
     before = [p.detach().clone() for p in ppo.actor.parameters()]
     # Refused where the env takes the reward (issue 27), a FloatingPointError as a non-finite loss is.
     with pytest.raises(NonFiniteRewardError, match="reward function '<lambda>' returned 8 NaN values"):
@@ -121,17 +109,17 @@ def test_non_finite_rewards_stop_the_update_before_any_step(world) -> None:
     ppo.shutdown()
 
 
-def test_bad_configurations_raise_clear_errors(world) -> None:
+def test_bad_configurations_raise_clear_errors(shapes_random) -> None:
     with pytest.raises(ValueError, match="advantage must be"):
         PPOConfig(advantage="td")
     with pytest.raises(ValueError, match="clip_epsilon"):
         PPOConfig(clip_epsilon=0.0)
     with pytest.raises(ValueError, match="needs a critic"):
-        ppo = make_ppo(world)
+        ppo = make_ppo(shapes_random)
         PPO(ppo.env, ppo.actor, ppo.optimizer, PPOConfig(advantage="gae"))
     with pytest.raises(ValueError, match="minibatch_trajectories=16 exceeds"):
         PPO(ppo.env, ppo.actor, ppo.optimizer, PPOConfig(minibatch_trajectories=16))
-    single = make_ppo(world, samples_per_prompt=1, advantage="gae")
+    single = make_ppo(shapes_random, samples_per_prompt=1, advantage="gae")
     with pytest.raises(ValueError, match="samples_per_prompt=1"):
         PPO(single.env, single.actor, single.optimizer, PPOConfig(advantage="group", minibatch_trajectories=4))
 
@@ -153,10 +141,10 @@ def test_gaussian_kl_matches_torch_and_ignores_point_masses() -> None:
     assert torch.isfinite(kl) and float(kl) < float(expected) * 2
 
 
-def test_init_kl_term_starts_at_zero_and_holds_the_policy_near_its_reference(world) -> None:
+def test_init_kl_term_starts_at_zero_and_holds_the_policy_near_its_reference(shapes_random) -> None:
     kl = {}
     for weight in (0.0, 100.0):
-        ppo = make_ppo(world, lr=1e-2, init_kl=weight)
+        ppo = make_ppo(shapes_random, lr=1e-2, init_kl=weight)
         reference = ppo.reference
         batch = ppo.collect()
         assert float(ppo.init_kl_terms(batch.reshape(-1))["init_kl"]) == pytest.approx(0.0, abs=1e-9)  # at start

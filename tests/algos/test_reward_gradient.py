@@ -18,18 +18,8 @@ from fluxguide.algos import (
 )
 from fluxguide.policies import AttentionGuidanceModel, MLPGuidanceModel
 from fluxguide.rewards import CallableReward, NonFiniteRewardError, NotDifferentiableError, make_reward
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.worlds.shapes.world import build_transformer
 
 PROMPTS = ["a red circle", "a blue bar on the left of a green triangle", "a yellow triangle above a red bar"]
-
-
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    """A randomly initialised shapes world (real tiny CLIP + tiny Flux transformer; the same sizes as shipped)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return ShapesWorld(create_shapes_clip(), build_transformer())
 
 
 def policy(kind: str = "attention", seed: int = 0) -> torch.nn.Module:
@@ -40,10 +30,10 @@ def policy(kind: str = "attention", seed: int = 0) -> torch.nn.Module:
                                   vec_dim=64, mlp_ratio=2.0, grid_size=8)
 
 
-def test_updates_on_a_fixed_batch_raise_the_reward(world) -> None:
+def test_updates_on_a_fixed_batch_raise_the_reward(shapes_random) -> None:
     net = policy()
     optimizer = torch.optim.Adam(net.parameters(), 3e-3)
-    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world), optimizer,
+    algo = RewardGradient(shapes_random, net, make_reward("shapes-clip", world=shapes_random), optimizer,
                           RewardGradientConfig(num_steps=4, grad_last_k=2, control_cost=0.01))
     assert algo.modules == {"policy": net} and algo.optimizers == {"policy": optimizer}  # the checkpoint's names
     history = []
@@ -56,16 +46,17 @@ def test_updates_on_a_fixed_batch_raise_the_reward(world) -> None:
     assert metrics["grad_last_k"] == 2.0 and metrics["control_cost"] > 0
 
 
-def test_control_cost_is_scaled_mean_square_correction_and_survives_checkpointing(world) -> None:
+def test_control_cost_is_scaled_mean_square_correction_and_survives_checkpointing(shapes_random) -> None:
     net = policy("mlp")
     torch.nn.init.normal_(net.out.weight, std=0.05)  # a non-zero correction
-    cond = world.encode(PROMPTS)
-    noise = world.noise(3, torch.Generator().manual_seed(1))
+    cond = shapes_random.encode(PROMPTS)
+    noise = shapes_random.noise(3, torch.Generator().manual_seed(1))
     grads, costs = [], []
     for checkpointing in (False, True):
-        out = reward_gradient_loss(world, world.decode, net, lambda x, p: x.mean((1, 2, 3)), cond, noise,
-                                   world.schedule(3), RewardGradientConfig(num_steps=3, guidance_scale=0.5,
-                                   control_cost=2.0, gradient_checkpointing=checkpointing))
+        out = reward_gradient_loss(shapes_random, shapes_random.decode, net, lambda x, p: x.mean((1, 2, 3)), cond,
+                                   noise, shapes_random.schedule(3),
+                                   RewardGradientConfig(num_steps=3, guidance_scale=0.5, control_cost=2.0,
+                                                        gradient_checkpointing=checkpointing))
         net.zero_grad()
         out.losses["loss_control"].backward()
         grads.append(net.out.weight.grad.clone())
@@ -75,21 +66,21 @@ def test_control_cost_is_scaled_mean_square_correction_and_survives_checkpointin
     recorder = CorrectionRecorder(net, 0.5, 3)
     from fluxguide.sampling import denoise
 
-    denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
-            guidance_model=recorder, guidance_scale=0.5)
+    denoise(shapes_random, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, shapes_random.schedule(3),
+            guidance=None, guidance_model=recorder, guidance_scale=0.5)
     assert sorted(recorder.costs) == [0, 1, 2]
     assert costs[0] == pytest.approx(float(recorder.per_sample_cost().detach().mean()), rel=1e-5)
     # An unpenalised cost is recorded without a graph: one kept here outlives the update (it leaked ~100 MB per
     # update with an MLP policy under gradient checkpointing).
     logged = CorrectionRecorder(net, 0.5, 3, cost_grad=False)
     with torch.enable_grad():
-        denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
-                guidance_model=logged, guidance_scale=0.5, guidance_requires_grad=True)
+        denoise(shapes_random, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, shapes_random.schedule(3),
+                guidance=None, guidance_model=logged, guidance_scale=0.5, guidance_requires_grad=True)
     assert not any(c.requires_grad for c in logged.costs.values())
     torch.testing.assert_close(logged.per_sample_cost(), recorder.per_sample_cost().detach())
 
 
-def test_truncation_only_differentiates_the_last_k_steps(world) -> None:
+def test_truncation_only_differentiates_the_last_k_steps(shapes_random) -> None:
     seen: list[tuple[int, bool]] = []
     net = policy("mlp")
 
@@ -98,9 +89,9 @@ def test_truncation_only_differentiates_the_last_k_steps(world) -> None:
         seen.append((i, c.requires_grad))
         return c
 
-    cond = world.encode(PROMPTS[:1])
-    reward_gradient_loss(world, world.decode, spy, lambda x, p: x.mean((1, 2, 3)), cond,
-                         world.noise(1, torch.Generator().manual_seed(0)), world.schedule(5),
+    cond = shapes_random.encode(PROMPTS[:1])
+    reward_gradient_loss(shapes_random, shapes_random.decode, spy, lambda x, p: x.mean((1, 2, 3)), cond,
+                         shapes_random.noise(1, torch.Generator().manual_seed(0)), shapes_random.schedule(5),
                          RewardGradientConfig(num_steps=5, grad_last_k=2, gradient_checkpointing=False))
     assert seen == [(0, False), (1, False), (2, False), (3, True), (4, True)]
     gen = torch.Generator().manual_seed(0)
@@ -109,23 +100,23 @@ def test_truncation_only_differentiates_the_last_k_steps(world) -> None:
     assert draw_truncation(5, None, False) == 5
 
 
-def test_reward_target_stops_the_gradient_of_samples_past_it(world) -> None:
+def test_reward_target_stops_the_gradient_of_samples_past_it(shapes_random) -> None:
     net = policy("mlp")
     before = [p.detach().clone() for p in net.parameters()]
-    reward = make_reward("shapes-clip", world=world)
-    algo = RewardGradient(world, net, reward, torch.optim.SGD(net.parameters(), lr=1.0),
+    reward = make_reward("shapes-clip", world=shapes_random)
+    algo = RewardGradient(shapes_random, net, reward, torch.optim.SGD(net.parameters(), lr=1.0),
                           RewardGradientConfig(num_steps=3, reward_target=-1.0))  # cosine >= -1: always past it
     metrics = algo.update(PROMPTS, torch.Generator().manual_seed(0))
     assert metrics["loss_reward"] == pytest.approx(1.0) and metrics["grad_norm"] == 0.0
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def test_one_step_variant_learns_and_uses_the_predicted_clean_latent(world) -> None:
+def test_one_step_variant_learns_and_uses_the_predicted_clean_latent(shapes_random) -> None:
     img, pred, corr = torch.randn(3, 2, 4, 48).unbind(0)
     x0 = predicted_clean_latent(img, pred, corr, torch.tensor([0.5, 0.25]), 2.0)
     torch.testing.assert_close(x0, img - torch.tensor([0.5, 0.25]).view(2, 1, 1) * (pred + 2.0 * corr))
     net = policy("mlp")
-    algo = RewardGradient(world, net, make_reward("shapes-clip", world=world),
+    algo = RewardGradient(shapes_random, net, make_reward("shapes-clip", world=shapes_random),
                               torch.optim.Adam(net.parameters(), 1e-2),
                           RewardGradientConfig(num_steps=4), one_step=True)
     first = algo.update(PROMPTS, torch.Generator().manual_seed(0))
@@ -135,12 +126,12 @@ def test_one_step_variant_learns_and_uses_the_predicted_clean_latent(world) -> N
     assert last["reward_mean"] > first["reward_mean"] + 0.01
 
 
-def test_non_finite_loss_is_refused_and_leaves_the_policy_unchanged(world) -> None:
+def test_non_finite_loss_is_refused_and_leaves_the_policy_unchanged(shapes_random) -> None:
     net = policy("mlp")
     before = [p.detach().clone() for p in net.parameters()]
     # A finite reward whose gradient is NaN (sqrt at 0): the gradient is refused before the step.
     nan_grad = CallableReward(lambda images, prompts: (images.mean((1, 2, 3)) * 0).sqrt(), differentiable=True)
-    algo = RewardGradient(world, net, nan_grad, torch.optim.Adam(net.parameters(), 1e-2),
+    algo = RewardGradient(shapes_random, net, nan_grad, torch.optim.Adam(net.parameters(), 1e-2),
                           RewardGradientConfig(num_steps=2))
     with pytest.raises(NonFiniteLossError, match="non-finite gradient norm nan.*update was skipped"):
         algo.update(PROMPTS, torch.Generator().manual_seed(0))
@@ -151,22 +142,22 @@ def test_non_finite_loss_is_refused_and_leaves_the_policy_unchanged(world) -> No
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
 
 
-def test_non_differentiable_reward_and_bad_settings_are_rejected(world) -> None:
+def test_non_differentiable_reward_and_bad_settings_are_rejected(shapes_random) -> None:
     net = policy("mlp")
     with pytest.raises(NotDifferentiableError, match="use PPO"):
-        RewardGradient(world, net, make_reward("verifier"), torch.optim.Adam(net.parameters()))
+        RewardGradient(shapes_random, net, make_reward("verifier"), torch.optim.Adam(net.parameters()))
     with pytest.raises(ValueError, match=r"grad_last_k must be in \[1, num_steps=4\]"):
         RewardGradientConfig(num_steps=4, grad_last_k=5)
     with pytest.raises(ValueError, match="no loss terms"):
         total_loss({"reward": torch.tensor(1.0)})
 
 
-def test_control_cost_reaches_the_policy_at_untruncated_steps_but_the_trajectory_stays_detached(world) -> None:
+def test_control_cost_reaches_the_policy_at_untruncated_steps_but_the_trajectory_stays_detached(shapes_random) -> None:
     net = policy("mlp")
     torch.nn.init.normal_(net.out.weight, std=0.05)
-    cond = world.encode(PROMPTS[:2])
-    out = reward_gradient_loss(world, world.decode, net, lambda x, p: x.mean((1, 2, 3)), cond,
-                               world.noise(2, torch.Generator().manual_seed(0)), world.schedule(4),
+    cond = shapes_random.encode(PROMPTS[:2])
+    out = reward_gradient_loss(shapes_random, shapes_random.decode, net, lambda x, p: x.mean((1, 2, 3)), cond,
+                               shapes_random.noise(2, torch.Generator().manual_seed(0)), shapes_random.schedule(4),
                                RewardGradientConfig(num_steps=4, grad_last_k=1, control_cost=1.0))
     net.zero_grad()
     out.losses["loss_reward"].backward(retain_graph=True)
@@ -178,8 +169,8 @@ def test_control_cost_reaches_the_policy_at_untruncated_steps_but_the_trajectory
     recorder = CorrectionRecorder(net, 1.0, 4)
     from fluxguide.sampling import denoise
 
-    final = denoise(world, world.noise(2, torch.Generator().manual_seed(0)), cond.img_ids, cond.txt, cond.txt_ids,
-                    cond.vec, world.schedule(4), guidance=None, guidance_model=recorder)
+    final = denoise(shapes_random, shapes_random.noise(2, torch.Generator().manual_seed(0)), cond.img_ids, cond.txt,
+                    cond.txt_ids, cond.vec, shapes_random.schedule(4), guidance=None, guidance_model=recorder)
     assert not final.requires_grad
     assert all(recorder.costs[i].requires_grad for i in range(4))
 
@@ -201,7 +192,7 @@ def test_straight_through_clamp_and_random_translation() -> None:
         assert any(torch.equal(padded[:, dy : dy + 8, dx : dx + 8], shifted[i]) for dy in range(5) for dx in range(5))
 
 
-def test_init_kl_is_zero_at_the_start_and_keeps_the_policy_near_its_reference(world) -> None:
+def test_init_kl_is_zero_at_the_start_and_keeps_the_policy_near_its_reference(shapes_random) -> None:
     """RL from a distilled start: the KL to the frozen initial policy is logged, starts at 0 and, as a loss term,
     holds the trained policy nearer its start than training without it."""
     import copy
@@ -211,7 +202,7 @@ def test_init_kl_is_zero_at_the_start_and_keeps_the_policy_near_its_reference(wo
         net = policy("mlp")
         torch.nn.init.normal_(net.out.weight, std=0.05)  # a non-zero start, like a distilled policy
         reference = copy.deepcopy(net)
-        algo = RewardGradient(world, net, make_reward("shapes-clip", world=world),
+        algo = RewardGradient(shapes_random, net, make_reward("shapes-clip", world=shapes_random),
                               torch.optim.Adam(net.parameters(), 1e-2),
                               RewardGradientConfig(num_steps=4, init_kl=weight), reference=reference)
         first = algo.update(PROMPTS, torch.Generator().manual_seed(0))
@@ -229,15 +220,15 @@ def test_init_kl_is_zero_at_the_start_and_keeps_the_policy_near_its_reference(wo
     assert drift[50.0] < 0.5 * drift[0.0], drift  # Adam moves the weights either way; the term keeps the output near
 
 
-def test_init_kl_is_the_scaled_mean_square_difference_of_the_corrections(world) -> None:
+def test_init_kl_is_the_scaled_mean_square_difference_of_the_corrections(shapes_random) -> None:
     net, other = policy("mlp", seed=0), policy("mlp", seed=1)
     for m in (net, other):
         torch.nn.init.normal_(m.out.weight, std=0.05)
-    cond = world.encode(PROMPTS)
-    noise = world.noise(3, torch.Generator().manual_seed(1))
-    out = reward_gradient_loss(world, world.decode, net, lambda x, p: x.mean((1, 2, 3)), cond, noise,
-                               world.schedule(3), RewardGradientConfig(num_steps=3, guidance_scale=0.5, init_kl=1.0),
-                               reference=other)
+    cond = shapes_random.encode(PROMPTS)
+    noise = shapes_random.noise(3, torch.Generator().manual_seed(1))
+    out = reward_gradient_loss(shapes_random, shapes_random.decode, net, lambda x, p: x.mean((1, 2, 3)), cond, noise,
+                               shapes_random.schedule(3),
+                               RewardGradientConfig(num_steps=3, guidance_scale=0.5, init_kl=1.0), reference=other)
     # By hand: replay the trajectory, recording both corrections at each step.
     diffs = []
 
@@ -249,8 +240,8 @@ def test_init_kl_is_the_scaled_mean_square_difference_of_the_corrections(world) 
     from fluxguide.sampling import denoise
 
     with torch.no_grad():
-        denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(3), guidance=None,
-                guidance_model=both, guidance_scale=0.5)
+        denoise(shapes_random, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, shapes_random.schedule(3),
+                guidance=None, guidance_model=both, guidance_scale=0.5)
     expected = float(torch.stack(diffs).mean(0).mean())
     assert out.metrics["init_kl"] == pytest.approx(expected, rel=1e-4)
     assert float(out.losses["loss_init_kl"]) == pytest.approx(expected, rel=1e-4)

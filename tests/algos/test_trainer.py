@@ -9,7 +9,7 @@ from fluxguide.algos import GuidanceModelTrainer, NonFiniteLossError
 from fluxguide.policies import MLPGuidanceModel, create_mlp_guidance_model, load_guidance_model
 
 
-def observation(seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
+def train_step_inputs(seed: int = 0, batch: int = 2) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return {
         "img": torch.randn(batch, 16, 12, generator=g),
@@ -29,7 +29,7 @@ def make_trainer(seed: int = 0, **kwargs) -> GuidanceModelTrainer:
 
 def test_train_step_regresses_onto_target_corrections() -> None:
     trainer = make_trainer()
-    obs = observation()
+    obs = train_step_inputs()
     target = 0.3 * obs["pred"]
     losses = [trainer.train_step(**obs, target_correction=target)["loss"] for _ in range(30)]
     assert losses[-1] < 0.3 * losses[0]
@@ -42,7 +42,7 @@ def test_train_step_regresses_onto_target_corrections() -> None:
 
 def test_train_from_reward_raises_the_reward_of_the_predicted_clean_latent() -> None:
     trainer = make_trainer(guidance_scale=0.5)
-    obs = observation()
+    obs = train_step_inputs()
     goal = torch.zeros(2, 16, 12)
 
     def reward_fn(predicted_latent: torch.Tensor) -> torch.Tensor:  # closeness of x0 to a goal latent
@@ -58,7 +58,7 @@ def test_train_from_reward_raises_the_reward_of_the_predicted_clean_latent() -> 
 @pytest.mark.parametrize("name", ["my_guidance.pt", "my_guidance.safetensors"])
 def test_checkpoint_round_trip_continues_training_identically(tmp_path, name) -> None:
     trainer = make_trainer()
-    obs = observation()
+    obs = train_step_inputs()
     target = 0.3 * obs["pred"]
     for _ in range(3):
         trainer.train_step(**obs, target_correction=target)
@@ -74,7 +74,7 @@ def test_checkpoint_round_trip_continues_training_identically(tmp_path, name) ->
 
 def test_seed_example_loads_the_pt_file_without_pickle(tmp_path) -> None:
     trainer = make_trainer()
-    trainer.train_step(**observation(), target_correction=torch.ones(2, 16, 12))
+    trainer.train_step(**train_step_inputs(), target_correction=torch.ones(2, 16, 12))
     trainer.save_checkpoint(tmp_path / "my_guidance.pt")
     guidance_model = create_mlp_guidance_model(latent_channels=12, hidden_dim=32, num_layers=2, vec_dim=8)
     checkpoint = torch.load(tmp_path / "my_guidance.pt", weights_only=True)
@@ -85,11 +85,11 @@ def test_seed_example_loads_the_pt_file_without_pickle(tmp_path) -> None:
 
 def test_safetensors_checkpoint_opens_with_load_guidance_model(tmp_path) -> None:
     trainer = make_trainer()
-    trainer.train_step(**observation(), target_correction=torch.ones(2, 16, 12))
+    trainer.train_step(**train_step_inputs(), target_correction=torch.ones(2, 16, 12))
     path = trainer.save_checkpoint(tmp_path / "policy.safetensors")
     model = load_guidance_model(path)
     assert isinstance(model, MLPGuidanceModel)
-    obs = observation(5)
+    obs = train_step_inputs(5)
     torch.testing.assert_close(model(**obs), trainer.model(**obs))
     (tmp_path / "policy.optimizer.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="load_optimizer=False"):

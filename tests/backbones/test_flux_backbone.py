@@ -20,7 +20,7 @@ from torch import nn
 from fluxguide.backbones.base import Conditioning
 from fluxguide.backbones.flux import FluxBackbone
 from fluxguide.backbones.flux_source import REQUIRED_SUBFOLDERS
-from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline, tiny_flux_components, tiny_vae
+from fluxguide.backbones.tiny_flux import tiny_flux_components, tiny_vae
 from fluxguide.sampling import denoise
 from fluxguide.sampling.packing import make_img_ids
 
@@ -61,12 +61,7 @@ class TokenGuidance(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipeline")
-
-
-@pytest.fixture(scope="module")
-def backbone(flux_folder: Path) -> FluxBackbone:
+def flux_backbone(flux_folder: Path) -> FluxBackbone:
     return FluxBackbone.from_pretrained(flux_folder, height=HEIGHT, width=WIDTH, max_sequence_length=MAX_LEN)
 
 
@@ -135,13 +130,13 @@ def test_saved_folder_has_the_flux_pipeline_layout(flux_folder: Path) -> None:
 # ------------------------------------------------------------------------------ the backbone contract
 
 
-def test_from_pretrained_geometry_and_conditioning(backbone: FluxBackbone) -> None:
-    assert backbone.latent_shape == ((HEIGHT // 16) * (WIDTH // 16), 16)
-    assert (backbone.image_height, backbone.image_width) == (HEIGHT, WIDTH)
-    assert backbone.default_guidance == 3.5 and backbone.default_num_steps == 28
-    assert not any(p.requires_grad for p in backbone.parameters())
+def test_from_pretrained_geometry_and_conditioning(flux_backbone: FluxBackbone) -> None:
+    assert flux_backbone.latent_shape == ((HEIGHT // 16) * (WIDTH // 16), 16)
+    assert (flux_backbone.image_height, flux_backbone.image_width) == (HEIGHT, WIDTH)
+    assert flux_backbone.default_guidance == 3.5 and flux_backbone.default_num_steps == 28
+    assert not any(p.requires_grad for p in flux_backbone.parameters())
 
-    cond = backbone.encode(PROMPTS)
+    cond = flux_backbone.encode(PROMPTS)
     assert cond.txt.shape == (2, MAX_LEN, 32) and cond.txt.dtype == torch.float32
     assert cond.vec.shape == (2, 32) and cond.vec.dtype == torch.float32
     assert torch.equal(cond.txt_ids, torch.zeros(MAX_LEN, 3))
@@ -149,49 +144,49 @@ def test_from_pretrained_geometry_and_conditioning(backbone: FluxBackbone) -> No
     assert cond.prompts == PROMPTS
     # Different prompts, different features; the same prompt twice, the same features.
     assert (cond.txt[0] - cond.txt[1]).abs().max() > 1e-3 and (cond.vec[0] - cond.vec[1]).abs().max() > 1e-3
-    again = backbone.encode(PROMPTS[0])
+    again = flux_backbone.encode(PROMPTS[0])
     assert torch.equal(again.txt[0], cond.txt[0]) and torch.equal(again.vec[0], cond.vec[0])
 
 
-def test_prompts_to_images_with_a_guidance_model(backbone: FluxBackbone) -> None:
-    cond = backbone.encode(PROMPTS)
-    noise = backbone.noise(2, torch.Generator().manual_seed(0))
-    assert noise.dtype == torch.float32 and noise.shape == (2, *backbone.latent_shape)
+def test_prompts_to_images_with_a_guidance_model(flux_backbone: FluxBackbone) -> None:
+    cond = flux_backbone.encode(PROMPTS)
+    noise = flux_backbone.noise(2, torch.Generator().manual_seed(0))
+    assert noise.dtype == torch.float32 and noise.shape == (2, *flux_backbone.latent_shape)
 
-    base = sample_latents(backbone, cond, noise)
+    base = sample_latents(flux_backbone, cond, noise)
     torch.manual_seed(1)
-    zero = TokenGuidance(backbone.latent_channels, cond.vec.shape[1])
-    with_zero = sample_latents(backbone, cond, noise, guidance_model=zero)
+    zero = TokenGuidance(flux_backbone.latent_channels, cond.vec.shape[1])
+    with_zero = sample_latents(flux_backbone, cond, noise, guidance_model=zero)
     assert torch.equal(with_zero, base)  # a zero-initialised policy is the base sampler, bit for bit
 
-    images = backbone.decode(with_zero)
+    images = flux_backbone.decode(with_zero)
     assert images.shape == (2, 3, HEIGHT, WIDTH) and images.dtype == torch.float32
     assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.01
 
     torch.manual_seed(2)
-    active = TokenGuidance(backbone.latent_channels, cond.vec.shape[1], zero_init=False)
-    guided = sample_latents(backbone, cond, noise, guidance_model=active, guidance_scale=2.0)
+    active = TokenGuidance(flux_backbone.latent_channels, cond.vec.shape[1], zero_init=False)
+    guided = sample_latents(flux_backbone, cond, noise, guidance_model=active, guidance_scale=2.0)
     assert (guided - base).abs().max() > 1e-2
-    assert (backbone.decode(guided) - images).abs().max() > 1e-3
-    unscaled = sample_latents(backbone, cond, noise, guidance_model=active, guidance_scale=0.0)
+    assert (flux_backbone.decode(guided) - images).abs().max() > 1e-3
+    unscaled = sample_latents(flux_backbone, cond, noise, guidance_model=active, guidance_scale=0.0)
     assert torch.equal(unscaled, base)
 
     # Backbone.sample runs the same loop end to end.
-    sampled = backbone.sample(
+    sampled = flux_backbone.sample(
         PROMPTS, num_steps=STEPS, noise=noise, guidance_model=active, guidance_scale=2.0
     )
-    torch.testing.assert_close(sampled, backbone.decode(guided), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sampled, flux_backbone.decode(guided), rtol=0, atol=1e-6)
 
 
-def test_matches_diffusers_flux_pipeline(flux_folder: Path, backbone: FluxBackbone) -> None:
+def test_matches_diffusers_flux_pipeline(flux_folder: Path, flux_backbone: FluxBackbone) -> None:
     """Same components, same noise: our denoise with no guidance model is diffusers' FluxPipeline."""
-    noise = backbone.noise(2, torch.Generator().manual_seed(3))
-    ours = sample_latents(backbone, backbone.encode(PROMPTS), noise)
+    noise = flux_backbone.noise(2, torch.Generator().manual_seed(3))
+    ours = sample_latents(flux_backbone, flux_backbone.encode(PROMPTS), noise)
     pipe = FluxPipeline.from_pretrained(flux_folder)
     theirs, their_images = pipeline_latents_and_images(pipe, noise, guidance=3.5)
     assert (ours - noise).abs().max() > 0.1  # the comparison is not between two copies of the noise
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    torch.testing.assert_close(backbone.decode(ours), their_images, rtol=0, atol=1e-5)
+    torch.testing.assert_close(flux_backbone.decode(ours), their_images, rtol=0, atol=1e-5)
     # A different distilled guidance strength changes the result, so the guidance really is compared.
     other, _ = pipeline_latents_and_images(pipe, noise, guidance=1.0)
     assert (other - theirs).abs().max() > 1e-4
@@ -235,33 +230,33 @@ def test_schedule_is_the_schedulers_sigmas(config: dict[str, object]) -> None:
     assert backbone.schedule(n) == pytest.approx(scheduler.sigmas.tolist(), abs=1e-6)
 
 
-def test_forward_and_decode_are_differentiable(backbone: FluxBackbone) -> None:
-    cond = backbone.encode(PROMPTS[:1])
-    img = backbone.noise(1, torch.Generator().manual_seed(5)).requires_grad_(True)
-    pred = backbone.velocity(img, 0.7, cond)
-    images = backbone.decode(img - 0.7 * pred)  # the one-step x0 estimate, decoded
+def test_forward_and_decode_are_differentiable(flux_backbone: FluxBackbone) -> None:
+    cond = flux_backbone.encode(PROMPTS[:1])
+    img = flux_backbone.noise(1, torch.Generator().manual_seed(5)).requires_grad_(True)
+    pred = flux_backbone.velocity(img, 0.7, cond)
+    images = flux_backbone.decode(img - 0.7 * pred)  # the one-step x0 estimate, decoded
     images.mean().backward()
     assert img.grad is not None and torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
 
 
-def test_batched_ids_as_bfl_makes_them(backbone: FluxBackbone) -> None:
+def test_batched_ids_as_bfl_makes_them(flux_backbone: FluxBackbone) -> None:
     """BFL's ``prepare`` gives ids of shape (B, L, 3); the backbone accepts them as well as (L, 3)."""
-    cond = backbone.encode(PROMPTS)
-    img = backbone.noise(2, torch.Generator().manual_seed(8))
+    cond = flux_backbone.encode(PROMPTS)
+    img = flux_backbone.noise(2, torch.Generator().manual_seed(8))
     t, g = torch.full((2,), 0.6), torch.full((2,), 3.5)
-    flat = backbone(img, cond.img_ids, cond.txt, cond.txt_ids, t, cond.vec, g)
-    batched = backbone(
+    flat = flux_backbone(img, cond.img_ids, cond.txt, cond.txt_ids, t, cond.vec, g)
+    batched = flux_backbone(
         img, cond.img_ids.expand(2, -1, -1), cond.txt, cond.txt_ids.expand(2, -1, -1), t, cond.vec, g
     )
     assert flat.dtype == torch.float32 and torch.equal(flat, batched)
 
 
-def test_encode_images_inverts_the_packing(backbone: FluxBackbone) -> None:
-    images = backbone.decode(backbone.noise(2, torch.Generator().manual_seed(6)))
-    latents = backbone.encode_images(images)
-    assert latents.shape == (2, *backbone.latent_shape) and latents.dtype == torch.float32
+def test_encode_images_inverts_the_packing(flux_backbone: FluxBackbone) -> None:
+    images = flux_backbone.decode(flux_backbone.noise(2, torch.Generator().manual_seed(6)))
+    latents = flux_backbone.encode_images(images)
+    assert latents.shape == (2, *flux_backbone.latent_shape) and latents.dtype == torch.float32
     # Against the VAE used directly: pack(scale * (mode - shift)).
-    vae = backbone.vae
+    vae = flux_backbone.vae
     mode = vae.encode(images * 2 - 1).latent_dist.mode()
     direct = FluxPipeline._pack_latents(
         (mode - vae.config.shift_factor) * vae.config.scaling_factor, 2, 4, HEIGHT // 8, WIDTH // 8
@@ -302,16 +297,16 @@ def test_missing_subfolder_is_named(flux_folder: Path, tmp_path: Path) -> None:
         FluxBackbone.from_pretrained(tmp_path / "nowhere", height=HEIGHT, width=WIDTH)
 
 
-def test_bad_calls_are_refused(backbone: FluxBackbone) -> None:
-    cond = backbone.encode(PROMPTS[:1])
-    img = backbone.noise(1)
+def test_bad_calls_are_refused(flux_backbone: FluxBackbone) -> None:
+    cond = flux_backbone.encode(PROMPTS[:1])
+    img = flux_backbone.noise(1)
     t = torch.ones(1)
     with pytest.raises(ValueError, match="guidance-distilled"):
-        backbone(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.vec)
+        flux_backbone(img=img, img_ids=cond.img_ids, txt=cond.txt, txt_ids=cond.txt_ids, timesteps=t, y=cond.vec)
     with pytest.raises(ValueError, match="packed latents"):
-        backbone.decode(img[:, :-1])
+        flux_backbone.decode(img[:, :-1])
     with pytest.raises(ValueError, match="prompt strings"):
-        backbone.encode([])
+        flux_backbone.encode([])
     with pytest.raises(ValueError, match="max_sequence_length"):
         FluxBackbone.from_pipeline(
             FluxPipeline(**tiny_flux_components()), height=32, width=32, max_sequence_length=513

@@ -8,11 +8,12 @@ import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
-BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "flux_scale.py"
+from tests.scripts import ROOT, load_script
+
+BENCHMARK = ROOT / "benchmarks" / "flux_scale.py"
 COMPONENTS = ("transformer", "vae", "t5", "clip_text", "clip_reward")
 FIGURES = {
     *(f"{kind}_{c}" for kind in ("params", "weights") for c in COMPONENTS),
@@ -45,8 +46,7 @@ def test_tiny_size_reports_every_figure_finite():
 
 
 def test_dev_configurations_have_the_published_sizes():
-    sys.path.insert(0, str(BENCHMARK.parent))  # a script folder, not a package (as the benchmark does itself)
-    import flux_scale as bench
+    bench = load_script("flux_scale", "benchmarks")
     modules, _ = bench.build_modules(bench.DEV, "meta", torch.bfloat16)  # shapes only: nothing allocated
     params = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
     assert 11.85e9 < params["transformer"] < 11.95e9  # FLUX.1-dev: ~11.9 B

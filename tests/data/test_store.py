@@ -24,17 +24,10 @@ from fluxguide.data.collector import StateCollectionCallback
 from fluxguide.data.episodes import EPISODE, FINAL_IMAGE, REWARD, TARGET, EpisodeChunk, create_training_pairs
 from fluxguide.data.store import MANIFEST, DatasetError, GuidanceDataset, load_guidance_dataset
 from fluxguide.sampling.instrumented import PRED_USED, denoise_with_state_collection
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip, train_prompts
-from fluxguide.worlds.shapes.world import build_transformer
+from fluxguide.worlds.shapes import ShapesWorld, train_prompts
+from tests.scripts import ROOT
 
 STEPS = 3
-REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    torch.manual_seed(0)
-    return ShapesWorld(create_shapes_clip(), build_transformer())
 
 
 def collect_states(world: ShapesWorld, prompts: list[str], seed: int = 0,
@@ -52,10 +45,10 @@ def constant_guidance(value: float):
 # ---------------------------------------------------------------- training pairs
 
 
-def test_training_pairs_flatten_steps_and_store_episode_constants_once(world: ShapesWorld) -> None:
+def test_training_pairs_flatten_steps_and_store_episode_constants_once(shapes_random: ShapesWorld) -> None:
     prompts = train_prompts()[:3]
-    final, states = collect_states(world, prompts, guidance_model=constant_guidance(0.25))
-    images = world.decode(final)
+    final, states = collect_states(shapes_random, prompts, guidance_model=constant_guidance(0.25))
+    images = shapes_random.decode(final)
     chunk = create_training_pairs(states, prompts, final_image=images, rewards=torch.tensor([1.0, 0.0, 0.5]))
     assert chunk.num_episodes == 3 and chunk.num_transitions == 3 * STEPS
     assert set(chunk.episodes.keys()) == {keys.TXT, keys.VEC, FINAL_IMAGE, REWARD}
@@ -68,9 +61,9 @@ def test_training_pairs_flatten_steps_and_store_episode_constants_once(world: Sh
     assert torch.equal(chunk.episodes[FINAL_IMAGE], images)
 
 
-def test_training_pairs_accept_explicit_or_computed_targets(world: ShapesWorld) -> None:
+def test_training_pairs_accept_explicit_or_computed_targets(shapes_random: ShapesWorld) -> None:
     prompts = train_prompts()[:2]
-    _, states = collect_states(world, prompts)
+    _, states = collect_states(shapes_random, prompts)
     explicit = torch.randn_like(states[keys.PRED])
     chunk = create_training_pairs(states, prompts, explicit)
     assert torch.equal(chunk.transitions[TARGET].reshape(explicit.shape), explicit)
@@ -85,9 +78,9 @@ def test_training_pairs_accept_explicit_or_computed_targets(world: ShapesWorld) 
         create_training_pairs(states_without, prompts)
 
 
-def test_select_episodes_renumbers(world: ShapesWorld) -> None:
+def test_select_episodes_renumbers(shapes_random: ShapesWorld) -> None:
     prompts = train_prompts()[:4]
-    _, states = collect_states(world, prompts)
+    _, states = collect_states(shapes_random, prompts)
     chunk = create_training_pairs(states, prompts)
     kept = chunk.select_episodes(torch.tensor([False, True, False, True]))
     assert kept.prompts == [prompts[1], prompts[3]]
@@ -104,8 +97,9 @@ def make_chunk(world: ShapesWorld, prompts: list[str], seed: int) -> EpisodeChun
     return create_training_pairs(states, prompts, final_image=world.decode(final), metadata={"seed": seed})
 
 
-def test_two_appends_load_as_one_dataset(world: ShapesWorld, tmp_path: Path) -> None:
-    first, second = make_chunk(world, train_prompts()[:2], 0), make_chunk(world, train_prompts()[5:8], 1)
+def test_two_appends_load_as_one_dataset(shapes_random: ShapesWorld, tmp_path: Path) -> None:
+    first = make_chunk(shapes_random, train_prompts()[:2], 0)
+    second = make_chunk(shapes_random, train_prompts()[5:8], 1)
     callback = StateCollectionCallback(tmp_path / "data", metadata={"strategy": "test"})
     callback.add_chunk(first)
     callback.save_to_disk()
@@ -134,10 +128,10 @@ def test_two_appends_load_as_one_dataset(world: ShapesWorld, tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("storage", ["memory", "memmap"])
-def test_dataset_loads_into_a_torchrl_replay_buffer(world: ShapesWorld, tmp_path: Path, storage: str) -> None:
+def test_dataset_loads_into_a_torchrl_replay_buffer(shapes_random: ShapesWorld, tmp_path: Path, storage: str) -> None:
     data = GuidanceDataset.create(tmp_path / "data")
-    data.append(make_chunk(world, train_prompts()[:2], 0))
-    data.append(make_chunk(world, train_prompts()[2:5], 1))
+    data.append(make_chunk(shapes_random, train_prompts()[:2], 0))
+    data.append(make_chunk(shapes_random, train_prompts()[2:5], 1))
     rb = data.replay_buffer(8, storage=storage, scratch_dir=tmp_path / "rb",
                             generator=torch.Generator().manual_seed(0))
     assert len(rb) == data.num_transitions
@@ -155,12 +149,12 @@ def test_dataset_loads_into_a_torchrl_replay_buffer(world: ShapesWorld, tmp_path
         assert int(everything[EPISODE][match[0, 0]]) == int(batch[EPISODE][i])
 
 
-def test_callback_appends_every_episodes_per_chunk(world: ShapesWorld, tmp_path: Path) -> None:
+def test_callback_appends_every_episodes_per_chunk(shapes_random: ShapesWorld, tmp_path: Path) -> None:
     callback = StateCollectionCallback(tmp_path / "data", episodes_per_chunk=3)
     for i in range(4):
         prompts = train_prompts()[2 * i : 2 * i + 2]
-        final, states = collect_states(world, prompts, seed=i)
-        callback.on_generation_complete(prompts, states, world.decode(final))
+        final, states = collect_states(shapes_random, prompts, seed=i)
+        callback.on_generation_complete(prompts, states, shapes_random.decode(final))
     # 2 + 2 >= 3 appends (4 episodes), again at 2 + 2 (4 more): nothing pending.
     data = load_guidance_dataset(tmp_path / "data")
     assert data.num_chunks == 2 and data.num_episodes == 8 and callback.num_pending == 0
@@ -169,17 +163,18 @@ def test_callback_appends_every_episodes_per_chunk(world: ShapesWorld, tmp_path:
 # ---------------------------------------------------------------- crash safety
 
 
-def test_leftover_temporary_and_unlisted_chunks_are_ignored_then_cleaned(world: ShapesWorld, tmp_path: Path) -> None:
+def test_leftover_temporary_and_unlisted_chunks_are_ignored_then_cleaned(shapes_random: ShapesWorld,
+                                                                          tmp_path: Path) -> None:
     data = GuidanceDataset.create(tmp_path / "data")
-    data.append(make_chunk(world, train_prompts()[:2], 0))
+    data.append(make_chunk(shapes_random, train_prompts()[:2], 0))
     # What a crash leaves: a half-written temporary folder, and a renamed chunk whose manifest entry never came.
-    partial = make_chunk(world, train_prompts()[2:4], 1)
+    partial = make_chunk(shapes_random, train_prompts()[2:4], 1)
     partial.transitions.memmap_(prefix=tmp_path / "data" / ".tmp-chunk-000001-deadbeef" / "transitions")
     partial.episodes.memmap_(prefix=tmp_path / "data" / "chunk-000001" / "episodes")
     with pytest.warns(UserWarning, match="interrupted append"):
         loaded = load_guidance_dataset(tmp_path / "data")
     assert loaded.num_episodes == 2 and loaded.num_chunks == 1
-    loaded.append(make_chunk(world, train_prompts()[4:7], 2))
+    loaded.append(make_chunk(shapes_random, train_prompts()[4:7], 2))
     assert not (tmp_path / "data" / ".tmp-chunk-000001-deadbeef").exists()
     assert loaded.num_episodes == 5 and loaded.prompts[2:] == train_prompts()[4:7]
 
@@ -221,7 +216,7 @@ CRASHING_COLLECTION = textwrap.dedent("""
 def test_collection_killed_mid_append_loads_without_the_partial_chunk(tmp_path: Path, hang_in: str) -> None:
     script = tmp_path / "collect.py"
     script.write_text(CRASHING_COLLECTION)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "data"), hang_in],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
     try:
@@ -260,9 +255,9 @@ def test_missing_dataset_and_missing_manifest_are_clear_errors(tmp_path: Path) -
         GuidanceDataset.create(tmp_path / "other")
 
 
-def test_truncated_missing_or_corrupt_files_are_clear_errors(world: ShapesWorld, tmp_path: Path) -> None:
+def test_truncated_missing_or_corrupt_files_are_clear_errors(shapes_random: ShapesWorld, tmp_path: Path) -> None:
     data = GuidanceDataset.create(tmp_path / "data")
-    data.append(make_chunk(world, train_prompts()[:2], 0))
+    data.append(make_chunk(shapes_random, train_prompts()[:2], 0))
     target_file = tmp_path / "data" / "chunk-000000" / "transitions" / "target.memmap"
     size = target_file.stat().st_size
     os.truncate(target_file, size // 2)
@@ -276,9 +271,9 @@ def test_truncated_missing_or_corrupt_files_are_clear_errors(world: ShapesWorld,
         load_guidance_dataset(tmp_path / "data")
 
 
-def test_appending_a_chunk_of_other_shapes_is_an_error(world: ShapesWorld, tmp_path: Path) -> None:
+def test_appending_a_chunk_of_other_shapes_is_an_error(shapes_random: ShapesWorld, tmp_path: Path) -> None:
     data = GuidanceDataset.create(tmp_path / "data")
-    chunk = make_chunk(world, train_prompts()[:2], 0)
+    chunk = make_chunk(shapes_random, train_prompts()[:2], 0)
     data.append(chunk)
     # Half the tokens (another resolution): img, pred and targets of shape (32, 48) instead of (64, 48).
     other = EpisodeChunk(

@@ -139,7 +139,7 @@ def ranks(tmp_path_factory) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
-def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: float = 0.0) -> None:
     assert a.keys() == b.keys()
     for k, value in a.items():
         torch.testing.assert_close(value, b[k], rtol=0, atol=atol, msg=k)
@@ -149,13 +149,13 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_reward_gradient(ranks)
     single_params, single_noise, single_metrics = reward_gradient_run(0, 1)
     for u in range(UPDATES):  # the arrangement: the ranks' noise is the single process's, split in rank order
         assert torch.equal(torch.cat([ranks[r]["rg"][1][u] for r in range(WORLD)]), single_noise[u])
-    assert_same(ranks[0]["rg"][0], ranks[1]["rg"][0])  # the ranks stay identical, bit for bit
+    assert_same_tensors(ranks[0]["rg"][0], ranks[1]["rg"][0])  # the ranks stay identical, bit for bit
     # ... and equal to the single process up to float rounding (summation order of the averaged gradients).
     # Adam divides by the gradient's RMS, so rounding in a near-zero gradient can move a weight by a visible
     # fraction of one step (lr 1e-2; 3.8e-5 was seen): the tolerance is 1% of a step.
     changed = [k for k in single_params if not torch.equal(single_params[k], build()[1].state_dict()[k])]
     assert len(changed) > 10, "the updates should move the hidden layers, not only the zero-initialised output"
-    assert_same(ranks[0]["rg"][0], single_params, atol=1e-4)
+    assert_same_tensors(ranks[0]["rg"][0], single_params, atol=1e-4)
     for u in range(UPDATES):  # the gathered metrics are those of the whole batch
         for k in ("reward_mean", "reward_std", "loss", "grad_norm"):
             assert ranks[0]["rg"][2][u][k] == pytest.approx(single_metrics[u][k], rel=1e-4, abs=1e-6), (u, k)
@@ -163,9 +163,9 @@ def test_two_ranks_equal_one_process_with_twice_the_batch_reward_gradient(ranks)
 
 
 def test_two_ranks_equal_one_process_with_twice_the_batch_bc(ranks) -> None:
-    assert_same(ranks[0]["bc"]["params"], ranks[1]["bc"]["params"])
+    assert_same_tensors(ranks[0]["bc"]["params"], ranks[1]["bc"]["params"])
     single = bc_run(0, 1)
-    assert_same(ranks[0]["bc"]["params"], single["params"], atol=2e-5)
+    assert_same_tensors(ranks[0]["bc"]["params"], single["params"], atol=2e-5)
     for u in range(2):  # the averaged metrics are the same on both ranks, and those of the whole batch
         assert ranks[0]["bc"]["metrics"][u] == ranks[1]["bc"]["metrics"][u]
         assert ranks[0]["bc"]["metrics"][u]["learning_rate"] == 1e-2

@@ -9,7 +9,6 @@ rank 0. A two-rank checkpoint then resumes in a plain single process.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import subprocess
@@ -22,22 +21,14 @@ from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.distributed import parameter_digest
 from fluxguide.policies import load_guidance_model
 from fluxguide.harness.tracking import metric_curve, read_metrics
+from tests.scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 NPROC = 2
 #: The tiny settings of the script tests (tests/experiments), with W&B offline to count its runs.
 TINY = ["--backbone", "shapes-random", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1",
         "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode", "offline"]
 # Not anchored to line starts: other ranks' output may share a line with a digest.
 DIGEST = re.compile(r"rank (\d+)/(\d+): (\S+) sha256 ([0-9a-f]{64})")
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"torchrun_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def torchrun(script: str, argv: list[str]) -> dict[str, str]:
@@ -85,7 +76,7 @@ def test_reward_gradient_on_two_ranks_then_resumed_on_one(tmp_path: Path) -> Non
     assert all(r > 0 for r in rewards)  # pooled over both ranks' 4 images
 
     # Resume the two-rank checkpoint on one process: same update count and samples seen, then one more update.
-    script = load_script("train_reward_gradient")
+    script = load_script("train_reward_gradient", module_name="torchrun_train_reward_gradient")
     script.main(tyro.cli(script.Config, args=argv + ["--total-updates", "4", "--wandb-mode", "disabled"]))
     records = read_metrics(run_dir)
     xs, done = metric_curve(records, "charts/updates")
@@ -106,7 +97,7 @@ def test_ppo_on_two_ranks(tmp_path: Path) -> None:
 
 
 def test_bc_on_two_ranks(tmp_path: Path) -> None:
-    collect = load_script("collect_data")
+    collect = load_script("collect_data", module_name="torchrun_collect_data")
     collect.main(tyro.cli(collect.Config, args=[
         "--backbone", "shapes-random", "--num-steps", "3", "--wandb-mode", "disabled", "--episodes", "4",
         "--batch-size", "4", "--out-dir", str(tmp_path / "data")]))

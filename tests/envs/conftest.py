@@ -1,7 +1,7 @@
-"""Shared pieces of the env tests: a randomly initialised shapes world and fixed action sequences.
+"""Shared pieces of the env tests: fixed action sequences and a mark for the tests that need the trained world.
 
-The shapes world's trained weights are not needed for the env's mechanics; tests that need them skip
-when the weight files are missing.
+The shapes world's trained weights are not needed for the env's mechanics (those tests take the random world,
+``shapes_random`` of ``tests/conftest.py``); tests that need them skip when the weight files are missing.
 """
 
 from __future__ import annotations
@@ -9,8 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.worlds.shapes import ShapesWorld, create_shapes_clip
-from fluxguide.worlds.shapes.world import WEIGHTS_DIR, build_transformer
+from fluxguide.worlds.shapes.world import WEIGHTS_DIR
 
 WEIGHT_FILES = ("clip.safetensors", "flux.safetensors")
 PRETRAINED_AVAILABLE = all((WEIGHTS_DIR / f).is_file() for f in WEIGHT_FILES)
@@ -19,13 +18,6 @@ needs_pretrained = pytest.mark.skipif(
     reason=f"the shapes world's trained weights ({', '.join(WEIGHT_FILES)}) are not in {WEIGHTS_DIR} yet; "
     "build them with experiments/pretrain_shapes_world.py",
 )
-
-
-@pytest.fixture(scope="session")
-def world() -> ShapesWorld:
-    """A randomly initialised shapes world (tiny CLIP + tiny Flux transformer), seeded."""
-    torch.manual_seed(0)
-    return ShapesWorld(create_shapes_clip(), build_transformer())
 
 
 def fixed_actions(batch: int, num_steps: int, latent_shape: tuple[int, int], scale: float = 0.3, seed: int = 7) -> list[torch.Tensor]:

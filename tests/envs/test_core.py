@@ -13,14 +13,11 @@ from fluxguide.rewards import CallableReward
 from fluxguide.worlds.shapes.rewards import VerifierReward
 from fluxguide.sampling import denoise, sde_mean, sde_step, sde_step_std
 from tests.envs.conftest import fixed_actions
-
-
-def mean_brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+from tests.toy_rewards import brightness
 
 
 def make_core(world, **kwargs) -> GuidanceCore:
-    kwargs.setdefault("reward", CallableReward(mean_brightness))
+    kwargs.setdefault("reward", CallableReward(brightness))
     kwargs.setdefault("verify", False)
     return GuidanceCore(world, **kwargs)
 
@@ -37,8 +34,8 @@ def run_denoise(world, core: GuidanceCore, noise: torch.Tensor, prompts: list[st
     return out, seen
 
 
-def test_ode_step_matches_denoise_with_the_same_actions(world) -> None:
-    core = make_core(world, batch_size=3, num_steps=4, guidance_scale=1.5)
+def test_ode_step_matches_denoise_with_the_same_actions(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=3, num_steps=4, guidance_scale=1.5)
     actions = fixed_actions(3, 4, core.latent_shape)
     obs, info = core.reset(seed=11)
     noise = obs[keys.IMG].clone()
@@ -47,34 +44,34 @@ def test_ode_step_matches_denoise_with_the_same_actions(world) -> None:
         result = core.step(a)
         assert result.terminated == (i == 3)
         observed.append((result.observation[keys.IMG], result.observation[keys.PRED]))
-    final, seen = run_denoise(world, core, noise, info["prompts"], actions, scale=1.5)
+    final, seen = run_denoise(shapes_random, core, noise, info["prompts"], actions, scale=1.5)
     assert torch.equal(core.img, final)
     for (img, pred), (ref_img, ref_pred) in zip(observed, seen):
         assert torch.equal(img, ref_img) and torch.equal(pred, ref_pred)
     # Not vacuous: the actions moved the trajectory away from the base sampler.
-    base, _ = run_denoise(world, core, noise, info["prompts"])
+    base, _ = run_denoise(shapes_random, core, noise, info["prompts"])
     assert (final - base).abs().max() > 1e-2
 
 
-def test_zero_action_reproduces_the_base_sampler_and_its_reward(world) -> None:
-    core = make_core(world, batch_size=2, num_steps=3)
+def test_zero_action_reproduces_the_base_sampler_and_its_reward(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=2, num_steps=3)
     obs, info = core.reset(seed=3)
     noise = obs[keys.IMG].clone()
     for _ in range(3):
         result = core.step(torch.zeros(2, *core.latent_shape))
-    base, _ = run_denoise(world, core, noise, info["prompts"])
+    base, _ = run_denoise(shapes_random, core, noise, info["prompts"])
     assert torch.equal(core.img, base)
-    expected = mean_brightness(world.decode(base), info["prompts"])
+    expected = brightness(shapes_random.decode(base), info["prompts"])
     assert torch.equal(result.reward, expected)
     assert torch.equal(result.info["terminal_reward"], expected)
-    assert torch.equal(core.final_images, world.decode(base))
+    assert torch.equal(core.final_images, shapes_random.decode(base))
     assert result.observation[keys.STEP].flatten().tolist() == [3, 3]
     assert result.observation[keys.T].flatten().tolist() == [0.0, 0.0]
     assert torch.equal(result.observation[keys.PRED], torch.zeros_like(base))
 
 
-def test_sde_step_is_the_drift_and_the_published_std_makes_it_the_sde(world) -> None:
-    core = make_core(world, batch_size=2, num_steps=4, mode="sde", noise_level=0.7, guidance_scale=2.0)
+def test_sde_step_is_the_drift_and_the_published_std_makes_it_the_sde(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=2, num_steps=4, mode="sde", noise_level=0.7, guidance_scale=2.0)
     obs, _ = core.reset(seed=5)
     img, pred = obs[keys.IMG], obs[keys.PRED]
     t0, t1 = core.timesteps[0], core.timesteps[1]
@@ -92,8 +89,8 @@ def test_sde_step_is_the_drift_and_the_published_std_makes_it_the_sde(world) -> 
     assert result.observation[keys.SDE_STD][0, 0].item() == pytest.approx(sde_action_std(t1, core.timesteps[2], 0.7, 2.0))
 
 
-def test_ode_control_cost_is_mean_squared_action(world) -> None:
-    core = make_core(world, batch_size=2, num_steps=2, control_cost=0.5)
+def test_ode_control_cost_is_mean_squared_action(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=2, num_steps=2, control_cost=0.5)
     core.reset(seed=0)
     a = fixed_actions(2, 1, core.latent_shape)[0]
     result = core.step(a)
@@ -103,8 +100,9 @@ def test_ode_control_cost_is_mean_squared_action(world) -> None:
     torch.testing.assert_close(last.info["control_cost"], a.square().mean(dim=(1, 2)))
 
 
-def test_sde_control_cost_is_the_exact_gaussian_kl_of_the_policy_mean(world) -> None:
-    core = make_core(world, batch_size=2, num_steps=3, mode="sde", noise_level=0.8, control_cost=0.1, guidance_scale=1.5)
+def test_sde_control_cost_is_the_exact_gaussian_kl_of_the_policy_mean(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=2, num_steps=3, mode="sde", noise_level=0.8, control_cost=0.1,
+                     guidance_scale=1.5)
     obs, _ = core.reset(seed=9)
     img, pred = obs[keys.IMG], obs[keys.PRED]
     t0, t1 = core.timesteps[0], core.timesteps[1]
@@ -126,8 +124,8 @@ def test_sde_control_cost_is_the_exact_gaussian_kl_of_the_policy_mean(world) -> 
     assert (no_loc.reward < result.reward).all()
 
 
-def test_terminal_info_has_components_verifier_and_prompts(world) -> None:
-    core = GuidanceCore(world, reward=VerifierReward(), batch_size=2, num_steps=2)
+def test_terminal_info_has_components_verifier_and_prompts(shapes_random) -> None:
+    core = GuidanceCore(shapes_random, reward=VerifierReward(), batch_size=2, num_steps=2)
     assert core.verify  # on by default for the shapes world
     _, info = core.reset(seed=1)
     first = core.step(torch.zeros(2, *core.latent_shape))
@@ -139,16 +137,16 @@ def test_terminal_info_has_components_verifier_and_prompts(world) -> None:
     assert last.info["final_images"].shape == (2, 3, 32, 32)
 
 
-def test_shapes_clip_reward_by_name_shares_the_world(world) -> None:
-    core = GuidanceCore(world, reward="shapes-clip", batch_size=2, num_steps=1, verify=False)
-    assert core.reward.model is world.clip
+def test_shapes_clip_reward_by_name_shares_the_world(shapes_random) -> None:
+    core = GuidanceCore(shapes_random, reward="shapes-clip", batch_size=2, num_steps=1, verify=False)
+    assert core.reward.model is shapes_random.clip
     core.reset(seed=0)
     result = core.step(torch.zeros(2, *core.latent_shape))
     assert result.reward.shape == (2,) and torch.isfinite(result.reward).all()
 
 
-def test_samples_per_prompt_groups_identical_prompts_with_different_noise(world) -> None:
-    core = make_core(world, batch_size=6, samples_per_prompt=3, num_steps=1)
+def test_samples_per_prompt_groups_identical_prompts_with_different_noise(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=6, samples_per_prompt=3, num_steps=1)
     obs, info = core.reset(seed=2)
     prompts = info["prompts"]
     assert prompts[0:3] == [prompts[0]] * 3 and prompts[3:6] == [prompts[3]] * 3
@@ -161,9 +159,9 @@ def test_samples_per_prompt_groups_identical_prompts_with_different_noise(world)
         core.reset(prompts=["a red circle"])
 
 
-def test_same_seed_same_episode_and_different_seed_differs(world) -> None:
-    a = make_core(world, batch_size=3, num_steps=2)
-    b = make_core(world, batch_size=3, num_steps=2)
+def test_same_seed_same_episode_and_different_seed_differs(shapes_random) -> None:
+    a = make_core(shapes_random, batch_size=3, num_steps=2)
+    b = make_core(shapes_random, batch_size=3, num_steps=2)
     obs_a, info_a = a.reset(seed=42)
     obs_b, info_b = b.reset(seed=42)
     assert info_a == info_b
@@ -194,13 +192,13 @@ def test_prompt_sources(tmp_path) -> None:
         resolve_prompts(3)  # type: ignore[arg-type]
 
 
-def test_unknown_prompt_source_fails_at_construction(world) -> None:
+def test_unknown_prompt_source_fails_at_construction(shapes_random) -> None:
     with pytest.raises(ValueError, match="unknown prompt source 'coco'"):
-        make_core(world, prompts="coco")
+        make_core(shapes_random, prompts="coco")
 
 
-def test_bad_actions_raise_clear_errors(world) -> None:
-    core = make_core(world, batch_size=2, num_steps=2)
+def test_bad_actions_raise_clear_errors(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=2, num_steps=2)
     zero = torch.zeros(2, *core.latent_shape)
     with pytest.raises(RuntimeError, match="before reset"):
         core.step(zero)
@@ -226,9 +224,9 @@ def test_bad_actions_raise_clear_errors(world) -> None:
         core.step(zero)
 
 
-def test_actions_are_clipped_to_max_action(world) -> None:
-    clipped = make_core(world, batch_size=1, num_steps=2, max_action=0.5)
-    reference = make_core(world, batch_size=1, num_steps=2, max_action=0.5)
+def test_actions_are_clipped_to_max_action(shapes_random) -> None:
+    clipped = make_core(shapes_random, batch_size=1, num_steps=2, max_action=0.5)
+    reference = make_core(shapes_random, batch_size=1, num_steps=2, max_action=0.5)
     clipped.reset(seed=1)
     reference.reset(seed=1)
     big = torch.full((1, *clipped.latent_shape), 100.0)
@@ -237,20 +235,20 @@ def test_actions_are_clipped_to_max_action(world) -> None:
     assert torch.equal(a, b)
 
 
-def test_default_action_bounds(world) -> None:
-    assert make_core(world, num_steps=4).max_action == 10.0
-    sde = make_core(world, num_steps=4, mode="sde", noise_level=0.7)
+def test_default_action_bounds(shapes_random) -> None:
+    assert make_core(shapes_random, num_steps=4).max_action == 10.0
+    sde = make_core(shapes_random, num_steps=4, mode="sde", noise_level=0.7)
     assert sde.max_action >= 6 * max(sde.sde_stds)
 
 
-def test_cfg_scale_makes_pred_the_cfg_prediction(world) -> None:
-    core = make_core(world, batch_size=2, num_steps=2, cfg_scale=3.0)
+def test_cfg_scale_makes_pred_the_cfg_prediction(shapes_random) -> None:
+    core = make_core(shapes_random, batch_size=2, num_steps=2, cfg_scale=3.0)
     obs, info = core.reset(seed=0)
-    cond = world.encode(info["prompts"])
+    cond = shapes_random.encode(info["prompts"])
     t = torch.ones(2)
-    expected = world.with_cfg(3.0)(obs[keys.IMG], cond.img_ids, cond.txt, cond.txt_ids, t, cond.vec)
+    expected = shapes_random.with_cfg(3.0)(obs[keys.IMG], cond.img_ids, cond.txt, cond.txt_ids, t, cond.vec)
     torch.testing.assert_close(obs[keys.PRED], expected)
-    assert not torch.allclose(obs[keys.PRED], world.velocity(obs[keys.IMG], 1.0, cond))
+    assert not torch.allclose(obs[keys.PRED], shapes_random.velocity(obs[keys.IMG], 1.0, cond))
 
 
 @pytest.mark.parametrize(
@@ -264,13 +262,13 @@ def test_cfg_scale_makes_pred_the_cfg_prediction(world) -> None:
         ({"batch_size": 0}, "batch_size must be an integer >= 1"),
     ],
 )
-def test_bad_configuration(world, kwargs, match) -> None:
+def test_bad_configuration(shapes_random, kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
-        make_core(world, **kwargs)
+        make_core(shapes_random, **kwargs)
 
 
-def test_shared_group_noise_starts_a_group_from_one_noise(world) -> None:
-    core = GuidanceCore(world, batch_size=6, samples_per_prompt=3, shared_group_noise=True, num_steps=2)
+def test_shared_group_noise_starts_a_group_from_one_noise(shapes_random) -> None:
+    core = GuidanceCore(shapes_random, batch_size=6, samples_per_prompt=3, shared_group_noise=True, num_steps=2)
     core.seed(0)
     core.reset()
     img = core.img

@@ -11,13 +11,10 @@ from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.sampling import denoise
 from tests.envs.conftest import fixed_actions
+from tests.toy_rewards import brightness
 
 NUM_STEPS = 3
 SEED = 21
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
 
 
 def run_torchrl(world, batch: int, actions: list[torch.Tensor], **kwargs):
@@ -52,7 +49,7 @@ def run_gym(world, actions: list[torch.Tensor], **kwargs):
     return observations, np.array(rewards), info["final_image"][None], [info["prompt"]]
 
 
-def assert_same(a, b) -> None:
+def assert_same_rollouts(a, b) -> None:
     obs_a, rew_a, img_a, prompts_a = a
     obs_b, rew_b, img_b, prompts_b = b
     assert prompts_a == prompts_b
@@ -66,33 +63,33 @@ def assert_same(a, b) -> None:
 
 
 @pytest.mark.parametrize("mode", ["ode", "sde"])
-def test_torchrl_and_vector_env_agree_and_repeat(world, mode) -> None:
+def test_torchrl_and_vector_env_agree_and_repeat(shapes_random, mode) -> None:
     kwargs = {"mode": mode, "guidance_scale": 1.5, "control_cost": 0.01, "verify": False}
-    actions = fixed_actions(3, NUM_STEPS, world.latent_shape)
-    torchrl_run = run_torchrl(world, 3, actions, **kwargs)
-    vector_run = run_vector(world, 3, actions, **kwargs)
-    assert_same(torchrl_run, vector_run)
-    assert_same(torchrl_run, run_torchrl(world, 3, actions, **kwargs))  # same seed, same everything
+    actions = fixed_actions(3, NUM_STEPS, shapes_random.latent_shape)
+    torchrl_run = run_torchrl(shapes_random, 3, actions, **kwargs)
+    vector_run = run_vector(shapes_random, 3, actions, **kwargs)
+    assert_same_rollouts(torchrl_run, vector_run)
+    assert_same_rollouts(torchrl_run, run_torchrl(shapes_random, 3, actions, **kwargs))  # same seed, same everything
     assert (torchrl_run[1][:-1] < 0).all()  # the control cost shows up before the last step
 
 
-def test_gym_env_agrees_with_the_batched_faces_at_batch_1(world) -> None:
+def test_gym_env_agrees_with_the_batched_faces_at_batch_1(shapes_random) -> None:
     kwargs = {"guidance_scale": 0.7, "verify": False}
-    actions = fixed_actions(1, NUM_STEPS, world.latent_shape)
-    gym_run = run_gym(world, actions, **kwargs)
-    assert_same(gym_run, run_torchrl(world, 1, actions, **kwargs))
-    assert_same(gym_run, run_vector(world, 1, actions, **kwargs))
+    actions = fixed_actions(1, NUM_STEPS, shapes_random.latent_shape)
+    gym_run = run_gym(shapes_random, actions, **kwargs)
+    assert_same_rollouts(gym_run, run_torchrl(shapes_random, 1, actions, **kwargs))
+    assert_same_rollouts(gym_run, run_vector(shapes_random, 1, actions, **kwargs))
 
 
-def test_faces_agree_with_denoise(world) -> None:
-    actions = fixed_actions(2, NUM_STEPS, world.latent_shape)
-    observations, _, final_images, prompts = run_torchrl(world, 2, actions, guidance_scale=1.5, verify=False)
-    cond = world.encode(prompts)
+def test_faces_agree_with_denoise(shapes_random) -> None:
+    actions = fixed_actions(2, NUM_STEPS, shapes_random.latent_shape)
+    observations, _, final_images, prompts = run_torchrl(shapes_random, 2, actions, guidance_scale=1.5, verify=False)
+    cond = shapes_random.encode(prompts)
     noise = torch.from_numpy(observations[0][keys.IMG])
-    timesteps = world.schedule(NUM_STEPS)
+    timesteps = shapes_random.schedule(NUM_STEPS)
     final = denoise(
-        world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps, guidance=None,
+        shapes_random, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, timesteps, guidance=None,
         guidance_model=lambda img, pred, txt, vec, t, i: actions[i], guidance_scale=1.5,
     )
     assert np.array_equal(observations[-1][keys.IMG], final.numpy())
-    assert np.array_equal(final_images, world.decode(final).numpy())
+    assert np.array_equal(final_images, shapes_random.decode(final).numpy())

@@ -6,28 +6,18 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import pytest
 import torch
 from torchrl.envs.utils import check_env_specs
 
 import fluxguide.envs  # noqa: F401  (registers the ids)
-from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline
 from fluxguide.envs import GuidanceEnv, GuidanceVectorEnv, make_torchrl_env
 from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.sampling import denoise
+from tests.toy_rewards import brightness
 
 SIZE = {"height": 32, "width": 48, "max_sequence_length": 16}  # 2 x 3 = 6 latent tokens of 16 channels
 PROMPTS = ["a red circle on the left of a blue square", "an astronaut riding a horse"]
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
-
-
-@pytest.fixture(scope="module")
-def flux_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_flux_pipeline(tmp_path_factory.mktemp("tiny_flux") / "pipeline")
 
 
 def test_flux_id_with_gymnasium_make_and_make_vec(flux_folder: Path) -> None:

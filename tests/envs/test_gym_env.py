@@ -5,7 +5,6 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.utils.env_checker import check_env
 
 import fluxguide.envs  # noqa: F401  (registers the ids)
@@ -14,20 +13,17 @@ from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.worlds.shapes.rewards import VerifierReward
 from tests.envs.conftest import fixed_actions, needs_pretrained
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+from tests.toy_rewards import brightness
 
 
 @pytest.mark.filterwarnings("ignore:.*Box observation space m")  # img / txt are unbounded by nature
-def test_check_env_direct_ode(world) -> None:
-    check_env(GuidanceEnv(world, reward=CallableReward(brightness), num_steps=2), skip_render_check=True)
+def test_check_env_direct_ode(shapes_random) -> None:
+    check_env(GuidanceEnv(shapes_random, reward=CallableReward(brightness), num_steps=2), skip_render_check=True)
 
 
 @pytest.mark.filterwarnings("ignore:.*Box observation space m")
-def test_check_env_made_from_registered_id_sde_with_render(world) -> None:
-    env = gym.make("fluxguide/Shapes-v0", backbone=world, num_steps=2, mode="sde", render_mode="rgb_array")
+def test_check_env_made_from_registered_id_sde_with_render(shapes_random) -> None:
+    env = gym.make("fluxguide/Shapes-v0", backbone=shapes_random, num_steps=2, mode="sde", render_mode="rgb_array")
     check_env(env.unwrapped)  # also builds the env again through env.spec for every render mode
     assert isinstance(env.unwrapped, GuidanceEnv)
     env.reset(seed=0)
@@ -35,14 +31,14 @@ def test_check_env_made_from_registered_id_sde_with_render(world) -> None:
     assert frame.shape == (32, 32, 3) and frame.dtype == np.uint8
 
 
-def test_make_with_module_prefix_imports_the_registration(world) -> None:
-    env = gym.make("fluxguide.envs:fluxguide/Shapes-v0", backbone=world, num_steps=1)
+def test_make_with_module_prefix_imports_the_registration(shapes_random) -> None:
+    env = gym.make("fluxguide.envs:fluxguide/Shapes-v0", backbone=shapes_random, num_steps=1)
     assert env.spec.id == "fluxguide/Shapes-v0"
     assert env.spec.kwargs["num_steps"] == 1
 
 
-def test_episode_spaces_rewards_and_info(world) -> None:
-    env = GuidanceEnv(world, reward=VerifierReward(), num_steps=2, mode="sde", control_cost=0.01)
+def test_episode_spaces_rewards_and_info(shapes_random) -> None:
+    env = GuidanceEnv(shapes_random, reward=VerifierReward(), num_steps=2, mode="sde", control_cost=0.01)
     obs, info = env.reset(seed=3, options={"prompt": "a red circle"})
     assert info == {"prompt": "a red circle"}
     assert obs in env.observation_space
@@ -65,8 +61,8 @@ def test_episode_spaces_rewards_and_info(world) -> None:
     assert info["final_image"].shape == (3, 32, 32)
 
 
-def test_gym_env_matches_the_core_and_is_seeded(world) -> None:
-    env = GuidanceEnv(world, reward=CallableReward(brightness), num_steps=3, guidance_scale=2.0)
+def test_gym_env_matches_the_core_and_is_seeded(shapes_random) -> None:
+    env = GuidanceEnv(shapes_random, reward=CallableReward(brightness), num_steps=3, guidance_scale=2.0)
     actions = fixed_actions(1, 3, env.core.latent_shape)
 
     def episode(seed: int) -> tuple[list[dict[str, np.ndarray]], list[float], np.ndarray]:
@@ -89,8 +85,8 @@ def test_gym_env_matches_the_core_and_is_seeded(world) -> None:
     assert env.core.img.abs().sum() > 0
 
 
-def test_bad_actions(world) -> None:
-    env = GuidanceEnv(world, reward=CallableReward(brightness), num_steps=1)
+def test_bad_actions(shapes_random) -> None:
+    env = GuidanceEnv(shapes_random, reward=CallableReward(brightness), num_steps=1)
     env.reset(seed=0)
     with pytest.raises(ValueError, match=r"shape \(1, 64, 48\), expected \(64, 48\)"):
         env.step(np.zeros((1, 64, 48), np.float32))
@@ -109,13 +105,13 @@ def test_bad_actions(world) -> None:
         env.step(np.zeros((64, 48), np.float32))
 
 
-def test_bad_construction(world) -> None:
+def test_bad_construction(shapes_random) -> None:
     with pytest.raises(ValueError, match="batch_size=1"):
-        GuidanceEnv(world, batch_size=4)
+        GuidanceEnv(shapes_random, batch_size=4)
     with pytest.raises(ValueError, match="unknown prompt source 'nope'"):
-        gym.make("fluxguide/Shapes-v0", backbone=world, prompts="nope")
+        gym.make("fluxguide/Shapes-v0", backbone=shapes_random, prompts="nope")
     with pytest.raises(ValueError, match="render_mode"):
-        GuidanceEnv(world, render_mode="human")
+        GuidanceEnv(shapes_random, render_mode="human")
 
 
 def test_flux_id_needs_a_model_path() -> None:

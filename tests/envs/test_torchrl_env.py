@@ -17,10 +17,7 @@ from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.worlds.shapes.rewards import VerifierReward
 from tests.envs.conftest import fixed_actions, needs_pretrained
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+from tests.toy_rewards import brightness
 
 
 def make_env(world, **kwargs) -> GuidanceTorchRLEnv:
@@ -29,21 +26,21 @@ def make_env(world, **kwargs) -> GuidanceTorchRLEnv:
     return GuidanceTorchRLEnv(world, **kwargs)
 
 
-def test_check_env_specs_ode_and_sde(world) -> None:
-    check_env_specs(make_env(world, batch_size=3, num_steps=2), seed=0)
-    env = make_env(world, batch_size=2, num_steps=2, mode="sde", control_cost=0.1)
+def test_check_env_specs_ode_and_sde(shapes_random) -> None:
+    check_env_specs(make_env(shapes_random, batch_size=3, num_steps=2), seed=0)
+    env = make_env(shapes_random, batch_size=2, num_steps=2, mode="sde", control_cost=0.1)
     check_env_specs(env, seed=0)
     assert keys.SDE_STD in env.observation_spec
 
 
-def test_check_env_specs_on_gym_env_from_registered_id(world) -> None:
-    env = GymEnv("fluxguide/Shapes-v0", backbone=world, num_steps=2, reward=CallableReward(brightness))
+def test_check_env_specs_on_gym_env_from_registered_id(shapes_random) -> None:
+    env = GymEnv("fluxguide/Shapes-v0", backbone=shapes_random, num_steps=2, reward=CallableReward(brightness))
     check_env_specs(env, seed=0)
     assert set(env.observation_spec.keys()) == set(keys.OBSERVATION_KEYS)
 
 
-def test_specs_do_not_allocate_full_size_bounds(world) -> None:
-    env = make_env(world, batch_size=8, num_steps=2)
+def test_specs_do_not_allocate_full_size_bounds(shapes_random) -> None:
+    env = make_env(shapes_random, batch_size=8, num_steps=2)
     for key in (keys.IMG, keys.PRED, keys.TXT, keys.VEC):
         spec = env.observation_spec[key]
         assert isinstance(spec, LeanUnbounded)
@@ -57,29 +54,29 @@ def test_specs_do_not_allocate_full_size_bounds(world) -> None:
     assert env.observation_spec == env.observation_spec.clone()
 
 
-def test_rollout_with_fixed_actions_matches_core_and_denoise(world) -> None:
+def test_rollout_with_fixed_actions_matches_core_and_denoise(shapes_random) -> None:
     from fluxguide.sampling import denoise
 
-    env = make_env(world, batch_size=2, num_steps=3, guidance_scale=0.5)
+    env = make_env(shapes_random, batch_size=2, num_steps=3, guidance_scale=0.5)
     actions = fixed_actions(2, 3, env.core.latent_shape)
     env.set_seed(4)
     rollout = env.rollout(3, actions=actions)
     assert rollout.batch_size == (2, 3)
     assert torch.equal(rollout[:, 1]["img"], rollout[:, 0]["next", "img"])
-    cond = world.encode(env.prompts)
+    cond = shapes_random.encode(env.prompts)
     final = denoise(
-        world, rollout[:, 0]["img"], cond.img_ids, cond.txt, cond.txt_ids, cond.vec, env.core.timesteps,
+        shapes_random, rollout[:, 0]["img"], cond.img_ids, cond.txt, cond.txt_ids, cond.vec, env.core.timesteps,
         guidance=None, guidance_model=lambda img, pred, txt, vec, t, i: actions[i], guidance_scale=0.5,
     )
     assert torch.equal(rollout[:, -1]["next", "img"], final)
-    assert torch.equal(env.final_images, world.decode(final))
-    assert torch.equal(rollout["next", "reward"][:, -1, 0], brightness(world.decode(final), []))
+    assert torch.equal(env.final_images, shapes_random.decode(final))
+    assert torch.equal(rollout["next", "reward"][:, -1, 0], brightness(shapes_random.decode(final), []))
     assert rollout["next", "terminated"][:, -1].all() and not rollout["next", "terminated"][:, :-1].any()
     assert not rollout["next", "truncated"].any()
 
 
-def test_same_seed_identical_rollouts(world) -> None:
-    env = make_env(world, batch_size=2, num_steps=2)
+def test_same_seed_identical_rollouts(shapes_random) -> None:
+    env = make_env(shapes_random, batch_size=2, num_steps=2)
     actions = fixed_actions(2, 2, env.core.latent_shape)
     env.set_seed(9)
     a = env.rollout(2, actions=actions)
@@ -102,11 +99,11 @@ def storage_bytes(td: LazyStackedTensorDict) -> tuple[int, dict[str, set[int]]]:
     return sum(seen.values()), ptrs
 
 
-def test_rollout_storage_holds_txt_once_per_episode(world) -> None:
+def test_rollout_storage_holds_txt_once_per_episode(shapes_random) -> None:
     batch = 4
     totals = {}
     for num_steps in (2, 6):
-        env = make_env(world, batch_size=batch, num_steps=num_steps)
+        env = make_env(shapes_random, batch_size=batch, num_steps=num_steps)
         env.set_seed(0)
         rollout = env.rollout(num_steps, return_contiguous=False)
         assert isinstance(rollout, LazyStackedTensorDict) and rollout.batch_size == (batch, num_steps)
@@ -126,9 +123,9 @@ def test_rollout_storage_holds_txt_once_per_episode(world) -> None:
     assert 4 * (step_bytes + small) < 4 * (step_bytes + 2 * txt_bytes)
 
 
-def test_random_policy_rollout_at_batch_32_and_the_default_number_of_steps(world) -> None:
-    env = make_env(world, batch_size=32, reward=VerifierReward(), verify=True)
-    assert env.core.num_steps == world.default_num_steps
+def test_random_policy_rollout_at_batch_32_and_the_default_number_of_steps(shapes_random) -> None:
+    env = make_env(shapes_random, batch_size=32, reward=VerifierReward(), verify=True)
+    assert env.core.num_steps == shapes_random.default_num_steps
     env.set_seed(0)
     rollout = env.rollout(env.core.num_steps, return_contiguous=False)  # random actions from the action spec
     assert rollout.batch_size == (32, env.core.num_steps)
@@ -138,8 +135,8 @@ def test_random_policy_rollout_at_batch_32_and_the_default_number_of_steps(world
     assert set(env.last_info["verifier"]) == {"passed", "count", "color", "kind", "position"}
 
 
-def test_probabilistic_actor_with_sde_std_and_kl_cost_from_loc(world) -> None:
-    env = make_env(world, batch_size=2, num_steps=3, mode="sde", control_cost=1.0)
+def test_probabilistic_actor_with_sde_std_and_kl_cost_from_loc(shapes_random) -> None:
+    env = make_env(shapes_random, batch_size=2, num_steps=3, mode="sde", control_cost=1.0)
     model = MLPGuidanceModel(latent_channels=48, hidden_dim=16, num_layers=2, vec_dim=64)
     actor = make_probabilistic_actor(model, use_sde_std=True)
     env.set_seed(1)
@@ -153,9 +150,9 @@ def test_probabilistic_actor_with_sde_std_and_kl_cost_from_loc(world) -> None:
     torch.testing.assert_close(rollout["scale"][:, :, 0, 0], rollout[keys.SDE_STD][..., 0])
 
 
-def test_default_number_of_steps_with_a_collector_across_episodes(world) -> None:
-    env = make_env(world, batch_size=2)
-    assert env.core.num_steps == world.default_num_steps == 20
+def test_default_number_of_steps_with_a_collector_across_episodes(shapes_random) -> None:
+    env = make_env(shapes_random, batch_size=2)
+    assert env.core.num_steps == shapes_random.default_num_steps == 20
     policy = TensorDictModule(
         lambda pred: 0.1 * pred, in_keys=[keys.PRED], out_keys=[keys.ACTION]
     )
@@ -171,8 +168,8 @@ def test_default_number_of_steps_with_a_collector_across_episodes(world) -> None
     assert (batch["next", "reward"][:, 19] != 0).all()
 
 
-def test_bad_input_raises(world) -> None:
-    env = make_env(world, batch_size=2, num_steps=1)
+def test_bad_input_raises(shapes_random) -> None:
+    env = make_env(shapes_random, batch_size=2, num_steps=1)
     td = env.reset()
     with pytest.raises(ValueError, match="expected \\(2, 64, 48\\)"):
         env.step(td.clone().set("action", torch.zeros(2, 64, 47)))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 import pytest
-import torch
 from gymnasium.vector import AutoresetMode
 
 import fluxguide.envs  # noqa: F401  (registers the ids)
@@ -13,10 +12,7 @@ from fluxguide.envs import GuidanceVectorEnv
 from fluxguide import keys
 from fluxguide.rewards import CallableReward
 from fluxguide.worlds.shapes.rewards import VerifierReward
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+from tests.toy_rewards import brightness
 
 
 def make(world, num_envs: int, **kwargs) -> GuidanceVectorEnv:
@@ -25,9 +21,9 @@ def make(world, num_envs: int, **kwargs) -> GuidanceVectorEnv:
     return GuidanceVectorEnv(num_envs, world, **kwargs)
 
 
-def test_make_vec_builds_the_native_vector_env(world) -> None:
+def test_make_vec_builds_the_native_vector_env(shapes_random) -> None:
     envs = gym.make_vec(
-        "fluxguide/Shapes-v0", num_envs=4, vectorization_mode="vector_entry_point", backbone=world, num_steps=2,
+        "fluxguide/Shapes-v0", num_envs=4, vectorization_mode="vector_entry_point", backbone=shapes_random, num_steps=2,
         samples_per_prompt=2,
     )
     assert isinstance(envs, GuidanceVectorEnv) and envs.num_envs == 4
@@ -40,8 +36,8 @@ def test_make_vec_builds_the_native_vector_env(world) -> None:
     assert info["prompt"][0] == info["prompt"][1] and info["_prompt"].all()
 
 
-def test_next_step_autoreset(world) -> None:
-    envs = make(world, 3, num_steps=2)
+def test_next_step_autoreset(shapes_random) -> None:
+    envs = make(shapes_random, 3, num_steps=2)
     assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     envs.reset(seed=1)
     zeros = np.zeros(envs.action_space.shape, np.float32)
@@ -57,8 +53,8 @@ def test_next_step_autoreset(world) -> None:
     assert np.all(obs[keys.STEP] == 1)
 
 
-def test_same_step_autoreset(world) -> None:
-    envs = make(world, 2, num_steps=1, autoreset_mode="SameStep")
+def test_same_step_autoreset(shapes_random) -> None:
+    envs = make(shapes_random, 2, num_steps=1, autoreset_mode="SameStep")
     envs.reset(seed=1)
     obs, r, term, _trunc, info = envs.step(np.zeros(envs.action_space.shape, np.float32))
     assert term.all()
@@ -68,8 +64,8 @@ def test_same_step_autoreset(world) -> None:
     assert np.allclose(info["final_info"]["terminal_reward"], r)
 
 
-def test_disabled_autoreset_requires_reset(world) -> None:
-    envs = make(world, 2, num_steps=1, autoreset_mode=AutoresetMode.DISABLED)
+def test_disabled_autoreset_requires_reset(shapes_random) -> None:
+    envs = make(shapes_random, 2, num_steps=1, autoreset_mode=AutoresetMode.DISABLED)
     envs.reset(seed=0)
     envs.step(np.zeros(envs.action_space.shape, np.float32))
     with pytest.raises(RuntimeError, match="call reset"):
@@ -80,8 +76,8 @@ def test_disabled_autoreset_requires_reset(world) -> None:
         envs.reset(options={"reset_mask": np.array([True, False])})
 
 
-def test_random_policy_rollout_at_batch_32(world) -> None:
-    envs = GuidanceVectorEnv(32, world, reward=VerifierReward(), num_steps=2)
+def test_random_policy_rollout_at_batch_32(shapes_random) -> None:
+    envs = GuidanceVectorEnv(32, shapes_random, reward=VerifierReward(), num_steps=2)
     envs.action_space.seed(0)
     envs.reset(seed=0)
     for _ in range(2):
@@ -91,8 +87,8 @@ def test_random_policy_rollout_at_batch_32(world) -> None:
     assert info["verifier"]["passed"].shape == (32,) and info["_verifier"].all()
 
 
-def test_seeded_reset_is_reproducible_and_prompts_can_be_fixed(world) -> None:
-    envs = make(world, 2, num_steps=1)
+def test_seeded_reset_is_reproducible_and_prompts_can_be_fixed(shapes_random) -> None:
+    envs = make(shapes_random, 2, num_steps=1)
     a, info_a = envs.reset(seed=5)
     b, info_b = envs.reset(seed=5)
     assert all(np.array_equal(a[k], b[k]) for k in a) and list(info_a["prompt"]) == list(info_b["prompt"])
@@ -100,8 +96,8 @@ def test_seeded_reset_is_reproducible_and_prompts_can_be_fixed(world) -> None:
     assert list(info["prompt"]) == ["a red circle", "a blue bar"]
 
 
-def test_bad_input(world) -> None:
-    envs = make(world, 2, num_steps=1)
+def test_bad_input(shapes_random) -> None:
+    envs = make(shapes_random, 2, num_steps=1)
     envs.reset(seed=0)
     with pytest.raises(ValueError, match=r"shape \(64, 48\), expected \(2, 64, 48\)"):
         envs.step(np.zeros((64, 48), np.float32))
@@ -116,6 +112,6 @@ def test_bad_input(world) -> None:
     with pytest.raises(ValueError, match="unknown reset options"):
         envs.reset(options={"prompt": "a red circle"})
     with pytest.raises(ValueError, match="autoreset_mode must be one of"):
-        make(world, 2, autoreset_mode="sometimes")
+        make(shapes_random, 2, autoreset_mode="sometimes")
     with pytest.raises(ValueError, match="pass num_envs, not batch_size"):
-        make(world, 2, batch_size=3)
+        make(shapes_random, 2, batch_size=3)

@@ -7,33 +7,19 @@ against the base / CFG references, resumes from its checkpoint and saves a loada
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-import tyro
 
 from fluxguide.data.episodes import EPISODE
 from fluxguide.data.store import DatasetError, GuidanceDataset, load_guidance_dataset
 from fluxguide.checkpointing import latest_checkpoint
 from fluxguide.policies import AttentionGuidanceModel, load_guidance_model
 from fluxguide.harness.tracking import metric_curve, read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
+from tests.experiments import kill_when
+from tests.scripts import ROOT, load_script, run_script
 
 collect_data = load_script("collect_data")
 train_bc = load_script("train_bc")
@@ -47,11 +33,11 @@ SMALL_TRAIN = [
 
 
 def collect(argv: list[str]) -> GuidanceDataset:
-    return collect_data.main(tyro.cli(collect_data.Config, args=SMALL_COLLECT + argv))
+    return run_script(collect_data, SMALL_COLLECT + argv)
 
 
-def train(argv: list[str]) -> dict[str, float]:
-    return train_bc.main(tyro.cli(train_bc.Config, args=SMALL_TRAIN + argv))
+def train_small(argv: list[str]) -> dict[str, float]:
+    return run_script(train_bc, SMALL_TRAIN + argv)
 
 
 def test_killed_collection_reruns_to_the_uninterrupted_dataset(tmp_path: Path) -> None:
@@ -62,15 +48,8 @@ def test_killed_collection_reruns_to_the_uninterrupted_dataset(tmp_path: Path) -
     out = tmp_path / "killed"
     argv = [sys.executable, str(ROOT / "experiments" / "collect_data.py"), *SMALL_COLLECT, *common,
             "--out-dir", str(out)]
-    proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:
-        if (out / "chunk-000001").exists():  # killed while appending the second chunk or soon after
-            break
-        time.sleep(0.005)
-    proc.kill()
-    proc.wait()
+    # killed while appending the second chunk or soon after
+    kill_when(argv, lambda: (out / "chunk-000001").exists(), interval=0.005)
     partial = load_guidance_dataset(out)  # a chunk killed mid-append is ignored, so 1 or more are on disk
     assert 1 <= partial.num_chunks < 6, f"not killed mid-way: {partial.num_chunks} chunks on disk"
 
@@ -108,9 +87,9 @@ def test_training_logs_the_references_resumes_and_saves_a_loadable_policy(tmp_pa
     collect(["--episodes", "8", "--batch-size", "4", "--out-dir", str(tmp_path / "data")])
     common = ["--dataset", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--eval-every", "4",
               "--checkpoint-every", "4", "--lr", "3e-3"]
-    train(common + ["--total-updates", "8"])
+    train_small(common + ["--total-updates", "8"])
     assert latest_checkpoint(tmp_path / "run").name == "step_000000008"
-    train(common + ["--total-updates", "12"])  # resumes at update 8
+    train_small(common + ["--total-updates", "12"])  # resumes at update 8
     records = read_metrics(tmp_path / "run")
     xs, mse = metric_curve(records, "losses/mse")
     assert xs == [16 * i for i in range(1, 13)]  # one record per update, pairs seen continue across the resume
@@ -137,4 +116,4 @@ def test_training_logs_the_references_resumes_and_saves_a_loadable_policy(tmp_pa
 
 def test_training_on_a_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="the folder does not exist"):
-        train(["--dataset", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run")])
+        train_small(["--dataset", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run")])

@@ -5,50 +5,19 @@ weights are a local file (``--reward clip --reward-kwargs``), and prompt files (
 
 from __future__ import annotations
 
-import importlib.util
-import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import tyro
-from safetensors.torch import save_file
 
 from fluxguide.backbones.flux import FluxBackbone
 from fluxguide.backbones.registry import TINY_CLIP_CFG, build_backbone, build_reward, parse_reward_kwargs
-from fluxguide.backbones.tiny_flux import save_tiny_flux_pipeline
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.rewards import CLIPScore, load_open_clip
 from fluxguide.harness.tracking import metric_curve, read_metrics
-
-ROOT = Path(__file__).resolve().parents[2]
-CLIP_NAME = "fluxguide-tiny-random-clip"
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def flux_files(tmp_path_factory) -> dict[str, str]:
-    """A tiny random FluxPipeline folder, a tiny random open_clip weights file and two prompt files."""
-    root = tmp_path_factory.mktemp("flux_files")
-    pipeline = save_tiny_flux_pipeline(root / "pipeline")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        clip, _ = load_open_clip(CLIP_NAME, None, model_cfg=TINY_CLIP_CFG)
-    weights = root / "tiny_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(weights))
-    (root / "train.txt").write_text("a red circle on the left of a blue square\n\na photo of a cat sitting on a chair\n")
-    (root / "heldout.txt").write_text("a green triangle above a yellow star\nan astronaut riding a horse on the moon\n")
-    kwargs = json.dumps({"model_name": CLIP_NAME, "model_cfg": TINY_CLIP_CFG, "pretrained": str(weights)})
-    return {"pipeline": str(pipeline), "weights": str(weights), "reward_kwargs": kwargs,
-            "train": str(root / "train.txt"), "heldout": str(root / "heldout.txt")}
+from tests.experiments.conftest import CLIP_NAME
+from tests.scripts import load_script
 
 
 def flux_args(files: dict[str, str], run_dir: Path) -> list[str]:

@@ -18,7 +18,7 @@ import tyro
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, flat_config, validate
 from fluxguide.harness.presets import FLUX_DEV_MODEL, preset_name
-from tests.experiments.test_flux_scripts import ROOT, flux_files, load_script  # noqa: F401  (fixture)
+from tests.scripts import ROOT, load_script
 
 TRAINING = ("train_reward_gradient", "train_ppo", "train_bc", "train_adjoint_matching")
 SCRIPTS = (*TRAINING, "collect_data")

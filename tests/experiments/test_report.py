@@ -11,10 +11,9 @@ import tyro
 
 from fluxguide.harness.config import ConfigError
 from fluxguide.harness.tracking import metric_curve, read_metrics
-from tests.experiments.test_scripts_cli import load_script
+from tests.scripts import load_script
 
-ROOT = Path(__file__).resolve().parents[2]
-report = load_script(ROOT / "experiments" / "report.py")
+report = load_script("report")
 
 #: Two updates on the pretrained shapes world (so the verifier passes some images), evaluated after each.
 TINY = ["--backbone", "shapes", "--batch-size", "2", "--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2",
@@ -26,7 +25,7 @@ TINY = ["--backbone", "shapes", "--batch-size", "2", "--num-steps", "3", "--hidd
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """compare.py's layout: <out>/runs/reward-gradient/seed{0,1} and an evaluation.csv in <out>."""
-    train = load_script(ROOT / "experiments" / "train_reward_gradient.py")
+    train = load_script("train_reward_gradient")
     out = tmp_path_factory.mktemp("compare")
     for seed in (0, 1):
         run_dir = out / "runs" / "reward-gradient" / f"seed{seed}"

@@ -4,8 +4,6 @@ end to end on a tiny budget (the other scripts' smoke tests sit beside their own
 from __future__ import annotations
 
 import ast
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,17 +13,9 @@ from fluxguide.algos.registry import algorithm_names
 from fluxguide.errors import UserError
 from fluxguide.harness.tracking import read_metrics
 from tests.experiments import leaf_fields
+from tests.scripts import ROOT, load_script
 
-ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted(p for p in (ROOT / "experiments").glob("*.py") if "class Config" in p.read_text())
-
-
-def load_script(path: Path):
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def undocumented_fields(path: Path) -> list[str]:

@@ -3,34 +3,24 @@ Flux code path completes, and a bad option stops at once naming its flag."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
+from functools import partial
 
 import pytest
-import tyro
 
 from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.harness.config import ConfigError
 from fluxguide.harness.tracking import metric_curve, read_metrics
+from tests.scripts import load_script, run_script
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "experiments" / "train_adjoint_matching.py"
-spec = importlib.util.spec_from_file_location("train_adjoint_matching", SCRIPT)
-script = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = script  # dataclasses look their module up by name
-spec.loader.exec_module(script)
+script = load_script("train_adjoint_matching")
+run = partial(run_script, script)
 
 #: Tiny sizes: every code path of the loop in seconds.
 TINY = ["--batch-size", "2", "--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1",
         "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2", "--wandb-mode",
         "disabled", "--time-subsample", "2"]
 SMALL = ["--backbone", "shapes-random", *TINY]
-
-
-def run(argv: list[str]) -> dict[str, float]:
-    return script.main(tyro.cli(script.Config, args=argv))
 
 
 def test_one_update_writes_its_files_and_a_longer_rerun_resumes(tmp_path, capsys) -> None:

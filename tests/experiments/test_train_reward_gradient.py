@@ -3,78 +3,36 @@ without a poisoned checkpoint, and the tiny random Flux code path completes."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import subprocess
-import sys
-import time
-from pathlib import Path
+from functools import partial
 
 import pytest
 import torch
 import tyro
 
-from tests.experiments import saved_start_policy
+from tests.experiments import check_killed_run_resumes, saved_start_policy
+from tests.scripts import SMALL_RUNS, load_script, run_script
 
 from fluxguide.checkpointing import latest_checkpoint, list_checkpoints, load_checkpoint
 from fluxguide.harness.config import ConfigError
 from fluxguide.rewards import RewardModel, make_reward, register_reward
 from fluxguide.harness.tracking import metric_curve, read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "experiments" / "train_reward_gradient.py"
-spec = importlib.util.spec_from_file_location("train_reward_gradient", SCRIPT)
-script = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = script  # dataclasses look their module up by name
-spec.loader.exec_module(script)
+script = load_script("train_reward_gradient")
+run = partial(run_script, script)
 
 #: A small run on a randomly initialised shapes world: every code path of the loop, in seconds.
-SMALL = [
-    "--backbone", "shapes-random", "--batch-size", "2", "--num-steps", "3", "--hidden-dim", "16",
-    "--num-heads", "2", "--num-layers", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
-    "--grid-prompts", "2", "--wandb-mode", "disabled", "--lr", "3e-3",
-]
-
-
-def run(argv: list[str]) -> dict[str, float]:
-    return script.main(tyro.cli(script.Config, args=argv))
+SMALL = [*SMALL_RUNS["train_reward_gradient"], "--lr", "3e-3"]
 
 
 def test_killed_run_resumes_with_the_same_step_count_and_curve(tmp_path) -> None:
     total = 14
     common = SMALL + ["--total-updates", str(total), "--checkpoint-every", "2", "--eval-every", "4"]
-    # The reference: one uninterrupted run.
-    run(common + ["--run-dir", str(tmp_path / "reference")])
-    reference = read_metrics(tmp_path / "reference")
-
-    # The same command in a subprocess, killed (SIGKILL) as soon as its first checkpoint exists ...
-    run_dir = tmp_path / "killed"
-    argv = [sys.executable, str(SCRIPT), *common, "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(argv, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while latest_checkpoint(run_dir) is None and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    proc.kill()
-    proc.wait()
-    killed_at = load_checkpoint(latest_checkpoint(run_dir), restore_global_rng=False).step
-    assert 2 <= killed_at < total, f"the run was not killed mid-way (last checkpoint at update {killed_at})"
-
-    # ... then rerun: it resumes from the checkpoint and ends exactly where the reference ended.
-    run(common + ["--run-dir", str(run_dir)])
-    resumed = read_metrics(run_dir)
-    updates = metric_curve(resumed, "charts/updates")[1]
-    assert updates == list(range(1, total + 1))  # no update lost or repeated
-    for name in ("losses/loss", "train/reward_mean", "eval/reward_mean"):
-        xs, ys = metric_curve(resumed, name)
-        ref_xs, ref_ys = metric_curve(reference, name)
-        assert xs == ref_xs
-        assert ys == pytest.approx(ref_ys, rel=1e-5, abs=1e-7), name
-    assert load_checkpoint(latest_checkpoint(run_dir), restore_global_rng=False).step == total
+    run_dir = check_killed_run_resumes(script, common, tmp_path, total,
+                                       ("losses/loss", "train/reward_mean", "eval/reward_mean"))
     # Rerunning a finished run does nothing more.
     run(common + ["--run-dir", str(run_dir)])
-    assert metric_curve(read_metrics(run_dir), "charts/updates")[1] == updates
+    assert metric_curve(read_metrics(run_dir), "charts/updates")[1] == list(range(1, total + 1))
 
 
 class NaNAfter(RewardModel):

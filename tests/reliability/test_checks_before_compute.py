@@ -14,9 +14,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -33,24 +31,9 @@ from fluxguide.policies import MLPGuidanceModel, load_guidance_model, save_guida
 from fluxguide.policies.checkpoint import CONFIG_METADATA_KEY, GuidanceFileError
 from fluxguide.policies.registry import PolicyMismatchError, PolicyPluginError, build_policy
 from fluxguide.rewards import make_reward
-from fluxguide.worlds.shapes.world import ShapesWorld, random_world
-
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--backbone", "shapes-random", "--batch-size", "2", "--num-steps", "2", "--hidden-dim", "8",
-         "--num-heads", "2", "--num-layers", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
-         "--grid-prompts", "2", "--wandb-mode", "disabled", "--total-updates", "1"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def fail_if_called(*args: object, **kwargs: object) -> None:
-    raise AssertionError("a model ran before the bad prompts were refused")
+from fluxguide.worlds.shapes.world import ShapesWorld
+from tests.reliability import fail_if_called
+from tests.scripts import ONE_UPDATE, load_script
 
 
 @pytest.fixture
@@ -58,11 +41,6 @@ def no_model_forward(monkeypatch) -> None:
     """Any shapes world's text encoder or transformer running fails the test."""
     monkeypatch.setattr(ShapesWorld, "encode", fail_if_called)
     monkeypatch.setattr(ShapesWorld, "forward", fail_if_called)
-
-
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    return random_world(seed=0)
 
 
 @pytest.fixture
@@ -74,15 +52,16 @@ def bad_prompts(tmp_path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ the algorithms
 @pytest.mark.parametrize("algo", ["reward-gradient", "adjoint-matching"])
-def test_the_algorithms_refuse_prompts_the_backbone_cannot_encode(world: ShapesWorld, algo: str, monkeypatch) -> None:
-    policy = build_policy("mlp", world, hidden_dim=8, num_layers=1)
+def test_the_algorithms_refuse_prompts_the_backbone_cannot_encode(shapes_random: ShapesWorld, algo: str,
+                                                                   monkeypatch) -> None:
+    policy = build_policy("mlp", shapes_random, hidden_dim=8, num_layers=1)
     optimizer = torch.optim.Adam(policy.parameters(), 1e-3)
-    reward = make_reward("shapes-clip", world=world)
+    reward = make_reward("shapes-clip", world=shapes_random)
     if algo == "reward-gradient":
-        trainer = RewardGradient(world, policy, reward, optimizer, RewardGradientConfig(num_steps=2))
+        trainer = RewardGradient(shapes_random, policy, reward, optimizer, RewardGradientConfig(num_steps=2))
     else:
-        trainer = AdjointMatching(world, policy, reward, optimizer, AdjointMatchingConfig(num_steps=2))
-    monkeypatch.setattr(world, "encode", fail_if_called)
+        trainer = AdjointMatching(shapes_random, policy, reward, optimizer, AdjointMatchingConfig(num_steps=2))
+    monkeypatch.setattr(shapes_random, "encode", fail_if_called)
     with pytest.raises(PromptError, match=r"(?s)outside the shapes world's grammar: prompt 1: 'a purple dog'"):
         trainer.update(["a red circle", "a purple dog"], torch.Generator().manual_seed(0))
 
@@ -93,7 +72,7 @@ def test_the_algorithms_refuse_prompts_the_backbone_cannot_encode(world: ShapesW
 def test_training_scripts_refuse_bad_prompts_before_any_model_runs(name: str, flag: str, bad_prompts: Path,
                                                                    tmp_path: Path, no_model_forward, capsys) -> None:
     script = load_script(name)
-    args = SMALL + ["--run-dir", str(tmp_path / "run"), flag, str(bad_prompts)]
+    args = ONE_UPDATE + ["--run-dir", str(tmp_path / "run"), flag, str(bad_prompts)]
     with pytest.raises(SystemExit) as info:
         cli(script.main, script.Config, args=args)
     message = capsys.readouterr().err
@@ -122,27 +101,29 @@ def test_evaluate_refuses_bad_prompts_before_sampling(bad_prompts: Path, tmp_pat
         script.main(cfg)
 
 
-def test_the_env_and_sampling_use_the_same_check(world: ShapesWorld) -> None:
+def test_the_env_and_sampling_use_the_same_check(shapes_random: ShapesWorld) -> None:
     from fluxguide.envs import GuidanceCore
 
     with pytest.raises(PromptError, match=r"(?s)'a purple dog'.*ShapesWorld cannot render these prompts"):
-        GuidanceCore(world, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle", "a purple dog"])
+        GuidanceCore(shapes_random, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle", "a purple dog"])
     with pytest.raises(PromptError, match="'a purple dog'"):
-        world.sample(["a purple dog"], num_steps=2)
+        shapes_random.sample(["a purple dog"], num_steps=2)
     assert issubclass(PromptError, UserError) and issubclass(PromptError, ValueError)
 
 
 # ----------------------------------------------------------------- evaluate.py: every policy before sampling
-def mlp(latent_channels: int = 48, hidden_dim: int = 8) -> MLPGuidanceModel:
+def small_mlp(latent_channels: int = 48, hidden_dim: int = 8) -> MLPGuidanceModel:
     return MLPGuidanceModel(latent_channels=latent_channels, hidden_dim=hidden_dim, num_layers=1, vec_dim=64,
                             grid_size=8)
 
 
-def test_evaluate_checks_every_policy_against_the_backbone_before_sampling(tmp_path: Path, world: ShapesWorld,
+def test_evaluate_checks_every_policy_against_the_backbone_before_sampling(tmp_path: Path,
+                                                                           shapes_random: ShapesWorld,
                                                                            monkeypatch) -> None:
     """Before, every reference row (base, CFG, best-of-N) was sampled before the policy's first call failed."""
-    good = save_guidance_model(build_policy("mlp", world, hidden_dim=8, num_layers=1), tmp_path / "good.safetensors")
-    other = save_guidance_model(mlp(latent_channels=16), tmp_path / "other.safetensors")  # another base model's
+    good = save_guidance_model(build_policy("mlp", shapes_random, hidden_dim=8, num_layers=1),
+                               tmp_path / "good.safetensors")
+    other = save_guidance_model(small_mlp(latent_channels=16), tmp_path / "other.safetensors")  # another base model's
     script = load_script("evaluate")
     cfg = tyro.cli(script.Config, args=["--backbone", "shapes-random", "--num-steps", "2", "--best-of", "2",
                                         "--num-prompts", "2", "--samples-per-prompt", "1",
@@ -153,12 +134,13 @@ def test_evaluate_checks_every_policy_against_the_backbone_before_sampling(tmp_p
         script.main(cfg)
 
 
-def test_evaluate_compares_the_fingerprint_a_run_recorded(tmp_path: Path, world: ShapesWorld, monkeypatch) -> None:
+def test_evaluate_compares_the_fingerprint_a_run_recorded(tmp_path: Path, shapes_random: ShapesWorld,
+                                                          monkeypatch) -> None:
     from fluxguide.checkpointing import save_checkpoint
     from fluxguide.provenance import FingerprintError
 
     run_dir = tmp_path / "runs" / "rg"
-    policy = build_policy("mlp", world, hidden_dim=8, num_layers=1)
+    policy = build_policy("mlp", shapes_random, hidden_dim=8, num_layers=1)
     save_checkpoint(run_dir, 1, modules={"policy": policy}, state={"backbone_fingerprint": "0123456789abcdef"})
     save_guidance_model(policy, run_dir / "guidance.safetensors")
     script = load_script("evaluate")
@@ -186,15 +168,15 @@ def make_plain(backbone, **sizes) -> nn.Module:
     return PlainModule()
 
 
-def test_a_plain_module_policy_is_refused_when_built(world: ShapesWorld, tmp_path: Path, capsys) -> None:
+def test_a_plain_module_policy_is_refused_when_built(shapes_random: ShapesWorld, tmp_path: Path, capsys) -> None:
     """Before, a run trained it and failed at its first checkpoint (save_guidance_model needs a config)."""
     with pytest.raises(PolicyPluginError, match=r"(?s)policy '.*:make_plain' built a PlainModule, not a "
                                                 r"fluxguide guidance network.*BaseGuidanceModel.*register_config"):
-        build_policy(f"{__name__}:make_plain", world)
+        build_policy(f"{__name__}:make_plain", shapes_random)
     script = load_script("train_reward_gradient")
     with pytest.raises(SystemExit) as info:
-        cli(script.main, script.Config, args=SMALL + ["--run-dir", str(tmp_path / "run"),
-                                                       "--policy", f"{__name__}:make_plain"])
+        cli(script.main, script.Config, args=ONE_UPDATE + ["--run-dir", str(tmp_path / "run"),
+                                                            "--policy", f"{__name__}:make_plain"])
     assert info.value.code == 2 and "not a fluxguide guidance network" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
 
@@ -203,9 +185,9 @@ def test_a_plain_module_policy_is_refused_when_built(world: ShapesWorld, tmp_pat
 def test_a_config_that_disagrees_with_its_weights_is_refused_before_allocating(tmp_path: Path, monkeypatch) -> None:
     """A config asking for a much larger network than its weights: the tensor shapes are compared from the file's
     header and a build on the meta device, so no parameter of the config's size is ever allocated."""
-    path = save_guidance_model(mlp(hidden_dim=8), tmp_path / "policy.safetensors")
+    path = save_guidance_model(small_mlp(hidden_dim=8), tmp_path / "policy.safetensors")
     tensors = load_file(str(path))
-    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(mlp(hidden_dim=2048).config)})
+    save_file(tensors, str(path), metadata={CONFIG_METADATA_KEY: json.dumps(small_mlp(hidden_dim=2048).config)})
     allocated: list[str] = []
     reset = nn.Linear.reset_parameters
 

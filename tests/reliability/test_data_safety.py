@@ -5,7 +5,6 @@ collection at a time writes a dataset folder."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -21,9 +20,7 @@ from fluxguide.data.chunk_files import chunk_record, signed
 from fluxguide.data.episodes import EPISODE, TARGET, EpisodeChunk
 from fluxguide.data.store import DatasetError, GuidanceDataset, check_collection_settings
 from fluxguide.locking import LOCK_FILE
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+from tests.scripts import ROOT, SUBPROCESS_ENV
 
 
 def chunk(episodes: int = 2, steps: int = 3, rng: int = 0, **metadata) -> EpisodeChunk:
@@ -121,8 +118,8 @@ def test_collect_data_rerun_under_another_batch_size_is_refused(tmp_path: Path) 
     common = [sys.executable, str(script), "--backbone", "shapes-random", "--num-steps", "2", "--prompt-swaps", "0",
               "--episodes", "4",
               "--wandb-mode", "disabled", "--out-dir", str(tmp_path / "data")]
-    subprocess.run([*common, "--batch-size", "2"], env=ENV, check=True, capture_output=True)
-    again = subprocess.run([*common, "--batch-size", "4"], env=ENV, capture_output=True, text=True)
+    subprocess.run([*common, "--batch-size", "2"], env=SUBPROCESS_ENV, check=True, capture_output=True)
+    again = subprocess.run([*common, "--batch-size", "4"], env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert again.returncode == 2, again.stderr
     assert "--batch-size: stored 2, given 4" in again.stderr and "Traceback" not in again.stderr
     assert GuidanceDataset(tmp_path / "data").num_episodes == 4
@@ -136,7 +133,8 @@ def test_two_collections_on_one_dataset_folder(tmp_path: Path) -> None:
     """A second collect_data.py on a folder another process is collecting into stops at once, naming the folder
     and the owner's pid; once the owner is killed, its stale lock is taken over with a warning."""
     folder = tmp_path / "data"
-    owner = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], env=ENV, stdout=subprocess.PIPE, text=True)
+    owner = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], env=SUBPROCESS_ENV, stdout=subprocess.PIPE,
+                             text=True)
     try:
         assert owner.stdout.readline().strip() == "held"
         argv = [sys.executable, str(ROOT / "experiments" / "collect_data.py"), "--backbone", "shapes-random",
@@ -144,7 +142,7 @@ def test_two_collections_on_one_dataset_folder(tmp_path: Path) -> None:
                 "--wandb-mode", "disabled",
                 "--out-dir", str(folder)]
         start = time.perf_counter()
-        second = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+        second = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True)
         assert second.returncode == 2
         assert f"the dataset folder {folder} is in use by another process (pid {owner.pid}" in second.stderr
         assert "Traceback" not in second.stderr and not (folder / "manifest.json").exists()
@@ -153,7 +151,7 @@ def test_two_collections_on_one_dataset_folder(tmp_path: Path) -> None:
         owner.kill()
         owner.wait()
     assert (folder / LOCK_FILE).exists()  # a killed owner leaves its lock file behind ...
-    third = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+    third = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert third.returncode == 0, third.stderr
     assert f"taking over the lock of the dataset folder {folder} left by pid {owner.pid}" in third.stderr
     assert GuidanceDataset(folder).num_episodes == 2 and not (folder / LOCK_FILE).exists()

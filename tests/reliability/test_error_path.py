@@ -20,11 +20,8 @@ import pytest
 
 from fluxguide.errors import DEBUG_ENV, UserError
 from fluxguide.harness.cli import cli
-from tests.scripts import ROOT, load_script
+from tests.scripts import ONE_UPDATE, ROOT, load_script
 
-SMALL = ["--backbone", "shapes-random", "--batch-size", "2", "--num-steps", "2", "--hidden-dim", "8",
-         "--num-heads", "2", "--num-layers", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
-         "--grid-prompts", "2", "--wandb-mode", "disabled", "--total-updates", "1"]
 PPO_SMALL = ["--samples-per-prompt", "2", "--minibatch-trajectories", "2"]
 
 
@@ -48,6 +45,13 @@ def files(tmp_path: Path, monkeypatch) -> Path:
     (tmp_path / "empty.txt").write_text("\n\n")
     (tmp_path / "latin1.txt").write_bytes("un cercle rouge \xe9\n".encode("latin-1"))
     (tmp_path / "broken_plugin.py").write_text("raise RuntimeError('boom while importing')\n")
+    (tmp_path / "odd_plugins.py").write_text(
+        "import torch\n"
+        "from fluxguide.rewards import CallableReward\n"
+        "def constant_reward(**kwargs):  # claims a gradient it does not have\n"
+        "    return CallableReward(lambda images, prompts: torch.ones(len(prompts)), differentiable=True)\n"
+        "def not_a_backbone(**kwargs):\n"
+        "    return object()\n")
     run = tmp_path / "damaged_run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"charts/samples_seen": 1}\nnot json\n{"charts/samples_seen": 2}\n')
@@ -61,6 +65,8 @@ def files(tmp_path: Path, monkeypatch) -> Path:
     ("train_reward_gradient", ["--train-prompts", "{tmp}/latin1.txt"], "latin1.txt' is not UTF-8"),
     ("train_ppo", ["--eval-prompts", "{tmp}/missing.txt", *PPO_SMALL], "missing.txt"),
     ("train_reward_gradient", ["--reward", "broken_plugin:make_reward"], "importing module 'broken_plugin' raised"),
+    ("train_reward_gradient", ["--reward", "odd_plugins:constant_reward"], "returned rewards with no gradient"),
+    ("train_reward_gradient", ["--backbone", "odd_plugins:not_a_backbone"], "not a fluxguide Backbone"),
     ("train_ppo", ["--reward", "verifier", "--reward-kwargs", '{"nosuch": 1}', *PPO_SMALL],
      "does not take the options {'nosuch': 1}"),
     ("train_ppo", ["--samples-per-prompt", "2", "--minibatch-trajectories", "4"], "--minibatch-trajectories 4"),
@@ -73,7 +79,7 @@ def files(tmp_path: Path, monkeypatch) -> Path:
 def test_a_refusal_is_one_line_with_exit_2(capsys, files, script, args, named):
     tmp = str(files)
     argv = [a.replace("{tmp}", tmp) for a in args]
-    small = SMALL[2:] if "--backbone" in argv else SMALL  # the case picks its own backbone
+    small = ONE_UPDATE[2:] if "--backbone" in argv else ONE_UPDATE  # the case picks its own backbone
     common = [] if script in ("report", "evaluate") else [*small, "--run-dir", f"{tmp}/run"]
     line = refused(capsys, script, [*common, *argv])
     assert named in line, line
@@ -84,8 +90,8 @@ def test_debug_shows_the_traceback(capsys, files, monkeypatch):
     monkeypatch.setenv(DEBUG_ENV, "0")  # restored (unset) after the test: cli sets it for the children it starts
     module = load_script("train_reward_gradient", module_name="error_path_debug")
     with pytest.raises(UserError, match="holds no prompts"):
-        cli(module.main, module.Config, [*SMALL, "--run-dir", str(files / "run"), "--train-prompts",
-                                         str(files / "empty.txt"), "--debug"])
+        cli(module.main, module.Config, [*ONE_UPDATE, "--run-dir", str(files / "run"), "--train-prompts",
+                                              str(files / "empty.txt"), "--debug"])
     assert os.environ[DEBUG_ENV] == "1"
 
 

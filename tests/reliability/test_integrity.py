@@ -4,9 +4,7 @@ line naming the flag or the dataset and the fix (exit 2)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,19 +15,7 @@ from fluxguide.harness.cli import cli
 from fluxguide.harness.config import RESUME_MAY_CHANGE, ConfigError, check_resume_config
 from fluxguide.provenance import FingerprintError, check_dataset_fingerprint
 from tests.reliability.test_data_safety import chunk
-
-ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["--backbone", "shapes-random", "--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers",
-         "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2",
-         "--wandb-mode", "disabled"]
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+from tests.scripts import SMALL_RUN, load_script
 
 
 def run_cli(script, argv: list[str]) -> None:
@@ -38,7 +24,7 @@ def run_cli(script, argv: list[str]) -> None:
 
 def test_a_resume_with_a_changed_option_is_refused_naming_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     script = load_script("train_reward_gradient")
-    argv = [*SMALL, "--batch-size", "2", "--run-dir", str(tmp_path), "--eval-every", "100"]
+    argv = [*SMALL_RUN, "--batch-size", "2", "--run-dir", str(tmp_path), "--eval-every", "100"]
     run_cli(script, [*argv, "--total-updates", "1"])
     capsys.readouterr()
     # A longer budget and another checkpoint cadence are what resuming is for; the learning rate is not.
@@ -85,8 +71,8 @@ def test_bc_refuses_a_dataset_of_another_base_model(tmp_path: Path, capsys: pyte
     capsys.readouterr()
     # The random shapes world follows --seed: seed 1 is another base model than the one the data was collected on.
     with pytest.raises(SystemExit) as exit_:
-        run_cli(train_bc, [*SMALL, "--batch-size", "16", "--warmup-updates", "2", "--dataset", str(data), "--run-dir",
-                           str(tmp_path / "run"), "--total-updates", "1", "--seed", "1"])
+        run_cli(train_bc, [*SMALL_RUN, "--batch-size", "16", "--warmup-updates", "2", "--dataset", str(data),
+                           "--run-dir", str(tmp_path / "run"), "--total-updates", "1", "--seed", "1"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert f"the dataset {data} was collected against another base model (backbone fingerprint {recorded}; " in err

@@ -20,27 +20,19 @@ from fluxguide.rewards.aesthetic import AestheticPredictor
 from fluxguide.rewards.open_clip_models import load_open_clip, quiet_random_init_warning
 from fluxguide.sampling import denoise, get_schedule
 from fluxguide.worlds.shapes.clip import SHAPES_CLIP_NAME
-from fluxguide.worlds.shapes.world import WEIGHTS_DIR, ShapesWorld, random_world
+from fluxguide.worlds.shapes.world import WEIGHTS_DIR, ShapesWorld
+from tests.reliability import fail_if_called
 
 LONG = "a red circle " * 800  # 10,400 characters
 
 
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    return random_world(seed=0)
-
-
-def fail_if_called(*args: object, **kwargs: object) -> None:
-    raise AssertionError("compute was spent before the bad input was refused")
-
-
 # --------------------------------------------------------------------------------- 1. bare strings, []
 @pytest.mark.parametrize("call", ["sample", "sample_prompts"])
-def test_a_bare_string_is_refused_not_sampled_per_character(world: ShapesWorld, call: str, monkeypatch) -> None:
+def test_a_bare_string_is_refused_not_sampled_per_character(shapes_random: ShapesWorld, call: str, monkeypatch) -> None:
     from fluxguide.backbones.base import sample_prompts
 
-    monkeypatch.setattr(world, "encode", fail_if_called)
-    fn = world.sample if call == "sample" else (lambda p: sample_prompts(world, p))
+    monkeypatch.setattr(shapes_random, "encode", fail_if_called)
+    fn = shapes_random.sample if call == "sample" else (lambda p: sample_prompts(shapes_random, p))
     with pytest.raises(TypeError, match=r"got the string 'a red circle': wrap it in a list"):
         fn("a red circle")
     with pytest.raises(ValueError, match="at least one prompt, got an empty list"):
@@ -48,25 +40,25 @@ def test_a_bare_string_is_refused_not_sampled_per_character(world: ShapesWorld, 
 
 
 # ------------------------------------------------------------------- 2. prompts the backbone cannot encode
-def test_prompts_outside_the_grammar_are_refused_when_the_env_is_built(world: ShapesWorld, monkeypatch) -> None:
-    monkeypatch.setattr(world, "encode", fail_if_called)
+def test_prompts_outside_the_grammar_are_refused_when_the_env_is_built(shapes_random: ShapesWorld, monkeypatch) -> None:
+    monkeypatch.setattr(shapes_random, "encode", fail_if_called)
     with pytest.raises(ValueError, match=r"outside the shapes world's grammar: prompt 1: 'a purple dog'.*colors"):
-        GuidanceCore(world, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle", "a purple dog"])
+        GuidanceCore(shapes_random, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle", "a purple dog"])
     with pytest.raises(ValueError, match=r"prompt 1 is 10400 characters long") as info:
-        world.sample(["a red circle", LONG])
+        shapes_random.sample(["a red circle", LONG])
     message = str(info.value)
     assert f"({len(LONG)} characters)" in message and len(message) < 600, message
 
 
-def test_the_default_hook_refuses_empty_and_over_long_prompts(world: ShapesWorld) -> None:
+def test_the_default_hook_refuses_empty_and_over_long_prompts(shapes_random: ShapesWorld) -> None:
     from fluxguide.backbones.base import Backbone
 
     with pytest.raises(ValueError, match=r"prompt 0 is 10400 characters long.*\(10400 characters\); shorten it") as info:
-        Backbone.check_prompts(world, [LONG])
+        Backbone.check_prompts(shapes_random, [LONG])
     assert len(str(info.value)) < 300
     with pytest.raises(ValueError, match="prompt 1 is empty"):
-        Backbone.check_prompts(world, ["a red circle", "  "])
-    Backbone.check_prompts(world, ["anything a tokenizer can encode"])  # no grammar in the contract's default
+        Backbone.check_prompts(shapes_random, ["a red circle", "  "])
+    Backbone.check_prompts(shapes_random, ["anything a tokenizer can encode"])  # no grammar in the contract's default
 
 
 def test_the_verifier_names_bad_prompts_briefly() -> None:
@@ -77,8 +69,8 @@ def test_the_verifier_names_bad_prompts_briefly() -> None:
     assert len(str(info.value)) < 600
 
 
-def test_reset_with_explicit_prompts_checks_them(world: ShapesWorld) -> None:
-    core = GuidanceCore(world, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle"], batch_size=2,
+def test_reset_with_explicit_prompts_checks_them(shapes_random: ShapesWorld) -> None:
+    core = GuidanceCore(shapes_random, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle"], batch_size=2,
                         num_steps=2)
     with pytest.raises(ValueError, match="'a purple dog'"):
         core.reset(seed=0, prompts=["a red circle", "a purple dog"])
@@ -86,9 +78,10 @@ def test_reset_with_explicit_prompts_checks_them(world: ShapesWorld) -> None:
 
 
 # ---------------------------------------------------------------------------------- 3. duplicate prompts
-def test_duplicate_training_prompts_are_refused_by_name(world: ShapesWorld, tmp_path: Path) -> None:
+def test_duplicate_training_prompts_are_refused_by_name(shapes_random: ShapesWorld, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"repeats 1 prompt\(s\): 'a red circle' \(2 times\).*Remove the repeats"):
-        GuidanceCore(world, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle", "a blue bar", "a red circle"])
+        GuidanceCore(shapes_random, reward=lambda im, p: torch.zeros(len(p)),
+                     prompts=["a red circle", "a blue bar", "a red circle"])
     path = tmp_path / "prompts.txt"
     path.write_text("a red circle\na blue bar\na blue bar\n")
     with pytest.raises(ValueError, match=r"prompt file .*prompts.txt.* repeats 1 prompt\(s\): 'a blue bar'"):
@@ -98,28 +91,28 @@ def test_duplicate_training_prompts_are_refused_by_name(world: ShapesWorld, tmp_
 
 # ------------------------------------------------------------------------------------------ 4. num_steps
 @pytest.mark.parametrize("steps", [0, -3])
-def test_zero_or_negative_steps_are_refused_not_replaced_by_the_default(world: ShapesWorld, steps: int) -> None:
+def test_zero_or_negative_steps_are_refused_not_replaced_by_the_default(shapes_random: ShapesWorld, steps: int) -> None:
     with pytest.raises(ValueError, match=f"num_steps must be a positive integer .*got {steps}"):
-        world.schedule(steps)
+        shapes_random.schedule(steps)
     with pytest.raises(ValueError, match=f"num_steps must be a positive integer .*got {steps}"):
-        GuidanceCore(world, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle"], num_steps=steps)
-    assert len(world.schedule(None)) == world.default_num_steps + 1
-    assert len(world.schedule(3)) == 4
+        GuidanceCore(shapes_random, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle"], num_steps=steps)
+    assert len(shapes_random.schedule(None)) == shapes_random.default_num_steps + 1
+    assert len(shapes_random.schedule(3)) == 4
 
 
 # ----------------------------------------------------------------------------------------- 5. timesteps
-def test_reversed_or_nan_timesteps_are_refused(world: ShapesWorld, monkeypatch) -> None:
-    cond = world.encode(["a red circle"])
-    x = world.noise(1, torch.Generator().manual_seed(0))
+def test_reversed_or_nan_timesteps_are_refused(shapes_random: ShapesWorld, monkeypatch) -> None:
+    cond = shapes_random.encode(["a red circle"])
+    x = shapes_random.noise(1, torch.Generator().manual_seed(0))
     args = (x, cond.img_ids, cond.txt, cond.txt_ids, cond.vec)
-    schedule = get_schedule(4, world.latent_seq)
+    schedule = get_schedule(4, shapes_random.latent_seq)
     with pytest.raises(ValueError, match=r"decrease strictly.*They increase.*reverse the list"):
         denoise(fail_if_called, *args, schedule[::-1], guidance=None)
     with pytest.raises(ValueError, match=r"timesteps\[2\]=0.5 is not below timesteps\[1\]=0.5"):
         denoise(fail_if_called, *args, [1.0, 0.5, 0.5, 0.0], guidance=None)
     with pytest.raises(ValueError, match=r"timesteps\[1\] is nan"):
         denoise(fail_if_called, *args, [1.0, float("nan"), 0.0], guidance=None)
-    out = denoise(world, *args, schedule, guidance=None)
+    out = denoise(shapes_random, *args, schedule, guidance=None)
     assert torch.isfinite(out).all()
 
 
@@ -129,20 +122,20 @@ def guide(img, pred, txt, vec, t, i):
 
 
 @pytest.mark.parametrize("scale", ["2", b"2", object(), [1.0, "x", 1.0]])
-def test_a_non_number_guidance_scale_names_the_accepted_forms(world: ShapesWorld, scale: object) -> None:
+def test_a_non_number_guidance_scale_names_the_accepted_forms(shapes_random: ShapesWorld, scale: object) -> None:
     match = r"(guidance_scale must be a float, a list with one float per step, or a callable|must hold numbers)"
     with pytest.raises(TypeError, match=match):
-        world.sample(["a red circle"], num_steps=3, guidance_model=guide, guidance_scale=scale)
+        shapes_random.sample(["a red circle"], num_steps=3, guidance_model=guide, guidance_scale=scale)
     with pytest.raises(TypeError, match=match):
-        GuidanceCore(world, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle"], num_steps=3,
+        GuidanceCore(shapes_random, reward=lambda im, p: torch.zeros(len(p)), prompts=["a red circle"], num_steps=3,
                      guidance_scale=scale)
 
 
-def test_the_string_scale_message_suggests_the_number(world: ShapesWorld) -> None:
+def test_the_string_scale_message_suggests_the_number(shapes_random: ShapesWorld) -> None:
     with pytest.raises(TypeError, match=r"got the string '2'; pass a number \(guidance_scale=2.0, not '2'\)"):
-        world.sample(["a red circle"], num_steps=3, guidance_model=guide, guidance_scale="2")
+        shapes_random.sample(["a red circle"], num_steps=3, guidance_model=guide, guidance_scale="2")
     for ok in (2, 2.0, torch.tensor(2.0), [1.0, 2.0, 3.0], lambda i: 1.0):
-        world.sample(["a red circle"], num_steps=3, guidance_model=guide, guidance_scale=ok)
+        shapes_random.sample(["a red circle"], num_steps=3, guidance_model=guide, guidance_scale=ok)
 
 
 # ---------------------------------------------------------------------------------- 7. NaN base weights

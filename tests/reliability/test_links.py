@@ -59,7 +59,7 @@ def assert_refused(error: pytest.ExceptionInfo, link: Path) -> None:
     assert f"remove the link {link}; fluxguide never writes through links" in str(error.value)
 
 
-def images(n: int = 2) -> dict[str, torch.Tensor]:
+def grid_images(n: int = 2) -> dict[str, torch.Tensor]:
     return {"base": torch.rand(n, 3, 8, 8)}
 
 
@@ -90,14 +90,14 @@ def test_a_sample_png_is_not_written_through_a_link_nor_into_a_linked_folder(
     run = tmp_path / "run"
     link = plant(run / "samples" / "eval_00000000.png", victim)
     with pytest.raises(LinkRefusedError) as e:
-        save_prompt_grid(images(), ["a", "b"], link, root=run)
+        save_prompt_grid(grid_images(), ["a", "b"], link, root=run)
     assert_refused(e, link)
     assert victim.read_text() == PRECIOUS
 
     other = tmp_path / "other_run"
     folder = plant(other / "samples", victim_dir)  # the evaluator's samples folder, planted
     with pytest.raises(LinkRefusedError) as e:
-        save_prompt_grid(images(), ["a", "b"], folder / "eval_00000000.png", root=other)
+        save_prompt_grid(grid_images(), ["a", "b"], folder / "eval_00000000.png", root=other)
     assert_refused(e, folder)
     assert tree(victim_dir) == {"keep.txt": PRECIOUS}
 
@@ -221,7 +221,7 @@ def test_an_unlisted_chunk_that_is_a_link_is_refused_not_deleted_through(tmp_pat
 
 
 def test_collect_data_refuses_a_linked_metrics_folder_before_sampling(tmp_path: Path, victim_dir: Path) -> None:
-    from tests.reliability.test_training_faults import load_script
+    from tests.scripts import load_script
 
     collect = load_script("collect_data")
     data = tmp_path / "data"
@@ -237,7 +237,7 @@ def test_collect_data_refuses_a_linked_metrics_folder_before_sampling(tmp_path: 
 
 
 def test_compare_refuses_a_linked_run_folder_before_training(tmp_path: Path, victim_dir: Path) -> None:
-    from tests.reliability.test_training_faults import load_script
+    from tests.scripts import load_script
 
     compare = load_script("compare")
     out = tmp_path / "out"
@@ -259,7 +259,7 @@ def test_a_run_folder_named_as_a_link_is_written_normally(tmp_path: Path) -> Non
         with Tracker(run, mode="disabled") as tracker:
             tracker.log({"train/reward_mean": 0.5}, 4)
         plot_curves(run)
-        save_prompt_grid(images(), ["a", "b"], run / "samples" / "eval.png", root=run)
+        save_prompt_grid(grid_images(), ["a", "b"], run / "samples" / "eval.png", root=run)
         save_checkpoint(run, 1, modules={"policy": nn.Linear(2, 2)})
         write_json_atomic({"a": 1}, run / "tracking_extra.json")
     assert latest_checkpoint(run) == run / "checkpoints" / "step_000000001"

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import ROOT
+
 LOOPBACK = ("localhost", "127.0.0.1", "::1", "ip6-localhost")
 
 SITECUSTOMIZE = r'''

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.scripts import ROOT
+
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 ENV.pop("PYTHONWARNINGS", None)
 MISLEADING = re.compile(r"warn|initiali[sz]ed randomly|deprecat|traceback|\berror\b", re.IGNORECASE)
@@ -24,7 +25,8 @@ TINY = ["--num-steps", "4", "--eval-num-prompts", "2", "--eval-samples-per-promp
         "--total-updates", "1"]
 
 
-def run(script: str, *args: str) -> str:
+def output_of(script: str, *args: str) -> str:
+    """What ``experiments/<script>.py args`` prints (stdout, then stderr); it must succeed."""
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / f"{script}.py"), *args], env=ENV,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,9 +38,10 @@ def misleading_lines(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def collection(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     path = tmp_path_factory.mktemp("quiet") / "data"
-    output = run("collect_data", "--num-steps", "4", "--episodes", "4", "--batch-size", "4", "--out-dir", str(path))
+    output = output_of("collect_data", "--num-steps", "4", "--episodes", "4", "--batch-size", "4",
+                       "--out-dir", str(path))
     return path, output
 
 
@@ -47,10 +50,10 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     ("train_ppo", ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2"]),
     ("train_bc", ["--batch-size", "16", "--warmup-updates", "1"]),
 ])
-def test_a_normal_training_run_prints_no_warning(script: str, args: list[str], dataset, tmp_path: Path) -> None:
-    data, collect_output = dataset
+def test_a_normal_training_run_prints_no_warning(script: str, args: list[str], collection, tmp_path: Path) -> None:
+    data, collect_output = collection
     assert misleading_lines(collect_output) == []
     extra = ["--dataset", str(data)] if script == "train_bc" else []
-    output = run(script, *TINY, *args, *extra, "--run-dir", str(tmp_path / "run"))
+    output = output_of(script, *TINY, *args, *extra, "--run-dir", str(tmp_path / "run"))
     assert misleading_lines(output) == []
     assert "wandb" in output  # offline W&B ran: its summary is the expected output, not a warning

@@ -12,7 +12,8 @@ import pytest
 from torch import nn
 
 from fluxguide.checkpointing import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
-from tests.reliability.test_training_faults import ENV, argv_of
+from tests.reliability import argv_of
+from tests.scripts import SUBPROCESS_ENV
 
 
 def corrupt(checkpoint: Path) -> Path:
@@ -42,12 +43,12 @@ def test_with_an_earlier_checkpoint_the_advice_is_to_delete_the_corrupt_one(tmp_
 def test_the_only_checkpoint_is_not_to_be_deleted_and_moving_the_run_aside_keeps_it_whole(tmp_path: Path) -> None:
     run = tmp_path / "run"
     argv = argv_of("train_reward_gradient", run, Path("unused"), "--total-updates", "3", "--checkpoint-every", "100")
-    subprocess.run(argv, env=ENV, check=True, capture_output=True)
+    subprocess.run(argv, env=SUBPROCESS_ENV, check=True, capture_output=True)
     only = latest_checkpoint(run)
     corrupt(only)
     metrics = (run / "metrics.jsonl").read_bytes()
 
-    refused = subprocess.run(argv, env=ENV, check=False, capture_output=True, text=True)
+    refused = subprocess.run(argv, env=SUBPROCESS_ENV, check=False, capture_output=True, text=True)
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     error = refused.stderr.strip()
     assert error.startswith("error: ") and "\n" not in error
@@ -58,7 +59,7 @@ def test_the_only_checkpoint_is_not_to_be_deleted_and_moving_the_run_aside_keeps
     assert (run / "metrics.jsonl").read_bytes() == metrics  # the refusal wrote nothing
 
     run.rename(moved)  # what it says: the rerun starts afresh in a new folder
-    subprocess.run(argv, env=ENV, check=True, capture_output=True)
+    subprocess.run(argv, env=SUBPROCESS_ENV, check=True, capture_output=True)
     assert (moved / "metrics.jsonl").read_bytes() == metrics and (run / "metrics.jsonl").is_file()
 
 

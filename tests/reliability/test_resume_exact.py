@@ -8,35 +8,23 @@ empty, drifts from the uninterrupted one in the last bit (the cause of the 1e-7 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import tyro
 from safetensors.torch import load_file
 
 from fluxguide.checkpointing import latest_checkpoint
+from tests.scripts import collect_small_dataset, load_script, run_script
 
-ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1",
          "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2",
          "--wandb-mode", "disabled", "--checkpoint-every", "2", "--eval-every", "3"]
 
 
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"resume_exact_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
+def prompt_file(tmp_path_factory) -> Path:
     from fluxguide.envs.prompts import resolve_prompts
 
     path = tmp_path_factory.mktemp("prompts") / "train.txt"
@@ -44,13 +32,13 @@ def prompts(tmp_path_factory) -> Path:
     return path
 
 
-def train(name: str, run_dir: Path, total: int, extra: list[str]) -> None:
-    script = load_script(name)
-    argv = [*SMALL, *extra, "--run-dir", str(run_dir), "--total-updates", str(total)]
-    script.main(tyro.cli(script.Config, args=argv))
+def run_to(name: str, run_dir: Path, total: int, extra: list[str]) -> None:
+    """Run ``experiments/<name>.py`` in ``run_dir`` until update ``total``."""
+    script = load_script(name, module_name=f"resume_exact_{name}")
+    run_script(script, [*SMALL, *extra, "--run-dir", str(run_dir), "--total-updates", str(total)])
 
 
-def training_records(run_dir: Path) -> list[dict]:
+def untimed_records(run_dir: Path) -> list[dict]:
     """The training records of ``metrics.jsonl`` without the wall-clock fields."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in records if "charts/updates" in r]
@@ -69,13 +57,13 @@ def assert_same_run(reference: Path, resumed: Path) -> None:
     opt_ref = load_file(str(latest_checkpoint(reference) / "optimizer-policy.safetensors"))
     opt_res = load_file(str(latest_checkpoint(resumed) / "optimizer-policy.safetensors"))
     assert [k for k in opt_ref if not torch.equal(opt_ref[k], opt_res[k])] == []
-    assert training_records(resumed) == training_records(reference)
+    assert untimed_records(resumed) == untimed_records(reference)
 
 
 def stop_and_resume(name: str, tmp_path: Path, stop: int, total: int, extra: list[str]) -> None:
-    train(name, tmp_path / "reference", total, extra)
-    train(name, tmp_path / "resumed", stop, extra)  # stops at `stop` (a checkpoint and an extra evaluation) ...
-    train(name, tmp_path / "resumed", total, extra)  # ... and the same command with more updates continues it
+    run_to(name, tmp_path / "reference", total, extra)
+    run_to(name, tmp_path / "resumed", stop, extra)  # stops at `stop` (a checkpoint and an extra evaluation) ...
+    run_to(name, tmp_path / "resumed", total, extra)  # ... and the same command with more updates continues it
 
 
 def stopped_and_resumed(name: str, tmp_path: Path, stop: int, total: int, extra: list[str]) -> None:
@@ -93,19 +81,16 @@ ARGS = {
 
 
 @pytest.mark.parametrize("name", ["train_reward_gradient", "train_ppo"])
-def test_resumes_bit_for_bit(name: str, tmp_path: Path, prompts: Path) -> None:
+def test_resumes_bit_for_bit(name: str, tmp_path: Path, prompt_file: Path) -> None:
     """With the default CLIP reward and its text-embedding cache, on a prompt file small enough that prompts repeat
     across the resume point: the cache encodes each prompt on its own (``CLIPScore.text_features``), so a resumed
     run, whose cache starts empty, scores repeated prompts exactly as the uninterrupted run does."""
     total, args = ARGS[name]
-    stopped_and_resumed(name, tmp_path, 2, total, [*args, "--train-prompts", str(prompts)])
+    stopped_and_resumed(name, tmp_path, 2, total, [*args, "--train-prompts", str(prompt_file)])
 
 
 def test_bc_resumes_bit_for_bit(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "collect_data.py"), "--backbone", "shapes-random",
-                    "--num-steps", "3", "--episodes", "8", "--batch-size", "4", "--wandb-mode", "disabled",
-                    "--out-dir", str(data)], check=True, capture_output=True)
+    data = collect_small_dataset(tmp_path / "data")
     stopped_and_resumed("train_bc", tmp_path, 2, 5, [
         "--backbone", "shapes-random", "--batch-size", "16", "--warmup-updates", "2", "--dataset", str(data)])
 

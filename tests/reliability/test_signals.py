@@ -17,7 +17,8 @@ from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.data.store import MANIFEST, GuidanceDataset
 from fluxguide.harness.tracking import metric_curve, read_metrics
 from fluxguide.locking import LOCK_FILE
-from tests.reliability.test_training_faults import ENV, ROOT, argv_of, training_records
+from tests.reliability import argv_of, training_records
+from tests.scripts import ROOT, SUBPROCESS_ENV
 
 TOTAL = 30
 #: Runs the command with the terminal on stdin as its controlling terminal (in a new session), like a shell would.
@@ -51,7 +52,8 @@ def assert_saved_and_released(run_dir: Path) -> int:
 
 def test_sighup_saves_a_checkpoint_like_sigterm(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    proc = subprocess.Popen(run_argv(run), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(run_argv(run), env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     wait_for_training(run, proc)
     proc.send_signal(signal.SIGHUP)
     out, err = proc.communicate(timeout=180)
@@ -67,8 +69,8 @@ def test_a_closed_terminal_saves_a_checkpoint_and_the_rerun_resumes(tmp_path: Pa
     run = tmp_path / "run"
     master, terminal = pty.openpty()
     try:
-        proc = subprocess.Popen([sys.executable, "-c", WITH_TERMINAL, *run_argv(run)[1:]], env=ENV, stdin=terminal,
-                                stdout=terminal, stderr=terminal, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-c", WITH_TERMINAL, *run_argv(run)[1:]], env=SUBPROCESS_ENV,
+                                stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True)
     finally:
         os.close(terminal)
     try:
@@ -78,7 +80,7 @@ def test_a_closed_terminal_saves_a_checkpoint_and_the_rerun_resumes(tmp_path: Pa
     assert proc.wait(timeout=180) == 128 + signal.SIGHUP
     saved = assert_saved_and_released(run)
 
-    done = subprocess.run(run_argv(run), check=False, env=ENV, capture_output=True, text=True)
+    done = subprocess.run(run_argv(run), check=False, env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"resuming from {run / 'checkpoints' / f'step_{saved:09d}'}" in done.stdout
     records = read_metrics(run)
@@ -97,7 +99,7 @@ def test_ctrl_c_during_a_collection_says_what_the_dataset_kept(tmp_path: Path) -
     argv = [sys.executable, str(ROOT / "experiments" / "collect_data.py"), "--backbone", "shapes-random",
             "--num-steps", "2", "--episodes", "4000", "--batch-size", "2", "--wandb-mode", "disabled",
             "--out-dir", str(data)]
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while chunks_listed(data) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

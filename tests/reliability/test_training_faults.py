@@ -4,11 +4,8 @@ flag and the value named, before anything is loaded or written."""
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,56 +15,23 @@ from fluxguide.checkpointing import latest_checkpoint, load_checkpoint
 from fluxguide.harness.cli import cli
 from fluxguide.harness.tracking import metric_curve, read_metrics
 from fluxguide.locking import LOCK_FILE
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
-SMALL = ["--backbone", "shapes-random", "--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers",
-         "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1", "--grid-prompts", "2",
-         "--wandb-mode", "disabled"]
-ARGS = {
-    "train_reward_gradient": SMALL + ["--batch-size", "2"],
-    "train_ppo": SMALL + ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2",
-                          "--reward", "shapes-clip"],
-    "train_bc": SMALL + ["--batch-size", "16", "--warmup-updates", "2"],
-}
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.reliability import argv_of, training_records
+from tests.scripts import SMALL_RUNS, SUBPROCESS_ENV, collect_small_dataset, load_script
 
 
 @pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("bc") / "data"
-    subprocess.run([sys.executable, str(ROOT / "experiments" / "collect_data.py"), "--backbone", "shapes-random",
-                    "--num-steps", "3", "--episodes", "8", "--batch-size", "4", "--wandb-mode", "disabled",
-                    "--out-dir", str(path)], env=ENV, check=True, capture_output=True)
-    return path
-
-
-def argv_of(name: str, run_dir: Path, dataset: Path, *extra: str) -> list[str]:
-    argv = [sys.executable, str(ROOT / "experiments" / f"{name}.py"), *ARGS[name], "--run-dir", str(run_dir), *extra]
-    return argv + (["--dataset", str(dataset)] if name == "train_bc" else [])
-
-
-def training_records(run_dir: Path) -> list[int]:
-    try:
-        return metric_curve(read_metrics(run_dir), "charts/updates")[1]
-    except ValueError:  # a line being written
-        return []
+def bc_dataset(tmp_path_factory) -> Path:
+    """The dataset of the behaviour-cloning runs here."""
+    return collect_small_dataset(tmp_path_factory.mktemp("bc") / "data", env=SUBPROCESS_ENV)
 
 
 @pytest.mark.parametrize("name", ["train_reward_gradient", "train_ppo", "train_bc"])
 def test_sigint_saves_a_checkpoint_and_the_rerun_continues_without_lost_or_repeated_records(
-        name: str, tmp_path: Path, dataset: Path) -> None:
+        name: str, tmp_path: Path, bc_dataset: Path) -> None:
     total = 30
-    argv = argv_of(name, tmp_path / "run", dataset, "--total-updates", str(total), "--eval-every", "7",
+    argv = argv_of(name, tmp_path / "run", bc_dataset, "--total-updates", str(total), "--eval-every", "7",
                    "--checkpoint-every", "100")
-    proc = subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 180
     while not training_records(tmp_path / "run") and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -81,7 +45,7 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_continues_without_lost_or_repea
     assert training_records(tmp_path / "run") == list(range(1, saved + 1))
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released on the way out
 
-    subprocess.run(argv, env=ENV, check=True, capture_output=True)
+    subprocess.run(argv, env=SUBPROCESS_ENV, check=True, capture_output=True)
     records = read_metrics(tmp_path / "run")
     assert metric_curve(records, "charts/updates")[1] == list(range(1, total + 1))  # no update lost or repeated
     evals = [r["charts/samples_seen"] for r in records if any(k.startswith("eval/") for k in r)
@@ -91,15 +55,15 @@ def test_sigint_saves_a_checkpoint_and_the_rerun_continues_without_lost_or_repea
     assert sorted(set(evals)) == [per_update * u for u in sorted({0, *range(7, total + 1, 7), total})]
 
 
-def test_a_second_run_on_a_run_folder_is_refused_naming_the_owner(tmp_path: Path, dataset: Path) -> None:
-    argv = argv_of("train_reward_gradient", tmp_path / "run", dataset, "--total-updates", "100000",
+def test_a_second_run_on_a_run_folder_is_refused_naming_the_owner(tmp_path: Path, bc_dataset: Path) -> None:
+    argv = argv_of("train_reward_gradient", tmp_path / "run", bc_dataset, "--total-updates", "100000",
                    "--eval-every", "100000")
-    first = subprocess.Popen(argv, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
         while not training_records(tmp_path / "run") and time.time() < deadline:
             time.sleep(0.05)
-        second = subprocess.run(argv, env=ENV, capture_output=True, text=True)
+        second = subprocess.run(argv, env=SUBPROCESS_ENV, capture_output=True, text=True)
         assert second.returncode == 2
         assert f"the run folder {tmp_path / 'run'} is in use by another process (pid {first.pid}" in second.stderr
         assert "Traceback" not in second.stderr
@@ -107,8 +71,8 @@ def test_a_second_run_on_a_run_folder_is_refused_naming_the_owner(tmp_path: Path
     finally:
         first.kill()
         first.wait()
-    stale = subprocess.run(argv_of("train_reward_gradient", tmp_path / "run", dataset, "--total-updates", "1"),
-                           env=ENV, capture_output=True, text=True)
+    stale = subprocess.run(argv_of("train_reward_gradient", tmp_path / "run", bc_dataset, "--total-updates", "1"),
+                           env=SUBPROCESS_ENV, capture_output=True, text=True)
     assert stale.returncode == 0, stale.stderr
     assert f"left by pid {first.pid}" in stale.stderr and "is no longer running" in stale.stderr
 
@@ -130,9 +94,10 @@ CASES = [(name, f, v) for name in OWN for f, v in BAD + OWN[name]]
 
 
 @pytest.mark.parametrize(("name", "flag", "value"), CASES, ids=[f"{n}{f}={v}" for n, f, v in CASES])
-def test_a_bad_option_fails_at_once_naming_the_flag_and_the_value(name, flag, value, tmp_path, dataset, capsys) -> None:
+def test_a_bad_option_fails_at_once_naming_the_flag_and_the_value(name, flag, value, tmp_path, bc_dataset,
+                                                                  capsys) -> None:
     script = load_script(name)
-    args = argv_of(name, tmp_path / "run", dataset, flag, value)[2:]
+    args = argv_of(name, tmp_path / "run", bc_dataset, flag, value)[2:]
     start = time.perf_counter()
     with pytest.raises(SystemExit) as e:
         cli(script.main, script.Config, args=args)
@@ -144,18 +109,19 @@ def test_a_bad_option_fails_at_once_naming_the_flag_and_the_value(name, flag, va
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_cuda_without_a_gpu_and_an_unwritable_run_dir_fail_before_loading(tmp_path: Path, dataset: Path) -> None:
+def test_cuda_without_a_gpu_and_an_unwritable_run_dir_fail_before_loading(tmp_path: Path, bc_dataset: Path) -> None:
     import torch
 
     script = load_script("train_reward_gradient")
     if not torch.cuda.is_available():
-        proc = subprocess.run(argv_of("train_reward_gradient", tmp_path / "run", dataset, "--device", "cuda"),
-                              env=ENV, capture_output=True, text=True)
+        proc = subprocess.run(argv_of("train_reward_gradient", tmp_path / "run", bc_dataset, "--device", "cuda"),
+                              env=SUBPROCESS_ENV, capture_output=True, text=True)
         assert proc.returncode == 2 and "--device cuda: this machine has no usable CUDA GPU" in proc.stderr
         assert "Traceback" not in proc.stderr
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit):
-        cli(script.main, script.Config, args=ARGS["train_reward_gradient"] + ["--run-dir", str(tmp_path / "file" / "run")])
+        cli(script.main, script.Config,
+            args=SMALL_RUNS["train_reward_gradient"] + ["--run-dir", str(tmp_path / "file" / "run")])
 
 
 @pytest.mark.parametrize(("name", "args", "expected"), [

@@ -16,10 +16,7 @@ from fluxguide.rewards import (
     require_differentiable,
     reward_with_grad,
 )
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+from tests.toy_rewards import brightness
 
 
 def red_fraction(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:

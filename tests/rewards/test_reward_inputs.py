@@ -6,10 +6,7 @@ import pytest
 import torch
 
 from fluxguide.rewards import CallableReward, CLIPScore
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
+from tests.toy_rewards import brightness
 
 
 @pytest.fixture(params=["clip", "callable"])

@@ -14,6 +14,7 @@ from fluxguide.rewards import (
     register_reward,
     reward_with_grad,
 )
+from tests.toy_rewards import brightness
 
 BUILTIN = {
     "clip",
@@ -27,10 +28,6 @@ BUILTIN = {
     "callable",
 }
 SHAPES_WORLD = {"shapes-clip", "shapes-aesthetic", "verifier"}
-
-
-def brightness(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    return images.mean(dim=(1, 2, 3))
 
 
 def _offline_kwargs(name: str, tiny_clip, images: torch.Tensor) -> dict:

@@ -11,8 +11,8 @@ from fluxguide.sampling import ClassifierFreeGuidance, denoise, get_schedule
 from tests.sampling import make_inputs, tiny_flux
 
 
-def call(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t: float, txt: torch.Tensor, vec: torch.Tensor,
-         guidance: float | None) -> torch.Tensor:
+def call_at(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t: float, txt: torch.Tensor, vec: torch.Tensor,
+            guidance: float | None) -> torch.Tensor:
     b = inputs["img"].shape[0]
     return model(
         img=inputs["img"], img_ids=inputs["img_ids"], txt=txt, txt_ids=inputs["txt_ids"],
@@ -32,8 +32,8 @@ def test_scale_one_is_the_model(guidance_embeds: bool) -> None:
     cfg = ClassifierFreeGuidance(model, u_txt, u_vec, scale=1.0)
     g = 3.0 if guidance_embeds else None
     with torch.no_grad():
-        assert torch.equal(call(cfg, inputs, 0.6, inputs["txt"], inputs["vec"], g),
-                           call(model, inputs, 0.6, inputs["txt"], inputs["vec"], g))
+        assert torch.equal(call_at(cfg, inputs, 0.6, inputs["txt"], inputs["vec"], g),
+                           call_at(model, inputs, 0.6, inputs["txt"], inputs["vec"], g))
 
 
 @pytest.mark.parametrize("guidance_embeds", [True, False])
@@ -45,9 +45,9 @@ def test_scale_s_is_uncond_plus_s_times_difference(guidance_embeds: bool, scale:
     cfg = ClassifierFreeGuidance(model, u_txt, u_vec, scale=scale)
     g = 3.0 if guidance_embeds else None
     with torch.no_grad():
-        got = call(cfg, inputs, 0.6, inputs["txt"], inputs["vec"], g)
-        cond = call(model, inputs, 0.6, inputs["txt"], inputs["vec"], g)
-        unc = call(model, inputs, 0.6, u_txt.expand(2, -1, -1), u_vec.expand(2, -1), g)
+        got = call_at(cfg, inputs, 0.6, inputs["txt"], inputs["vec"], g)
+        cond = call_at(model, inputs, 0.6, inputs["txt"], inputs["vec"], g)
+        unc = call_at(model, inputs, 0.6, u_txt.expand(2, -1, -1), u_vec.expand(2, -1), g)
     assert (cond - unc).abs().max() > 1e-3, "the prompt must change the prediction"
     # One batched call versus two separate ones: float32 rounding of either branch, amplified by the scale.
     torch.testing.assert_close(got, unc + scale * (cond - unc), rtol=1e-5, atol=1e-6 * (1 + scale))
@@ -63,8 +63,8 @@ def test_cfg_in_denoise_matches_manual_loop() -> None:
     with torch.no_grad():
         for t_curr, t_prev in itertools.pairwise(ts):
             step_inputs = dict(inputs, img=img)
-            cond = call(model, step_inputs, t_curr, inputs["txt"], inputs["vec"], 4.0)
-            unc = call(model, step_inputs, t_curr, u_txt.expand(2, -1, -1), u_vec.expand(2, -1), 4.0)
+            cond = call_at(model, step_inputs, t_curr, inputs["txt"], inputs["vec"], 4.0)
+            unc = call_at(model, step_inputs, t_curr, u_txt.expand(2, -1, -1), u_vec.expand(2, -1), 4.0)
             img = img + (t_prev - t_curr) * (unc + 3.0 * (cond - unc))
     torch.testing.assert_close(got, img, rtol=1e-5, atol=1e-5)
 
@@ -83,4 +83,4 @@ def test_mismatched_unconditional_text_raises() -> None:
     u = make_inputs(batch=1, txt_len=7)
     cfg = ClassifierFreeGuidance(model, u["txt"], u["vec"], scale=2.0)
     with pytest.raises(ValueError, match=r"unconditional txt \(1, 7, 32\) does not match txt \(2, 5, 32\)"):
-        call(cfg, inputs, 0.5, inputs["txt"], inputs["vec"], 4.0)
+        call_at(cfg, inputs, 0.5, inputs["txt"], inputs["vec"], 4.0)

@@ -12,11 +12,6 @@ from fluxguide.worlds.shapes.rewards import VerifierReward, shapes_aesthetic, sh
 
 
 @pytest.fixture(scope="module")
-def world():
-    return shapes.ShapesWorld.pretrained()
-
-
-@pytest.fixture(scope="module")
 def heldout_renders() -> tuple[torch.Tensor, list[str]]:
     """One fresh render of each of (up to) 64 held-out prompts."""
     from fluxguide.worlds.shapes.scenes import render_prompts
@@ -26,9 +21,9 @@ def heldout_renders() -> tuple[torch.Tensor, list[str]]:
     return images, prompts
 
 
-def test_clip_score_ranks_right_caption_above_wrong(world, heldout_renders) -> None:
+def test_clip_score_ranks_right_caption_above_wrong(shapes_pretrained, heldout_renders) -> None:
     images, prompts = heldout_renders
-    reward = shapes_clip_score(world)
+    reward = shapes_clip_score(shapes_pretrained)
     # The wrong caption of image i is the prompt of image i + 7 (a different held-out prompt).
     wrong = [prompts[(i + 7) % len(prompts)] for i in range(len(prompts))]
     with torch.no_grad():
@@ -38,12 +33,12 @@ def test_clip_score_ranks_right_caption_above_wrong(world, heldout_renders) -> N
     assert accuracy >= 0.9
 
 
-def test_clip_and_aesthetic_are_differentiable(world, heldout_renders) -> None:
+def test_clip_and_aesthetic_are_differentiable(shapes_pretrained, heldout_renders) -> None:
     images, prompts = heldout_renders
     for reward in (
-        shapes_clip_score(world),
-        shapes_aesthetic(world),
-        make_reward("shapes-aesthetic", world=world),
+        shapes_clip_score(shapes_pretrained),
+        shapes_aesthetic(shapes_pretrained),
+        make_reward("shapes-aesthetic", world=shapes_pretrained),
     ):
         x = images[:8].clone().requires_grad_(True)
         out = reward_with_grad(reward, x, prompts[:8])
@@ -52,10 +47,10 @@ def test_clip_and_aesthetic_are_differentiable(world, heldout_renders) -> None:
         assert x.grad.abs().sum() > 0
 
 
-def test_aesthetic_head_prefers_clean_renders(world, heldout_renders) -> None:
+def test_aesthetic_head_prefers_clean_renders(shapes_pretrained, heldout_renders) -> None:
     images, prompts = heldout_renders
     noisy = (images + 0.3 * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
-    reward = shapes_aesthetic(world)
+    reward = shapes_aesthetic(shapes_pretrained)
     with torch.no_grad():
         clean_score, noisy_score = reward(images, prompts).mean(), reward(noisy, prompts).mean()
     print(f"shapes aesthetic: clean renders {clean_score:.3f}, noisy {noisy_score:.3f}")
@@ -94,21 +89,21 @@ def test_verifier_partial_credit_adds_the_mean_attribute_score(heldout_renders) 
         VerifierReward(partial_credit=-1.0)
 
 
-def test_clip_retrieval_reward_is_the_caption_log_probability(world, heldout_renders) -> None:
+def test_clip_retrieval_reward_is_the_caption_log_probability(shapes_pretrained, heldout_renders) -> None:
     from fluxguide.worlds.shapes.scenes import all_prompts
     from fluxguide.rewards import reward_with_grad
 
     images, prompts = heldout_renders
-    reward = make_reward("shapes-clip-retrieval", world=world)
+    reward = make_reward("shapes-clip-retrieval", world=shapes_pretrained)
     assert reward.differentiable
     values = reward(images, prompts)
     # Direct: log-softmax over every caption of the grammar of CLIP's scaled cosine similarities.
-    clip, captions = world.clip, all_prompts()
+    clip, captions = shapes_pretrained.clip, all_prompts()
     from fluxguide.worlds.shapes.clip import normalize_images
 
     with torch.no_grad():
         img = torch.nn.functional.normalize(clip.encode_image(normalize_images(images)), dim=-1)
-        txt = torch.nn.functional.normalize(clip.encode_text(world.tokenize(captions)), dim=-1)
+        txt = torch.nn.functional.normalize(clip.encode_text(shapes_pretrained.tokenize(captions)), dim=-1)
         logp = torch.log_softmax(clip.logit_scale.exp() * img @ txt.T, dim=-1)
     expected = logp[torch.arange(len(prompts)), torch.tensor([captions.index(p) for p in prompts])]
     torch.testing.assert_close(values, expected, atol=1e-4, rtol=1e-4)

@@ -17,39 +17,34 @@ from fluxguide.worlds.shapes.evaluation import clip_retrieval_accuracy
 from fluxguide.worlds.shapes.scenes import render_prompts
 from fluxguide.worlds.shapes.world import WEIGHTS_DIR
 from fluxguide.sampling import denoise
-
-ROOT = Path(__file__).resolve().parents[3]
-
-
-@pytest.fixture(scope="module")
-def world() -> ShapesWorld:
-    return ShapesWorld.pretrained()
+from tests.scripts import ROOT
 
 
-def test_contract_shapes(world: ShapesWorld) -> None:
-    cond = world.encode(["a red circle", "a blue bar above a green triangle"])
+def test_contract_shapes(shapes_pretrained: ShapesWorld) -> None:
+    cond = shapes_pretrained.encode(["a red circle", "a blue bar above a green triangle"])
     assert cond.txt.shape == (2, 16, 64) and cond.vec.shape == (2, 64)
     assert cond.img_ids.shape == (64, 3) and cond.txt_ids.shape == (16, 3)
-    img = world.noise(2, torch.Generator().manual_seed(0))
-    assert img.shape == (2, *world.latent_shape) == (2, 64, 48)
-    pred = world.velocity(img, 1.0, cond)
+    img = shapes_pretrained.noise(2, torch.Generator().manual_seed(0))
+    assert img.shape == (2, *shapes_pretrained.latent_shape) == (2, 64, 48)
+    pred = shapes_pretrained.velocity(img, 1.0, cond)
     assert pred.shape == img.shape and torch.isfinite(pred).all()
-    images = world.decode(img)
+    images = shapes_pretrained.decode(img)
     assert images.shape == (2, 3, 32, 32) and images.min() >= 0 and images.max() <= 1
     x, _ = render_prompts(["a red circle"], seed=0)
-    assert torch.allclose(world.decode(world.encode_images(x)), x, atol=1e-6)
+    assert torch.allclose(shapes_pretrained.decode(shapes_pretrained.encode_images(x)), x, atol=1e-6)
 
 
-def test_sample_is_seeded_and_equals_denoise(world: ShapesWorld) -> None:
+def test_sample_is_seeded_and_equals_denoise(shapes_pretrained: ShapesWorld) -> None:
     prompts = ["a red circle", "a yellow bar on the left of a blue circle"]
-    a = world.sample(prompts, generator=torch.Generator().manual_seed(1))
-    b = world.sample(prompts, generator=torch.Generator().manual_seed(1))
+    a = shapes_pretrained.sample(prompts, generator=torch.Generator().manual_seed(1))
+    b = shapes_pretrained.sample(prompts, generator=torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
-    cond = world.encode(prompts)
-    noise = world.noise(2, torch.Generator().manual_seed(1))
+    cond = shapes_pretrained.encode(prompts)
+    noise = shapes_pretrained.noise(2, torch.Generator().manual_seed(1))
     with torch.no_grad():
-        latents = denoise(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, world.schedule(), guidance=None)
-    assert torch.equal(world.decode(latents), a)
+        latents = denoise(shapes_pretrained, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec,
+                          shapes_pretrained.schedule(), guidance=None)
+    assert torch.equal(shapes_pretrained.decode(latents), a)
 
 
 def test_loading_does_no_network_access(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,10 +69,10 @@ def test_missing_or_corrupt_weights_name_the_file(tmp_path: Path, name: str) -> 
         ShapesWorld.pretrained(tmp_path)
 
 
-def test_clip_retrieves_true_captions_well_above_chance(world: ShapesWorld) -> None:
+def test_clip_retrieves_true_captions_well_above_chance(shapes_pretrained: ShapesWorld) -> None:
     held = heldout_prompts()
     images, scenes = render_prompts(held, seed=11)
-    accuracy = clip_retrieval_accuracy(world, images, [s.caption for s in scenes], all_prompts())
+    accuracy = clip_retrieval_accuracy(shapes_pretrained, images, [s.caption for s in scenes], all_prompts())
     assert accuracy >= 20 / len(all_prompts()), f"retrieval accuracy {accuracy:.3f} is not well above chance"
 
 
