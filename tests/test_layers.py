@@ -34,7 +34,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import ROOT
+
 PACKAGE = ROOT / "fluxguide"
 
 INFRA = ("plugins", "keys", "serialization", "provenance", "checkpointing", "distributed",
