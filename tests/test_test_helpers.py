@@ -25,10 +25,10 @@ TESTS = Path(__file__).resolve().parent
 NOT_TEST_CODE = ("fixtures",)
 
 #: Duplicates that other work of issue 28 removes, named here rather than skipped unseen (a warning says when one
-#: is gone, so that it leaves this list): the ``BFLFlux`` adapter and its ``tiny_flux`` builder
-#: (tests/policies/conftest.py, tests/sampling/__init__.py) move to the library with the benchmark's copy; ``obs_td``
-#: (tests/policies/test_actors.py, test_coarse.py) goes with the refactoring of tests/policies.
-PENDING = {"BFLFlux", "tiny_flux", "obs_td"}
+#: is gone, so that it leaves this list): ``tiny_flux`` (tests/policies/conftest.py, tests/sampling/__init__.py), the
+#: builder of the tiny BFL-signature Flux whose adapter has moved to the library; ``obs_td``
+#: (tests/policies/test_actors.py, test_coarse.py), with the refactoring of tests/policies.
+PENDING = {"tiny_flux", "obs_td"}
 
 
 def is_pytest_hook(name: str) -> bool:
