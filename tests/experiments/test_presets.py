@@ -15,13 +15,16 @@ import sys
 import pytest
 import tyro
 
+from fluxguide.algos.registry import EXPERIMENTS, algorithm_names, get_algorithm
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, flat_config, validate
 from fluxguide.harness.presets import FLUX_DEV_MODEL, preset_name
 from tests.scripts import ROOT, load_script
 
-TRAINING = ("train_reward_gradient", "train_ppo", "train_bc", "train_adjoint_matching")
-SCRIPTS = (*TRAINING, "collect_data")
+#: Every script an algorithm of the registry runs (its training stage; collect_data is BC's first stage).
+SCRIPTS = tuple(dict.fromkeys(stage.path.stem for name in algorithm_names() for stage in get_algorithm(name).stages
+                              if stage.path.parent == EXPERIMENTS))
+TRAINING = tuple(name for name in SCRIPTS if name != "collect_data")
 TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--total-updates", "1",
         "--eval-every", "1", "--checkpoint-every", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
         "--grid-prompts", "1", "--wandb-mode", "disabled"]
@@ -44,7 +47,7 @@ def test_every_preset_parses_and_names_itself(name: str) -> None:
     for preset in script.PRESETS:
         cfg = flat_config(parse(script, ["--preset", preset]))
         assert cfg["preset"] == preset
-        expected = "shapes" if preset.startswith("shapes") else FLUX_DEV_MODEL["backbone"]
+        expected = FLUX_DEV_MODEL["backbone"] if preset.startswith("flux") else "shapes"
         assert cfg["backbone"] == expected
     # No --preset is the first preset, and a flag overrides the preset's value.
     assert flat_config(parse(script, []))["preset"] == "shapes"
