@@ -42,13 +42,8 @@ from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, 
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int
 from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
-from fluxguide.policies import (
-    is_coefficient_policy,
-    make_coefficient_actor,
-    make_probabilistic_actor,
-    make_value_network,
-)
-from fluxguide.policies.registry import image_channels, latent_grid
+from fluxguide.policies import make_ppo_actor, make_value_network
+from fluxguide.policies.registry import latent_grid
 
 #: The metrics logged as ``train/<name>``; the loss terms and PPO's diagnostics go to ``losses/<name>``.
 TRAIN_METRICS = ("reward_mean", "reward_std", "group_reward_std", "zero_std_group_fraction", "verifier_pass_rate",
@@ -174,26 +169,15 @@ def main(cfg: Config) -> dict[str, float]:
     train = cfg.reward.prompts(backbone)  # prompts the backbone cannot render are refused here, before any model runs
     cfg.run.heldout_prompts(backbone)  # the held-out ones too, not at the first evaluation
     reward = cfg.reward.build(backbone, seed=seed)
-    if cfg.model.backbone == "tiny-flux":  # its tokenizer knows English; the shapes captions serve as prompts
-        train = train[: opt.batch_size // cfg.samples_per_prompt]
     env = GuidanceTorchRLEnv(backbone, reward=reward, prompts=train, batch_size=opt.batch_size,
                              samples_per_prompt=cfg.samples_per_prompt, num_steps=opt.num_steps,
                              guidance_scale=opt.guidance_scale, mode=cfg.mode, noise_level=cfg.noise_level,
                              control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(seed))  # each rank its own prompts and noise
     policy = cfg.guide.build(backbone, coarse=cfg.coarse_actions)
-    explore_coefficients = (cfg.explore_coefficients and is_coefficient_policy(policy) and cfg.mode == "ode"
-                            and not cfg.coarse_actions)
-    std = cfg.std if cfg.std is not None else (1.0 if explore_coefficients else 0.1)
-    if explore_coefficients:
-        actor = make_coefficient_actor(policy, std=std, learn_std=cfg.learn_std,
-                                       log_prob_reduction=cfg.log_prob_reduction)
-    else:
-        actor = make_probabilistic_actor(
-            policy, std=std, learn_std=cfg.learn_std and cfg.mode == "ode", use_sde_std=cfg.mode == "sde",
-            log_prob_reduction=cfg.log_prob_reduction,
-            coarse_channels=image_channels(backbone) if cfg.coarse_actions else None,
-            explore_min_t=cfg.guide.policy_min_t if cfg.mode == "ode" else 0.0)
+    actor, _ = make_ppo_actor(policy, backbone, mode=cfg.mode, std=cfg.std, learn_std=cfg.learn_std,
+                              explore_coefficients=cfg.explore_coefficients, coarse=cfg.coarse_actions,
+                              log_prob_reduction=cfg.log_prob_reduction, explore_min_t=cfg.guide.policy_min_t)
     reference = cfg.guide.reference(actor, cfg.init_kl)  # the initial actor, before any update or resume
     critic = None
     if cfg.advantage == "gae":

@@ -16,25 +16,39 @@ from fluxguide.policies.actors import (
 )
 from fluxguide.policies.affine import AffineGuidance
 from fluxguide.policies.attention import AttentionGuidanceModel
-from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model, check_observation
+from fluxguide.policies.architectures import ARCHITECTURES
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceNetwork, build_guidance_model
 from fluxguide.policies.checkpoint import load_guidance_model, read_guidance_config, save_guidance_model
 from fluxguide.policies.coarse import CoarseGuidance, coarse_coordinates, project_coarse
-from fluxguide.policies.composite import MultiObjectiveGuidance, StepSpecificGuidance, TimestepRangeGuidance
+from fluxguide.policies.composite import (
+    CompositeGuidance,
+    GuidancePart,
+    MultiObjectiveGuidance,
+    StepSpecificGuidance,
+    TimestepRangeGuidance,
+)
 from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
+from fluxguide.policies.exploration import Exploration, make_ppo_actor
 from fluxguide.policies.embeddings import grid_position_features, timestep_embedding
 from fluxguide.policies.mlp import MLPGuidanceModel, create_mlp_guidance_model
 from fluxguide.policies.value import GuidanceValueModel, make_value_network
 
 __all__ = [
+    "ARCHITECTURES",
     "AffineGuidance",
     "AttentionGuidanceModel",
     "BaseGuidanceModel",
+    "CheckedNetwork",
     "CoarseGuidance",
     "CoarseNormal",
     "CoefficientHead",
+    "CompositeGuidance",
     "ConvGuidanceModel",
+    "Exploration",
     "GaussianHead",
+    "GuidanceNetwork",
+    "GuidancePart",
     "GuidanceValueModel",
     "MLPGuidanceModel",
     "MultiObjectiveGuidance",
@@ -44,7 +58,6 @@ __all__ = [
     "SubspaceNormal",
     "TimestepRangeGuidance",
     "build_guidance_model",
-    "check_observation",
     "coarse_coordinates",
     "coefficient_parts",
     "create_mlp_guidance_model",
@@ -53,6 +66,7 @@ __all__ = [
     "load_guidance_model",
     "make_coefficient_actor",
     "make_deterministic_actor",
+    "make_ppo_actor",
     "make_probabilistic_actor",
     "make_value_network",
     "project_coarse",

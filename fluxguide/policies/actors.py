@@ -8,8 +8,9 @@ Keys come from :mod:`fluxguide.keys`.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from tensordict.nn import InteractionType, TensorDictModule
@@ -20,8 +21,8 @@ from torchrl.modules import ProbabilisticActor
 
 from fluxguide import keys
 from fluxguide.policies.affine import AffineGuidance
-from fluxguide.policies.composite import MultiObjectiveGuidance, TimestepRangeGuidance
-from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
+from fluxguide.policies.composite import GuidancePart, guidance_parts
+from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal, check_reduction
 
 
 def _flat_per_sample(x: torch.Tensor, batch_shape: torch.Size, what: str) -> torch.Tensor:
@@ -48,7 +49,39 @@ def _current_std(std: float, log_std: nn.Parameter | None, device: torch.device)
     return log_std.float().exp() if log_std is not None else torch.tensor(std, device=device)
 
 
-class ObservationAdapter(nn.Module):
+class Observation(NamedTuple):
+    """The six observation tensors a policy reads, in the order of :data:`fluxguide.keys.OBSERVATION_KEYS`."""
+
+    img: torch.Tensor
+    pred: torch.Tensor
+    txt: torch.Tensor
+    vec: torch.Tensor
+    t: torch.Tensor
+    step: torch.Tensor
+
+
+class ObservationModule(nn.Module, ABC):
+    """A module TorchRL calls with the observation tensors, in key order, then any extra keys it reads (a
+    ``TensorDictModule`` passes them positionally); subclasses implement :meth:`read`."""
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        t: torch.Tensor,
+        step: torch.Tensor,
+        *extra: torch.Tensor | None,
+    ) -> Any:
+        return self.read(Observation(img, pred, txt, vec, t, step), *extra)
+
+    @abstractmethod
+    def read(self, obs: Observation, *extra: torch.Tensor | None) -> Any:
+        """The module's output for ``obs`` (and the extra keys)."""
+
+
+class ObservationAdapter(ObservationModule):
     """Run a guidance-signature model on TensorDict observations with any leading batch dims.
 
     TorchRL hands policies ``img`` of shape ``(*batch, seq, C)`` (``batch`` = ``[B]`` in a rollout step,
@@ -61,15 +94,8 @@ class ObservationAdapter(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        t: torch.Tensor,
-        step: torch.Tensor,
-    ) -> torch.Tensor:
+    def read(self, obs: Observation, *extra: torch.Tensor | None) -> torch.Tensor:
+        img, pred, txt, vec, t, step = obs
         if img.ndim < 3:
             raise ValueError(f"img must be packed latents (*batch, seq, C), got shape {tuple(img.shape)}")
         batch_shape = img.shape[:-2]
@@ -93,7 +119,7 @@ class ObservationAdapter(nn.Module):
         return out.reshape(*batch_shape, *out.shape[1:])
 
 
-class GaussianHead(nn.Module):
+class GaussianHead(ObservationModule):
     """Observation -> ``(loc, scale)`` of the Gaussian policy; ``loc`` is the guidance model's correction.
 
     ``scale`` has shape ``(*batch, 1, 1)``: one std per sample, broadcast over ``(seq, C)`` (storing a full
@@ -132,17 +158,9 @@ class GaussianHead(nn.Module):
         # In SDE mode the std comes from the env; ``std`` is then unused (any value is accepted).
         self.std, self.log_std = (float(std), None) if use_sde_std else _fixed_or_learned_std(std, learn_std)
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        t: torch.Tensor,
-        step: torch.Tensor,
-        sde_std: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        loc = self.net(img, pred, txt, vec, t, step)
+    def read(self, obs: Observation, sde_std: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loc, scale)``; ``sde_std`` is the observation's SDE std (read with ``use_sde_std``)."""
+        loc = self.net(*obs)
         batch_shape = loc.shape[:-2]
         if self.use_sde_std:
             if sde_std is None:
@@ -160,7 +178,7 @@ class GaussianHead(nn.Module):
         else:
             scale = _current_std(self.std, self.log_std, loc.device).expand(*batch_shape, 1, 1)
         if self.explore_min_t > 0:
-            explore = _flat_per_sample(t, batch_shape, keys.T) >= self.explore_min_t
+            explore = _flat_per_sample(obs.t, batch_shape, keys.T) >= self.explore_min_t
             scale = scale * explore.reshape(*batch_shape, 1, 1).to(scale.dtype)
         return loc, scale
 
@@ -220,7 +238,7 @@ def make_probabilistic_actor(
         observation_keys: the six observation keys, in the order ``img, pred, txt, vec, t, step``.
         sde_std_key: where the env publishes the SDE std.
     """
-    _check_reduction(log_prob_reduction)
+    check_reduction(log_prob_reduction)
     if coarse_channels is not None and use_sde_std:
         raise ValueError(
             "coarse_channels with use_sde_std: the SDE's noise is full-resolution, so its step cannot be a coarse "
@@ -232,17 +250,12 @@ def make_probabilistic_actor(
         TensorDictModule(head, in_keys=in_keys, out_keys=[keys.LOC, keys.SCALE]),
         [keys.LOC, keys.SCALE],
         ReducedNormal if coarse_channels is None else CoarseNormal,
-        {"reduction": log_prob_reduction, "event_dims": 2}
-        | ({} if coarse_channels is None else {"channels": int(coarse_channels)}),
+        {"reduction": log_prob_reduction}
+        | ({"event_dims": 2} if coarse_channels is None else {"channels": int(coarse_channels)}),
         return_log_prob,
         default_interaction_type,
         spec,
     )
-
-
-def _check_reduction(log_prob_reduction: str) -> None:
-    if log_prob_reduction not in ("mean", "sum"):
-        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {log_prob_reduction!r}")
 
 
 def _actor(
@@ -269,14 +282,20 @@ def _actor(
     )
 
 
+def _unit(part: GuidancePart, combine: str) -> bool:
+    """Whether ``part`` adds its model's correction unchanged at every step (up to a lower time bound)."""
+    return combine in ("sum", "first") and part.weight == 1.0 and part.steps is None and (
+        part.times is None or part.times[1] == 1.0)
+
+
 def _affine_parts(policy: nn.Module) -> tuple[AffineGuidance, float]:
-    """The :class:`AffineGuidance` inside ``policy`` and the time from which it acts (its ``min_t`` wrapper)."""
+    """The :class:`AffineGuidance` of ``policy`` and the time from which it acts: the schedule itself, or a
+    composite of that one part (its ``min_t`` wrapper), read from the composite's declared parts."""
     if isinstance(policy, AffineGuidance):
         return policy, 0.0
-    if isinstance(policy, TimestepRangeGuidance) and len(policy.models) == 1 and policy.ranges[0][1] == 1.0:
-        inner = policy.models[0]
-        if isinstance(inner, AffineGuidance):
-            return inner, policy.ranges[0][0]
+    parts = guidance_parts(policy)
+    if len(parts) == 1 and _unit(parts[0], policy.combine) and isinstance(parts[0].model, AffineGuidance):
+        return parts[0].model, parts[0].times[0] if parts[0].times is not None else 0.0
     raise TypeError(
         f"coefficient exploration needs an AffineGuidance policy (build_policy('affine', ...), optionally with "
         f"min_t), or a network under an affine head (MultiObjectiveGuidance([network, affine]), as "
@@ -286,11 +305,14 @@ def _affine_parts(policy: nn.Module) -> tuple[AffineGuidance, float]:
 
 def coefficient_parts(policy: nn.Module) -> tuple[nn.Module | None, AffineGuidance, float]:
     """``(body, affine, min_t)`` of a policy whose exploration can live in affine coefficients: an affine
-    schedule alone (``body`` is ``None``), or a network under an affine head (``MultiObjectiveGuidance([body,
-    head])`` with unit weights, the head last), whose correction is then the deterministic offset."""
-    if isinstance(policy, MultiObjectiveGuidance) and len(policy.models) == 2 and list(policy.weights) == [1.0, 1.0]:
-        affine, min_t = _affine_parts(policy.models[1])
-        return policy.models[0], affine, min_t
+    schedule alone (``body`` is ``None``), or a network under an affine head (a composite that sums two parts
+    acting everywhere with unit weights, ``MultiObjectiveGuidance([body, head])``, the head last), whose
+    correction is then the deterministic offset."""
+    parts = guidance_parts(policy)
+    if (len(parts) == 2 and policy.combine == "sum"
+            and all(part.everywhere and part.weight == 1.0 for part in parts)):
+        affine, min_t = _affine_parts(parts[1].model)
+        return parts[0].model, affine, min_t
     affine, min_t = _affine_parts(policy)
     return None, affine, min_t
 
@@ -304,7 +326,7 @@ def is_coefficient_policy(policy: nn.Module) -> bool:
     return True
 
 
-class CoefficientHead(nn.Module):
+class CoefficientHead(ObservationModule):
     """Observation -> ``(coefficients, scale, basis[, offset])`` of a :class:`SubspaceNormal` for an affine policy.
 
     The coefficients are the policy's ``a(t), b(t)`` (zero before its ``min_t``), the basis its
@@ -321,29 +343,22 @@ class CoefficientHead(nn.Module):
         self.body = None if body is None else ObservationAdapter(body)
         self.std, self.log_std = _fixed_or_learned_std(std, learn_std)
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        t: torch.Tensor,
-        step: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
+    def read(self, obs: Observation, *extra: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        img, pred = obs.img, obs.pred
         if img.ndim < 3 or img.shape != pred.shape or img.shape[-1] != self.affine.latent_channels:
             raise ValueError(
                 f"img and pred must be packed latents (*batch, seq, {self.affine.latent_channels}), got "
                 f"{tuple(img.shape)} and {tuple(pred.shape)}"
             )
         batch_shape = img.shape[:-2]
-        times = _flat_per_sample(t, batch_shape, keys.T).float()
+        times = _flat_per_sample(obs.t, batch_shape, keys.T).float()
         acts = (times >= self.min_t).float().unsqueeze(-1)
         coefficients = (self.affine.coefficients_at(times).float() * acts).reshape(*batch_shape, -1)
         scale = (_current_std(self.std, self.log_std, img.device) * acts).reshape(*batch_shape, 1)
         out = (coefficients, scale, self.affine.basis(img, pred))
         if self.body is None:
             return out
-        return (*out, self.body(img, pred, txt, vec, t, step))
+        return (*out, self.body(*obs))
 
 
 def make_coefficient_actor(
@@ -375,7 +390,7 @@ def make_coefficient_actor(
         log_prob_reduction: reduce over the coefficients by ``"mean"`` (default) or ``"sum"`` (exact).
         return_log_prob, default_interaction_type, spec, observation_keys: as :func:`make_probabilistic_actor`.
     """
-    _check_reduction(log_prob_reduction)
+    check_reduction(log_prob_reduction)
     head = CoefficientHead(policy, std=std, learn_std=learn_std)
     dist_keys = {"loc": keys.LOC, "scale": keys.SCALE, "basis": keys.BASIS}
     if head.body is not None:

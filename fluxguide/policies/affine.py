@@ -10,16 +10,23 @@ into each of them, which is what a sparse, non-differentiable reward needs (READ
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from fluxguide.policies.base import BaseGuidanceModel
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs
 from fluxguide.policies.coarse import expand_coarse
 from fluxguide.policies.embeddings import timestep_embedding
 
+if TYPE_CHECKING:
+    from fluxguide.backbones.base import Backbone
 
-class AffineGuidance(BaseGuidanceModel):
+
+class AffineGuidance(CheckedNetwork, BaseGuidanceModel, architecture="affine"):
     """``correction = a(t) * img + b(t) * pred`` with ``a, b`` per image channel (see the module docstring).
+
+    Text-blind by construction (:attr:`text_aware` is ``False``): it reads neither ``txt`` nor ``vec``.
 
     Args:
         latent_channels: token width ``C`` (48 in the shapes world, 64 in Flux).
@@ -28,6 +35,8 @@ class AffineGuidance(BaseGuidanceModel):
         time_dim: size of the sinusoidal timestep embedding the coefficients are read from.
         device, dtype: where to create the parameters.
     """
+
+    text_aware = False
 
     def __init__(
         self,
@@ -64,16 +73,15 @@ class AffineGuidance(BaseGuidanceModel):
         parts = [x.unsqueeze(-3) * masks[:, None, :] for x in (img, pred)]  # (..., ch, seq, C) each
         return torch.cat(parts, dim=-3)
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, *, hidden_dim: int, device: torch.device | str) -> AffineGuidance:
+        """``build_policy("affine", backbone)``: per image channel of the backbone; ``hidden_dim`` is the size of the
+        timestep embedding (the other sizes are unused)."""
+        return cls(backbone.latent_channels, backbone.image_channels, time_dim=hidden_dim, device=device)
+
+    def compute(
+        self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
     ) -> torch.Tensor:
-        inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
         a, b = self.coefficients_at(inputs.timestep).unflatten(-1, (2, self.channels)).unbind(1)  # (B, ch) each
         width = img.shape[-1]
         a, b = (expand_coarse(x[:, None, :], width).to(img.dtype) for x in (a, b))  # (B, 1, C)

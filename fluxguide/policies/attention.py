@@ -7,12 +7,14 @@ modulated by the timestep and pooled text through adaLN (DiT, Peebles & Xie 2023
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from fluxguide.policies.base import BaseGuidanceModel, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid
 from fluxguide.policies.embeddings import (
     AdaLayerNorm,
     ConditionEmbedding,
@@ -20,6 +22,9 @@ from fluxguide.policies.embeddings import (
     token_input_layers,
     zero_module,
 )
+
+if TYPE_CHECKING:
+    from fluxguide.backbones.base import Backbone
 
 
 class _Attention(nn.Module):
@@ -77,7 +82,7 @@ class _Block(nn.Module):
         return h + self.mlp(self.norm_mlp(h, cond))
 
 
-class AttentionGuidanceModel(BaseGuidanceModel):
+class AttentionGuidanceModel(CheckedNetwork, BaseGuidanceModel, architecture="attention"):
     """Transformer guidance with self-attention over latent tokens and cross-attention to ``txt``.
 
     Args:
@@ -146,7 +151,7 @@ class AttentionGuidanceModel(BaseGuidanceModel):
             vec_dim,
             grid,
         )
-        self.pos_frequencies = pos_frequencies
+        self.pos_frequencies, self.text_aware = pos_frequencies, text_conditioning
         kw = {"device": device, "dtype": dtype}
         self.cond = ConditionEmbedding(hidden_dim, vec_dim if text_conditioning else None, time_embed_dim, **kw)
         self.img_in, self.pos_proj = token_input_layers(latent_channels, hidden_dim, pos_frequencies, **kw)
@@ -159,16 +164,18 @@ class AttentionGuidanceModel(BaseGuidanceModel):
         self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
         self.out = zero_module(nn.Linear(hidden_dim, latent_channels, **kw))
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, *, hidden_dim: int, num_layers: int, num_heads: int,
+                     text_conditioning: bool, vec_dim: int, txt_dim: int, grid_size: tuple[int, int],
+                     device: torch.device | str) -> AttentionGuidanceModel:
+        """``build_policy("attention", backbone)``: sized for the backbone's latents, text and token grid."""
+        return cls(hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
+                   latent_channels=backbone.latent_channels, txt_dim=txt_dim, mlp_ratio=2.0,
+                   text_conditioning=text_conditioning, vec_dim=vec_dim, grid_size=grid_size, device=device)
+
+    def compute(
+        self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
     ) -> torch.Tensor:
-        inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
         cond = self.cond(inputs.timestep, vec)
         h = embed_tokens(self.img_in, self.pos_proj, img, pred, inputs.grid, self.pos_frequencies)
         txt_h = None if self.txt_in is None else self.txt_in(txt.to(self.img_in.weight.dtype))

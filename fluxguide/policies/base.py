@@ -2,11 +2,13 @@
 
 A guidance model maps the sampler state ``(img, pred, txt, vec, timestep, step_idx)`` to a correction that
 the sampler adds to the base prediction (``pred_used = pred + scale * correction``, docs/design.md). Users
-subclass :class:`BaseGuidanceModel` and implement ``forward``; :meth:`BaseGuidanceModel.check_inputs` gives
+subclass :class:`BaseGuidanceModel` and implement ``forward``; :meth:`GuidanceNetwork.check_inputs` gives
 them the shape checks with errors that name expected and actual shapes.
 
 Every built-in model stores its constructor arguments in ``model.config`` so a checkpoint (weights plus
-config) rebuilds it with :func:`build_guidance_model`.
+config) rebuilds it with :func:`build_guidance_model`; every subclass is recorded by class name in the one
+registry of architectures (:mod:`fluxguide.policies.architectures`), and one that names itself in its class
+statement (``class MyNet(BaseGuidanceModel, architecture="my-net")``) is also built by that name.
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ import copy
 import inspect
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
-_REGISTRY: dict[str, type[BaseGuidanceModel]] = {}
+from fluxguide.policies.architectures import ARCHITECTURES
+
+_Network = TypeVar("_Network", bound="GuidanceNetwork")
 
 
 def as_grid(grid_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
@@ -45,56 +50,12 @@ class GuidanceInputs:
     grid: tuple[int, int]
 
 
-class GuidanceInputChecks:
-    """The input checks of a network with the guidance call signature (guidance models and critics).
+class GuidanceNetwork(nn.Module):
+    """A network with the guidance call signature: a guidance model or a critic.
 
-    The class attributes say what the network expects; ``None`` accepts anything (see
-    :class:`BaseGuidanceModel`).
-    """
-
-    latent_channels: int | None = None
-    grid_size: tuple[int, int] | None = None
-    txt_dim: int | None = None
-    vec_dim: int | None = None
-
-    def check_inputs(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor | float,
-        step_idx: int | torch.Tensor,
-    ) -> GuidanceInputs:
-        """Check shapes against this model's configuration; return the ``(B,)`` timestep and the token grid.
-
-        Raises:
-            ValueError: naming the expected and the actual shape when anything disagrees.
-        """
-        return check_observation(
-            type(self).__name__,
-            img,
-            pred,
-            txt,
-            vec,
-            timestep,
-            step_idx,
-            latent_channels=self.latent_channels,
-            grid_size=self.grid_size,
-            txt_dim=self.txt_dim,
-            vec_dim=self.vec_dim,
-        )
-
-    def resolve_grid(self, seq: int) -> tuple[int, int]:
-        """The token grid ``(rows, cols)`` for ``seq`` tokens (square unless ``grid_size`` is set)."""
-        return resolve_grid(type(self).__name__, seq, self.grid_size)
-
-
-class BaseGuidanceModel(GuidanceInputChecks, nn.Module, ABC):
-    """Base class of guidance models (the seed's ``BaseGuidanceModel``).
-
-    Subclasses implement :meth:`forward` and usually call :meth:`check_inputs` first. The class attributes
-    below say what the model expects; ``None`` accepts anything.
+    It records its constructor arguments (:meth:`register_config`), so a checkpoint rebuilds it
+    (:meth:`from_config`), and checks an observation against the sizes it expects (:meth:`check_inputs`). The
+    class attributes say what it expects; ``None`` accepts anything.
 
     Attributes:
         latent_channels: channels ``C`` of packed latents ``(B, seq, C)``.
@@ -103,33 +64,37 @@ class BaseGuidanceModel(GuidanceInputChecks, nn.Module, ABC):
         vec_dim: width of the pooled text embedding.
     """
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        # Every subclass, the users' included, can be rebuilt from its config by name.
-        _REGISTRY[cls.__name__] = cls
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._config: dict[str, Any] = {"type": type(self).__name__}
+    latent_channels: int | None = None
+    grid_size: tuple[int, int] | None = None
+    txt_dim: int | None = None
+    vec_dim: int | None = None
 
     def register_config(self, **kwargs: Any) -> None:
-        """Record constructor arguments (JSON-serialisable) so :func:`build_guidance_model` can rebuild."""
+        """Record constructor arguments (JSON-serialisable) so :meth:`from_config` can rebuild."""
         self._config = {"type": type(self).__name__, **copy.deepcopy(kwargs)}
 
     @property
     def config(self) -> dict[str, Any]:
         """The constructor arguments plus ``"type"`` (the class name); a copy."""
-        return copy.deepcopy(self._config)
+        return copy.deepcopy(getattr(self, "_config", {"type": type(self).__name__}))
+
+    @classmethod
+    def constructor_arguments(
+        cls, config: dict[str, Any], build: Callable[[dict[str, Any]], BaseGuidanceModel]
+    ) -> dict[str, Any]:
+        """The constructor arguments ``config`` stands for: its entries but ``"type"``. A composite overrides it to
+        rebuild its parts from their configs with ``build``."""
+        return {k: v for k, v in config.items() if k != "type"}
 
     @classmethod
     def from_config(
-        cls,
+        cls: type[_Network],
         config: dict[str, Any],
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-    ) -> BaseGuidanceModel:
-        """Build the model described by ``config`` (as returned by :attr:`config`)."""
-        kwargs = {k: v for k, v in config.items() if k != "type"}
+    ) -> _Network:
+        """Build the network described by ``config`` (as returned by :attr:`config`)."""
+        kwargs = cls.constructor_arguments(config, lambda part: build_guidance_model(part, device, dtype))
         params = inspect.signature(cls.__init__).parameters
         for name, value in (("device", device), ("dtype", dtype)):
             if value is not None and name in params:
@@ -146,6 +111,104 @@ class BaseGuidanceModel(GuidanceInputChecks, nn.Module, ABC):
         if dtype is not None and "dtype" not in params:
             model = model.to(dtype=dtype)
         return model
+
+    def check_inputs(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        timestep: torch.Tensor | float,
+        step_idx: int | torch.Tensor,
+    ) -> GuidanceInputs:
+        """Check shapes against this network's sizes; return the ``(B,)`` timestep and the token grid.
+
+        Raises:
+            ValueError: naming the expected and the actual shape when anything disagrees.
+        """
+        owner = type(self).__name__
+        if img.ndim != 3:
+            raise ValueError(f"{owner}: img must be packed latents (B, seq, C), got shape {tuple(img.shape)}")
+        if pred.shape != img.shape:
+            raise ValueError(f"{owner}: pred must be shaped like img {tuple(img.shape)}, got {tuple(pred.shape)}")
+        b, seq, c = img.shape
+        if self.latent_channels is not None and c != self.latent_channels:
+            raise ValueError(
+                f"{owner} expects latents (B, seq, {self.latent_channels}) (latent_channels={self.latent_channels}),"
+                f" got img of shape {tuple(img.shape)}: build the model with latent_channels={c} to match the "
+                "env / backbone"
+            )
+        grid = self.resolve_grid(seq)
+        if txt.ndim != 3 or txt.shape[0] != b:
+            raise ValueError(f"{owner}: txt must be (B={b}, L, D_txt), got shape {tuple(txt.shape)}")
+        if self.txt_dim is not None and txt.shape[-1] != self.txt_dim:
+            raise ValueError(
+                f"{owner} expects txt of shape (B, L, {self.txt_dim}) (txt_dim={self.txt_dim}), got "
+                f"{tuple(txt.shape)}: build the model with txt_dim={txt.shape[-1]}"
+            )
+        if vec.ndim != 2 or vec.shape[0] != b:
+            raise ValueError(f"{owner}: vec must be (B={b}, D_vec), got shape {tuple(vec.shape)}")
+        if self.vec_dim is not None and vec.shape[-1] != self.vec_dim:
+            raise ValueError(
+                f"{owner} expects vec of shape (B, {self.vec_dim}) (vec_dim={self.vec_dim}), got "
+                f"{tuple(vec.shape)}: build the model with vec_dim={vec.shape[-1]}"
+            )
+        timestep = as_batch_vector(timestep, b, "timestep", owner, img.device)
+        if isinstance(step_idx, torch.Tensor) and step_idx.numel() not in (1, b):
+            raise ValueError(
+                f"{owner}: step_idx must be an int or a (B={b},) tensor, got {tuple(step_idx.shape)}"
+            )
+        return GuidanceInputs(timestep=timestep, grid=grid)
+
+    def resolve_grid(self, seq: int) -> tuple[int, int]:
+        """The token grid ``(rows, cols)`` for ``seq`` tokens (square unless ``grid_size`` is set)."""
+        return resolve_grid(type(self).__name__, seq, self.grid_size)
+
+
+class CheckedNetwork(GuidanceNetwork, ABC):
+    """A network whose ``forward`` checks the observation (:meth:`check_inputs`) and then computes from it
+    (:meth:`compute`): the built-in networks and the critic, which differ only in what they compute."""
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        timestep: torch.Tensor | float,
+        step_idx: int | torch.Tensor,
+    ) -> torch.Tensor:
+        return self.compute(img, pred, txt, vec, self.check_inputs(img, pred, txt, vec, timestep, step_idx))
+
+    @abstractmethod
+    def compute(
+        self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
+    ) -> torch.Tensor:
+        """The output for a checked observation (``inputs``: the ``(B,)`` timestep and the token grid)."""
+
+
+class BaseGuidanceModel(GuidanceNetwork, ABC):
+    """Base class of guidance models (the seed's ``BaseGuidanceModel``).
+
+    Subclasses implement :meth:`forward` and usually call :meth:`check_inputs` first; the class attributes of
+    :class:`GuidanceNetwork` say what the model expects. A subclass is recorded by class name for checkpoints,
+    and declares in its class statement what the architecture registry needs:
+    ``class MyNet(BaseGuidanceModel, architecture="my-net")`` names it for ``build_policy`` / ``--policy`` (it
+    then defines ``for_backbone(cls, backbone, **sizes)``), and :attr:`text_aware` says whether it reads the
+    prompt.
+
+    Attributes:
+        text_aware: whether the network reads the prompt (``txt`` or ``vec``). A text-blind architecture (an affine
+            schedule, a network of ``img`` and ``pred`` only) declares ``False``; one built either way sets it per
+            instance (the attention network's ``text_conditioning``); a composite reads its parts'.
+    """
+
+    text_aware: bool = True
+
+    def __init_subclass__(cls, *, architecture: str | Sequence[str] = (), **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Every subclass, the users' included, can be rebuilt from its config by name.
+        ARCHITECTURES.declare(cls, [architecture] if isinstance(architecture, str) else list(architecture))
 
     @abstractmethod
     def forward(
@@ -188,55 +251,6 @@ def resolve_grid(owner: str, seq: int, grid_size: tuple[int, int] | None) -> tup
     return side, side
 
 
-def check_observation(
-    owner: str,
-    img: torch.Tensor,
-    pred: torch.Tensor,
-    txt: torch.Tensor,
-    vec: torch.Tensor,
-    timestep: torch.Tensor | float,
-    step_idx: int | torch.Tensor,
-    *,
-    latent_channels: int | None,
-    grid_size: tuple[int, int] | None,
-    txt_dim: int | None,
-    vec_dim: int | None,
-) -> GuidanceInputs:
-    """Check an observation against a model's sizes (``None`` accepts any); errors name both shapes."""
-    if img.ndim != 3:
-        raise ValueError(f"{owner}: img must be packed latents (B, seq, C), got shape {tuple(img.shape)}")
-    if pred.shape != img.shape:
-        raise ValueError(f"{owner}: pred must be shaped like img {tuple(img.shape)}, got {tuple(pred.shape)}")
-    b, seq, c = img.shape
-    if latent_channels is not None and c != latent_channels:
-        raise ValueError(
-            f"{owner} expects latents (B, seq, {latent_channels}) (latent_channels={latent_channels}), "
-            f"got img of shape {tuple(img.shape)}: build the model with latent_channels={c} to match the "
-            "env / backbone"
-        )
-    grid = resolve_grid(owner, seq, grid_size)
-    if txt.ndim != 3 or txt.shape[0] != b:
-        raise ValueError(f"{owner}: txt must be (B={b}, L, D_txt), got shape {tuple(txt.shape)}")
-    if txt_dim is not None and txt.shape[-1] != txt_dim:
-        raise ValueError(
-            f"{owner} expects txt of shape (B, L, {txt_dim}) (txt_dim={txt_dim}), got {tuple(txt.shape)}: "
-            f"build the model with txt_dim={txt.shape[-1]}"
-        )
-    if vec.ndim != 2 or vec.shape[0] != b:
-        raise ValueError(f"{owner}: vec must be (B={b}, D_vec), got shape {tuple(vec.shape)}")
-    if vec_dim is not None and vec.shape[-1] != vec_dim:
-        raise ValueError(
-            f"{owner} expects vec of shape (B, {vec_dim}) (vec_dim={vec_dim}), got {tuple(vec.shape)}: "
-            f"build the model with vec_dim={vec.shape[-1]}"
-        )
-    timestep = as_batch_vector(timestep, b, "timestep", owner, img.device)
-    if isinstance(step_idx, torch.Tensor) and step_idx.numel() not in (1, b):
-        raise ValueError(
-            f"{owner}: step_idx must be an int or a (B={b},) tensor, got {tuple(step_idx.shape)}"
-        )
-    return GuidanceInputs(timestep=timestep, grid=grid)
-
-
 def as_batch_vector(
     x: torch.Tensor | float, batch: int, what: str, owner: str, device: torch.device
 ) -> torch.Tensor:
@@ -260,10 +274,4 @@ def build_guidance_model(
         raise ValueError(
             f"a guidance model config needs a 'type' entry (the class name), got keys {list(config)}"
         )
-    cls = _REGISTRY.get(config["type"])
-    if cls is None:
-        raise ValueError(
-            f"unknown guidance model type {config['type']!r}; known: {sorted(_REGISTRY)}. "
-            "Import the module that defines it before building"
-        )
-    return cls.from_config(config, device=device, dtype=dtype)
+    return ARCHITECTURES.guidance_class(config["type"]).from_config(config, device=device, dtype=dtype)

@@ -15,12 +15,14 @@ is its exact Gaussian there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from fluxguide.policies.base import BaseGuidanceModel, build_guidance_model
+from fluxguide.policies.base import BaseGuidanceModel
+from fluxguide.policies.composite import CompositeGuidance, GuidancePart
 
 
 def _check_channels(x: torch.Tensor, channels: int) -> int:
@@ -52,13 +54,15 @@ def project_coarse(x: torch.Tensor, channels: int) -> torch.Tensor:
     return expand_coarse(coarse_coordinates(x, channels), x.shape[-1])
 
 
-class CoarseGuidance(BaseGuidanceModel):
+class CoarseGuidance(CompositeGuidance):
     """A guidance model whose correction is projected onto coarse corrections (see the module docstring).
 
     Args:
         model: the wrapped guidance model (its zero output stays zero).
         channels: image (or latent) channels per token: 3 in the shapes world, 16 in Flux.
     """
+
+    combine = "coarse"
 
     def __init__(self, model: nn.Module, channels: int) -> None:
         super().__init__()
@@ -67,28 +71,17 @@ class CoarseGuidance(BaseGuidanceModel):
         self.model = model
         self.channels = int(channels)
 
-    @property
-    def config(self) -> dict[str, Any]:
-        if not isinstance(self.model, BaseGuidanceModel):
-            raise TypeError(f"CoarseGuidance.config needs a BaseGuidanceModel inside, got {type(self.model).__name__}")
-        return {"type": type(self).__name__, "channels": self.channels, "model": self.model.config}
+    def parts(self) -> list[GuidancePart]:
+        return [GuidancePart(self.model)]
+
+    def config_entries(self, child: Callable[[nn.Module], dict[str, Any]]) -> dict[str, Any]:
+        return {"channels": self.channels, "model": child(self.model)}
 
     @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> CoarseGuidance:
-        return cls(build_guidance_model(config["model"], device, dtype), config["channels"])
+    def constructor_arguments(
+        cls, config: dict[str, Any], build: Callable[[dict[str, Any]], BaseGuidanceModel]
+    ) -> dict[str, Any]:
+        return {"model": build(config["model"]), "channels": config["channels"]}
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
-    ) -> torch.Tensor:
-        return project_coarse(self.model(img, pred, txt, vec, timestep, step_idx), self.channels)
+    def project(self, correction: torch.Tensor) -> torch.Tensor:
+        return project_coarse(correction, self.channels)

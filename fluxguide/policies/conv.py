@@ -9,14 +9,18 @@ et al. 2018) tell the network where each pixel sits, which zero padding alone on
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from fluxguide.sampling.packing import pack, unpack
-from fluxguide.policies.base import BaseGuidanceModel, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid
 from fluxguide.policies.embeddings import ConditionEmbedding, zero_module
+
+if TYPE_CHECKING:
+    from fluxguide.backbones.base import Backbone
 
 
 def _group_norm(channels: int, device: torch.device | str | None, dtype: torch.dtype | None) -> nn.GroupNorm:
@@ -48,7 +52,7 @@ class _ResBlock(nn.Module):
         return h + self.conv2(F.silu(x))
 
 
-class ConvGuidanceModel(BaseGuidanceModel):
+class ConvGuidanceModel(CheckedNetwork, BaseGuidanceModel, architecture="conv"):
     """Residual conv net on the unpacked latent grid.
 
     Args:
@@ -103,16 +107,16 @@ class ConvGuidanceModel(BaseGuidanceModel):
         self.out_norm = _group_norm(hidden_channels, **kw)
         self.out = zero_module(nn.Conv2d(hidden_channels, in_channels, 3, padding=1, **kw))
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, *, hidden_dim: int, num_layers: int, vec_dim: int,
+                     grid_size: tuple[int, int], device: torch.device | str) -> ConvGuidanceModel:
+        """``build_policy("conv", backbone)``: on the backbone's unpacked image channels, patch and token grid."""
+        return cls(in_channels=backbone.image_channels, hidden_channels=hidden_dim, num_blocks=num_layers,
+                   patch_size=backbone.pixel_patch, vec_dim=vec_dim, grid_size=grid_size, device=device)
+
+    def compute(
+        self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
     ) -> torch.Tensor:
-        inputs = self.check_inputs(img, pred, txt, vec, timestep, step_idx)
         dtype = self.stem.weight.dtype
         rows, cols = inputs.grid
         height, width = rows * self.patch_size, cols * self.patch_size

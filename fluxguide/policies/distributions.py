@@ -24,6 +24,12 @@ _LOG_SQRT_2PI_E = 0.5 + 0.5 * math.log(2 * math.pi)
 _LOC_SCALE_CONSTRAINTS: dict[str, constraints.Constraint] = {"loc": constraints.real, "scale": constraints.nonnegative}
 
 
+def check_reduction(reduction: str) -> None:
+    """Refuse a log-prob reduction other than ``"mean"`` and ``"sum"`` (the distributions' and the actors')."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"log_prob_reduction must be 'mean' or 'sum', got {reduction!r}")
+
+
 def _masked_log_prob(diff: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``log N(diff; 0, scale^2)`` in float32, and 0 where ``scale == 0`` (a point mass; no NaN in any gradient)."""
     active = scale > 0
@@ -76,8 +82,7 @@ class ReducedNormal(Normal):
         event_dims: int = 2,
         validate_args: bool | None = None,
     ) -> None:
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         self.loc, self.scale = broadcast_all(loc, scale)
         if self.loc.ndim < event_dims:
             raise ValueError(
@@ -147,22 +152,15 @@ class CoarseNormal(ReducedNormal):
     is one std per sample (or per coarse coordinate); its mean over a token's pixels is used.
 
     Args:
-        loc, scale, reduction, event_dims: as :class:`ReducedNormal` (``event_dims`` must be 2: ``(seq, C)``).
+        loc, scale, reduction: as :class:`ReducedNormal`; the event is one packed latent ``(seq, C)``.
         channels: image (or latent) channels per token: 3 in the shapes world, 16 in Flux.
     """
 
     def __init__(
-        self,
-        loc: torch.Tensor,
-        scale: torch.Tensor | float,
-        reduction: Reduction = "mean",
-        event_dims: int = 2,
-        channels: int = 3,
+        self, loc: torch.Tensor, scale: torch.Tensor | float, reduction: Reduction = "mean", channels: int = 3,
         validate_args: bool | None = None,
     ) -> None:
-        if event_dims != 2:
-            raise ValueError(f"CoarseNormal acts on packed latents (seq, C): event_dims must be 2, got {event_dims}")
-        super().__init__(project_coarse(loc, channels), scale, reduction, event_dims, validate_args)
+        super().__init__(project_coarse(loc, channels), scale, reduction, 2, validate_args)
         self.channels = channels
 
     @property
@@ -190,8 +188,8 @@ class CoarseNormal(ReducedNormal):
 
     def expand(self, batch_shape: torch.Size, _instance: CoarseNormal | None = None) -> CoarseNormal:
         shape = torch.Size(batch_shape) + self.event_shape
-        return CoarseNormal(self.loc.expand(shape), self.scale.expand(shape), self.reduction, self.event_dims,
-                            self.channels, validate_args=False)
+        return CoarseNormal(self.loc.expand(shape), self.scale.expand(shape), self.reduction, self.channels,
+                            validate_args=False)
 
 
 @register_kl(CoarseNormal, CoarseNormal)
@@ -235,8 +233,7 @@ class SubspaceNormal(Distribution):
         validate_args: bool | None = None,
         offset: torch.Tensor | None = None,
     ) -> None:
-        if reduction not in ("mean", "sum"):
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        check_reduction(reduction)
         if basis.shape[:-2] != loc.shape:
             raise ValueError(
                 f"basis {tuple(basis.shape)} must be (*batch, K, seq, C) for coefficients loc {tuple(loc.shape)}"

@@ -7,10 +7,13 @@ linear in the number of tokens.
 
 from __future__ import annotations
 
+from abc import abstractmethod
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from fluxguide.policies.base import BaseGuidanceModel, GuidanceInputs, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid
 from fluxguide.policies.embeddings import (
     AdaLayerNorm,
     ConditionEmbedding,
@@ -18,6 +21,9 @@ from fluxguide.policies.embeddings import (
     token_input_layers,
     zero_module,
 )
+
+if TYPE_CHECKING:
+    from fluxguide.backbones.base import Backbone
 
 
 class _ResidualLayer(nn.Module):
@@ -32,54 +38,14 @@ class _ResidualLayer(nn.Module):
         return h + nn.functional.silu(self.linear(self.norm(h, cond)))
 
 
-class TokenMLPTrunk:
-    """The per-token MLP of :class:`MLPGuidanceModel` and the critic (a mixin of ``nn.Module`` subclasses).
+class TokenMLPTrunk(CheckedNetwork):
+    """The per-token MLP that :class:`MLPGuidanceModel` and the critic share; each adds its own head.
 
     Tokens are embedded from their ``[img, pred]`` channels and position, run through ``num_layers - 1``
-    residual layers conditioned on the timestep and pooled text, and normalised by adaLN; each subclass adds
-    its own head. The layers are the subclass's own attributes (``cond``, ``in_proj``, ``pos_proj``,
-    ``layers``, ``out_norm``), so saved state dicts keep their keys.
-    """
-
-    def build_trunk(
-        self,
-        latent_channels: int,
-        hidden_dim: int,
-        num_layers: int,
-        vec_dim: int,
-        pos_frequencies: int,
-        time_embed_dim: int,
-        device: torch.device | str | None,
-        dtype: torch.dtype | None,
-    ) -> None:
-        """Check the sizes and create the trunk's layers."""
-        if min(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies) < 1:
-            raise ValueError(
-                f"{type(self).__name__} sizes must be >= 1, got latent_channels={latent_channels}, "
-                f"hidden_dim={hidden_dim}, num_layers={num_layers}, vec_dim={vec_dim}, "
-                f"pos_frequencies={pos_frequencies}"
-            )
-        self.latent_channels, self.vec_dim = latent_channels, vec_dim
-        self.pos_frequencies = pos_frequencies
-        kw = {"device": device, "dtype": dtype}
-        self.cond = ConditionEmbedding(hidden_dim, vec_dim, time_embed_dim, **kw)
-        self.in_proj, self.pos_proj = token_input_layers(latent_channels, hidden_dim, pos_frequencies, **kw)
-        self.layers = nn.ModuleList(_ResidualLayer(hidden_dim, **kw) for _ in range(num_layers - 1))
-        self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
-
-    def trunk(
-        self, img: torch.Tensor, pred: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The normalised token features ``(B, seq, hidden_dim)`` and the conditioning ``(B, hidden_dim)``."""
-        cond = self.cond(inputs.timestep, vec)
-        h = embed_tokens(self.in_proj, self.pos_proj, img, pred, inputs.grid, self.pos_frequencies)
-        for layer in self.layers:
-            h = layer(h, cond)
-        return self.out_norm(h, cond), cond
-
-
-class MLPGuidanceModel(TokenMLPTrunk, BaseGuidanceModel):
-    """Per-token MLP guidance conditioned on timestep, pooled text and token position.
+    residual layers conditioned on the timestep and pooled text, and normalised by adaLN; a subclass creates
+    its head (:meth:`build_head`) and reads it (:meth:`compute`). The layers are attributes of the network
+    itself (``cond``, ``in_proj``, ``pos_proj``, ``layers``, ``out_norm``), so saved state dicts keep their
+    keys; the constructor arguments are its config.
 
     Args:
         latent_channels: channels ``C`` of packed latents (Flux: 64; the shapes world: 48).
@@ -105,6 +71,12 @@ class MLPGuidanceModel(TokenMLPTrunk, BaseGuidanceModel):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if min(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies) < 1:
+            raise ValueError(
+                f"{type(self).__name__} sizes must be >= 1, got latent_channels={latent_channels}, "
+                f"hidden_dim={hidden_dim}, num_layers={num_layers}, vec_dim={vec_dim}, "
+                f"pos_frequencies={pos_frequencies}"
+            )
         grid = as_grid(grid_size)
         self.register_config(
             latent_channels=latent_channels,
@@ -115,21 +87,46 @@ class MLPGuidanceModel(TokenMLPTrunk, BaseGuidanceModel):
             pos_frequencies=pos_frequencies,
             time_embed_dim=time_embed_dim,
         )
-        self.grid_size = grid
-        self.build_trunk(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies, time_embed_dim, device, dtype)
-        self.out = zero_module(nn.Linear(hidden_dim, latent_channels, device=device, dtype=dtype))
+        self.latent_channels, self.vec_dim, self.grid_size = latent_channels, vec_dim, grid
+        self.pos_frequencies = pos_frequencies
+        kw = {"device": device, "dtype": dtype}
+        self.cond = ConditionEmbedding(hidden_dim, vec_dim, time_embed_dim, **kw)
+        self.in_proj, self.pos_proj = token_input_layers(latent_channels, hidden_dim, pos_frequencies, **kw)
+        self.layers = nn.ModuleList(_ResidualLayer(hidden_dim, **kw) for _ in range(num_layers - 1))
+        self.out_norm = AdaLayerNorm(hidden_dim, hidden_dim, **kw)
+        self.build_head(hidden_dim, device, dtype)
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
+    @abstractmethod
+    def build_head(self, hidden_dim: int, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        """Create the head that reads the ``hidden_dim`` token features (after the trunk's layers)."""
+
+    def trunk(self, img: torch.Tensor, pred: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs) -> torch.Tensor:
+        """The normalised token features ``(B, seq, hidden_dim)``."""
+        cond = self.cond(inputs.timestep, vec)
+        h = embed_tokens(self.in_proj, self.pos_proj, img, pred, inputs.grid, self.pos_frequencies)
+        for layer in self.layers:
+            h = layer(h, cond)
+        return self.out_norm(h, cond)
+
+
+class MLPGuidanceModel(TokenMLPTrunk, BaseGuidanceModel, architecture="mlp"):
+    """Per-token MLP guidance conditioned on timestep, pooled text and token position: the trunk of
+    :class:`TokenMLPTrunk` (whose arguments it takes) and a zero-initialised linear map to the correction."""
+
+    def build_head(self, hidden_dim: int, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
+        self.out = zero_module(nn.Linear(hidden_dim, self.latent_channels, device=device, dtype=dtype))
+
+    @classmethod
+    def for_backbone(cls, backbone: Backbone, *, hidden_dim: int, num_layers: int, vec_dim: int,
+                     grid_size: tuple[int, int], device: torch.device | str) -> MLPGuidanceModel:
+        """``build_policy("mlp", backbone)``: sized for the backbone's latents, pooled text and token grid."""
+        return cls(latent_channels=backbone.latent_channels, hidden_dim=hidden_dim, num_layers=num_layers,
+                   vec_dim=vec_dim, grid_size=grid_size, device=device)
+
+    def compute(
+        self, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, inputs: GuidanceInputs
     ) -> torch.Tensor:
-        features, _ = self.trunk(img, pred, vec, self.check_inputs(img, pred, txt, vec, timestep, step_idx))
-        return self.out(features).to(pred.dtype)
+        return self.out(self.trunk(img, pred, vec, inputs)).to(pred.dtype)
 
 
 def create_mlp_guidance_model(

@@ -5,21 +5,18 @@ from __future__ import annotations
 
 import inspect
 import json
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.errors import UserError
-from fluxguide.plugins import Registry, call_with_options
-from fluxguide.policies.affine import AffineGuidance
-from fluxguide.policies.attention import AttentionGuidanceModel
-from fluxguide.policies.base import BaseGuidanceModel, GuidanceInputChecks
+from fluxguide.plugins import call_with_options
+from fluxguide.policies import affine, attention, conv, mlp  # noqa: F401  (the built-ins declare their names)
+from fluxguide.policies.architectures import ARCHITECTURES, ArchitectureRegistry, PolicyFactory
+from fluxguide.policies.base import BaseGuidanceModel, GuidanceNetwork
 from fluxguide.policies.coarse import CoarseGuidance
 from fluxguide.policies.composite import TimestepRangeGuidance
-from fluxguide.policies.conv import ConvGuidanceModel
-from fluxguide.policies.mlp import MLPGuidanceModel
 
 PolicyName = str
 """``"mlp"``, ``"attention"``, ``"conv"``, ``"affine"``, an entry-point name or a spec ``"package.module:factory"``."""
@@ -28,6 +25,11 @@ PolicyName = str
 class PolicyPluginError(UserError, TypeError):
     """A policy plug-in built something a run cannot save and reload: not a :class:`BaseGuidanceModel`, or one
     whose config does not rebuild it."""
+
+
+class PolicyOptionError(UserError, ValueError):
+    """Options ``build_policy`` cannot honour: ``min_t`` outside [0, 1), or ``text_conditioning=False`` for an
+    architecture whose networks read the prompt."""
 
 
 class PolicyMismatchError(UserError, ValueError):
@@ -86,64 +88,38 @@ def build_policy(
             :class:`TimestepRangeGuidance` (saved with it). Early steps decide the layout and the kind of each
             object; a correction there is carried to the image by the base model's own later steps, which keep
             it on the data manifold, while a late correction can paint pixels that fool a reward model.
-        text_conditioning: ``False``: a text-blind attention network (sees ``img``, ``pred`` and ``t`` only), the
-            right student for classifier-free guidance (see :class:`AttentionGuidanceModel`).
+        text_conditioning: ``False``: a text-blind network (sees ``img``, ``pred`` and ``t`` only), the right student
+            for classifier-free guidance (see :class:`~fluxguide.policies.AttentionGuidanceModel`). The factory gets
+            the option if it takes it; the network it builds must then declare ``text_aware`` False (the attention
+            network does with the option, the affine schedule always), else :class:`PolicyOptionError`.
         coarse: project the correction onto coarse corrections, one value per token and image channel
             (:class:`CoarseGuidance`, saved with it): the action space of PPO's coarse exploration.
         device: where to create it (default: the backbone's device).
     """
-    if not text_conditioning and name not in ("attention", "affine"):  # the affine schedule never reads the text
-        raise ValueError(f"text_conditioning=False is implemented by the 'attention' policy, not {name!r}")
     if not 0.0 <= min_t < 1.0:
-        raise ValueError(f"min_t must be in [0, 1) (guide at times t >= min_t; 0 guides every step), got {min_t}")
+        raise PolicyOptionError(f"min_t must be in [0, 1) (guide at times t >= min_t; 0 guides every step), got {min_t}")
     model = _build_network(name, backbone, hidden_dim=hidden_dim, num_layers=num_layers, num_heads=num_heads,
                            text_conditioning=text_conditioning, device=device)
+    if not text_conditioning and model.text_aware:
+        raise PolicyOptionError(
+            f"text_conditioning=False: policy {name!r} built a {type(model).__name__}, which reads the prompt "
+            f"(text_aware); text-blind networks are built by {', '.join(map(repr, ARCHITECTURES.text_blind_names()))} "
+            "(an architecture declares text_aware = False, or takes text_conditioning)")
     if coarse:
         model = CoarseGuidance(model, image_channels(backbone))
     return TimestepRangeGuidance([((min_t, 1.0), model)]) if min_t > 0 else model
 
 
-PolicyFactory = Callable[..., BaseGuidanceModel]
-POLICIES: Registry[PolicyFactory] = Registry("policy architecture", "fluxguide.policies")
-"""Every architecture name: the built-ins below, an installed package's ``fluxguide.policies`` entry point, or a
-spec ``"package.module:factory"``. A factory is called as ``factory(backbone, **sizes)`` and gets those of
-``hidden_dim``, ``num_layers``, ``num_heads``, ``text_conditioning``, ``vec_dim``, ``txt_dim``, ``grid_size``
-and ``device`` it declares (all of them if it takes ``**kwargs``)."""
-
-
-@POLICIES.register("mlp")
-def _mlp(backbone: Backbone, *, hidden_dim: int, num_layers: int, vec_dim: int, grid_size: tuple[int, int],
-         device: torch.device | str) -> BaseGuidanceModel:
-    return MLPGuidanceModel(latent_channels=backbone.latent_channels, hidden_dim=hidden_dim, num_layers=num_layers,
-                            vec_dim=vec_dim, grid_size=grid_size, device=device)
-
-
-@POLICIES.register("attention")
-def _attention(backbone: Backbone, *, hidden_dim: int, num_layers: int, num_heads: int, text_conditioning: bool,
-               vec_dim: int, txt_dim: int, grid_size: tuple[int, int], device: torch.device | str) -> BaseGuidanceModel:
-    return AttentionGuidanceModel(hidden_dim=hidden_dim, num_heads=num_heads, num_layers=num_layers,
-                                  latent_channels=backbone.latent_channels, txt_dim=txt_dim, mlp_ratio=2.0,
-                                  text_conditioning=text_conditioning, vec_dim=vec_dim, grid_size=grid_size,
-                                  device=device)
-
-
-@POLICIES.register("affine")
-def _affine(backbone: Backbone, *, hidden_dim: int, device: torch.device | str) -> BaseGuidanceModel:
-    return AffineGuidance(backbone.latent_channels, backbone.image_channels, time_dim=hidden_dim, device=device)
-
-
-@POLICIES.register("conv")
-def _conv(backbone: Backbone, *, hidden_dim: int, num_layers: int, vec_dim: int, grid_size: tuple[int, int],
-          device: torch.device | str) -> BaseGuidanceModel:
-    return ConvGuidanceModel(in_channels=backbone.image_channels, hidden_channels=hidden_dim, num_blocks=num_layers,
-                             patch_size=backbone.pixel_patch, vec_dim=vec_dim, grid_size=grid_size, device=device)
+POLICIES: ArchitectureRegistry = ARCHITECTURES
+"""The architecture names (:data:`fluxguide.policies.architectures.ARCHITECTURES`, the one registry, under the name
+the scripts' plug-in tests know)."""
 
 
 def _build_network(
     name: PolicyName, backbone: Backbone, *, hidden_dim: int, num_layers: int, num_heads: int,
     text_conditioning: bool, device: torch.device | str | None,
 ) -> BaseGuidanceModel:
-    factory = POLICIES.get(name)
+    factory: PolicyFactory = ARCHITECTURES.factory(name)
     cond = backbone.encode([""])
     options = {"hidden_dim": hidden_dim, "num_layers": num_layers, "num_heads": num_heads,
                "text_conditioning": text_conditioning, "vec_dim": cond.vec.shape[-1], "txt_dim": cond.txt.shape[-1],
@@ -189,7 +165,7 @@ def check_fits_backbone(policy: nn.Module, backbone: Backbone, *, name: str) -> 
                 "txt_dim": cond.txt.shape[-1], "vec_dim": cond.vec.shape[-1]}
     wrong: list[str] = []
     for module in policy.modules():
-        if isinstance(module, GuidanceInputChecks):
+        if isinstance(module, GuidanceNetwork):
             for attr, want in expected.items():
                 got = getattr(module, attr, None)
                 if got is not None and (tuple(got) if attr == "grid_size" else got) != want:

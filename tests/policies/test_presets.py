@@ -44,7 +44,8 @@ def test_text_blind_policy_is_built_by_name(backbone):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"min_t": 1.0}, "min_t must be in"),
     ({"min_t": -0.1}, "min_t must be in"),
-    ({"text_conditioning": False, "name": "mlp"}, "text_conditioning=False is implemented by the 'attention'"),
+    ({"text_conditioning": False, "name": "mlp"},
+     r"text_conditioning=False: policy 'mlp' built a MLPGuidanceModel, which reads the prompt.*'affine', 'attention'"),
 ])
 def test_bad_options_are_named(backbone, kwargs, match):
     name = kwargs.pop("name", "attention")
