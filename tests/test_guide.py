@@ -92,6 +92,7 @@ NOT_RUN_BLOCKS = [b for b in BLOCKS if b.lang == "python" and b.not_run_reason i
 def test_guide_covers_every_topic() -> None:
     assert SECTIONS == [
         "Concepts",
+        "Plug in a new algorithm",
         "Plug in a new reward",
         "Plug in a new guidance architecture",
         "Plug in a new backbone",

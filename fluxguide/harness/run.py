@@ -317,9 +317,11 @@ class Run:
                      f"is {last}. Rerunning resumes from it: {hint}" + ("." if isinstance(e, UserError) else
                      ", with --allow-config-change to resume under the changed value."))
             message = f"stopping at update {self.update + 1}: {e}\nNo checkpoint was written for this update; {rerun}"
-            if isinstance(e, UserError):
+            if isinstance(e, UserError):  # the user's to fix: exit 2 like every refusal, the message printed here
                 say(f"error: {message}\n", "stderr")
-                raise SystemExit(2) from e
+                stop = SystemExit(message)  # str(stop) is the message for a caller that catches it
+                stop.code = 2
+                raise stop from e
             raise SystemExit(message) from e
         self.update += 1
         self.samples_seen += self._samples_per_update
