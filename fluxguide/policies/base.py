@@ -50,7 +50,7 @@ class GuidanceInputs:
     grid: tuple[int, int]
 
 
-class GuidanceNetwork(nn.Module):
+class GuidanceNetwork(nn.Module, ABC):
     """A network with the guidance call signature: a guidance model or a critic.
 
     It records its constructor arguments (:meth:`register_config`), so a checkpoint rebuilds it
@@ -112,6 +112,27 @@ class GuidanceNetwork(nn.Module):
             model = model.to(dtype=dtype)
         return model
 
+    @abstractmethod
+    def forward(
+        self,
+        img: torch.Tensor,
+        pred: torch.Tensor,
+        txt: torch.Tensor,
+        vec: torch.Tensor,
+        timestep: torch.Tensor | float,
+        step_idx: int | torch.Tensor,
+    ) -> torch.Tensor:
+        """Return the correction, shaped like ``pred`` ``(B, seq, C)`` (a critic: the value ``(B, 1)``).
+
+        Args:
+            img: current latent ``(B, seq, C)``.
+            pred: the base model's prediction ``(B, seq, C)``.
+            txt: text token features ``(B, L, D_txt)``.
+            vec: pooled text embedding ``(B, D_vec)``.
+            timestep: time in [0, 1] (1 = noise), ``(B,)`` (a float or ``(B, 1)`` is accepted).
+            step_idx: the step index, an int or a ``(B,)`` tensor.
+        """
+
     def check_inputs(
         self,
         img: torch.Tensor,
@@ -165,7 +186,7 @@ class GuidanceNetwork(nn.Module):
         return resolve_grid(type(self).__name__, seq, self.grid_size)
 
 
-class CheckedNetwork(GuidanceNetwork, ABC):
+class CheckedNetwork(GuidanceNetwork):
     """A network whose ``forward`` checks the observation (:meth:`check_inputs`) and then computes from it
     (:meth:`compute`): the built-in networks and the critic, which differ only in what they compute."""
 
@@ -187,7 +208,7 @@ class CheckedNetwork(GuidanceNetwork, ABC):
         """The output for a checked observation (``inputs``: the ``(B,)`` timestep and the token grid)."""
 
 
-class BaseGuidanceModel(GuidanceNetwork, ABC):
+class BaseGuidanceModel(GuidanceNetwork):
     """Base class of guidance models (the seed's ``BaseGuidanceModel``).
 
     Subclasses implement :meth:`forward` and usually call :meth:`check_inputs` first; the class attributes of
@@ -209,27 +230,6 @@ class BaseGuidanceModel(GuidanceNetwork, ABC):
         super().__init_subclass__(**kwargs)
         # Every subclass, the users' included, can be rebuilt from its config by name.
         ARCHITECTURES.declare(cls, [architecture] if isinstance(architecture, str) else list(architecture))
-
-    @abstractmethod
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
-    ) -> torch.Tensor:
-        """Return the correction, shaped like ``pred`` ``(B, seq, C)``.
-
-        Args:
-            img: current latent ``(B, seq, C)``.
-            pred: the base model's prediction ``(B, seq, C)``.
-            txt: text token features ``(B, L, D_txt)``.
-            vec: pooled text embedding ``(B, D_vec)``.
-            timestep: time in [0, 1] (1 = noise), ``(B,)`` (a float or ``(B, 1)`` is accepted).
-            step_idx: the step index, an int or a ``(B,)`` tensor.
-        """
 
 
 def resolve_grid(owner: str, seq: int, grid_size: tuple[int, int] | None) -> tuple[int, int]:
