@@ -231,13 +231,18 @@ _SIGNATURE_MISMATCH = re.compile(r"unexpected keyword argument|missing \d+ requi
                                  r"got multiple values|takes no (keyword )?arguments")
 
 
+def signature_mismatch(error: TypeError) -> bool:
+    """Whether ``error`` says a call's arguments did not fit the callee's signature (the caller's options)."""
+    return bool(_SIGNATURE_MISMATCH.search(str(error)))
+
+
 def build_plugin(kind: str, name: str, factory: Callable[..., T], **options: Any) -> T:
     """``factory(**options)``, refusing options the factory (or the class it constructs) does not take with a
     :class:`PluginError` naming the plug-in and the options, rather than a bare ``TypeError``."""
     try:
         return factory(**options)
     except TypeError as e:
-        if not _SIGNATURE_MISMATCH.search(str(e)):
+        if not signature_mismatch(e):
             raise
         raise PluginError(f"{kind} {name!r} does not take the options {options}: {e}. Check their names (the "
                           f"scripts' --{kind}-kwargs) against the {kind}'s signature") from e

@@ -11,7 +11,7 @@ from torch import nn
 
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.errors import UserError
-from fluxguide.plugins import call_with_options
+from fluxguide.plugins import call_with_options, signature_mismatch
 from fluxguide.policies import affine, attention, conv, mlp  # noqa: F401  (the built-ins declare their names)
 from fluxguide.policies.architectures import ARCHITECTURES, ArchitectureRegistry, PolicyFactory
 from fluxguide.policies.base import BaseGuidanceModel, GuidanceNetwork
@@ -124,7 +124,14 @@ def _build_network(
     options = {"hidden_dim": hidden_dim, "num_layers": num_layers, "num_heads": num_heads,
                "text_conditioning": text_conditioning, "vec_dim": cond.vec.shape[-1], "txt_dim": cond.txt.shape[-1],
                "grid_size": latent_grid(backbone), "device": device or backbone.device}
-    return check_saveable(call_with_options(factory, backbone, **options), name)
+    try:
+        model = call_with_options(factory, backbone, **options)
+    except TypeError as e:  # a plug-in factory passing options its network does not take
+        if not signature_mismatch(e):
+            raise
+        raise PolicyPluginError(f"policy {name!r} refused the options it was built with ({e}); make its factory "
+                                f"take (backbone, **sizes) and pass on only what its network accepts") from e
+    return check_saveable(model, name)
 
 
 def check_saveable(model: object, name: str) -> BaseGuidanceModel:

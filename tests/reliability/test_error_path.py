@@ -33,7 +33,8 @@ def refused(capsys, script: str, args: list[str]) -> str:
     err = capsys.readouterr().err
     assert exit_info.value.code == 2, err
     assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line]
+    # the one line, besides warnings and the progress bar of a refusal found in the first update
+    lines = [line for line in err.splitlines() if line.strip() and "Warning" not in line and "it/s]" not in line]
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     return lines[0]
 
@@ -51,7 +52,9 @@ def files(tmp_path: Path, monkeypatch) -> Path:
         "def constant_reward(**kwargs):  # claims a gradient it does not have\n"
         "    return CallableReward(lambda images, prompts: torch.ones(len(prompts)), differentiable=True)\n"
         "def not_a_backbone(**kwargs):\n"
-        "    return object()\n")
+        "    return object()\n"
+        "def strict_policy(backbone, **sizes):  # passes every size on to a network that takes fewer\n"
+        "    return torch.nn.Linear(**sizes)\n")
     run = tmp_path / "damaged_run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"charts/samples_seen": 1}\nnot json\n{"charts/samples_seen": 2}\n')
@@ -67,8 +70,9 @@ def files(tmp_path: Path, monkeypatch) -> Path:
     ("train_reward_gradient", ["--reward", "broken_plugin:make_reward"], "importing module 'broken_plugin' raised"),
     ("train_reward_gradient", ["--reward", "odd_plugins:constant_reward"], "returned rewards with no gradient"),
     ("train_reward_gradient", ["--backbone", "odd_plugins:not_a_backbone"], "not a fluxguide Backbone"),
+    ("train_reward_gradient", ["--policy", "odd_plugins:strict_policy"], "refused the options it was built with"),
     ("train_ppo", ["--reward", "verifier", "--reward-kwargs", '{"nosuch": 1}', *PPO_SMALL],
-     "does not take the options {'nosuch': 1}"),
+     "unexpected keyword argument 'nosuch'"),
     ("train_ppo", ["--samples-per-prompt", "2", "--minibatch-trajectories", "4"], "--minibatch-trajectories 4"),
     ("train_bc", ["--dataset", "{tmp}/no_dataset"], "no guidance dataset at"),
     ("train_reward_gradient", ["--backbone", "shapes", "--weights-dir", "{tmp}/no_weights"], "is missing"),
