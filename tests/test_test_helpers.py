@@ -24,11 +24,10 @@ TESTS = Path(__file__).resolve().parent
 #: (``f64``, ``class_tree``, ...) are the record of how the fixtures were made, not code a test shares.
 NOT_TEST_CODE = ("fixtures",)
 
-#: Duplicates that other work of issue 28 removes, named here rather than skipped unseen (a warning says when one
-#: is gone, so that it leaves this list): ``tiny_flux`` (tests/policies/conftest.py, tests/sampling/__init__.py), the
-#: builder of the tiny BFL-signature Flux whose adapter has moved to the library; ``obs_td``
-#: (tests/policies/test_actors.py, test_coarse.py), with the refactoring of tests/policies.
-PENDING = {"tiny_flux", "obs_td"}
+#: Duplicates still to remove, named here rather than skipped unseen (a warning says when one is gone, so that it
+#: leaves this list). None now: the sampling tests' fixed-size Flux is ``fixed_tiny_flux``, the policy tests'
+#: world-sized one ``tiny_flux``, and ``obs_td`` lives in tests/policies/conftest.py.
+PENDING: set[str] = set()
 
 
 def is_pytest_hook(name: str) -> bool:

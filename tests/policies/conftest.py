@@ -8,11 +8,13 @@ from dataclasses import dataclass
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
+from tensordict import TensorDict
 from torch import nn
 
+from fluxguide import keys
 from fluxguide.backbones.bfl import BFLFlux
-from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.policies import AttentionGuidanceModel, ConvGuidanceModel, MLPGuidanceModel
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 
 
 @dataclass(frozen=True)
@@ -155,3 +157,25 @@ def shapes_world() -> World:
 @pytest.fixture
 def flux_world() -> World:
     return TINY_FLUX
+
+
+def obs_td(world, make_observation, batch=3, step=2, seed=0) -> TensorDict:
+    """The env's observation as a TensorDict of batch [B]; ``t`` and ``step`` (B, 1) as in TorchRL specs."""
+    obs = make_observation(world, batch=batch, seed=seed)
+    return TensorDict(
+        {
+            keys.IMG: obs["img"],
+            keys.PRED: obs["pred"],
+            keys.TXT: obs["txt"],
+            keys.VEC: obs["vec"],
+            keys.T: obs["t"][:, None],
+            keys.STEP: torch.full((batch, 1), step),
+        },
+        batch_size=[batch],
+    )
+
+
+@pytest.fixture(scope="module")
+def backbone(shapes_random):
+    """The random shapes world (``build_backbone("shapes-random", seed=0)``) under the policy tests' name."""
+    return shapes_random

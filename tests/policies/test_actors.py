@@ -6,33 +6,28 @@ import math
 
 import pytest
 import torch
-from tensordict import TensorDict
 from torch.distributions import Normal, kl_divergence
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from torchrl.objectives import ClipPPOLoss
 
-from fluxguide.policies import ReducedNormal, make_deterministic_actor, make_probabilistic_actor, make_value_network
 from fluxguide import keys
-from fluxguide.sampling import sde_action_coefficient, sde_action_std, sde_log_prob_offset
-from fluxguide.sampling import get_schedule, sde_mean, sde_step
+from fluxguide.policies import (
+    ReducedNormal,
+    make_deterministic_actor,
+    make_probabilistic_actor,
+    make_value_network,
+)
+from fluxguide.sampling import (
+    get_schedule,
+    sde_action_coefficient,
+    sde_action_std,
+    sde_log_prob_offset,
+    sde_mean,
+    sde_step,
+)
+from tests.policies.conftest import obs_td
 
 ARCHS = ("mlp", "attention", "conv")
-
-
-def obs_td(world, make_observation, batch=3, step=2, seed=0) -> TensorDict:
-    """The env's observation as a TensorDict of batch [B]; ``t`` and ``step`` (B, 1) as in TorchRL specs."""
-    obs = make_observation(world, batch=batch, seed=seed)
-    return TensorDict(
-        {
-            keys.IMG: obs["img"],
-            keys.PRED: obs["pred"],
-            keys.TXT: obs["txt"],
-            keys.VEC: obs["vec"],
-            keys.T: obs["t"][:, None],
-            keys.STEP: torch.full((batch, 1), step),
-        },
-        batch_size=[batch],
-    )
 
 
 def direct(model, td):

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tensordict import TensorDict
 from torch.distributions import Normal, kl_divergence
 from torchrl.objectives import ClipPPOLoss
 
-from fluxguide.policies import CoarseGuidance, CoarseNormal, coarse_coordinates, load_guidance_model, make_probabilistic_actor, make_value_network, project_coarse, save_guidance_model
 from fluxguide import keys
+from fluxguide.policies import (
+    CoarseGuidance,
+    CoarseNormal,
+    coarse_coordinates,
+    load_guidance_model,
+    make_probabilistic_actor,
+    make_value_network,
+    project_coarse,
+    save_guidance_model,
+)
+from tests.policies.conftest import obs_td
 
 
 def test_projection_is_the_mean_of_each_channel_over_the_token_pixels(world):
@@ -70,12 +79,6 @@ def test_coarse_normal_samples_coarse_actions_with_the_exact_patch_mean_density(
     many = CoarseNormal(torch.zeros(10_000, 1, 48), torch.full((10_000, 1, 1), 0.5), channels=3).sample()
     assert abs(many[:, 0, 7].std().item() - 0.5) < 0.02
     assert bool((many[:, 0, :16] == many[:, 0, :1]).all())  # one value over a channel's pixels
-
-
-def obs_td(world, make_observation, batch: int = 3) -> TensorDict:
-    obs = make_observation(world, batch=batch)
-    return TensorDict({keys.IMG: obs["img"], keys.PRED: obs["pred"], keys.TXT: obs["txt"], keys.VEC: obs["vec"],
-                       keys.T: obs["t"][:, None], keys.STEP: torch.full((batch, 1), 2)}, batch_size=[batch])
 
 
 def test_coarse_actor_explores_coarsely_and_ppo_starts_at_ratio_one(world, make_guidance, make_observation,

@@ -7,7 +7,6 @@ import torch
 from tensordict import TensorDict
 
 from fluxguide import keys
-from fluxguide.backbones.registry import build_backbone
 from fluxguide.policies import (
     CoarseNormal,
     Exploration,
@@ -21,17 +20,12 @@ from fluxguide.policies.exploration import COEFFICIENT_STD, CORRECTION_STD
 from fluxguide.policies.registry import build_policy
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    return build_backbone("shapes-random", seed=0)
-
-
-def build(backbone, name, **kwargs):
+def narrow_policy(backbone, name, **kwargs):
     return build_policy(name, backbone, hidden_dim=8, num_layers=1, num_heads=2, **kwargs)
 
 
 def test_an_affine_policy_explores_its_coefficients_in_ode_mode(backbone):
-    actor, exploration = make_ppo_actor(build(backbone, "affine", min_t=0.5), backbone)
+    actor, exploration = make_ppo_actor(narrow_policy(backbone, "affine", min_t=0.5), backbone)
     assert exploration == Exploration("coefficients", COEFFICIENT_STD, False, 0.0)
     assert actor.module[-1].distribution_class is SubspaceNormal
     assert str(exploration) == "explores the coefficients with std 1"
@@ -46,24 +40,24 @@ def test_an_affine_policy_explores_its_coefficients_in_ode_mode(backbone):
     ({"coarse": True, "std": 0.3, "learn_std": True}, Exploration("coarse correction", 0.3, True, 0.0), CoarseNormal),
 ])
 def test_other_settings_explore_the_correction(backbone, kwargs, expected, distribution):
-    actor, exploration = make_ppo_actor(build(backbone, "affine"), backbone, **kwargs)
+    actor, exploration = make_ppo_actor(narrow_policy(backbone, "affine"), backbone, **kwargs)
     assert exploration == expected and actor.module[-1].distribution_class is distribution
 
 
 def test_a_network_explores_its_correction(backbone):
-    _, exploration = make_ppo_actor(build(backbone, "mlp"), backbone)
+    _, exploration = make_ppo_actor(narrow_policy(backbone, "mlp"), backbone)
     assert exploration == Exploration("correction", CORRECTION_STD, False, 0.0)
 
 
 def test_unknown_mode_is_refused(backbone):
     with pytest.raises(ValueError, match="mode must be 'sde' or 'ode'"):
-        make_ppo_actor(build(backbone, "mlp"), backbone, mode="euler")
+        make_ppo_actor(narrow_policy(backbone, "mlp"), backbone, mode="euler")
 
 
 @pytest.mark.parametrize("case", ["coefficients", "ode", "sde"])
 def test_same_actor_as_the_direct_builders(backbone, case):
     """What make_ppo_actor builds samples and scores exactly as the builder it picks, called directly."""
-    policy = build(backbone, "affine" if case == "coefficients" else "attention", min_t=0.5)
+    policy = narrow_policy(backbone, "affine" if case == "coefficients" else "attention", min_t=0.5)
     with torch.no_grad():
         for p in policy.parameters():
             p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.1)

@@ -5,14 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fluxguide.backbones.registry import build_backbone
 from fluxguide.policies import TimestepRangeGuidance, load_guidance_model, save_guidance_model
 from fluxguide.policies.registry import build_policy
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return build_backbone("shapes-random", seed=0)
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from fluxguide.backbones.registry import build_backbone
 from fluxguide.policies import (
     ARCHITECTURES,
     AffineGuidance,
@@ -64,11 +63,6 @@ class HalvedGuidance(CompositeGuidance):
     @classmethod
     def constructor_arguments(cls, config, build):
         return {"model": build(config["model"])}
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    return build_backbone("shapes-random", seed=0)
 
 
 def test_one_registry_holds_names_and_classes():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from diffusers import FluxTransformer2DModel
 
-from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 from fluxguide.policies import (
     AttentionGuidanceModel,
     BaseGuidanceModel,
@@ -21,6 +20,7 @@ from fluxguide.policies import (
     create_mlp_guidance_model,
 )
 from fluxguide.sampling import denoise, get_schedule
+from fluxguide.sampling.packing import make_img_ids, make_txt_ids
 
 
 def tiny_flux_dev_interface():

@@ -18,7 +18,7 @@ TXT_DIM = 32
 VEC_DIM = 32
 
 
-def tiny_flux(guidance_embeds: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> BFLFlux:
+def fixed_tiny_flux(guidance_embeds: bool = True, seed: int = 0, dtype: torch.dtype = torch.float32) -> BFLFlux:
     """A 25k-parameter random Flux transformer (one double and one single block), frozen, in eval mode."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(

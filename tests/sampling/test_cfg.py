@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fluxguide.sampling import ClassifierFreeGuidance, denoise, get_schedule
-from tests.sampling import make_inputs, tiny_flux
+from tests.sampling import fixed_tiny_flux, make_inputs
 
 
 def call_at(model: torch.nn.Module, inputs: dict[str, torch.Tensor], t: float, txt: torch.Tensor, vec: torch.Tensor,
@@ -27,7 +27,7 @@ def uncond(batch: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("guidance_embeds", [True, False])
 def test_scale_one_is_the_model(guidance_embeds: bool) -> None:
-    model, inputs = tiny_flux(guidance_embeds), make_inputs()
+    model, inputs = fixed_tiny_flux(guidance_embeds), make_inputs()
     u_txt, u_vec = uncond()
     cfg = ClassifierFreeGuidance(model, u_txt, u_vec, scale=1.0)
     g = 3.0 if guidance_embeds else None
@@ -40,7 +40,7 @@ def test_scale_one_is_the_model(guidance_embeds: bool) -> None:
 @pytest.mark.parametrize("scale", [0.0, 2.5, 7.0])
 @pytest.mark.parametrize("uncond_batch", [1, 2])
 def test_scale_s_is_uncond_plus_s_times_difference(guidance_embeds: bool, scale: float, uncond_batch: int) -> None:
-    model, inputs = tiny_flux(guidance_embeds), make_inputs()
+    model, inputs = fixed_tiny_flux(guidance_embeds), make_inputs()
     u_txt, u_vec = uncond(uncond_batch)
     cfg = ClassifierFreeGuidance(model, u_txt, u_vec, scale=scale)
     g = 3.0 if guidance_embeds else None
@@ -54,7 +54,7 @@ def test_scale_s_is_uncond_plus_s_times_difference(guidance_embeds: bool, scale:
 
 
 def test_cfg_in_denoise_matches_manual_loop() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     u_txt, u_vec = uncond()
     cfg = ClassifierFreeGuidance(model, u_txt, u_vec, scale=3.0)
     ts = get_schedule(4, 16)
@@ -70,7 +70,7 @@ def test_cfg_in_denoise_matches_manual_loop() -> None:
 
 
 def test_moves_with_the_module() -> None:
-    model, inputs = tiny_flux(), make_inputs(dtype=torch.float64)
+    model, inputs = fixed_tiny_flux(), make_inputs(dtype=torch.float64)
     u_txt, u_vec = uncond()
     cfg = ClassifierFreeGuidance(model, u_txt, u_vec, scale=2.0).double()
     assert cfg.uncond_txt.dtype == torch.float64 and cfg.uncond_vec.dtype == torch.float64
@@ -79,7 +79,7 @@ def test_moves_with_the_module() -> None:
 
 
 def test_mismatched_unconditional_text_raises() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     u = make_inputs(batch=1, txt_len=7)
     cfg = ClassifierFreeGuidance(model, u["txt"], u["vec"], scale=2.0)
     with pytest.raises(ValueError, match=r"unconditional txt \(1, 7, 32\) does not match txt \(2, 5, 32\)"):

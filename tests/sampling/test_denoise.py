@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fluxguide.sampling import denoise, get_schedule
-from tests.sampling import BFLFlux, TokenMLPGuidance, make_inputs, tiny_flux
+from tests.sampling import BFLFlux, TokenMLPGuidance, fixed_tiny_flux, make_inputs
 
 STEPS = 4
 
@@ -57,7 +57,7 @@ def random_guidance(seed: int = 0, dtype: torch.dtype = torch.float32) -> TokenM
 
 @pytest.mark.parametrize("guidance_embeds", [True, False])
 def test_no_guidance_model_is_plain_euler(guidance_embeds: bool) -> None:
-    model, inputs = tiny_flux(guidance_embeds), make_inputs()
+    model, inputs = fixed_tiny_flux(guidance_embeds), make_inputs()
     ts = get_schedule(STEPS, inputs["img"].shape[1])
     guidance = 3.5 if guidance_embeds else None
     with torch.no_grad():
@@ -70,7 +70,7 @@ def test_no_guidance_model_is_plain_euler(guidance_embeds: bool) -> None:
 @pytest.mark.parametrize("guidance_embeds", [True, False])
 @pytest.mark.parametrize("guidance_scale", [1.0, 7.5, [0.0, 2.0, 1.0, 5.0]])
 def test_fresh_guidance_model_is_plain_euler(guidance_embeds: bool, guidance_scale: float | list[float]) -> None:
-    model, inputs = tiny_flux(guidance_embeds), make_inputs()
+    model, inputs = fixed_tiny_flux(guidance_embeds), make_inputs()
     ts = get_schedule(STEPS, inputs["img"].shape[1])
     guidance = 4.0 if guidance_embeds else None
     with torch.no_grad():
@@ -88,7 +88,7 @@ def test_fresh_guidance_model_is_plain_euler(guidance_embeds: bool, guidance_sca
 
 
 def test_distilled_guidance_strength_reaches_the_model() -> None:
-    model, inputs = tiny_flux(guidance_embeds=True), make_inputs()
+    model, inputs = fixed_tiny_flux(guidance_embeds=True), make_inputs()
     ts = get_schedule(STEPS, 16)
     assert not torch.equal(denoise(model, timesteps=ts, guidance=1.0, **inputs), denoise(model, timesteps=ts, **inputs))
 
@@ -97,7 +97,7 @@ def test_distilled_guidance_strength_reaches_the_model() -> None:
 
 
 def test_per_step_scales_list_and_callable() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     ts = get_schedule(STEPS, 16)
     scales = [0.0, 2.0, -1.0, 0.5]
     with torch.no_grad():
@@ -114,7 +114,7 @@ def test_per_step_scales_list_and_callable() -> None:
 
 
 def test_scale_given_as_numpy_or_tensor() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     ts = get_schedule(STEPS, 16)
     want = denoise(model, timesteps=ts, guidance_model=guide, guidance_scale=2.0, **inputs)
     for scale in (np.float32(2.0), torch.tensor(2.0), np.full(STEPS, 2.0), torch.full((STEPS,), 2.0)):
@@ -123,13 +123,13 @@ def test_scale_given_as_numpy_or_tensor() -> None:
 
 @pytest.mark.parametrize("scales", [[1.0, 2.0, 3.0], [1.0] * (STEPS + 1), []])
 def test_wrong_length_scale_list_raises(scales: list[float]) -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     with pytest.raises(ValueError, match=f"one value per step: got {len(scales)} for {STEPS} steps"):
         denoise(model, timesteps=get_schedule(STEPS, 16), guidance_model=TokenMLPGuidance(), guidance_scale=scales, **inputs)
 
 
 def test_guidance_model_sees_each_step_and_callback_sees_the_chain() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     ts = get_schedule(STEPS, 16)
     seen: list[tuple[int, torch.Tensor]] = []
 
@@ -163,7 +163,7 @@ def final_loss(model: nn.Module, guide: nn.Module, inputs: dict, ts: list[float]
 
 def test_gradient_matches_finite_differences() -> None:
     dtype = torch.float64
-    model, inputs, guide = tiny_flux(dtype=dtype), make_inputs(dtype=dtype), random_guidance(dtype=dtype)
+    model, inputs, guide = fixed_tiny_flux(dtype=dtype), make_inputs(dtype=dtype), random_guidance(dtype=dtype)
     ts = get_schedule(STEPS, 16)
     weight = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(9), dtype=dtype)
     loss = final_loss(model, guide, inputs, ts, weight, gradient_checkpointing=False)
@@ -191,7 +191,7 @@ def test_gradient_matches_finite_differences() -> None:
 
 
 def test_checkpointing_gives_the_same_gradients() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     model.requires_grad_(True)  # gradients into the base model too (fine-tuning) must agree as well
     ts = get_schedule(6, 16)
     weight = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(9))
@@ -204,7 +204,7 @@ def test_checkpointing_gives_the_same_gradients() -> None:
 
 
 def test_grad_last_k_is_truncated_backprop() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     ts = get_schedule(6, 16)
     k = 2
     weight = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(9))
@@ -225,7 +225,7 @@ def test_grad_last_k_is_truncated_backprop() -> None:
 
 
 def test_guidance_used_only_before_the_last_k_steps_gets_no_gradient() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     ts = get_schedule(5, 16)
     scales = [1.0, 1.0, 1.0, 0.0, 0.0]  # the guidance acts in the first three steps only
     weight = torch.randn(inputs["img"].shape, generator=torch.Generator().manual_seed(9))
@@ -255,7 +255,7 @@ def count_saved_tensors(fn: object) -> tuple[torch.Tensor, int]:
 
 
 def test_without_requires_grad_no_graph_is_kept() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     model.requires_grad_(True)
     inputs["img"].requires_grad_(True)
     ts = get_schedule(STEPS, 16)
@@ -277,13 +277,13 @@ class WrongShape(nn.Module):
 
 
 def test_wrong_correction_shape_raises() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     with pytest.raises(ValueError, match=r"correction of shape \(2, 16, 15\), but pred has shape \(2, 16, 16\)"):
         denoise(model, timesteps=get_schedule(STEPS, 16), guidance_model=WrongShape(), **inputs)
 
 
 def test_non_finite_prediction_raises() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     with torch.no_grad():
         model.transformer.proj_out.bias[3] = float("nan")  # a diverged base model
     ts = get_schedule(STEPS, 16)
@@ -293,7 +293,7 @@ def test_non_finite_prediction_raises() -> None:
 
 
 def test_non_finite_correction_raises() -> None:
-    model, inputs, guide = tiny_flux(), make_inputs(), random_guidance()
+    model, inputs, guide = fixed_tiny_flux(), make_inputs(), random_guidance()
     with torch.no_grad():
         guide.net[-1].bias[0] = float("inf")  # a diverged guidance model
     with pytest.raises(FloatingPointError, match=r"guided prediction \(pred \+ scale \* correction\) at step 0"):
@@ -302,7 +302,7 @@ def test_non_finite_correction_raises() -> None:
 
 @pytest.mark.parametrize("timesteps", [[], [1.0]])
 def test_fewer_than_two_timesteps_raise(timesteps: list[float]) -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     with pytest.raises(ValueError, match=r"at least 2 values \(num_steps >= 1\)"):
         denoise(model, timesteps=timesteps, **inputs)
 
@@ -313,14 +313,14 @@ def test_fewer_than_two_timesteps_raise(timesteps: list[float]) -> None:
     ("img", 4, r"batch sizes differ: img \(4, 16, 16\)"),
 ])
 def test_mismatched_batch_sizes_raise(key: str, batch: int, match: str) -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     inputs[key] = make_inputs(batch=batch)[key]
     with pytest.raises(ValueError, match=match):
         denoise(model, timesteps=get_schedule(STEPS, 16), **inputs)
 
 
 def test_bad_shapes_raise() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     ts = get_schedule(STEPS, 16)
     with pytest.raises(ValueError, match=r"img must be packed latents \(B, seq, C\), got shape \(2, 16, 4, 4\)"):
         denoise(model, timesteps=ts, **dict(inputs, img=inputs["img"].reshape(2, 16, 4, 4)))
@@ -332,12 +332,12 @@ def test_bad_shapes_raise() -> None:
 
 @pytest.mark.parametrize("k", [0, STEPS + 1])
 def test_bad_grad_last_k_raises(k: int) -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     with pytest.raises(ValueError, match=rf"grad_last_k must be in \[1, {STEPS}\] \(the number of steps\), got {k}"):
         denoise(model, timesteps=get_schedule(STEPS, 16), guidance_requires_grad=True, grad_last_k=k, **inputs)
 
 
 def test_bfl_wrapper_requires_guidance_for_distilled_models() -> None:
-    model: BFLFlux = tiny_flux(guidance_embeds=True)
+    model: BFLFlux = fixed_tiny_flux(guidance_embeds=True)
     with pytest.raises(ValueError, match="guidance-distilled"):
         denoise(model, timesteps=get_schedule(STEPS, 16), guidance=None, **make_inputs())

@@ -12,7 +12,7 @@ import torch
 from fluxguide import keys
 from fluxguide.sampling import denoise, euler_step, get_schedule, instrumented, sde_mean, sde_step_std
 from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED, T_PREV, denoise_with_state_collection
-from tests.sampling import TokenMLPGuidance, make_inputs, tiny_flux
+from tests.sampling import TokenMLPGuidance, fixed_tiny_flux, make_inputs
 
 STEPS = 5
 
@@ -30,7 +30,7 @@ def test_keys_agree_with_the_policy_keys() -> None:
 
 @pytest.mark.parametrize("with_guidance", [False, True])
 def test_ode_states_match_denoise_bit_for_bit(with_guidance: bool) -> None:
-    model, inputs = tiny_flux(), make_inputs(batch=3)
+    model, inputs = fixed_tiny_flux(), make_inputs(batch=3)
     ts = get_schedule(STEPS, inputs["img"].shape[1])
     guide = nonzero_guidance() if with_guidance else None
     want = denoise(model, timesteps=ts, guidance=3.5, guidance_model=guide, guidance_scale=0.5, **inputs)
@@ -61,7 +61,7 @@ def test_ode_states_match_denoise_bit_for_bit(with_guidance: bool) -> None:
 
 
 def test_save_states_false_returns_no_states() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     ts = get_schedule(STEPS, inputs["img"].shape[1])
     final, states = denoise_with_state_collection(model, timesteps=ts, guidance=3.5, save_states=False, **inputs)
     assert states is None
@@ -69,7 +69,7 @@ def test_save_states_false_returns_no_states() -> None:
 
 
 def test_sde_trajectory_follows_the_flow_grpo_step() -> None:
-    model, inputs = tiny_flux(), make_inputs(batch=4, h=8, w=8)
+    model, inputs = fixed_tiny_flux(), make_inputs(batch=4, h=8, w=8)
     ts = get_schedule(STEPS, inputs["img"].shape[1])
     run = lambda seed: denoise_with_state_collection(
         model, timesteps=ts, guidance=3.5, noise_level=0.7, generator=torch.Generator().manual_seed(seed), **inputs
@@ -90,6 +90,6 @@ def test_sde_trajectory_follows_the_flow_grpo_step() -> None:
 
 
 def test_negative_noise_level_is_an_error() -> None:
-    model, inputs = tiny_flux(), make_inputs()
+    model, inputs = fixed_tiny_flux(), make_inputs()
     with pytest.raises(ValueError, match="noise_level must be >= 0"):
         denoise_with_state_collection(model, timesteps=get_schedule(2, 16), noise_level=-0.1, **inputs)
