@@ -280,9 +280,9 @@ class BehaviourCloning(Algorithm):
         Raises:
             NonFiniteLossError: the loss or the gradient is NaN/inf; the optimizer was not stepped.
         """
-        out = self.loss(self.collect(batch, step))
+        out = self.loss(self.collect(batch, step))  # collect set the step's learning rate
         metrics = self.optimize(out, parameters=[p for p in self.trained.parameters() if p.requires_grad])
-        return {**metrics, "learning_rate": self.config.learning_rate(step)}
+        return {**metrics, "learning_rate": self.optimizer.param_groups[0]["lr"]}
 
     def evaluate(self, batch: TensorDict) -> dict[str, float]:
         """The loss terms on ``batch`` without a step (:func:`bc_evaluate`; this process's batch)."""
