@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
+from fluxguide.policies.base import GuidanceArgs
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale, scale_at
 
 
@@ -59,26 +61,20 @@ class CorrectionRecorder(nn.Module):
         self.costs = {}
         self.kls = {}
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int,
-    ) -> torch.Tensor:
-        scale = scale_at(self.guidance_scale, int(step_idx), self.num_steps)
+    def forward(self, *obs: Unpack[GuidanceArgs]) -> torch.Tensor:
+        """The wrapped model's correction for the guidance call ``obs``, recording its cost (and KL) at its step."""
+        step = int(obs[-1])  # the sampler calls with one int step index for the whole batch
+        scale = scale_at(self.guidance_scale, step, self.num_steps)
         detach = self.cost_grad_all_steps and not torch.is_grad_enabled()
         with torch.set_grad_enabled(torch.is_grad_enabled() or detach):
-            correction = self.model(img, pred, txt, vec, timestep, step_idx)
+            correction = self.model(*obs)
             # Only a penalised cost or KL keeps its graph: an unused graph held here outlives the update (it ties
             # this recorder to the checkpointed steps' recomputation) and leaks its memory.
             cost = correction if self.cost_grad else correction.detach()
-            self.costs[int(step_idx)] = scale**2 * cost.float().square().flatten(1).mean(1)
+            self.costs[step] = scale**2 * cost.float().square().flatten(1).mean(1)
             if self.reference is not None:
-                self.kls[int(step_idx)] = scale**2 * step_kl(correction if self.kl_grad else correction.detach(),
-                                                              self.reference, img, pred, txt, vec, timestep, step_idx)
+                self.kls[step] = scale**2 * step_kl(correction if self.kl_grad else correction.detach(),
+                                                    self.reference, *obs)
         return correction.detach() if detach else correction
 
     def per_sample_cost(self) -> torch.Tensor:
@@ -96,7 +92,7 @@ class CorrectionRecorder(nn.Module):
 
 def step_kl(
     correction: torch.Tensor, reference: GuidanceFn, img: torch.Tensor, pred: torch.Tensor, txt: torch.Tensor,
-    vec: torch.Tensor, timestep: torch.Tensor, step_idx: int,
+    vec: torch.Tensor, timestep: torch.Tensor | float, step_idx: int | torch.Tensor,
 ) -> torch.Tensor:
     """``(B,)``: ``mean((correction - reference(state))^2)`` per sample, the reference evaluated without grad.
 

@@ -64,17 +64,10 @@ class ObservationModule(nn.Module, ABC):
     """A module TorchRL calls with the observation tensors, in key order, then any extra keys it reads (a
     ``TensorDictModule`` passes them positionally); subclasses implement :meth:`read`."""
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        t: torch.Tensor,
-        step: torch.Tensor,
-        *extra: torch.Tensor | None,
-    ) -> Any:
-        return self.read(Observation(img, pred, txt, vec, t, step), *extra)
+    def forward(self, *tensors: torch.Tensor | None) -> Any:
+        """TorchRL's call: the :class:`Observation`'s tensors in key order, then the extra keys' values."""
+        observed = len(Observation._fields)
+        return self.read(Observation._make(tensors[:observed]), *tensors[observed:])
 
     @abstractmethod
     def read(self, obs: Observation, *extra: torch.Tensor | None) -> Any:

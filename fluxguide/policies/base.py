@@ -23,10 +23,21 @@ from typing import Any, TypeVar
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
 from fluxguide.policies.architectures import ARCHITECTURES
 
 _Network = TypeVar("_Network", bound="GuidanceNetwork")
+
+GuidanceArgs = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | float, int | torch.Tensor
+]
+"""The guidance call's arguments ``(img, pred, txt, vec, timestep, step_idx)``, in order.
+
+:meth:`GuidanceNetwork.forward` names and documents them once; what receives them from it, checks them or
+passes them on (:meth:`GuidanceNetwork.respond`, :meth:`GuidanceNetwork.check_inputs`, a wrapper) takes
+``*obs: Unpack[GuidanceArgs]`` rather than spelling the six parameters again.
+"""
 
 
 def as_grid(grid_size: int | tuple[int, int] | list[int] | None) -> tuple[int, int] | None:
@@ -112,7 +123,6 @@ class GuidanceNetwork(nn.Module, ABC):
             model = model.to(dtype=dtype)
         return model
 
-    @abstractmethod
     def forward(
         self,
         img: torch.Tensor,
@@ -124,6 +134,10 @@ class GuidanceNetwork(nn.Module, ABC):
     ) -> torch.Tensor:
         """Return the correction, shaped like ``pred`` ``(B, seq, C)`` (a critic: the value ``(B, 1)``).
 
+        The one declaration of the guidance call, by position or by name. A user's model overrides it (the
+        seed's way); the built-in networks and the composites inherit it and implement :meth:`respond`, which
+        takes the same arguments in order (:data:`GuidanceArgs`), so they need not spell them again.
+
         Args:
             img: current latent ``(B, seq, C)``.
             pred: the base model's prediction ``(B, seq, C)``.
@@ -132,21 +146,24 @@ class GuidanceNetwork(nn.Module, ABC):
             timestep: time in [0, 1] (1 = noise), ``(B,)`` (a float or ``(B, 1)`` is accepted).
             step_idx: the step index, an int or a ``(B,)`` tensor.
         """
+        return self.respond(img, pred, txt, vec, timestep, step_idx)
 
-    def check_inputs(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor | float,
-        step_idx: int | torch.Tensor,
-    ) -> GuidanceInputs:
-        """Check shapes against this network's sizes; return the ``(B,)`` timestep and the token grid.
+    def respond(self, *obs: Unpack[GuidanceArgs]) -> torch.Tensor:
+        """The output for the guidance call's arguments ``obs``, in :meth:`forward`'s order: what a network that
+        does not override :meth:`forward` implements."""
+        # Like nn.Module's own missing forward, this fails on the call: a user's model overrides forward instead.
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no forward: implement forward(img, pred, txt, vec, timestep, step_idx)"
+        )
+
+    def check_inputs(self, *obs: Unpack[GuidanceArgs]) -> GuidanceInputs:
+        """Check the guidance call's arguments, ``check_inputs(img, pred, txt, vec, timestep, step_idx)`` as
+        :meth:`forward` received them, against this network's sizes; return the ``(B,)`` timestep and grid.
 
         Raises:
             ValueError: naming the expected and the actual shape when anything disagrees.
         """
+        img, pred, txt, vec, timestep, step_idx = obs
         owner = type(self).__name__
         if img.ndim != 3:
             raise ValueError(f"{owner}: img must be packed latents (B, seq, C), got shape {tuple(img.shape)}")
@@ -160,20 +177,8 @@ class GuidanceNetwork(nn.Module, ABC):
                 "env / backbone"
             )
         grid = self.resolve_grid(seq)
-        if txt.ndim != 3 or txt.shape[0] != b:
-            raise ValueError(f"{owner}: txt must be (B={b}, L, D_txt), got shape {tuple(txt.shape)}")
-        if self.txt_dim is not None and txt.shape[-1] != self.txt_dim:
-            raise ValueError(
-                f"{owner} expects txt of shape (B, L, {self.txt_dim}) (txt_dim={self.txt_dim}), got "
-                f"{tuple(txt.shape)}: build the model with txt_dim={txt.shape[-1]}"
-            )
-        if vec.ndim != 2 or vec.shape[0] != b:
-            raise ValueError(f"{owner}: vec must be (B={b}, D_vec), got shape {tuple(vec.shape)}")
-        if self.vec_dim is not None and vec.shape[-1] != self.vec_dim:
-            raise ValueError(
-                f"{owner} expects vec of shape (B, {self.vec_dim}) (vec_dim={self.vec_dim}), got "
-                f"{tuple(vec.shape)}: build the model with vec_dim={vec.shape[-1]}"
-            )
+        check_text_input(owner, "txt", txt, ("L",), b, self.txt_dim)
+        check_text_input(owner, "vec", vec, (), b, self.vec_dim)
         timestep = as_batch_vector(timestep, b, "timestep", owner, img.device)
         if isinstance(step_idx, torch.Tensor) and step_idx.numel() not in (1, b):
             raise ValueError(
@@ -190,16 +195,9 @@ class CheckedNetwork(GuidanceNetwork):
     """A network whose ``forward`` checks the observation (:meth:`check_inputs`) and then computes from it
     (:meth:`compute`): the built-in networks and the critic, which differ only in what they compute."""
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor | float,
-        step_idx: int | torch.Tensor,
-    ) -> torch.Tensor:
-        return self.compute(img, pred, txt, vec, self.check_inputs(img, pred, txt, vec, timestep, step_idx))
+    def respond(self, *obs: Unpack[GuidanceArgs]) -> torch.Tensor:
+        img, pred, txt, vec, _, _ = obs
+        return self.compute(img, pred, txt, vec, self.check_inputs(*obs))
 
     @abstractmethod
     def compute(
@@ -249,6 +247,24 @@ def resolve_grid(owner: str, seq: int, grid_size: tuple[int, int] | None) -> tup
             f"{owner}: seq {seq} is not a square token grid; pass grid_size=(rows, cols) with rows*cols={seq}"
         )
     return side, side
+
+
+def check_text_input(
+    owner: str, name: str, x: torch.Tensor, middle: tuple[str, ...], batch: int, width: int | None
+) -> None:
+    """Check the text input ``name`` (``txt`` ``(B, L, D_txt)`` or ``vec`` ``(B, D_vec)``, the dims between batch
+    and width named by ``middle``): its rank and batch, then its width where the network fixes one (its
+    ``{name}_dim``), with an error that says which size to build the model with.
+    """
+    if x.ndim != len(middle) + 2 or x.shape[0] != batch:
+        layout = ", ".join([f"B={batch}", *middle, f"D_{name}"])
+        raise ValueError(f"{owner}: {name} must be ({layout}), got shape {tuple(x.shape)}")
+    if width is not None and x.shape[-1] != width:
+        layout = ", ".join(["B", *middle, str(width)])
+        raise ValueError(
+            f"{owner} expects {name} of shape ({layout}) ({name}_dim={width}), got "
+            f"{tuple(x.shape)}: build the model with {name}_dim={x.shape[-1]}"
+        )
 
 
 def as_batch_vector(

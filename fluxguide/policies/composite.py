@@ -17,8 +17,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
+from typing_extensions import Unpack
 
-from fluxguide.policies.base import BaseGuidanceModel, as_batch_vector
+from fluxguide.policies.base import BaseGuidanceModel, GuidanceArgs, as_batch_vector
 
 Combine = Literal["sum", "first", "coarse"]
 
@@ -132,15 +133,9 @@ class CompositeGuidance(BaseGuidanceModel):
 
         return {"type": owner, **self.config_entries(child)}
 
-    def forward(
-        self,
-        img: torch.Tensor,
-        pred: torch.Tensor,
-        txt: torch.Tensor,
-        vec: torch.Tensor,
-        timestep: torch.Tensor,
-        step_idx: int | torch.Tensor,
-    ) -> torch.Tensor:
+    def respond(self, *obs: Unpack[GuidanceArgs]) -> torch.Tensor:
+        """The parts' corrections for the guidance call ``obs``, combined as :attr:`combine` says."""
+        img, pred, txt, vec, timestep, step_idx = obs
         owner = type(self).__name__
         if img.ndim != 3 or pred.shape != img.shape:
             raise ValueError(
@@ -149,11 +144,11 @@ class CompositeGuidance(BaseGuidanceModel):
             )
         if self.combine == "coarse":
             (part,) = self.parts()
-            return self.project(part.model(img, pred, txt, vec, timestep, step_idx))
+            return self.project(part.model(*obs))
         if self.combine == "sum":
             total = torch.zeros_like(pred)
             for part in self.parts():
-                total = total + part.weight * part.model(img, pred, txt, vec, timestep, step_idx).to(pred.dtype)
+                total = total + part.weight * part.model(*obs).to(pred.dtype)
             return total
         b = img.shape[0]
         t = as_batch_vector(timestep, b, "timestep", owner, img.device)
