@@ -14,7 +14,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid, check_positive
 from fluxguide.policies.embeddings import (
     AdaLayerNorm,
     ConditionEmbedding,
@@ -126,11 +126,9 @@ class AttentionGuidanceModel(CheckedNetwork, BaseGuidanceModel, architecture="at
                 f"AttentionGuidanceModel: hidden_dim ({hidden_dim}) must be divisible by "
                 f"num_heads ({num_heads})"
             )
-        if min(latent_channels, txt_dim, vec_dim, num_layers, pos_frequencies) < 1 or mlp_ratio <= 0:
-            raise ValueError(
-                f"AttentionGuidanceModel sizes must be positive, got latent_channels={latent_channels}, "
-                f"txt_dim={txt_dim}, vec_dim={vec_dim}, num_layers={num_layers}, mlp_ratio={mlp_ratio}"
-            )
+        check_positive("AttentionGuidanceModel", latent_channels=latent_channels, txt_dim=txt_dim,
+                       vec_dim=vec_dim, num_layers=num_layers, pos_frequencies=pos_frequencies,
+                       mlp_ratio=mlp_ratio)
         grid = as_grid(grid_size)
         self.register_config(
             hidden_dim=hidden_dim,

@@ -53,6 +53,14 @@ def as_grid(grid_size: int | tuple[int, int] | list[int] | None) -> tuple[int, i
     return grid  # type: ignore[return-value]
 
 
+def check_positive(owner: str, **sizes: float) -> None:
+    """Refuse a constructor size (a width, a count, a ratio) that is not positive; the error lists every size
+    given, so a user sees the one at fault next to the others."""
+    if min(sizes.values()) <= 0:
+        listed = ", ".join(f"{name}={value}" for name, value in sizes.items())
+        raise ValueError(f"{owner} sizes must be positive, got {listed}")
+
+
 @dataclass
 class GuidanceInputs:
     """Checked inputs: the timestep as a ``(B,)`` float tensor and the token grid ``(rows, cols)``."""

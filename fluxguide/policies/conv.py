@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fluxguide.sampling.packing import pack, unpack
-from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid, check_positive
 from fluxguide.policies.embeddings import ConditionEmbedding, zero_module
 
 if TYPE_CHECKING:
@@ -79,11 +79,10 @@ class ConvGuidanceModel(CheckedNetwork, BaseGuidanceModel, architecture="conv"):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if min(in_channels, hidden_channels, patch_size, vec_dim) < 1 or num_blocks < 0:
-            raise ValueError(
-                f"ConvGuidanceModel sizes must be positive, got in_channels={in_channels}, "
-                f"hidden_channels={hidden_channels}, num_blocks={num_blocks}, patch_size={patch_size}"
-            )
+        check_positive("ConvGuidanceModel", in_channels=in_channels, hidden_channels=hidden_channels,
+                       patch_size=patch_size, vec_dim=vec_dim)
+        if num_blocks < 0:  # zero blocks is a valid (stem-and-head) network
+            raise ValueError(f"ConvGuidanceModel: num_blocks must be >= 0, got {num_blocks}")
         grid = as_grid(grid_size)
         self.register_config(
             in_channels=in_channels,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid
+from fluxguide.policies.base import BaseGuidanceModel, CheckedNetwork, GuidanceInputs, as_grid, check_positive
 from fluxguide.policies.embeddings import (
     AdaLayerNorm,
     ConditionEmbedding,
@@ -71,12 +71,8 @@ class TokenMLPTrunk(CheckedNetwork):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if min(latent_channels, hidden_dim, num_layers, vec_dim, pos_frequencies) < 1:
-            raise ValueError(
-                f"{type(self).__name__} sizes must be >= 1, got latent_channels={latent_channels}, "
-                f"hidden_dim={hidden_dim}, num_layers={num_layers}, vec_dim={vec_dim}, "
-                f"pos_frequencies={pos_frequencies}"
-            )
+        check_positive(type(self).__name__, latent_channels=latent_channels, hidden_dim=hidden_dim,
+                       num_layers=num_layers, vec_dim=vec_dim, pos_frequencies=pos_frequencies)
         grid = as_grid(grid_size)
         self.register_config(
             latent_channels=latent_channels,
