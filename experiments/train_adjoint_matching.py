@@ -35,7 +35,7 @@ from fluxguide.algos.adjoint_matching import WEIGHTINGS
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int
-from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
+from fluxguide.harness.presets import flux_dev_preset
 
 
 @dataclass
@@ -71,11 +71,7 @@ class Config:
 
 def flux_dev() -> Config:
     """FLUX.1-dev on one GPU (not measured here): a CLIP score, 28 steps, regression on 7 of them per update."""
-    return Config(run=flux_dev_run(preset="flux-dev", run_dir=Path("runs/adjoint_matching/flux-dev"),
-                                   total_updates=400, eval_every=50, checkpoint_every=50,
-                                   wandb_group="adjoint-matching"),
-                  model=flux_dev_model(), reward=flux_dev_reward(),
-                  optim=TrainConfig(batch_size=2, lr=1e-4, num_steps=FLUX_DEV_STEPS), time_subsample=7)
+    return flux_dev_preset(Config, "adjoint_matching", "adjoint-matching", batch_size=2, lr=1e-4, time_subsample=7)
 
 
 PRESETS = {"shapes": Config, "flux-dev": flux_dev}

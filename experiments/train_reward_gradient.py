@@ -40,7 +40,7 @@ from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import check_float, check_int
-from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
+from fluxguide.harness.presets import distilled_start, flux_dev_preset
 
 #: The shapes preset's budget: updates of 16 images (the README's headline is measured at it).
 RG_UPDATES = 64
@@ -90,19 +90,13 @@ class Config:
 
 def flux_dev() -> Config:
     """FLUX.1-dev on one GPU (not measured here): the shapes recipe's policy and schedule, a CLIP score."""
-    return Config(run=flux_dev_run(preset="flux-dev", run_dir=Path("runs/reward_gradient/flux-dev"),
-                                   total_updates=400, eval_every=50, checkpoint_every=50,
-                                   wandb_group="reward-gradient"),
-                  model=flux_dev_model(), reward=flux_dev_reward(),
-                  guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64),
-                  optim=TrainConfig(batch_size=2, lr=1e-2, num_steps=FLUX_DEV_STEPS), reward_target=None,
-                  reward_shift=0)
+    return flux_dev_preset(Config, "reward_gradient", "reward-gradient", batch_size=2, lr=1e-2,
+                           guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64), reward_target=None,
+                           reward_shift=0)
 
 
 #: The ``shapes-distilled`` budget: updates of 16 images (64 reached 78.2% held-out, 160 the issue's 80%+).
 DISTILLED_UPDATES = 160
-#: Where ``train_bc.py`` run with its defaults writes the CFG-distilled policy that ``shapes-distilled`` starts from.
-DISTILLED_POLICY = Path("runs/bc/cfg_distillation/guidance.safetensors")
 
 
 def shapes_distilled() -> Config:
@@ -113,7 +107,7 @@ def shapes_distilled() -> Config:
     cfg.run = replace(cfg.run, preset="shapes-distilled", run_dir=Path("runs/reward_gradient/shapes-distilled"),
                       wandb_group="reward-gradient-distilled", total_updates=DISTILLED_UPDATES,
                       eval_every=DISTILLED_UPDATES // 5, checkpoint_every=DISTILLED_UPDATES // 5)
-    cfg.guide = replace(cfg.guide, init_policy=DISTILLED_POLICY, head="affine", body_lr_scale=0.1)
+    cfg.guide = distilled_start(cfg.guide)
     return cfg
 
 

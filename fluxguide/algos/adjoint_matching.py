@@ -49,6 +49,7 @@ from torch import nn
 
 from fluxguide.algos.common import LossOutput
 from fluxguide.algos.on_sampler import Decoder, OnSamplerAlgorithm, SamplerBatch
+from fluxguide.algos.registry import AlgorithmSpec, Stage, budgets
 from fluxguide.algos.reward_gradient import RewardFn
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.rewards.base import call_reward, require_differentiable
@@ -332,3 +333,10 @@ class AdjointMatching(OnSamplerAlgorithm):
                    "adjoint_norm": data.adjoint_norm}
         return LossOutput({"loss_adjoint": loss}, metrics, count=len(data.batch.prompts),
                           pooled_std={"reward_std": "reward_mean"})
+
+
+_SMOKE = ("--batch-size", "2", "--total-updates", "2", "--time-subsample", "2")
+
+SPECS = (AlgorithmSpec(
+    "adjoint-matching", "regress the control onto the lean adjoint (Domingo-Enrich et al., 2025)",
+    (Stage("train_adjoint_matching.py", budgets=budgets(_SMOKE, 800)),), AdjointMatching),)

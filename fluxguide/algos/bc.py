@@ -31,6 +31,7 @@ from fluxguide.algos.common import (
     optimizer_step,
     unwrap_data_parallel,
 )
+from fluxguide.algos.registry import EVAL, SMOKE, AlgorithmSpec, Stage, full_budget
 from fluxguide.data.episodes import TARGET
 from fluxguide.data.store import DatasetError, GuidanceDataset
 from fluxguide.policies import GaussianHead, ObservationAdapter
@@ -287,3 +288,13 @@ class BehaviourCloning(Algorithm):
     def evaluate(self, batch: TensorDict) -> dict[str, float]:
         """The loss terms on ``batch`` without a step (:func:`bc_evaluate`; this process's batch)."""
         return bc_evaluate(self.modules["loss"], batch)
+
+
+SPECS = (AlgorithmSpec(
+    "bc", "behaviour cloning of CFG 3's corrections (collect, then distil)",
+    (Stage("collect_data.py", folder="data", folder_flag="--out-dir",
+           budgets={"smoke": ("--episodes", "4", "--batch-size", "2", "--num-steps", "3"), "full": ("--episodes", "4096")}),
+     Stage("train_bc.py", folder="train", inputs={"--dataset": "data"},
+           budgets={"smoke": ("--batch-size", "16", "--total-updates", "2", *SMOKE), "quick": EVAL,
+                    "full": full_budget(4000)})),
+    BehaviourCloning, reward="black-box", main_job=True),)

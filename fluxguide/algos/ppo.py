@@ -44,6 +44,7 @@ from torchrl.objectives import ClipPPOLoss, ValueEstimators
 
 from fluxguide import distributed, keys
 from fluxguide.algos.common import Algorithm, LossOutput, NonFiniteLossError, mean_over_ranks, optimizer_step
+from fluxguide.algos.registry import AlgorithmSpec, Stage, budgets
 from fluxguide.envs.torchrl_env import GuidanceTorchRLEnv
 
 AdvantageMode = Literal["group", "gae"]
@@ -357,3 +358,14 @@ class PPO(Algorithm):
     def shutdown(self) -> None:
         """Release the collector (the env stays usable)."""
         self.collector.shutdown(close_env=False)
+
+
+_SMOKE = ("--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2", "--total-updates", "2")
+
+SPECS = (
+    AlgorithmSpec("ppo", "PPO on the denoising MDP, exploring the affine schedule's coefficients",
+                  (Stage("train_ppo.py", budgets=budgets(_SMOKE, 320)),), PPO, reward="black-box", main_job=True),
+    AlgorithmSpec("grpo", "GRPO as Flow-GRPO runs it: group advantages, SDE exploration, KL to the reference",
+                  (Stage("train_ppo.py", args=("--preset", "grpo"), budgets=budgets(_SMOKE, 320)),), PPO,
+                  reward="black-box"),
+)

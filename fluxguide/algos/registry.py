@@ -15,10 +15,12 @@ A spec ``"package.module:SPEC"`` names one that is not installed (``compare.py -
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fluxguide.errors import UserError
 from fluxguide.plugins import PluginError, Registry
@@ -111,8 +113,60 @@ class AlgorithmSpec:
         return [run_dir / stage.folder for stage in self.stages[:-1]]
 
 
-ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm", "fluxguide.algorithms")
-"""Every algorithm by name: the built-ins below, the ``fluxguide.algorithms`` entry points, or a spec."""
+#: The built-in modules registered first, in this order: the main job's order (and its table's).
+FIRST: tuple[str, ...] = ("reward_gradient", "ppo", "bc")
+
+
+class AlgorithmRegistry(Registry[AlgorithmSpec]):
+    """The algorithms' :class:`~fluxguide.plugins.Registry`, which registers the built-ins at its first use: the
+    ``SPECS`` of every module of ``fluxguide.algos`` (those of :data:`FIRST` first, then the others by name), so an
+    algorithm in a new module registers itself and no list names it. Not at import: an algorithm module imports
+    this one for :class:`AlgorithmSpec`, and would be found half-imported."""
+
+    def __init__(self) -> None:
+        super().__init__("algorithm", "fluxguide.algorithms")
+        self._builtins: bool | None = False  # None while loading
+
+    def _load_builtins(self) -> None:
+        if self._builtins is not False:
+            return
+        self._builtins = None
+        try:
+            import fluxguide.algos as package
+
+            found = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+            for module in [*FIRST, *(m for m in found if m not in FIRST)]:
+                for spec in getattr(importlib.import_module(f"fluxguide.algos.{module}"), "SPECS", ()):
+                    super().register(spec.name, spec)
+        except BaseException:
+            self._builtins = False
+            raise
+        self._builtins = True
+
+    def register(self, name: str, obj: AlgorithmSpec | None = None, *, overwrite: bool = False) -> Any:
+        self._load_builtins()
+        return super().register(name, obj, overwrite=overwrite)
+
+    def registered(self) -> dict[str, AlgorithmSpec]:
+        self._load_builtins()
+        return super().registered()
+
+    def names(self) -> list[str]:
+        self._load_builtins()
+        return super().names()
+
+    def __contains__(self, name: object) -> bool:
+        self._load_builtins()
+        return super().__contains__(name)
+
+    def get(self, name: str) -> AlgorithmSpec:
+        self._load_builtins()
+        return super().get(name)
+
+
+ALGORITHMS = AlgorithmRegistry()
+"""Every algorithm by name: the built-ins (each module's ``SPECS``), the ``fluxguide.algorithms`` entry points, or a
+spec."""
 
 
 class AlgorithmSpecError(UserError, TypeError):
@@ -151,48 +205,10 @@ def main_job_algorithms() -> tuple[str, ...]:
     return tuple(name for name, spec in ALGORITHMS.registered().items() if spec.main_job)
 
 
-# ------------------------------------------------------------------------------------------------------ built-ins
-def _budgets(smoke: Sequence[str], full_updates: int) -> dict[str, tuple[str, ...]]:
+def budgets(smoke: Sequence[str], full_updates: int) -> dict[str, tuple[str, ...]]:
     """A training script's budgets: ``smoke`` plus the smoke network, its own default (quick), ``full_updates``."""
     return {"smoke": (*smoke, *SMOKE), "quick": EVAL, "full": full_budget(full_updates)}
 
 
-_RG_SMOKE = ("--batch-size", "2", "--total-updates", "2")
-_PPO_SMOKE = ("--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2", "--total-updates", "2")
-
-
-def _register_builtins() -> None:
-    from fluxguide.algos.adjoint_matching import AdjointMatching
-    from fluxguide.algos.bc import BehaviourCloning
-    from fluxguide.algos.ppo import PPO
-    from fluxguide.algos.reward_gradient import RewardGradient
-
-    # Registration order is the main job's order (and its table's).
-    register_algorithm(AlgorithmSpec(
-        "reward-gradient", "backpropagate a differentiable reward through the sampler (affine schedule)",
-        (Stage("train_reward_gradient.py", budgets=_budgets(_RG_SMOKE, 320)),), RewardGradient, main_job=True))
-    register_algorithm(AlgorithmSpec(
-        "ppo", "PPO on the denoising MDP, exploring the affine schedule's coefficients",
-        (Stage("train_ppo.py", budgets=_budgets(_PPO_SMOKE, 320)),), PPO, reward="black-box", main_job=True))
-    register_algorithm(AlgorithmSpec(
-        "bc", "behaviour cloning of CFG 3's corrections (collect, then distil)",
-        (Stage("collect_data.py", folder="data", folder_flag="--out-dir",
-               budgets={"smoke": ("--episodes", "4", "--batch-size", "2", "--num-steps", "3"),
-                        "full": ("--episodes", "4096")}),
-         Stage("train_bc.py", folder="train", inputs={"--dataset": "data"},
-               budgets={"smoke": ("--batch-size", "16", "--total-updates", "2", *SMOKE), "quick": EVAL,
-                        "full": full_budget(4000)})),
-        BehaviourCloning, reward="black-box", main_job=True))
-    register_algorithm(AlgorithmSpec(
-        "grpo", "GRPO as Flow-GRPO runs it: group advantages, SDE exploration, KL to the reference",
-        (Stage("train_ppo.py", args=("--preset", "grpo"), budgets=_budgets(_PPO_SMOKE, 320)),), PPO,
-        reward="black-box"))
-    register_algorithm(AlgorithmSpec(
-        "adjoint-matching", "regress the control onto the lean adjoint (Domingo-Enrich et al., 2025)",
-        (Stage("train_adjoint_matching.py", budgets=_budgets(_RG_SMOKE, 800)),), AdjointMatching))
-
-
-_register_builtins()
-
-__all__ = ["ALGORITHMS", "AlgorithmSpec", "AlgorithmSpecError", "PluginError", "Stage", "algorithm_names",
-           "full_budget", "get_algorithm", "main_job_algorithms", "register_algorithm"]
+__all__ = ["ALGORITHMS", "FIRST", "AlgorithmRegistry", "AlgorithmSpec", "AlgorithmSpecError", "PluginError", "Stage",
+           "algorithm_names", "budgets", "full_budget", "get_algorithm", "main_job_algorithms", "register_algorithm"]

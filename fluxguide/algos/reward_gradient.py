@@ -36,6 +36,7 @@ from torch import nn
 from fluxguide.algos.common import LossOutput
 from fluxguide.algos.control_cost import CorrectionRecorder, step_kl
 from fluxguide.algos.on_sampler import Decoder, OnSamplerAlgorithm, SamplerBatch
+from fluxguide.algos.registry import AlgorithmSpec, Stage, budgets
 from fluxguide.backbones.base import Backbone, Conditioning
 from fluxguide.rewards.base import (
     NotDifferentiableError,
@@ -347,3 +348,10 @@ class RewardGradient(OnSamplerAlgorithm):
         self.policy.train()
         out = self.forward_pass(batch)
         return LossOutput(out.losses, out.metrics, count=len(batch.prompts), pooled_std={"reward_std": "reward_mean"})
+
+
+_SMOKE = ("--batch-size", "2", "--total-updates", "2")
+
+SPECS = (AlgorithmSpec(
+    "reward-gradient", "backpropagate a differentiable reward through the sampler (affine schedule)",
+    (Stage("train_reward_gradient.py", budgets=budgets(_SMOKE, 320)),), RewardGradient, main_job=True),)

@@ -18,9 +18,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import Any, TypeVar
 
-from fluxguide.harness.config import BackboneConfig, ConfigError, RewardConfig, RunConfig
+from fluxguide.harness.config import (
+    BackboneConfig,
+    ConfigError,
+    PolicyConfig,
+    RewardConfig,
+    RunConfig,
+    TrainConfig,
+)
 
 C = TypeVar("C")
 Presets = Mapping[str, Callable[[], C]]
@@ -34,6 +43,16 @@ FLUX_DEV_REWARD = {"reward": "clip",
                    "train_prompts": "animals-train"}
 #: FLUX.1-dev's usual step count.
 FLUX_DEV_STEPS = 28
+
+
+#: Where ``train_bc.py`` run with its defaults writes the CFG-distilled policy the ``shapes-distilled`` presets start from.
+DISTILLED_POLICY = Path("runs/bc/cfg_distillation/guidance.safetensors")
+
+
+def distilled_start(guide: PolicyConfig) -> PolicyConfig:
+    """``guide`` started from the CFG-distilled attention network (:data:`DISTILLED_POLICY`) under a fresh affine
+    head, the head at --lr and the network at a tenth of it: RL from a distilled start (docs/results.md)."""
+    return replace(guide, init_policy=DISTILLED_POLICY, head="affine", body_lr_scale=0.1)
 
 
 def flux_dev_model() -> BackboneConfig:
@@ -52,6 +71,17 @@ def flux_dev_run(**overrides: Any) -> RunConfig:
                               "grid_prompts": 4}
     values.update(overrides)
     return RunConfig(**values)
+
+
+def flux_dev_preset(config: Callable[..., C], folder: str, group: str, *, batch_size: int, lr: float,
+                    **fields: Any) -> C:
+    """A training script's flux-dev preset: ``config(...)`` with the flux-dev run (``runs/<folder>/flux-dev``, 400
+    updates evaluated and checkpointed every 50, W&B group ``group``), base model, reward and step count, the
+    optimizer's ``batch_size`` and ``lr``, and the script's own ``fields``."""
+    run = flux_dev_run(preset="flux-dev", run_dir=Path("runs") / folder / "flux-dev", total_updates=400, eval_every=50,
+                       checkpoint_every=50, wandb_group=group)
+    return config(run=run, model=flux_dev_model(), reward=flux_dev_reward(),
+                  optim=TrainConfig(batch_size=batch_size, lr=lr, num_steps=FLUX_DEV_STEPS), **fields)
 
 
 def preset_name(args: Sequence[str], presets: Presets) -> str:

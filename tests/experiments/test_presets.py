@@ -18,7 +18,7 @@ import tyro
 from fluxguide.algos.registry import EXPERIMENTS, algorithm_names, get_algorithm
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, flat_config, validate
-from fluxguide.harness.presets import FLUX_DEV_MODEL, preset_name
+from fluxguide.harness.presets import DISTILLED_POLICY, FLUX_DEV_MODEL, preset_name
 from tests.scripts import ROOT, load_script
 
 #: Every script an algorithm of the registry runs (its training stage; collect_data is BC's first stage).
@@ -28,10 +28,14 @@ TRAINING = tuple(name for name in SCRIPTS if name != "collect_data")
 TINY = ["--num-steps", "3", "--hidden-dim", "16", "--num-heads", "2", "--num-layers", "1", "--total-updates", "1",
         "--eval-every", "1", "--checkpoint-every", "1", "--eval-num-prompts", "2", "--eval-samples-per-prompt", "1",
         "--grid-prompts", "1", "--wandb-mode", "disabled"]
-BATCH = {"train_reward_gradient": ["--batch-size", "2"],
-         "train_adjoint_matching": ["--batch-size", "2", "--time-subsample", "2"],
-         "train_ppo": ["--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-trajectories", "2"],
-         "train_bc": ["--batch-size", "16"]}
+
+
+def smoke_budget(script: str) -> list[str]:
+    """The registry's smoke arguments of the algorithm stage that runs ``script`` (batch and group sizes that fit)."""
+    return next(list(stage.budgets["smoke"]) for name in algorithm_names() for stage in get_algorithm(name).stages
+                if stage.path.stem == script and not stage.args)
+
+
 COLLECT = ["--episodes", "2", "--batch-size", "2", "--num-steps", "3", "--wandb-mode", "disabled"]
 
 
@@ -87,7 +91,7 @@ def test_help_lists_the_presets(capsys) -> None:
 @pytest.mark.parametrize("name", TRAINING)
 def test_shapes_preset_runs_at_smoke_size(name: str, tmp_path) -> None:
     script = load_script(name)
-    args = ["--preset", "shapes", "--run-dir", str(tmp_path / "run"), *TINY, *BATCH[name]]
+    args = ["--preset", "shapes", "--run-dir", str(tmp_path / "run"), *smoke_budget(name), *TINY]  # TINY wins
     if name == "train_bc":
         collect = load_script("collect_data")
         collect.main(parse(collect, ["--out-dir", str(tmp_path / "data"), *COLLECT]))
@@ -106,7 +110,7 @@ def test_shapes_distilled_preset_starts_from_the_bc_policy(tmp_path) -> None:
 
     script = load_script("train_reward_gradient")
     cfg = flat_config(parse(script, ["--preset", "shapes-distilled"]))
-    assert (cfg["init_policy"], cfg["head"], cfg["body_lr_scale"]) == (str(script.DISTILLED_POLICY), "affine", 0.1)
+    assert (cfg["init_policy"], cfg["head"], cfg["body_lr_scale"]) == (str(DISTILLED_POLICY), "affine", 0.1)
     assert cfg["total_updates"] == script.DISTILLED_UPDATES and cfg["policy"] == "affine"
     with pytest.raises(ConfigError, match="train_bc.py"):
         validate(parse(script, ["--preset", "shapes-distilled", "--init-policy", str(tmp_path / "none.safetensors")]))
@@ -114,18 +118,18 @@ def test_shapes_distilled_preset_starts_from_the_bc_policy(tmp_path) -> None:
                          num_heads=2)
     path = save_guidance_model(start, tmp_path / "bc.safetensors")
     script.main(parse(script, ["--preset", "shapes-distilled", "--init-policy", str(path),
-                               "--run-dir", str(tmp_path / "run"), *TINY, *BATCH["train_reward_gradient"]]))
+                               "--run-dir", str(tmp_path / "run"), *smoke_budget("train_reward_gradient"), *TINY]))
     trained = load_guidance_model(tmp_path / "run" / "guidance.safetensors")
     assert isinstance(trained, MultiObjectiveGuidance) and type(trained.models[0]) is type(start)
 
 
 @pytest.mark.parametrize("name", TRAINING)
-def test_flux_dev_preset_runs_at_smoke_size(name: str, flux_files, tmp_path) -> None:  # noqa: F811
+def test_flux_dev_preset_runs_at_smoke_size(name: str, flux_files, tmp_path) -> None:
     """The flux-dev recipe on a tiny random FluxPipeline folder and a tiny CLIP file, on the CPU."""
     script = load_script(name)
     tiny_flux = ["--model-path", flux_files["pipeline"], "--height", "64", "--width", "64",
                  "--max-sequence-length", "16", "--device", "cpu"]
-    args = ["--preset", "flux-dev", "--run-dir", str(tmp_path / "run"), *tiny_flux, *TINY, *BATCH[name]]
+    args = ["--preset", "flux-dev", "--run-dir", str(tmp_path / "run"), *tiny_flux, *smoke_budget(name), *TINY]
     if name != "train_bc":
         args += ["--reward-kwargs", flux_files["reward_kwargs"]]
     else:
@@ -148,8 +152,8 @@ def test_evaluation_options_do_not_change_training(name: str, tmp_path) -> None:
     from safetensors.torch import load_file
 
     script = load_script(name)
-    small = ["--num-steps", "3", "--total-updates", "2", "--checkpoint-every", "2", "--grid-prompts", "1",
-             "--wandb-mode", "disabled", *BATCH[name]]
+    small = [*smoke_budget(name), "--num-steps", "3", "--total-updates", "2", "--checkpoint-every", "2",
+             "--grid-prompts", "1", "--wandb-mode", "disabled"]
     script.main(parse(script, [*small, "--run-dir", str(tmp_path / "a"), "--eval-every", "1",
                                "--eval-num-prompts", "3", "--eval-samples-per-prompt", "2"]))
     script.main(parse(script, [*small, "--run-dir", str(tmp_path / "b"), "--eval-every", "2",
