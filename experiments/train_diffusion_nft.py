@@ -98,7 +98,7 @@ def main(cfg: Config) -> dict[str, float]:
     algo = DiffusionNFT(backbone, distributed.data_parallel(policy), reward, optimizer, DiffusionNFTConfig(
         num_steps=num_steps, guidance_scale=opt.guidance_scale, group_size=cfg.group_size, beta=cfg.beta,
         advantage_clip=cfg.advantage_clip, time_subsample=min(cfg.time_subsample or num_steps, num_steps),
-        inner_steps=cfg.inner_steps, old_policy_decay=cfg.old_policy_decay, max_grad_norm=opt.max_grad_norm))
+        min_t=cfg.guide.policy_min_t, inner_steps=cfg.inner_steps, old_policy_decay=cfg.old_policy_decay, max_grad_norm=opt.max_grad_norm))
     gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # the batches' prompts, noise and steps
 
     run.resume(backbone, algo.modules, algo.optimizers, {"data": gen},

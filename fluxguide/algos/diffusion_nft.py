@@ -61,6 +61,8 @@ class DiffusionNFTConfig:
         beta: the implicit policies' strength (``1 / beta`` scales how far one round moves the policy).
         advantage_clip: ``Z`` of ``r = 0.5 + 0.5 clip(A / Z, -1, 1)``.
         time_subsample: take the loss at this many of the steps, drawn per update (``None``: all).
+        min_t: take the loss only at steps with ``t >= min_t``: where the policy acts (``--policy-min-t``); the
+            others would cost model calls and teach nothing.
         inner_steps: optimizer steps on one collected batch (fresh forward noise each).
         old_policy_decay: ``eta`` of the old policy's soft update after each update.
         max_grad_norm: clip the global gradient norm (``None``: no clipping).
@@ -72,6 +74,7 @@ class DiffusionNFTConfig:
     beta: float = 1.0
     advantage_clip: float = 2.0
     time_subsample: int | None = 4
+    min_t: float = 0.0
     inner_steps: int = 1
     old_policy_decay: float = 0.5
     max_grad_norm: float | None = 1.0
@@ -79,14 +82,14 @@ class DiffusionNFTConfig:
     def __post_init__(self) -> None:
         checks = {"num_steps": self.num_steps >= 1, "group_size": self.group_size >= 1, "beta": self.beta > 0,
                   "advantage_clip": self.advantage_clip > 0, "inner_steps": self.inner_steps >= 1,
-                  "old_policy_decay": 0.0 <= self.old_policy_decay <= 1.0,
+                  "old_policy_decay": 0.0 <= self.old_policy_decay <= 1.0, "min_t": 0.0 <= self.min_t <= 1.0,
                   "time_subsample": self.time_subsample is None or 1 <= self.time_subsample <= self.num_steps,
                   "max_grad_norm": self.max_grad_norm is None or self.max_grad_norm > 0}
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"DiffusionNFTConfig: {', '.join(f'{n}={getattr(self, n)!r}' for n in bad)} out of "
                              "range (num_steps, group_size, inner_steps >= 1; beta, advantage_clip, max_grad_norm "
-                             "> 0; old_policy_decay in [0, 1]; time_subsample in [1, num_steps] or None)")
+                             "> 0; old_policy_decay, min_t in [0, 1]; time_subsample in [1, num_steps] or None)")
 
 
 @dataclass
@@ -165,9 +168,10 @@ class DiffusionNFT(OnSamplerAlgorithm):
         """The NFT objective on forward-noised copies of ``batch``'s samples, averaged over the drawn steps."""
         self.policy.train()
         cfg, cond, x0 = self.config, batch.cond, batch.latents
-        steps = torch.randperm(cfg.num_steps, generator=batch.generator)[: cfg.time_subsample or cfg.num_steps]
+        acting = [i for i in range(cfg.num_steps) if float(self.timesteps[i]) >= cfg.min_t] or [0]
+        order = torch.randperm(len(acting), generator=batch.generator)[: cfg.time_subsample or cfg.num_steps]
         terms, drift = [], []
-        for i in sorted(steps.tolist()):
+        for i in sorted(acting[j] for j in order.tolist()):
             t = float(self.timesteps[i])
             noise = torch.randn(x0.shape, generator=batch.generator).to(x0)
             x_t = (1 - t) * x0 + t * noise  # the forward process of rectified flow (t = 1: noise)
@@ -184,8 +188,10 @@ class DiffusionNFT(OnSamplerAlgorithm):
                    "reward_std": float(rewards.std()) if rewards.numel() > 1 else 0.0,
                    "optimality_mean": float(batch.optimality.mean()), **batch.stats,
                    "policy_drift": (sum(drift) / len(drift)) ** 0.5}
-        return LossOutput({"loss_nft": torch.stack(terms).mean()}, metrics, count=len(rewards),
-                          pooled_std={"reward_std": "reward_mean"})
+        loss = torch.stack(terms).mean()
+        if not loss.requires_grad:  # the policy gave no graph at these steps (e.g. gated off): a zero step, on
+            loss = loss + sum(0.0 * p.sum() for p in self.policy.parameters() if p.requires_grad)  # every rank
+        return LossOutput({"loss_nft": loss}, metrics, count=len(rewards), pooled_std={"reward_std": "reward_mean"})
 
     def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
         """Collect, take ``inner_steps`` optimizer steps on the batch, then move the old policy toward the policy."""

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from fluxguide.algos.diffusion_nft import DiffusionNFT, DiffusionNFTConfig, nft_loss, optimality_probability
 from fluxguide.algos.registry import get_algorithm
-from fluxguide.rewards import RewardOutputError
 from fluxguide.sampling import denoise
 from tests.gaussian_flow import MEAN, STD, C, Control, GaussianFlow, Shift, Started, linear_reward
 
@@ -123,13 +121,20 @@ def test_a_reward_that_refuses_backward_trains_on_the_shapes_world(shapes_random
     assert get_algorithm("diffusion-nft").algorithm is DiffusionNFT and get_algorithm("diffusion-nft").reward == "black-box"
 
 
-def test_bad_settings_and_outputs_are_refused() -> None:
-    with pytest.raises(ValueError, match="beta=0"):
-        DiffusionNFTConfig(beta=0)
-    with pytest.raises(ValueError, match="time_subsample=30"):
-        DiffusionNFTConfig(num_steps=20, time_subsample=30)
-    policy = Control()
-    algo = DiffusionNFT(GaussianFlow(MEAN, STD), policy, lambda images, prompts: images[:, 0, 0, 0] / 0.0,
-                        torch.optim.Adam(policy.parameters()), DiffusionNFTConfig(num_steps=4, group_size=2))
-    with pytest.raises(RewardOutputError):
-        algo.update(["x"], torch.Generator().manual_seed(0))
+def test_steps_where_the_policy_does_not_act_are_a_zero_step_or_not_drawn(shapes_random) -> None:
+    """A policy guiding only at t >= 0.99 (the first of 4 steps) gives no graph at the others: an update that drew
+    only those takes a zero step (it used to stop on a loss without a graph); ``min_t`` draws only where it acts."""
+    from fluxguide.policies.registry import build_policy
+    from tests.toy_rewards import redness
+
+    prompts, gen = ["a red circle", "a yellow triangle above a red bar"], torch.Generator().manual_seed(0)
+    for min_t in (0.0, 0.99):
+        policy = build_policy("affine", shapes_random, hidden_dim=8, min_t=0.99)
+        algo = DiffusionNFT(shapes_random, policy, redness, torch.optim.SGD(policy.parameters(), 1.0),
+                            DiffusionNFTConfig(num_steps=4, group_size=2, time_subsample=1, min_t=min_t))
+        moved = []
+        for _ in range(4):
+            before = [p.detach().clone() for p in policy.parameters()]
+            assert math.isfinite(algo.update(prompts, gen)["loss_nft"])
+            moved.append(any(not torch.equal(a, b) for a, b in zip(before, policy.parameters(), strict=True)))
+        assert all(moved) if min_t else not all(moved), (min_t, moved)  # SGD: a zero gradient is no step
