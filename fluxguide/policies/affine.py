@@ -73,6 +73,11 @@ class AffineGuidance(CheckedNetwork, BaseGuidanceModel, architecture="affine"):
         parts = [x.unsqueeze(-3) * masks[:, None, :] for x in (img, pred)]  # (..., ch, seq, C) each
         return torch.cat(parts, dim=-3)
 
+    def resolve_grid(self, seq: int) -> tuple[int, int]:
+        """``(1, seq)``: the schedule acts on each token alone and reads no positions, so any token count (a
+        non-square image's grid too) is valid."""
+        return (1, seq)
+
     @classmethod
     def for_backbone(cls, backbone: Backbone, *, hidden_dim: int, device: torch.device | str) -> AffineGuidance:
         """``build_policy("affine", backbone)``: per image channel of the backbone; ``hidden_dim`` is the size of the

@@ -41,6 +41,18 @@ def test_affine_guidance_rejects_bad_sizes(world, make_observation):
         model(obs["img"], obs["pred"], obs["txt"], obs["vec"], obs["t"], 0)
 
 
+
+def test_affine_guidance_takes_any_token_count(world, make_observation):
+    """A per-token schedule reads no positions, so a non-square token grid (a 32x48 Flux image: 2x3 tokens) is
+    guided as any other; it used to stop on "not a square token grid"."""
+    obs = make_observation(world)
+    model = AffineGuidance(world.channels, world.in_channels, time_dim=16)
+    with torch.no_grad():
+        model.coefficients.bias.fill_(0.5)
+    img, pred = obs["img"][:, :6], obs["pred"][:, :6]  # 6 tokens: not a square
+    out = model(img, pred, obs["txt"], obs["vec"], obs["t"], 0)
+    torch.testing.assert_close(out, model(obs["img"], obs["pred"], obs["txt"], obs["vec"], obs["t"], 0)[:, :6])
+
 def _obs_td(world, make_observation, times):
     from tensordict import TensorDict
 
