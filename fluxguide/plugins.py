@@ -27,7 +27,7 @@ import importlib
 import inspect
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Generic, TypeVar
 
@@ -111,12 +111,36 @@ class Registry(Generic[T]):
     Args:
         kind: what the names stand for, in messages (``"reward"``).
         group: the entry-point group installed packages declare names in (``"fluxguide.rewards"``).
+        builtins: ``() -> [(name, obj), ...]``, the built-ins, registered at the registry's first use rather than
+            at its import: a module that defines a built-in may import the registry's own module (the algorithms'
+            modules import ``AlgorithmSpec`` from theirs), so registering them at import would find it half-done.
     """
 
-    def __init__(self, kind: str, group: str) -> None:
+    def __init__(self, kind: str, group: str,
+                 builtins: Callable[[], Iterable[tuple[str, T]]] | None = None) -> None:
         self.kind, self.group = kind, group
         self._factories: dict[str, T] = {}
+        self._builtins = builtins
         self._warned: set[tuple[str, ...]] = set()  # the collisions warned about
+
+    def _table(self) -> dict[str, T]:
+        """What is registered in code, the built-ins loaded first (once; a failed load is retried next time)."""
+        load, self._builtins = self._builtins, None
+        if load is not None:
+            added: list[str] = []
+            try:
+                for name, obj in load():
+                    key = canonical_name(name)
+                    if key in self._factories:
+                        raise ValueError(f"two built-in {self.kind}s are named {key!r}")
+                    self._factories[key] = obj
+                    added.append(key)
+            except BaseException:
+                for key in added:
+                    del self._factories[key]
+                self._builtins = load
+                raise
+        return self._factories
 
     def register(self, name: str, obj: T | None = None, *, overwrite: bool = False) -> Any:
         """Register ``obj`` under ``name``; without ``obj``, a decorator.
@@ -127,7 +151,7 @@ class Registry(Generic[T]):
         key = canonical_name(name)
 
         def add(value: T) -> T:
-            if key in self._factories and not overwrite:
+            if key in self._table() and not overwrite:
                 raise ValueError(f"a {self.kind} named {key!r} is already registered; pick another name or overwrite=True")
             self._factories[key] = value
             return value
@@ -184,11 +208,11 @@ class Registry(Generic[T]):
 
     def registered(self) -> dict[str, T]:
         """What was registered in code, by name, in registration order (no entry point is loaded)."""
-        return dict(self._factories)
+        return dict(self._table())
 
     def names(self) -> list[str]:
         """Every registered and entry-point name, sorted."""
-        return sorted(set(self._factories) | set(self._entry_points()))
+        return sorted(set(self._table()) | set(self._entry_points()))
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and (is_spec(name) or canonical_name(name) in self.names())
@@ -204,7 +228,7 @@ class Registry(Generic[T]):
             return load_spec(name, kind=self.kind)
         key = canonical_name(name)
         eps = self._entry_points().get(key, [])
-        if key in self._factories:
+        if key in self._table():
             if eps:  # registered in code: a built-in (or the user's own registration) is never replaced
                 builtin_source = f"registered in code ({describe_object(self._factories[key])})"
                 self._warn_once(key, eps, self._shadow_message(key, builtin_source, eps))

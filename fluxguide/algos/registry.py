@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from fluxguide.errors import UserError
 from fluxguide.plugins import PluginError, Registry
@@ -117,54 +117,18 @@ class AlgorithmSpec:
 FIRST: tuple[str, ...] = ("reward_gradient", "ppo", "bc")
 
 
-class AlgorithmRegistry(Registry[AlgorithmSpec]):
-    """The algorithms' :class:`~fluxguide.plugins.Registry`, which registers the built-ins at its first use: the
-    ``SPECS`` of every module of ``fluxguide.algos`` (those of :data:`FIRST` first, then the others by name), so an
-    algorithm in a new module registers itself and no list names it. Not at import: an algorithm module imports
-    this one for :class:`AlgorithmSpec`, and would be found half-imported."""
+def builtin_specs() -> Iterator[tuple[str, AlgorithmSpec]]:
+    """The ``SPECS`` of every module of ``fluxguide.algos`` (those of :data:`FIRST` first, then the others by name):
+    an algorithm in a new module registers itself and no list names it."""
+    import fluxguide.algos as package
 
-    def __init__(self) -> None:
-        super().__init__("algorithm", "fluxguide.algorithms")
-        self._builtins: bool | None = False  # None while loading
-
-    def _load_builtins(self) -> None:
-        if self._builtins is not False:
-            return
-        self._builtins = None
-        try:
-            import fluxguide.algos as package
-
-            found = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
-            for module in [*FIRST, *(m for m in found if m not in FIRST)]:
-                for spec in getattr(importlib.import_module(f"fluxguide.algos.{module}"), "SPECS", ()):
-                    super().register(spec.name, spec)
-        except BaseException:
-            self._builtins = False
-            raise
-        self._builtins = True
-
-    def register(self, name: str, obj: AlgorithmSpec | None = None, *, overwrite: bool = False) -> Any:
-        self._load_builtins()
-        return super().register(name, obj, overwrite=overwrite)
-
-    def registered(self) -> dict[str, AlgorithmSpec]:
-        self._load_builtins()
-        return super().registered()
-
-    def names(self) -> list[str]:
-        self._load_builtins()
-        return super().names()
-
-    def __contains__(self, name: object) -> bool:
-        self._load_builtins()
-        return super().__contains__(name)
-
-    def get(self, name: str) -> AlgorithmSpec:
-        self._load_builtins()
-        return super().get(name)
+    found = sorted(m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_"))
+    for module in [*FIRST, *(m for m in found if m not in FIRST)]:
+        for spec in getattr(importlib.import_module(f"fluxguide.algos.{module}"), "SPECS", ()):
+            yield spec.name, spec
 
 
-ALGORITHMS = AlgorithmRegistry()
+ALGORITHMS: Registry[AlgorithmSpec] = Registry("algorithm", "fluxguide.algorithms", builtins=builtin_specs)
 """Every algorithm by name: the built-ins (each module's ``SPECS``), the ``fluxguide.algorithms`` entry points, or a
 spec."""
 
@@ -210,5 +174,5 @@ def budgets(smoke: Sequence[str], full_updates: int) -> dict[str, tuple[str, ...
     return {"smoke": (*smoke, *SMOKE), "quick": EVAL, "full": full_budget(full_updates)}
 
 
-__all__ = ["ALGORITHMS", "FIRST", "AlgorithmRegistry", "AlgorithmSpec", "AlgorithmSpecError", "PluginError", "Stage",
+__all__ = ["ALGORITHMS", "FIRST", "AlgorithmSpec", "AlgorithmSpecError", "PluginError", "Stage",
            "algorithm_names", "budgets", "full_budget", "get_algorithm", "main_job_algorithms", "register_algorithm"]
