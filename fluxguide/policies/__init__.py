@@ -31,6 +31,7 @@ from fluxguide.policies.conv import ConvGuidanceModel
 from fluxguide.policies.distributions import CoarseNormal, ReducedNormal, SubspaceNormal
 from fluxguide.policies.exploration import Exploration, make_ppo_actor
 from fluxguide.policies.embeddings import grid_position_features, timestep_embedding
+from fluxguide.policies.hub import PolicyCard, load_policy_folder, push_policy_folder, save_policy_folder
 from fluxguide.policies.mlp import MLPGuidanceModel, create_mlp_guidance_model
 from fluxguide.policies.value import GuidanceValueModel, make_value_network
 
@@ -74,3 +75,4 @@ __all__ = [
     "save_guidance_model",
     "timestep_embedding",
 ]
+__all__ += ["PolicyCard", "load_policy_folder", "push_policy_folder", "save_policy_folder"]  # Hub-style folders
