@@ -27,8 +27,6 @@ over base, 90% interval [+1.2, +8.9]: above base"); ``experiments/report.py`` su
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -49,9 +47,11 @@ from fluxguide.algos.registry import (
 )
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
+from fluxguide.harness.curves import save_figure
+from fluxguide.harness.launch import run_scripts
 from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
 from fluxguide.plugins import is_spec
-from fluxguide.serialization import open_for_writing, refuse_links
+from fluxguide.serialization import refuse_links
 
 EXPERIMENTS = Path(__file__).resolve().parent
 
@@ -139,30 +139,13 @@ def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
     return get_algorithm(algorithm).commands(run_dir(cfg, algorithm, seed), common, cfg.budget)
 
 
-def refusal(log: Path) -> str:
-    """The last ``error: ...`` line a script wrote to ``log`` (its refusal of an input), without the prefix."""
-    lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
-    return lines[-1].removeprefix("error: ") if lines else "refused its options"
-
-
 def train(cfg: Config, algorithm: str, seed: int) -> float:
     """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
     spec = get_algorithm(algorithm)
     for folder in (*spec.preparation(out), spec.training_run(out)):  # e.g. BC's dataset and run folders
         refuse_links(folder, root=cfg.out_dir)
-    start = time.perf_counter()
-    with open_for_writing(out / "log.txt", "a", root=cfg.out_dir) as log:  # no link below --out-dir is followed
-        for argv in commands(cfg, algorithm, seed):
-            log.write(f"$ python {' '.join(argv)}\n")
-            log.flush()
-            done = subprocess.run([sys.executable, *argv], check=False, stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
-            if done.returncode == 2:  # the script refused an option or input: its one-line reason is the message
-                raise ConfigError(f"{algorithm} (seed {seed}): {refusal(out / 'log.txt')} (log: {out / 'log.txt'})")
-            if done.returncode:
-                raise SystemExit(f"{algorithm} (seed {seed}) failed with exit code {done.returncode}: see {out / 'log.txt'}")
-    seconds = time.perf_counter() - start
+    seconds = run_scripts(commands(cfg, algorithm, seed), out, root=cfg.out_dir, label=f"{algorithm} (seed {seed})")
     tqdm.write(f"{algorithm:>16} seed {seed}: done in {seconds / 60:.1f} min ({out})")
     return seconds
 
@@ -225,12 +208,7 @@ def plot(cfg: Config) -> Path:
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = cfg.out_dir / "curves.png"
-    with open_for_writing(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, cfg.out_dir / "curves.png")
 
 
 def list_algorithms() -> list[str]:

@@ -12,7 +12,9 @@ interpolated on each run's evaluations; the final training reward next to the ve
 since the start (a training reward that rises while the verifier falls is reward hacking); and the base-model
 calls and seconds per image where an ``evaluation.csv`` (evaluate.py / compare.py) sits in the run folder or
 above it. Below the table: where seeds disagree (final pass rates further apart than ``--disagreement``), where
-the verifier fell while the reward rose, and the reference samplers of those ``evaluation.csv`` files.
+the verifier fell while the reward rose, each run whose trained reward rose on the held-out images while the
+verifier or a reward it was not trained on fell (``eval/rewards/<name>``, beyond two standard errors:
+:func:`fluxguide.harness.monitoring.hacking_signs`), and the reference samplers of those ``evaluation.csv`` files.
 Samples are each run's own count (behaviour cloning's are training pairs; its data collection is not counted) and
 wall time each run's own clock.
 """
@@ -31,6 +33,7 @@ from typing import Any, Literal
 from fluxguide.checkpointing import latest_checkpoint, read_manifest
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int, validate
+from fluxguide.harness.monitoring import Z_SCORE, HackingSigns, hacking_signs
 from fluxguide.harness.tracking import metric_curve, read_metrics
 from fluxguide.serialization import open_for_writing
 
@@ -74,6 +77,7 @@ class RunSummary:
     wall_pass_rates: list[float]
     rewards: list[float]  # training reward per update
     cost: dict[str, str]  # evaluation.csv's row for this algorithm, if any
+    signs: HackingSigns | None = None  # first -> last held-out evaluation: what rose and fell (reward hacking)
 
 
 def find_runs(patterns: tuple[str, ...]) -> list[Path]:
@@ -115,9 +119,11 @@ def read_run(path: Path) -> RunSummary:
     records = read_metrics(path)
     samples, pass_rates = metric_curve(records, PASS)
     timed = [(r[WALL], r[PASS]) for r in records if PASS in r and WALL in r]
+    evals = [r for r in records if PASS in r]
     return RunSummary(path=path, algorithm=algorithm, seed=config.get("seed"), samples=samples,
                       wall=[w for w, _ in timed], pass_rates=pass_rates, wall_pass_rates=[p for _, p in timed],
-                      rewards=metric_curve(records, REWARD)[1], cost=evaluation_row(path, algorithm)[0])
+                      rewards=metric_curve(records, REWARD)[1], cost=evaluation_row(path, algorithm)[0],
+                      signs=hacking_signs(evals[0], evals[-1], config.get("reward")) if len(evals) > 1 else None)
 
 
 def interpolate(xs: list[float], ys: list[float], x: float) -> float:
@@ -229,6 +235,9 @@ def markdown(rows: list[dict[str, Any]], runs: list[RunSummary], cfg: Config) ->
         if change and change["mean"] > 0 and row["pass_rate_change"]["mean"] < -1e-9:  # beyond rounding
             notes.append(f"- {row['algorithm']}: the training reward rose ({change['mean']:+.4f}) while the held-out "
                          f"verifier fell ({row['pass_rate_change']['mean']:+.3f}): reward hacking")
+        for run in (r for r in runs if r.algorithm == row["algorithm"] and r.signs is not None and r.signs.hacked):
+            notes.append(f"- {run.path}: **reward hacking**: on the held-out images the {run.signs} "
+                         f"(first to last evaluation, changes beyond {Z_SCORE:g} standard errors)")
         if row["seeds"] < 3:
             notes.append(f"- {row['algorithm']}: {row['seeds']} seed(s); a claim wants three")
     lines += _fresh_table(rows)

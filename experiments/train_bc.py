@@ -140,6 +140,7 @@ def main(cfg: Config) -> dict[str, float]:
         guidance_scale=opt.guidance_scale, num_grid_prompts=cfg.run.grid_prompts,
         references=run.state.get("references"),
         extra=lambda: {f"eval/bc_{k}": v for k, v in bc.evaluate(probe).items()},
+        monitor=run.monitor(backbone, trained=None),
     ) if distributed.is_main() else None
     run.extra_state["references"] = getattr(evaluator, "references", run.state.get("references"))
     run.evaluate_with(evaluator, policy)

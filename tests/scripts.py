@@ -71,3 +71,10 @@ def collect_small_dataset(out_dir: Path, env: dict[str, str] | None = None) -> P
     subprocess.run([sys.executable, str(ROOT / "experiments" / "collect_data.py"), *SMALL_COLLECTION,
                     "--out-dir", str(out_dir)], env=env, check=True, capture_output=True)
     return out_dir
+
+
+def open_world_eval_metrics(reward: str) -> set[str]:
+    """The held-out metrics of a run on a backbone without a verifier (tiny Flux, Flux): the trained reward (also under
+    its own name, with its standard error) and the image count; no untrained reward, as an open world names none."""
+    return {"eval/reward_mean", "eval/reward_std", "eval/images", f"eval/rewards/{reward}",
+            f"eval/rewards_stderr/{reward}"}

@@ -97,6 +97,8 @@ def test_guide_covers_every_topic() -> None:
         "Plug in a new guidance architecture",
         "Plug in a new backbone",
         "Use the env from another RL library",
+        "Compare rewards and catch reward hacking",
+        "W&B dashboards",
     ]
     assert any(b.lang == "mermaid" for b in BLOCKS)
     for block in BLOCKS:

@@ -7,7 +7,6 @@ straight to :func:`fluxguide.sampling.denoise`, plus ``encode`` (prompts -> cond
 
 from __future__ import annotations
 
-import itertools
 import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
@@ -106,38 +105,6 @@ def check_num_steps(num_steps: object, *, name: str = "num_steps") -> None:
 
 class RewardWorldError(UserError, ValueError):
     """A reward of one world asked to score the images of another backbone (the shapes verifier on Flux)."""
-
-
-class WeightsError(UserError, ValueError):
-    """A base model's weights that cannot be used: corrupt, non-finite, or (:class:`WeightsNotFoundError`) missing."""
-
-
-class WeightsNotFoundError(WeightsError, FileNotFoundError):
-    """A base model's weight file or folder that does not exist."""
-
-
-def check_finite_weights(tensors: Mapping[str, torch.Tensor] | nn.Module, source: str, fix: str = "") -> None:
-    """Raise if any floating-point weight holds NaN or inf, naming ``source`` (a file or component) and the
-    first bad tensors. Run once when a base model is loaded, so broken weights are not later reported as a
-    guidance-model or learning-rate problem. Tensors on the meta device (not yet loaded) are skipped."""
-    items = (
-        itertools.chain(tensors.named_parameters(), tensors.named_buffers())
-        if isinstance(tensors, nn.Module) else tensors.items()
-    )
-    bad: list[str] = []
-    with torch.no_grad():
-        for name, t in items:
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.device.type == "meta":
-                continue
-            if not bool(torch.isfinite(t).all()):
-                n = int((~torch.isfinite(t)).sum())
-                bad.append(f"{name} ({n} of {t.numel()} values)")
-    if bad:
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
-        raise WeightsError(
-            f"the base model's weights in {source} hold NaN/inf values: {', '.join(bad[:5])}{more}. The weights "
-            f"are damaged (or were saved from a diverged run); {fix or 'load an intact copy of them'}"
-        )
 
 
 class Backbone(nn.Module, ABC):
@@ -294,6 +261,13 @@ class Backbone(nn.Module, ABC):
         """The reward this backbone is trained against when none is named: ``"clip"`` (an open_clip CLIP score,
         whose weights the caller names) for open-world backbones; a world names one of its own."""
         return "clip"
+
+    def monitor_rewards(self) -> tuple[str, ...]:
+        """The rewards a training run scores its held-out images with besides the trained one, to show reward
+        hacking (:mod:`fluxguide.harness.monitoring`; ``--monitor-rewards`` replaces them). None for open-world
+        backbones: each is a model to load, named by the user (e.g. ``--monitor-rewards clip aesthetic`` with their
+        weights); a world names its own."""
+        return ()
 
     def reward_kwargs(self, name: str) -> dict[str, Any]:
         """What this backbone gives the reward ``name``, among the options its factory declares by name (read from

@@ -38,13 +38,13 @@ from transformers import (
 from fluxguide.backbones.base import (
     Backbone,
     Conditioning,
-    check_finite_weights,
     check_num_steps,
     per_sample,
     prompts_to_encode,
 )
 from fluxguide.backbones.bfl import diffusers_flux_velocity
 from fluxguide.backbones.flux_source import resolve_pipeline_source
+from fluxguide.backbones.weights import check_finite_weights
 from fluxguide.sampling.packing import pack, unpack
 from fluxguide.sampling.schedule import get_lin_function, time_shift
 

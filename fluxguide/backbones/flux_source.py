@@ -10,7 +10,7 @@ from typing import Any
 
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from fluxguide.backbones.base import WeightsNotFoundError
+from fluxguide.backbones.weights import WeightsNotFoundError
 
 #: The subfolders of a diffusers FluxPipeline folder that :meth:`FluxBackbone.from_pretrained` needs
 #: (``scheduler/`` is optional: without it Flux-dev's schedule is used).

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
@@ -30,7 +29,15 @@ from typing import Annotated, Any, Literal, TypeVar
 import torch
 import tyro
 
-from fluxguide.errors import UserError
+from fluxguide.harness.checks import (  # importable from here too
+    ConfigError,
+    check_device,
+    check_float,
+    check_int,
+    check_no_duplicates,
+    check_writable_dir,
+    flag,
+)
 
 T = TypeVar("T")
 #: A nested config group whose flags carry no prefix (``--seed``, not ``--run.seed``).
@@ -38,81 +45,6 @@ Flat = Annotated[T, tyro.conf.OmitArgPrefixes]
 
 
 # --------------------------------------------------------------------------------------------- validation
-class ConfigError(UserError, ValueError):
-    """A bad option value, found at start before anything is loaded; the message names the flag, the value and
-    the fix."""
-
-
-def flag(name: str) -> str:
-    """The command-line flag of config field ``name`` (``batch_size`` -> ``--batch-size``)."""
-    return "--" + name.replace("_", "-")
-
-
-def check_int(name: str, value: Any, *, minimum: int = 1, optional: bool = False) -> None:
-    """``value`` is an integer >= ``minimum`` (or ``None`` if ``optional``)."""
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ConfigError(f"{flag(name)} {value!r}: must be {what}" + (" (or left out)" if optional else ""))
-
-
-def check_float(name: str, value: Any, *, minimum: float = 0.0, strict: bool = True, maximum: float | None = None,
-                optional: bool = False) -> None:
-    """``value`` is a finite number > ``minimum`` (>= if not ``strict``; <= ``maximum``), or ``None`` if ``optional``."""
-    if value is None and optional:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
-        value > minimum if strict else value >= minimum) and (maximum is None or value <= maximum)
-    if not ok:
-        bound = f"{'>' if strict else '>='} {minimum:g}" + (f" and <= {maximum:g}" if maximum is not None else "")
-        raise ConfigError(f"{flag(name)} {value!r}: must be a finite number {bound}"
-                          + (" (or left out)" if optional else ""))
-
-
-def check_no_duplicates(name: str, values: Iterable[Any]) -> None:
-    """``values`` holds no value twice (nothing is de-duplicated silently)."""
-    values = list(values)
-    dupes = sorted({str(v) for v in values if values.count(v) > 1})
-    if dupes:
-        raise ConfigError(f"{flag(name)} lists {', '.join(dupes)} more than once: list each once")
-
-
-def check_device(name: str, device: str) -> None:
-    """``device`` is a torch device this machine has (checked before any model is loaded)."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError) as e:
-        raise ConfigError(f"{flag(name)} {device!r} is not a torch device ({e}): use 'cpu' or 'cuda'") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"{flag(name)} {device}: this machine has no usable CUDA GPU "
-                              "(torch.cuda.is_available() is False): use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ConfigError(f"{flag(name)} {device}: this machine has {torch.cuda.device_count()} GPU(s), "
-                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"{flag(name)} {device}: MPS is not available on this machine: use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"{flag(name)} {device}: unsupported device type {dev.type!r}: use 'cpu' or 'cuda'")
-
-
-def check_writable_dir(name: str, path: Path) -> None:
-    """``path`` is (or can be created as) a folder this process can write to: created, and a probe file written
-    and removed, so an unwritable output folder is found before any work is done."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag(name)} {path}: exists and is not a folder: choose a folder path")
-    probe = path / f".write-probe-{uuid.uuid4().hex[:8]}"
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{flag(name)} {path}: cannot write there ({e.strerror or e}): choose a writable folder")\
-            from None
-
-
 def validate(config: Any) -> None:
     """Call ``validate()`` on ``config`` and on every nested config group that has one (each check written once)."""
     if not is_dataclass(config):
@@ -160,6 +92,10 @@ class RunConfig:
     """samples per held-out prompt in each evaluation (same noise every time: paired comparisons)"""
     grid_prompts: int = 8
     """held-out prompts shown in each sample grid"""
+    monitor_rewards: tuple[str, ...] | None = None
+    """rewards the policy is not trained on, scored at each held-out evaluation as eval/rewards/<name> next to the
+    trained one, to show reward hacking (fluxguide.harness.monitoring): default the backbone's (the shapes world:
+    all its rewards); --monitor-rewards with no name scores none"""
     wandb_project: str = "fluxguide"
     """W&B project"""
     wandb_group: str = "fluxguide"
@@ -185,6 +121,8 @@ class RunConfig:
         check_int("eval_num_prompts", self.eval_num_prompts, optional=True)
         check_int("eval_samples_per_prompt", self.eval_samples_per_prompt)
         check_int("grid_prompts", self.grid_prompts, minimum=0)
+        if self.monitor_rewards:
+            check_no_duplicates("monitor_rewards", self.monitor_rewards)
         try:
             resolve_wandb_mode(self.wandb_mode)
         except ValueError as e:
@@ -401,6 +339,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "eval_every": "the cadence of evaluations, not what they measure",
     "checkpoint_every": "the cadence of checkpoints",
     "grid_prompts": "how many evaluation prompts the sample grids show, not what is measured",
+    "monitor_rewards": "which untrained rewards the evaluations also score, not what is trained",
     "device": "where the run computes (another GPU, or the same run moved to another machine)",
     "threads": "how many CPU threads compute it",
     "wandb_project": "where the metrics are sent",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,11 +51,17 @@ def plot_curves(
         ax.grid(alpha=0.3)
         if ax.get_lines():
             ax.legend()
-    fig.tight_layout()
-    out = Path(path) if path is not None else run_dir / "curves.png"
+    return save_figure(fig, Path(path) if path is not None else run_dir / "curves.png")
+
+
+def save_figure(fig: Any, path: Path, *, dpi: int = 110) -> Path:
+    """Lay out a matplotlib figure, write it to ``path`` as a PNG (never through a link) and close it."""
+    import matplotlib.pyplot as plt
+
     try:
-        with open_for_writing(out, "wb") as f:
-            fig.savefig(f, format="png", dpi=110)
+        fig.tight_layout()
+        with open_for_writing(path, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
     finally:
         plt.close(fig)
-    return out
+    return path

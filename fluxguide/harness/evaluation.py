@@ -19,8 +19,9 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone, sample_prompts
+from fluxguide.harness.monitoring import IMAGES, RewardMonitor, reward_metrics
 from fluxguide.harness.statistics import bootstrap_interval, paired_bootstrap_interval
-from fluxguide.rewards.base import call_reward
+from fluxguide.rewards.base import REGISTRY_NAME_ATTR, call_reward
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
 from fluxguide.serialization import open_for_writing
 
@@ -53,6 +54,7 @@ def evaluate_guidance(
     num_steps: int | None = None,
     cfg_scale: float = 1.0,
     batch_size: int = 64,
+    monitor: RewardMonitor | None = None,
 ) -> tuple[dict[str, float], torch.Tensor]:
     """Sample ``prompts`` with the guided sampler and score them.
 
@@ -64,10 +66,13 @@ def evaluate_guidance(
         seed: the noise seed (offset by :data:`EVAL_SEED_OFFSET`).
         guidance_scale, num_steps, cfg_scale: sampler settings.
         batch_size: images per sampler call.
+        monitor: rewards the policy is not trained on, scored on the same images (reward-hacking diagnostics).
 
     Returns:
-        ``eval/reward_mean``, ``eval/reward_std`` and, when the backbone has a verifier, ``eval/verifier_pass_rate`` and
-        ``eval/verifier_<attribute>``; and the images ``(len(prompts) * samples_per_prompt, 3, H, W)``
+        ``eval/reward_mean``, ``eval/reward_std``, ``eval/images``, the trained reward again as
+        ``eval/rewards/<its registry name>`` with the monitored ones and their standard errors
+        (:func:`~fluxguide.harness.monitoring.reward_metrics`) and, when the backbone has a verifier,
+        ``eval/verifier_pass_rate`` and ``eval/verifier_<attribute>``; and the images ``(len(prompts) * samples_per_prompt, 3, H, W)``
         (prompt-major).
     """
     was_training = isinstance(policy, nn.Module) and policy.training
@@ -83,7 +88,12 @@ def evaluate_guidance(
             policy.train()
     rewards = _score(reward, backbone, images, all_prompts, batch_size)
     metrics = {"eval/reward_mean": float(rewards.mean()),
-               "eval/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0}
+               "eval/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0, IMAGES: len(rewards)}
+    trained = getattr(reward, REGISTRY_NAME_ATTR, None)
+    if isinstance(trained, str) and trained:  # under its name too: every run of a reward study has the same curves
+        metrics.update(reward_metrics(trained, rewards))
+    if monitor is not None:
+        metrics.update(monitor(images, all_prompts))
     if backbone.verifier is not None:
         result = backbone.verifier(images, all_prompts)
         metrics["eval/verifier_pass_rate"] = result.accuracy
@@ -285,8 +295,10 @@ class HeldoutEvaluator:
         seed: int = 0,
         guidance_scale: GuidanceScale = 1.0,
         num_steps: int | None = None,
+        monitor: RewardMonitor | None = None,
     ) -> None:
         self.backbone, self.reward, self.prompts, self.run_dir = backbone, reward, list(prompts), Path(run_dir)
+        self.monitor = monitor
         self.samples_per_prompt, self.seed = samples_per_prompt, seed
         self.guidance_scale, self.num_steps = guidance_scale, num_steps
         n = len(self.prompts)
@@ -299,7 +311,8 @@ class HeldoutEvaluator:
 
         metrics, images = evaluate_guidance(self.backbone, self.reward, policy, self.prompts, seed=self.seed,
                                             samples_per_prompt=self.samples_per_prompt,
-                                            guidance_scale=self.guidance_scale, num_steps=self.num_steps)
+                                            guidance_scale=self.guidance_scale, num_steps=self.num_steps,
+                                            monitor=self.monitor)
         tracker.log(metrics, samples_seen)
         index = {p: i * self.samples_per_prompt for i, p in enumerate(self.prompts)}
         columns = {"untrained": self.base_grid,
@@ -338,15 +351,16 @@ class ReferenceEvaluator:
     call logs ``eval/verifier_pass_rate``, ``eval/verifier_<attribute>``, ``eval/verifier_attribute_mean``, the
     references ``eval/{base,cfg}_{pass_rate,attribute_mean}``, the fraction of CFG's gain over the base
     sampler the policy recovers ``eval/cfg_gain_recovered`` (and ``eval/cfg_attribute_gain_recovered``), plus
-    ``extra()``'s metrics, and a sample grid (base | CFG | trained; a resumed run has the references' figures,
+    ``extra()``'s metrics, ``monitor``'s rewards (:mod:`fluxguide.harness.monitoring`), and a sample grid (base | CFG | trained; a resumed run has the references' figures,
     not their images, so its grids show the policy only).
     """
 
     def __init__(self, backbone: Backbone, prompts: list[str], run_dir: str | Path, *, cfg_scale: float,
                  samples_per_prompt: int = 4, seed: int = 0, num_steps: int | None = None,
                  guidance_scale: GuidanceScale = 1.0, num_grid_prompts: int = 8,
-                 references: dict[str, float] | None = None, extra: Any = None) -> None:
-        self.backbone, self.prompts, self.run_dir = backbone, list(prompts), Path(run_dir)
+                 references: dict[str, float] | None = None, extra: Any = None,
+                 monitor: RewardMonitor | None = None) -> None:
+        self.backbone, self.prompts, self.run_dir, self.monitor = backbone, list(prompts), Path(run_dir), monitor
         self.sampling = {"samples_per_prompt": samples_per_prompt, "seed": seed, "num_steps": num_steps}
         self.cfg_scale, self.guidance_scale, self.extra = cfg_scale, guidance_scale, extra
         n = len(self.prompts)
@@ -374,6 +388,10 @@ class ReferenceEvaluator:
         metrics, images = verifier_scores(self.backbone, self.prompts, guidance_model=policy,
                                           guidance_scale=self.guidance_scale, **self.sampling)
         out = {f"eval/verifier_{k}": v for k, v in metrics.items()}
+        out[IMAGES] = len(images)
+        if self.monitor is not None:
+            n = self.sampling["samples_per_prompt"]
+            out.update(self.monitor(images, [p for p in self.prompts for _ in range(n)]))
         out.update({"eval/base_pass_rate": ref["base"], "eval/cfg_pass_rate": ref["cfg"],
                     "eval/base_attribute_mean": ref["base_attributes"],
                     "eval/cfg_attribute_mean": ref["cfg_attributes"]})

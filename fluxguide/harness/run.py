@@ -49,9 +49,11 @@ from fluxguide.checkpointing import (
 )
 from fluxguide.errors import UserError
 from fluxguide.harness.config import RunConfig, check_resume_config, flat_config, validate
+from fluxguide.harness.monitoring import RewardMonitor
 from fluxguide.harness.tracking import METRICS_FILE, TRACKING_FILE, Tracker
 from fluxguide.locking import FolderLock
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
+from fluxguide.rewards.base import REGISTRY_NAME_ATTR
 from fluxguide.serialization import refuse_links
 
 #: The eval metric shown next to the training metrics in the progress bar.
@@ -175,14 +177,25 @@ class Run:
 
     def evaluate_heldout(self, backbone: nn.Module, reward: nn.Module, policy: Any, *, guidance_scale: float,
                          num_steps: int | None) -> None:
-        """Evaluate ``policy`` with a :class:`HeldoutEvaluator` on the run's held-out prompts (built on rank 0)."""
+        """Evaluate ``policy`` with a :class:`HeldoutEvaluator` on the run's held-out prompts (built on rank 0),
+        with the rewards it is not trained on (:meth:`monitor`)."""
         from fluxguide.harness.evaluation import HeldoutEvaluator
 
         cfg = self.cfg
         self.evaluate_with(HeldoutEvaluator(
             backbone, reward, cfg.heldout_prompts(), cfg.run_dir, num_grid_prompts=cfg.grid_prompts,
             samples_per_prompt=cfg.eval_samples_per_prompt, seed=cfg.seed, guidance_scale=guidance_scale,
-            num_steps=num_steps) if distributed.is_main() else None, policy)
+            num_steps=num_steps, monitor=self.monitor(backbone, trained=getattr(reward, REGISTRY_NAME_ATTR, None)))
+            if distributed.is_main() else None, policy)
+
+    def monitor(self, backbone: nn.Module, *, trained: str | None) -> RewardMonitor:
+        """The untrained rewards every held-out evaluation scores (``--monitor-rewards``, default the backbone's),
+        ``trained`` (the trained reward's name; ``None`` for behaviour cloning) left out."""
+        monitor = RewardMonitor.build(backbone, self.cfg.monitor_rewards, trained=trained, seed=self.cfg.seed)
+        if monitor.names and distributed.is_main():
+            print(f"held-out evaluations also score the untrained rewards {', '.join(monitor.names)} "
+                  "(reward-hacking diagnostics: eval/rewards/<name>)")
+        return monitor
 
     def evaluate(self) -> dict[str, float]:
         """Run the evaluation now (``{}`` on ranks without an evaluator); remembered as :attr:`last_eval`."""

@@ -16,6 +16,8 @@ Built-in names:
 - ``"callable"``: :class:`CallableReward` (``fn=``, ``differentiable=``).
 - ``"verifier-attributes"``: a world's verifier (``verify=``, which a backbone with a verifier gives) as the mean of
   its attribute scores, a graded non-differentiable reward.
+- ``"brightness"``: :class:`MeanBrightness`, the mean pixel value: a reward any policy can raise without drawing
+  the prompt (the probe of the reward-hacking diagnostics, :mod:`fluxguide.harness.monitoring`).
 - ``"tiny-random-clip"``: a CLIP score over a tiny random open_clip (:data:`TINY_CLIP_CFG`) drawn from ``seed=``,
   the only reward of the ``"tiny-flux"`` backbone (there is no trained reward model for random images).
 
@@ -41,6 +43,7 @@ from torch import nn
 from fluxguide.plugins import Registry, build_plugin, canonical_name
 from fluxguide.rewards.aesthetic import AestheticPredictor, AestheticReward
 from fluxguide.rewards.base import REGISTRY_NAME_ATTR
+from fluxguide.rewards.brightness import MeanBrightness
 from fluxguide.rewards.callable_reward import CallableReward
 from fluxguide.rewards.clip_score import CLIPScore
 from fluxguide.rewards.composite import WeightedSum
@@ -179,6 +182,7 @@ def _make_aesthetic(
 
 
 register_reward("callable")(CallableReward)
+register_reward("brightness")(MeanBrightness)
 
 
 @register_reward("verifier-attributes")

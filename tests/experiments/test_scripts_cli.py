@@ -10,7 +10,9 @@ import pytest
 import tyro
 
 from fluxguide.algos.registry import algorithm_names
+from fluxguide.checkpointing import latest_checkpoint, read_manifest
 from fluxguide.errors import UserError
+from fluxguide.harness.monitoring import monitored_names
 from fluxguide.harness.tracking import read_metrics
 from tests.experiments import leaf_fields
 from tests.scripts import ROOT, load_script
@@ -87,6 +89,17 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
         assert list((run / "wandb").glob("offline-run-*")), algorithm
     assert (out / "runs" / "bc" / "seed0" / "train" / "guidance.safetensors").is_file()
     assert list((out / "wandb_compare" / "wandb").glob("offline-run-*"))
+    # reward-hacking diagnostics: every run of every algorithm scores at least two rewards it is not trained on at
+    # each held-out evaluation (the shapes world monitors its four rewards; the trained one is logged too)
+    for run in [out / "runs" / a / "seed0" for a in algorithm_names()]:
+        run = run / "train" if (run / "train").is_dir() else run
+        trained = read_manifest(latest_checkpoint(run))["state"]["config"].get("reward")
+        evals = [r for r in read_metrics(run) if "eval/verifier_pass_rate" in r]
+        assert evals, run
+        for record in evals:
+            untrained = set(monitored_names(record)) - {trained}
+            assert len(untrained) >= 2, (run, record)
+            assert all(f"eval/rewards_stderr/{name}" in record for name in untrained)
 
 
 def test_evaluate_rejects_a_missing_policy(tmp_path) -> None:

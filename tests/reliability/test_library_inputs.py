@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from fluxguide.backbones.base import check_finite_weights
+from fluxguide.backbones.weights import check_finite_weights
 from fluxguide.envs import GuidanceCore, resolve_prompts
 from fluxguide.policies import create_mlp_guidance_model, load_guidance_model, save_guidance_model
 from fluxguide.policies.checkpoint import CONFIG_METADATA_KEY

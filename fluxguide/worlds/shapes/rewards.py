@@ -1,5 +1,5 @@
 """Rewards of the shapes world (docs/design.md, "The shapes world"): its tiny CLIP score, its aesthetic
-head and its exact verifier.
+head, their sum and its exact verifier.
 
 Each declares the world it scores (:func:`fluxguide.rewards.registry.world_reward`), so another backbone refuses
 them and the shapes world hands them itself as ``world=`` (``Backbone.reward_kwargs``): one loaded world shared
@@ -16,6 +16,7 @@ import torch
 from fluxguide.rewards import verifier
 from fluxguide.rewards.aesthetic import LAION_DROPOUTS, AestheticPredictor, AestheticReward
 from fluxguide.rewards.clip_score import CLIPCaptionLogProb, CLIPScore
+from fluxguide.rewards.composite import WeightedSum
 from fluxguide.rewards.registry import world_reward
 
 WORLD_NAME = "shapes"
@@ -107,3 +108,13 @@ def verifier_partial(
 ) -> VerifierReward:
     """The verifier with partial credit for the attributes it gets right (a denser reward for PPO)."""
     return VerifierReward(verify, partial_credit=partial_credit)
+
+
+@world_reward(WORLD_NAME)
+def shapes_composite(world: Any = None, *, device: torch.device | str = "cpu", clip_weight: float = 1.0,
+                     aesthetic_weight: float = 1.0) -> WeightedSum:
+    """A composite reward: the tiny CLIP score plus the aesthetic head (both near 0.85 on the base sampler's
+    images, so equal weights weigh them alike), the multi-objective reward of the reward study."""
+    world = load_shapes_world(world, device)
+    return WeightedSum({"clip": (shapes_clip_score(world), clip_weight),
+                        "aesthetic": (shapes_aesthetic(world), aesthetic_weight)})

@@ -18,15 +18,9 @@ from diffusers import FluxTransformer2DModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from fluxguide.backbones.base import (
-    Backbone,
-    Conditioning,
-    WeightsError,
-    WeightsNotFoundError,
-    check_finite_weights,
-    straight_through_clamp,
-)
+from fluxguide.backbones.base import Backbone, Conditioning, straight_through_clamp
 from fluxguide.backbones.bfl import diffusers_flux_velocity
+from fluxguide.backbones.weights import WeightsError, WeightsNotFoundError, check_finite_weights
 from fluxguide.sampling.packing import make_img_ids, make_txt_ids, pack, unpack
 from fluxguide.worlds.shapes.clip import create_shapes_clip, encode_text_tokens, shapes_tokenizer
 from fluxguide.worlds.shapes.rewards import WORLD_NAME
@@ -193,6 +187,11 @@ class ShapesWorld(Backbone):
     def default_reward(self) -> str:
         """The tiny CLIP's text-image similarity (``"shapes-clip"``), which gets this world's loaded CLIP."""
         return "shapes-clip"
+
+    def monitor_rewards(self) -> tuple[str, ...]:
+        """Every reward of this world (they share its loaded tiny CLIP, so scoring with them costs little): a run
+        trained on one logs the other three at each held-out evaluation."""
+        return ("shapes-clip", "shapes-clip-retrieval", "shapes-aesthetic", "verifier-partial")
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] -> clean latents ``x0`` (the inverse of :meth:`decode`)."""
