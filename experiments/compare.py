@@ -9,7 +9,8 @@ The algorithms are those of the registry (``fluxguide.algos.registry``: ``--algo
 main job trains reward gradient, PPO and behaviour cloning, ``--budget smoke`` every one, and an installed
 package's or a spec ``pkg.module:SPEC`` runs the same way). For each algorithm and seed it runs the algorithm's
 own scripts (``train_reward_gradient.py``; ``collect_data.py`` + ``train_bc.py`` for CFG-distillation behaviour
-cloning; ...) as subprocesses with their default recipe (the shapes preset), the budget's options and
+cloning; those two then ``train_reward_gradient.py --preset shapes-distilled`` for ``reward-gradient-distilled``;
+...; :func:`fluxguide.harness.launch.run_algorithm`, which skips the stages that finished before) as subprocesses with their default recipe (the shapes preset), the budget's options and
 ``--run-dir <out_dir>/runs/<algorithm>/seed<k>``, ``--parallel`` at a time. Each run logs its own W&B run
 (offline unless ``--wandb-mode online``) in group ``<algorithm>``, so they overlay in one W&B workspace against
 ``charts/samples_seen``. Then it writes, in ``--out-dir``:
@@ -48,7 +49,7 @@ from fluxguide.algos.registry import (
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
 from fluxguide.harness.curves import save_figure
-from fluxguide.harness.launch import run_scripts
+from fluxguide.harness.launch import run_algorithm
 from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
 from fluxguide.plugins import is_spec
 from fluxguide.serialization import refuse_links
@@ -132,20 +133,22 @@ def run_dir(cfg: Config, algorithm: str, seed: int) -> Path:
     return cfg.out_dir / "runs" / algorithm / f"seed{seed}"
 
 
-def commands(cfg: Config, algorithm: str, seed: int) -> list[list[str]]:
-    """The script invocations of one run (BC: collect, then train), from the algorithm's registry entry."""
+def common_args(cfg: Config, seed: int) -> list[str]:
+    """The options every stage of every run gets: its seed, one thread, the W&B mode, the weights."""
     common = ["--seed", str(seed), "--threads", "1"] + (["--wandb-mode", cfg.wandb_mode] if cfg.wandb_mode else [])
-    common += ["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else []
-    return get_algorithm(algorithm).commands(run_dir(cfg, algorithm, seed), common, cfg.budget)
+    return common + (["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else [])
 
 
 def train(cfg: Config, algorithm: str, seed: int) -> float:
-    """Run one algorithm's scripts; returns the wall seconds. Output goes to ``<run>/log.txt``."""
+    """Run one algorithm's scripts (the stages that did not finish before); returns the wall seconds. Output goes to
+    ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
     spec = get_algorithm(algorithm)
     for folder in (*spec.preparation(out), spec.training_run(out)):  # e.g. BC's dataset and run folders
         refuse_links(folder, root=cfg.out_dir)
-    seconds = run_scripts(commands(cfg, algorithm, seed), out, root=cfg.out_dir, label=f"{algorithm} (seed {seed})")
+    start = time.perf_counter()
+    run_algorithm(spec, out, budget=cfg.budget, args=common_args(cfg, seed), root=cfg.out_dir, progress=False)
+    seconds = time.perf_counter() - start
     tqdm.write(f"{algorithm:>16} seed {seed}: done in {seconds / 60:.1f} min ({out})")
     return seconds
 

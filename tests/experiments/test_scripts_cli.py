@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import tyro
 
-from fluxguide.algos.registry import algorithm_names
+from fluxguide.algos.registry import algorithm_names, get_algorithm
 from fluxguide.checkpointing import latest_checkpoint, read_manifest
 from fluxguide.errors import UserError
 from fluxguide.harness.monitoring import monitored_names
@@ -91,8 +91,7 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
     assert list((out / "wandb_compare" / "wandb").glob("offline-run-*"))
     # reward-hacking diagnostics: every run of every algorithm scores at least two rewards it is not trained on at
     # each held-out evaluation (the shapes world monitors its four rewards; the trained one is logged too)
-    for run in [out / "runs" / a / "seed0" for a in algorithm_names()]:
-        run = run / "train" if (run / "train").is_dir() else run
+    for run in [get_algorithm(a).training_run(out / "runs" / a / "seed0") for a in algorithm_names()]:
         trained = read_manifest(latest_checkpoint(run))["state"]["config"].get("reward")
         evals = [r for r in read_metrics(run) if "eval/verifier_pass_rate" in r]
         assert evals, run
@@ -146,7 +145,7 @@ def test_every_compare_budget_parses_under_its_scripts(budget: str) -> None:
     compare = load_script(ROOT / "experiments" / "compare.py")
     cfg = compare.Config(budget=budget)
     for algorithm in algorithm_names():
-        for argv in compare.commands(cfg, algorithm, seed=0):
+        for argv in get_algorithm(algorithm).commands(Path("run"), compare.common_args(cfg, seed=0), budget):
             script, args, default = load_script(Path(argv[0])), argv[1:], None
             if "--preset" in args:  # a preset sets the defaults the other flags override (harness.cli)
                 at = args.index("--preset")
