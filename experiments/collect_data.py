@@ -51,6 +51,7 @@ from fluxguide.harness.config import (
 )
 from fluxguide.harness.evaluation import recommended_cfg_scale
 from fluxguide.harness.presets import FLUX_DEV_REWARD, FLUX_DEV_STEPS, flux_dev_model
+from fluxguide.harness.progress import write_progress
 from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
 from fluxguide.locking import FolderLock
 from fluxguide.policies import load_guidance_model
@@ -275,6 +276,7 @@ def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDat
         if REWARD in chunk.episodes and chunk.num_episodes:
             metrics["train/kept_reward_mean"] = float(chunk.episodes[REWARD].mean())
         tracker.log(metrics, sampled)
+        write_progress(metrics_dir, stage="collect", done=batch_index + 1, total=len(batches), unit="batches")
         bar.set_postfix(episodes=dataset.num_episodes)
     tracker.finish()
     lock.release()

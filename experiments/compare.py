@@ -50,6 +50,7 @@ from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_int, check_no_duplicates, check_writable_dir, validate
 from fluxguide.harness.curves import save_figure
 from fluxguide.harness.launch import run_algorithm
+from fluxguide.harness.progress import LaneDisplay
 from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
 from fluxguide.plugins import is_spec
 from fluxguide.serialization import refuse_links
@@ -139,15 +140,18 @@ def common_args(cfg: Config, seed: int) -> list[str]:
     return common + (["--weights-dir", str(cfg.weights_dir)] if cfg.weights_dir else [])
 
 
-def train(cfg: Config, algorithm: str, seed: int) -> float:
-    """Run one algorithm's scripts (the stages that did not finish before); returns the wall seconds. Output goes to
-    ``<run>/log.txt``."""
+def train(cfg: Config, algorithm: str, seed: int, lanes: LaneDisplay | None = None) -> float:
+    """Run one algorithm's scripts (the stages that did not finish before), shown in ``lanes``; returns the wall
+    seconds. Output goes to ``<run>/log.txt``."""
     out = run_dir(cfg, algorithm, seed)
     spec = get_algorithm(algorithm)
-    for folder in (*spec.preparation(out), spec.training_run(out)):  # e.g. BC's dataset and run folders
+    folders = (*spec.preparation(out), spec.training_run(out))  # e.g. BC's dataset and run folders
+    for folder in folders:
         refuse_links(folder, root=cfg.out_dir)
     start = time.perf_counter()
-    run_algorithm(spec, out, budget=cfg.budget, args=common_args(cfg, seed), root=cfg.out_dir, progress=False)
+    (lanes or LaneDisplay(0, disable=True)).run(f"{algorithm} seed {seed}", folders, lambda: run_algorithm(
+        spec, out, budget=cfg.budget, args=common_args(cfg, seed), root=cfg.out_dir, progress=False,
+        label=f"{algorithm} (seed {seed})"))
     seconds = time.perf_counter() - start
     tqdm.write(f"{algorithm:>16} seed {seed}: done in {seconds / 60:.1f} min ({out})")
     return seconds
@@ -236,9 +240,9 @@ def main(cfg: Config) -> list[dict]:
                       key=lambda job: len(get_algorithm(job[0]).stages) == 1)
         print(f"training {len(jobs)} runs, {cfg.parallel} at a time; each run's output goes to its log.txt under "
               f"{cfg.out_dir / 'runs'}", flush=True)
-        with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, \
-                tqdm(total=len(jobs), desc="training runs", unit="run") as bar:
-            for future in as_completed([pool.submit(train, cfg, *job) for job in jobs]):
+        with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, LaneDisplay(cfg.parallel) as lanes, \
+                tqdm(total=len(jobs), desc="training runs", unit="run", position=0) as bar:
+            for future in as_completed([pool.submit(train, cfg, *job, lanes) for job in jobs]):
                 future.result()
                 bar.update()
     curves = plot(cfg)

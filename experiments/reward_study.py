@@ -19,8 +19,8 @@ by every reward and the exact verifier. The study writes in ``--out-dir``:
   seeds with a paired-bootstrap 90% interval (prompts of every seed resampled), and a verdict per reward
   (improves the verifier; hacked: its own score rose while the verifier or another reward fell beyond their
   intervals);
-- ``curves.png``: per reward, each run's trained reward on the held-out images against the held-out verifier,
-  against samples seen;
+- ``curves.png``: per reward, each run's trained reward (on the held-out images and on its training batches) next
+  to the held-out verifier, against samples seen;
 - ``samples.png``: the same held-out prompts sampled by the base sampler, CFG and each reward's policy (seed 0);
 - ``wandb_report.md`` (offline: the W&B report's description) or the report's URL (online).
 """
@@ -50,8 +50,9 @@ from fluxguide.harness.evaluation import EVAL_SEED_OFFSET, recommended_cfg_scale
 from fluxguide.harness.grids import save_prompt_grid
 from fluxguide.harness.launch import run_scripts
 from fluxguide.harness.monitoring import hacking_signs
+from fluxguide.harness.progress import LaneDisplay
 from fluxguide.harness.statistics import paired_bootstrap_interval
-from fluxguide.harness.tracking import Tracker, read_metrics, resolve_wandb_mode
+from fluxguide.harness.tracking import Tracker, metric_curve, read_metrics, resolve_wandb_mode
 from fluxguide.policies import load_guidance_model
 from fluxguide.rewards.base import call_reward
 from fluxguide.serialization import open_for_writing, refuse_links
@@ -70,6 +71,8 @@ VERIFIER = "verifier pass rate"
 #: caption log-probability at a target of -0.1 (AlignProp), a value that would stop any other reward's gradient, so
 #: the study trains every reward without a target.
 SAME_FOR_EVERY_REWARD = {"reward-gradient": ("--reward-target", "None")}
+#: The training reward's running mean in the curves, in updates.
+SMOOTH = 8
 #: The held-out evaluation of each run during training: 30 prompts x 4 images, four times per run.
 RUN_EVAL = ("--eval-num-prompts", "30", "--eval-samples-per-prompt", "4")
 
@@ -177,12 +180,14 @@ def train_all(cfg: Config, algorithms: dict[str, str]) -> None:
           f"at a time; each run's output goes to its log.txt under {cfg.out_dir / 'runs'}", flush=True)
 
     def train(reward: str, seed: int) -> None:
-        algorithm = algorithms[reward]
-        seconds = run_scripts([command(cfg, reward, algorithm, seed, batch[algorithm])], run_dir(cfg, reward, seed),
-                              root=cfg.out_dir, label=f"{reward} (seed {seed})")
+        algorithm, folder = algorithms[reward], run_dir(cfg, reward, seed)
+        seconds = lanes.run(f"{reward} seed {seed}", [folder], lambda: run_scripts(
+            [command(cfg, reward, algorithm, seed, batch[algorithm])], folder, root=cfg.out_dir,
+            label=f"{reward} (seed {seed})"))
         tqdm.write(f"{reward:>22} seed {seed} ({algorithm}): done in {seconds / 60:.1f} min")
 
-    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, tqdm(total=len(jobs), desc="training runs") as bar:
+    with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, LaneDisplay(cfg.parallel) as lanes, \
+            tqdm(total=len(jobs), desc="training runs", position=0) as bar:
         for future in as_completed([pool.submit(train, *job) for job in jobs]):
             future.result()
             bar.update()
@@ -315,8 +320,9 @@ def main(cfg: Config) -> list[dict]:
 
 
 def plot_curves(cfg: Config) -> Path:
-    """curves.png: per reward, each run's trained reward on the held-out images (right axis, dashed) and the
-    held-out verifier's pass rate (left axis), against samples seen."""
+    """curves.png: per reward, each run's trained reward on the held-out images (right axis, dashed) and on its
+    training batches (dotted, a running mean of :data:`SMOOTH` updates) next to the held-out verifier's pass rate
+    (left axis), against samples seen."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -326,15 +332,20 @@ def plot_curves(cfg: Config) -> Path:
     for ax, reward in zip(axes[0], cfg.rewards):
         twin = ax.twinx()
         for seed in cfg.seeds:
-            evals = [r for r in read_metrics(run_dir(cfg, reward, seed)) if "eval/verifier_pass_rate" in r]
+            records = read_metrics(run_dir(cfg, reward, seed))
+            evals = [r for r in records if "eval/verifier_pass_rate" in r]
             x = [r["charts/samples_seen"] for r in evals]
             line = ax.plot(x, [r["eval/verifier_pass_rate"] for r in evals], marker=".", label=f"seed {seed}")[0]
             twin.plot(x, [r.get(f"eval/rewards/{reward}", float("nan")) for r in evals], linestyle="--",
                       color=line.get_color())
+            train_x, train_y = metric_curve(records, "train/reward_mean")
+            if len(train_y) >= SMOOTH:  # the per-update training reward, a running mean (it is noisy)
+                twin.plot(train_x[SMOOTH - 1:], torch.tensor(train_y).unfold(0, SMOOTH, 1).mean(1).tolist(),
+                          linestyle=":", color=line.get_color(), alpha=0.7)
         ax.set_title(reward, fontsize=10)
         ax.set_xlabel("training samples seen")
-        ax.set_ylabel("held-out verifier pass rate (solid)")
-        twin.set_ylabel("trained reward, held-out (dashed)")
+        ax.set_ylabel("held-out verifier pass rate", fontsize=8)
+        twin.set_ylabel("trained reward: held-out --, training ··", fontsize=8)
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     return save_figure(fig, cfg.out_dir / "curves.png")

@@ -185,6 +185,11 @@ def eval_stats(world, reward, policy, prompts, name: str | None = None) -> dict:
                                         seed=ev["seed"])
     EVAL_IMAGES[name] = images
     flat = images.double().reshape(-1)
+    # The reward-hacking diagnostics' metrics came after the fixtures: the trained reward again under its name, and
+    # the image count; what the fixtures recorded is compared.
+    assert metrics.pop("eval/rewards/shapes-clip") == metrics["eval/reward_mean"]
+    assert metrics.pop("eval/images") == len(images)
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("eval/rewards_stderr/")}
     return {"metrics": {k: float(v) for k, v in metrics.items()}, "images_shape": list(images.shape),
             "images_sum": float(flat.sum()), "images_sq_sum": float((flat**2).sum()),
             "per_image_sum": [float(im.double().sum()) for im in images],

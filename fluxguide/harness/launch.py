@@ -57,7 +57,8 @@ def run_scripts(commands: Sequence[Sequence[str]], run_dir: Path, *, root: Path,
 
 
 def run_algorithm(algorithm: str | AlgorithmSpec, run_dir: str | Path, *, budget: str = "quick",
-                  args: Sequence[str] = (), root: str | Path | None = None, progress: bool = True) -> Path:
+                  args: Sequence[str] = (), root: str | Path | None = None, progress: bool = True,
+                  label: str | None = None) -> Path:
     """Run every stage of a registered algorithm in ``run_dir`` (e.g. ``reward-gradient-distilled``: collect, distil,
     fine-tune); returns the folder of the trained policy (``<folder>/guidance.safetensors``).
 
@@ -67,6 +68,7 @@ def run_algorithm(algorithm: str | AlgorithmSpec, run_dir: str | Path, *, budget
         args: options given to every stage (``--seed 1``, ``--wandb-mode disabled``, ``--weights-dir ...``).
         root: the folder below which no link is followed (default: ``run_dir``).
         progress: print a line per stage.
+        label: how messages name the run (default: the algorithm's name); a stage of several is named after it.
 
     A stage whose folder holds :data:`STAGE_DONE` with the same command is skipped; the others run (and resume).
     """
@@ -75,7 +77,8 @@ def run_algorithm(algorithm: str | AlgorithmSpec, run_dir: str | Path, *, budget
     root = Path(root) if root is not None else run_dir
     for number, (stage, argv) in enumerate(zip(spec.stages, spec.commands(run_dir, list(args), budget)), start=1):
         marker = run_dir / stage.folder / STAGE_DONE
-        name = f"{spec.name} stage {number}/{len(spec.stages)} ({stage.path.name})"
+        name = label or spec.name
+        name += f" stage {number}/{len(spec.stages)} ({stage.path.name})" if len(spec.stages) > 1 else ""
         if marker.is_file() and json.loads(marker.read_text()).get("command") == argv:
             if progress:
                 print(f"{name}: done before ({marker}), skipped", flush=True)

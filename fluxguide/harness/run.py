@@ -17,7 +17,8 @@ held-out evaluation and checkpoint cadence, a uniform stop on a non-finite loss,
     run.finish(policy)
 
 Checkpoints keep the layout the scripts always wrote: the modules, optimizers and generators under the names
-the script gives, and ``state`` with ``samples_seen`` (or ``pairs_seen``), ``elapsed_seconds``,
+the script gives, and ``state`` with ``samples_seen`` (or ``pairs_seen``), ``elapsed_seconds``, ``algorithm`` (the
+script's name for it, as in the progress bar),
 ``backbone_fingerprint``, ``config`` (the flat flags), ``last_eval`` and any :attr:`Run.extra_state`.
 """
 
@@ -50,6 +51,7 @@ from fluxguide.checkpointing import (
 from fluxguide.errors import UserError
 from fluxguide.harness.config import RunConfig, check_resume_config, flat_config, validate
 from fluxguide.harness.monitoring import RewardMonitor
+from fluxguide.harness.progress import PROGRESS_FILE, write_progress
 from fluxguide.harness.tracking import METRICS_FILE, TRACKING_FILE, Tracker
 from fluxguide.locking import FolderLock
 from fluxguide.provenance import backbone_fingerprint, check_resume_fingerprint
@@ -59,7 +61,8 @@ from fluxguide.serialization import refuse_links
 #: The eval metric shown next to the training metrics in the progress bar.
 BAR_EVAL_METRIC = "eval/verifier_pass_rate"
 #: What a run writes in its folder (besides the lock file, which FolderLock checks).
-RUN_OUTPUTS = (METRICS_FILE, TRACKING_FILE, "curves.png", "samples", "guidance.safetensors", CHECKPOINTS_DIR)
+RUN_OUTPUTS = (METRICS_FILE, TRACKING_FILE, "curves.png", "samples", "guidance.safetensors", CHECKPOINTS_DIR,
+               PROGRESS_FILE)
 #: The signals that end a run with a checkpoint: Ctrl-C, ``kill``, and a closed terminal or SSH session.
 INTERRUPTS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -360,6 +363,9 @@ class Run:
                   "perf/seconds_per_update": time.perf_counter() - self._t0, "charts/updates": self.update,
                   "charts/world_size": distributed.world_size()}
         self.tracker.log(record, self.samples_seen)
+        if distributed.is_main():  # for a job that runs this one beside others (compare.py's lanes)
+            write_progress(self.cfg.run_dir, stage=self.name, done=self.update, total=self.cfg.total_updates,
+                           heldout_pass_rate=self.last_eval.get(BAR_EVAL_METRIC))
         if self.bar is not None:
             shown = {label: f"{metrics[k]:.4g}" for label, k in (postfix or {}).items() if k in metrics}
             if BAR_EVAL_METRIC in self.last_eval:
@@ -370,7 +376,7 @@ class Run:
     def save_checkpoint(self, *, eval_pending: bool = False) -> Path:
         """Write the checkpoint of the updates done (atomically; rank 0 only). ``eval_pending``: an evaluation
         was due at this update and skipped (an interrupt); the resumed run does it first."""
-        state = {self.count_key: self.samples_seen, "elapsed_seconds": self.elapsed(),
+        state = {self.count_key: self.samples_seen, "elapsed_seconds": self.elapsed(), "algorithm": self.name,
                  "backbone_fingerprint": self.fingerprint, "config": self.config, "last_eval": self.last_eval,
                  **self.extra_state}
         if eval_pending:

@@ -122,7 +122,7 @@ class PolicyCard:
         seen = [f"{state[k]} {k.removesuffix('_seen').replace('_', ' ')}" for k in state if k.endswith("_seen")]
         evaluated_at = ", ".join([f"update {manifest['step']} of {config.get('total_updates', '?')}", *seen])
         return cls(
-            algorithm=algorithm_name(config),
+            algorithm=state.get("algorithm") or algorithm_name(config),
             backbone=config.get("backbone"),
             model_path=config.get("model_path"),
             backbone_fingerprint=state.get("backbone_fingerprint"),
