@@ -48,15 +48,21 @@ def row(trained: str, **cells: tuple[float, float, float]) -> dict:
 
 
 def test_the_verdict_reads_the_intervals() -> None:
-    cfg = study.Config(rewards=("brightness", "shapes-clip"))
-    hacked = row("brightness", brightness=(0.3, 0.2, 0.4), shapes_clip=(-0.4, -0.5, -0.3), verifier=(-0.3, -0.4, -0.2))
-    assert study.verdict(cfg, hacked).startswith("**hacked**: its own score rose while shapes-clip, verifier")
-    honest = row("shapes-clip", brightness=(0.0, -0.1, 0.1), shapes_clip=(0.1, 0.05, 0.15), verifier=(0.2, 0.1, 0.3))
-    assert study.verdict(cfg, honest) == "improves the verifier"
-    alone = row("shapes-clip", brightness=(0.0, -0.1, 0.1), shapes_clip=(0.1, 0.05, 0.15), verifier=(0.0, -0.1, 0.1))
-    assert study.verdict(cfg, alone).startswith("raises its own score")
-    flat = row("shapes-clip", brightness=(0.0, -0.1, 0.1), shapes_clip=(0.0, -0.1, 0.1), verifier=(0.0, -0.1, 0.1))
-    assert study.verdict(cfg, flat) == "no change beyond the intervals"
+    cfg = study.Config(rewards=("brightness", "shapes-clip", "shapes-aesthetic"))
+    flat = (0.0, -0.1, 0.1)
+    hacked = row("brightness", brightness=(0.3, 0.2, 0.4), shapes_clip=(-0.4, -0.5, -0.3), shapes_aesthetic=flat,
+                 verifier=(-0.3, -0.4, -0.2))
+    assert study.verdict(cfg, hacked) == "**hacked**: its own score rose while the held-out verifier, shapes-clip fell"
+    most_others_fell = row("brightness", brightness=(0.3, 0.2, 0.4), shapes_clip=(-0.4, -0.5, -0.3),
+                           shapes_aesthetic=(-0.1, -0.2, -0.05), verifier=flat)
+    assert study.verdict(cfg, most_others_fell).startswith("**hacked**: its own score rose while shapes-clip, shape")
+    honest = row("shapes-clip", brightness=(-0.01, -0.02, -0.005), shapes_clip=(0.1, 0.05, 0.15),
+                 shapes_aesthetic=flat, verifier=(0.2, 0.1, 0.3))
+    assert study.verdict(cfg, honest) == "improves the verifier (trade-off: brightness -0.01 fell)"
+    alone = row("shapes-clip", brightness=flat, shapes_clip=(0.1, 0.05, 0.15), shapes_aesthetic=flat, verifier=flat)
+    assert study.verdict(cfg, alone) == "raises its own score; the verifier did not move beyond its interval"
+    nothing = row("shapes-clip", brightness=flat, shapes_clip=flat, shapes_aesthetic=flat, verifier=flat)
+    assert study.verdict(cfg, nothing) == "no change beyond the intervals"
 
 
 def test_a_pipeline_algorithm_or_an_unknown_reward_is_refused_before_training(tmp_path) -> None:
