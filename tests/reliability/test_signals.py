@@ -99,7 +99,10 @@ def test_ctrl_c_during_a_collection_says_what_the_dataset_kept(tmp_path: Path) -
     argv = [sys.executable, str(ROOT / "experiments" / "collect_data.py"), "--backbone", "shapes-random",
             "--num-steps", "2", "--episodes", "4000", "--batch-size", "2", "--wandb-mode", "disabled",
             "--out-dir", str(data)]
-    proc = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it: to a process whose SIGINT is not ignored. A suite started in the background of
+    # a non-interactive shell inherits SIGINT ignored (and Python then raises no KeyboardInterrupt), so reset it.
+    proc = subprocess.Popen(argv, env=SUBPROCESS_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while chunks_listed(data) < 1 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)

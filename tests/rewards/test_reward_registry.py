@@ -73,7 +73,7 @@ def test_every_builtin_returns_finite_batch_values_and_gradients_if_differentiab
 
 
 def test_unknown_name_lists_valid_names() -> None:
-    with pytest.raises(ValueError, match=r"unknown reward 'clipp'; valid names: aesthetic, callable, clip, "):
+    with pytest.raises(ValueError, match=r"unknown reward 'clipp'; valid names: aesthetic, brightness, callable, clip, "):
         make_reward("clipp")
 
 
