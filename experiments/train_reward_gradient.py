@@ -4,6 +4,7 @@
     python experiments/train_reward_gradient.py --backbone tiny-flux --total-updates 20   # tiny random Flux
     python experiments/train_reward_gradient.py --preset flux-dev --train-prompts prompts.txt   # FLUX.1-dev, GPU
     python experiments/train_reward_gradient.py --preset shapes-distilled      # from train_bc.py's policy
+    python experiments/train_reward_gradient.py --preset shapes-composite      # the reward study's best reward
     python experiments/train_reward_gradient.py --help                         # every option and the presets
 
 The default (``--preset shapes``) is the best recipe known on the shapes world (docs/results.md): the affine
@@ -111,7 +112,19 @@ def shapes_distilled() -> Config:
     return cfg
 
 
-PRESETS = {"shapes": Config, "flux-dev": flux_dev, "shapes-distilled": shapes_distilled}
+def shapes_composite() -> Config:
+    """The shapes recipe on the composite reward (tiny-CLIP score + aesthetic head), without a reward target: the
+    best reward of the reward study (docs/results.md, "Reward study"); on the study's noise, 3 seeds x 360 images,
+    +5.7 points [+3.0, +8.5] over the shapes preset at the same 1,024 images."""
+    cfg = Config()
+    cfg.run = replace(cfg.run, preset="shapes-composite", run_dir=Path("runs/reward_gradient/shapes-composite"))
+    cfg.reward = replace(cfg.reward, reward="shapes-composite")
+    cfg.reward_target = None  # a value of the caption log-probability, which would stop this reward's gradient
+    return cfg
+
+
+PRESETS = {"shapes": Config, "flux-dev": flux_dev, "shapes-distilled": shapes_distilled,
+           "shapes-composite": shapes_composite}
 
 
 def main(cfg: Config) -> dict[str, float]:
