@@ -54,7 +54,7 @@ from fluxguide.harness.progress import LaneDisplay
 from fluxguide.harness.statistics import paired_bootstrap_interval
 from fluxguide.harness.tracking import Tracker, metric_curve, read_metrics, resolve_wandb_mode
 from fluxguide.policies import load_guidance_model
-from fluxguide.rewards.base import call_reward
+from fluxguide.rewards.base import score_in_batches
 from fluxguide.serialization import open_for_writing, refuse_links
 
 #: The shapes world's rewards, a composite of two of them, and a hackable probe (mean brightness: a control whose
@@ -213,8 +213,7 @@ def score_all(cfg: Config, backbone, rewards: dict) -> tuple[dict[str, dict[str,
     for name, sampler in tqdm(samplers.items(), desc="scoring samplers"):
         images, all_prompts = sample_prompts(backbone, prompts, samples_per_prompt=n,
                                              seed=cfg.eval_seed + EVAL_SEED_OFFSET, batch_size=128, **sampler)
-        row = {r: torch.cat([call_reward(module, images[i: i + 128], all_prompts[i: i + 128]).float()
-                             for i in range(0, len(images), 128)]) for r, module in rewards.items()}
+        row = {r: score_in_batches(module, images, all_prompts, batch_size=128) for r, module in rewards.items()}
         row[VERIFIER] = backbone.verifier(images, all_prompts).passed.float()
         scores[name] = row
         grid[name] = images[grid_at]

@@ -21,7 +21,7 @@ from torch import nn
 from fluxguide.backbones.base import Backbone, sample_prompts
 from fluxguide.harness.monitoring import IMAGES, RewardMonitor, reward_metrics
 from fluxguide.harness.statistics import bootstrap_interval, paired_bootstrap_interval
-from fluxguide.rewards.base import REGISTRY_NAME_ATTR, call_reward
+from fluxguide.rewards.base import REGISTRY_NAME_ATTR, score_in_batches
 from fluxguide.sampling.denoise import GuidanceFn, GuidanceScale
 from fluxguide.serialization import open_for_writing
 
@@ -86,7 +86,7 @@ def evaluate_guidance(
     finally:
         if was_training:
             policy.train()
-    rewards = _score(reward, backbone, images, all_prompts, batch_size)
+    rewards = score_in_batches(reward, images, all_prompts, batch_size=batch_size, device=backbone.device)
     metrics = {"eval/reward_mean": float(rewards.mean()),
                "eval/reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0, IMAGES: len(rewards)}
     trained = getattr(reward, REGISTRY_NAME_ATTR, None)
@@ -187,7 +187,8 @@ def compare_samplers(
                                    guidance_scale=spec.guidance_scale, num_steps=steps, batch_size=batch_size)
         all_prompts = [p for p in prompts for _ in range(samples_per_prompt * spec.best_of)]
         if spec.best_of > 1:
-            scores = _score(rewards[pick_reward], backbone, images, all_prompts, batch_size)
+            scores = score_in_batches(rewards[pick_reward], images, all_prompts, batch_size=batch_size,
+                                      device=backbone.device)
             best = scores.view(-1, spec.best_of).argmax(1)
             images = images.view(-1, spec.best_of, *images.shape[1:])[torch.arange(len(best)), best]
         seconds = time.perf_counter() - start
@@ -204,7 +205,8 @@ def compare_samplers(
             passed[spec.name] = result.passed.float().cpu()
             row.update(_interval_columns(passed, spec.name, reference, samples_per_prompt))
         for name, reward in rewards.items():
-            row[f"reward/{name}"] = float(_score(reward, backbone, images, final_prompts, batch_size).mean())
+            row[f"reward/{name}"] = float(score_in_batches(reward, images, final_prompts, batch_size=batch_size,
+                                                              device=backbone.device).mean())
         rows.append(row)
         kept[spec.name] = images
         if progress:
@@ -236,12 +238,6 @@ def sampler_line(row: dict[str, float | str]) -> str:
     if "gain_vs_base" in r:
         line += f", gain {100 * r['gain_vs_base']:+.1f} points [{100 * r['gain_lo']:+.1f}, {100 * r['gain_hi']:+.1f}]"
     return line + f", {r['model_calls_per_image']} model calls and {r['seconds_per_image']:.3f} s per image"
-
-
-def _score(reward: nn.Module, backbone: Backbone, images: torch.Tensor, prompts: list[str], batch_size: int) -> torch.Tensor:
-    """The rewards of ``images`` in batches, each checked (:func:`~fluxguide.rewards.base.call_reward`)."""
-    return torch.cat([call_reward(reward, images[i : i + batch_size].to(backbone.device), prompts[i : i + batch_size])
-                      .cpu() for i in range(0, len(prompts), batch_size)])
 
 
 def write_table(rows: list[dict[str, float | str]], path: str | Path) -> tuple[Path, Path]:

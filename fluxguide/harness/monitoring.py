@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fluxguide.rewards.base import call_reward
+from fluxguide.rewards.base import score_in_batches
 
 #: Each monitored reward's held-out mean is logged as ``eval/rewards/<name>`` ...
 REWARD_PREFIX = "eval/rewards/"
@@ -77,11 +77,9 @@ class RewardMonitor:
         :func:`reward_metrics`."""
         metrics: dict[str, float] = {}
         for name, reward in self.rewards.items():
-            device = next((p.device for p in reward.parameters()), images.device)
-            values = torch.cat([call_reward(reward, images[i: i + self.batch_size].to(device),
-                                            list(prompts[i: i + self.batch_size])).float().cpu()
-                                for i in range(0, len(prompts), self.batch_size)])
-            metrics.update(reward_metrics(name, values))
+            device = next((p.device for p in reward.parameters()), images.device)  # where the reward model is
+            metrics.update(reward_metrics(name, score_in_batches(reward, images, prompts, batch_size=self.batch_size,
+                                                                 device=device)))
         return metrics
 
 

@@ -10,7 +10,7 @@ algorithm calls them with gradients on, PPO calls them under ``torch.no_grad()``
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -120,3 +120,13 @@ def reward_with_grad(reward: nn.Module, images: torch.Tensor, prompts: list[str]
     require_differentiable(reward)
     with torch.enable_grad():
         return call_reward(reward, images, prompts)
+
+
+def score_in_batches(reward: Callable[[torch.Tensor, list[str]], torch.Tensor], images: torch.Tensor,
+                     prompts: Sequence[str], *, batch_size: int = 64,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+    """``reward`` of ``images`` against ``prompts``, ``batch_size`` images per call on ``device`` (default: where
+    the images are), each call checked by :func:`call_reward`; the values as one float tensor ``(B,)`` on the CPU."""
+    return torch.cat([call_reward(reward, images[i: i + batch_size].to(device or images.device),
+                                  list(prompts[i: i + batch_size])).float().cpu()
+                      for i in range(0, len(prompts), batch_size)])
