@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.calls import MODEL_CALLS
 from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_reward
 from fluxguide.data.collector import GuidanceDataCollector
@@ -250,6 +251,8 @@ def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDat
     done = {m.get("batch_index") for m in dataset.chunk_metadata if m.get("seed") == cfg.seed}
     per_prompt = cfg.n if cfg.strategy == "best-of-n" else 1
     sampled = sum(len(batches[i]) * per_prompt for i in done if i is not None and i < len(batches))
+    # Base-model calls of this seed's batches (backbones/calls.py), kept in each chunk's metadata across resumes.
+    calls = sum(m.get("model_calls", 0) for m in dataset.chunk_metadata if m.get("seed") == cfg.seed)
     if done:
         print(f"resuming: {dataset.num_episodes} episodes in {dataset.num_chunks} chunks already in {cfg.out_dir}")
     config_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
@@ -262,9 +265,12 @@ def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDat
     for batch_index, batch_prompts in bar:
         if batch_index in done:
             continue
-        t0 = time.perf_counter()
-        chunk = collector.collect(batch_prompts, seed=cfg.seed, batch_index=batch_index)
-        chunk.metadata.update(settings)
+        t0, calls_before = time.perf_counter(), MODEL_CALLS.cost("train")
+        with MODEL_CALLS.phase("train"):
+            chunk = collector.collect(batch_prompts, seed=cfg.seed, batch_index=batch_index)
+        batch_calls = MODEL_CALLS.cost("train") - calls_before
+        calls += batch_calls
+        chunk.metadata.update(settings, model_calls=batch_calls)
         if chunk.num_episodes:
             dataset.append(chunk)
         sampled += len(batch_prompts) * per_prompt
@@ -272,6 +278,7 @@ def main(cfg: Config, progress: CollectionProgress | None = None) -> GuidanceDat
             "train/episodes_kept": chunk.num_episodes,
             "train/dataset_episodes": dataset.num_episodes,
             "perf/seconds_per_batch": time.perf_counter() - t0,
+            "perf/model_calls": calls,
         }
         if REWARD in chunk.episodes and chunk.num_episodes:
             metrics["train/kept_reward_mean"] = float(chunk.episodes[REWARD].mean())

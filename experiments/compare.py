@@ -157,15 +157,30 @@ def train(cfg: Config, algorithm: str, seed: int, lanes: LaneDisplay | None = No
     return seconds
 
 
+def host(cfg: Config, algorithm: str) -> str:
+    """The algorithm whose runs compute ``algorithm``'s: another one of the comparison whose run does it on its way
+    (``bc`` inside ``reward-gradient-distilled``: the same collection and distillation, trained once), else
+    itself."""
+    spec = get_algorithm(algorithm)
+    return next((other for other in cfg.algorithms if spec.computed_by(get_algorithm(other))), algorithm)
+
+
+def stage_folders(cfg: Config, algorithm: str, seed: int) -> list[Path]:
+    """The folders of ``algorithm``'s stages for ``seed`` (inside its host's run folder)."""
+    owner = host(cfg, algorithm)
+    out = run_dir(cfg, owner, seed)
+    return [out / stage.folder for stage in get_algorithm(owner).stages[: len(get_algorithm(algorithm).stages)]]
+
+
 def training_run(cfg: Config, algorithm: str, seed: int) -> Path:
     """The folder holding the run's metrics.jsonl and guidance.safetensors."""
-    return get_algorithm(algorithm).training_run(run_dir(cfg, algorithm, seed))
+    return stage_folders(cfg, algorithm, seed)[-1]
 
 
 def collection_offset(cfg: Config, algorithm: str, seed: int) -> tuple[int, float]:
     """The cost of the stages before training (BC's data collection): images sampled and wall seconds."""
     images, seconds = 0, 0.0
-    for folder in get_algorithm(algorithm).preparation(run_dir(cfg, algorithm, seed)):
+    for folder in stage_folders(cfg, algorithm, seed)[:-1]:
         records = read_metrics(next(folder.glob("run_seed*"), folder))  # a collection logs under run_seed<k>/
         if records:
             images += int(records[-1].get("charts/samples_seen", 0))
@@ -191,9 +206,14 @@ def plot(cfg: Config) -> Path:
                 records = read_metrics(training_run(cfg, algorithm, seed))
                 images, seconds = collection_offset(cfg, algorithm, seed)
                 pairs = [(r[xkey], r[metric]) for r in records if metric in r and xkey in r]
-                if len(get_algorithm(algorithm).stages) > 1 and xkey == "charts/samples_seen":
-                    # A collected dataset's cost in samples is its images: every point sits at the images collected.
-                    pairs = [(images, y) for _, y in pairs[-1:]]
+                spec = get_algorithm(algorithm)
+                if len(spec.stages) > 1 and xkey == "charts/samples_seen":
+                    # A collected dataset's cost in samples is its images: a run that trains on its pairs sits at
+                    # the images collected; one that samples images (the chain's RL stage) continues from there.
+                    if getattr(spec.algorithm, "sample_unit", "image") == "pair":
+                        pairs = [(images, y) for _, y in pairs[-1:]]
+                    else:
+                        pairs = [(x + images, y) for x, y in pairs]
                 elif xkey == "perf/wall_seconds":
                     pairs = [(x + seconds, y) for x, y in pairs]
                 if pairs:
@@ -236,7 +256,8 @@ def main(cfg: Config) -> list[dict]:
     start = time.perf_counter()
     if not cfg.skip_training:
         # Runs with a collection stage first (BC: the longest job), so the other lane fits the RL runs beside it.
-        jobs = sorted(((a, s) for s in cfg.seeds for a in cfg.algorithms),
+        # An algorithm whose stages another one's run computes on its way is trained there, once.
+        jobs = sorted(((a, s) for s in cfg.seeds for a in cfg.algorithms if host(cfg, a) == a),
                       key=lambda job: len(get_algorithm(job[0]).stages) == 1)
         print(f"training {len(jobs)} runs, {cfg.parallel} at a time; each run's output goes to its log.txt under "
               f"{cfg.out_dir / 'runs'}", flush=True)

@@ -47,6 +47,7 @@ import torch
 
 from fluxguide import distributed
 from fluxguide.algos.bc import BCConfig, BCLoss, BehaviourCloning, check_dataset_matches_policy
+from fluxguide.backbones.calls import MODEL_CALLS
 from fluxguide.data import GuidanceDataset
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
@@ -81,6 +82,10 @@ class Config:
     """replay-buffer storage: in memory, or memory-mapped in <run_dir>/replay (datasets larger than RAM)"""
     cfg_scale: float | None = None
     """CFG scale of the reference evaluation (default: the dataset's, else the backbone's recommended one)"""
+    references: bool = True
+    """score the base sampler and CFG once on the held-out evaluation's prompts and noise, as the references of its
+    pass rate (eval/base_pass_rate, eval/cfg_pass_rate, eval/cfg_gain_recovered and the grids' columns); the
+    distil-then-fine-tune chain leaves them out (--no-references): the fine-tuning after it is what it compares"""
 
     def validate(self) -> None:
         check_int("warmup_updates", self.warmup_updates, minimum=0)
@@ -134,14 +139,15 @@ def main(cfg: Config) -> dict[str, float]:
         return metrics
 
     # The base sampler and CFG on the same held-out prompts and noise: the references of the pass rate.
-    evaluator = probe_loss if backbone.verifier is None else ReferenceEvaluator(
-        backbone, cfg.run.heldout_prompts(), cfg.run.run_dir, cfg_scale=cfg_scale,
-        samples_per_prompt=cfg.run.eval_samples_per_prompt, seed=seed, num_steps=num_steps,
-        guidance_scale=opt.guidance_scale, num_grid_prompts=cfg.run.grid_prompts,
-        references=run.state.get("references"),
-        extra=lambda: {f"eval/bc_{k}": v for k, v in bc.evaluate(probe).items()},
-        monitor=run.monitor(backbone, trained=None),
-    ) if distributed.is_main() else None
+    with MODEL_CALLS.phase("eval"):  # the references' sampling is evaluation cost (backbones/calls.py)
+        evaluator = probe_loss if backbone.verifier is None else ReferenceEvaluator(
+            backbone, cfg.run.heldout_prompts(), cfg.run.run_dir, cfg_scale=cfg_scale,
+            samples_per_prompt=cfg.run.eval_samples_per_prompt, seed=seed, num_steps=num_steps,
+            guidance_scale=opt.guidance_scale, num_grid_prompts=cfg.run.grid_prompts,
+            references=run.state.get("references"),
+            extra=lambda: {f"eval/bc_{k}": v for k, v in bc.evaluate(probe).items()},
+            monitor=run.monitor(backbone, trained=None), score_references=cfg.references,
+        ) if distributed.is_main() else None
     run.extra_state["references"] = getattr(evaluator, "references", run.state.get("references"))
     run.evaluate_with(evaluator, policy)
 

@@ -248,6 +248,7 @@ class BehaviourCloning(Algorithm):
     """
 
     name = "bc"
+    sample_unit = "pair"
     loss_name = "BC loss"
     advice = "Lower the learning rate or clip gradients (max_grad_norm)"
 
@@ -290,11 +291,21 @@ class BehaviourCloning(Algorithm):
         return bc_evaluate(self.modules["loss"], batch)
 
 
+#: The main job's distillation, its ``quick`` budget: CFG 3's corrections on 128 training-prompt trajectories (each
+#: also labelled under a swapped prompt) and 400 updates, evaluated once at the end without the base / CFG
+#: references. It is the first two stages of the distil-then-fine-tune chain (``fluxguide.algos.distilled``), which
+#: the main job runs once for both: a start for the fine-tuning, not BC's best (``collect_data.py`` and
+#: ``train_bc.py`` alone: 512 trajectories, 1,500 updates; docs/results.md).
+QUICK_COLLECT: tuple[str, ...] = ("--episodes", "128")
+QUICK_DISTIL: tuple[str, ...] = ("--total-updates", "400", "--eval-every", "400", "--checkpoint-every", "400",
+                                 "--no-eval-at-start", "--no-references", *EVAL)
+
 SPECS = (AlgorithmSpec(
     "bc", "behaviour cloning of CFG 3's corrections (collect, then distil)",
     (Stage("collect_data.py", folder="data", folder_flag="--out-dir",
-           budgets={"smoke": ("--episodes", "4", "--batch-size", "2", "--num-steps", "3"), "full": ("--episodes", "4096")}),
+           budgets={"smoke": ("--episodes", "4", "--batch-size", "2", "--num-steps", "3"), "quick": QUICK_COLLECT,
+                    "full": ("--episodes", "4096")}),
      Stage("train_bc.py", folder="train", inputs={"--dataset": "data"},
-           budgets={"smoke": ("--batch-size", "16", "--total-updates", "2", *SMOKE), "quick": EVAL,
+           budgets={"smoke": ("--batch-size", "16", "--total-updates", "2", *SMOKE), "quick": QUICK_DISTIL,
                     "full": full_budget(4000)})),
     BehaviourCloning, reward="black-box", main_job=True),)

@@ -114,6 +114,9 @@ class Algorithm(ABC):
     #: How the optimised loss is called in a non-finite error, and what the error suggests.
     loss_name: ClassVar[str] = "loss"
     advice: ClassVar[str] = "Lower the learning rate"
+    #: What its runs' ``charts/samples_seen`` counts: ``"image"`` (sampled images or trajectories) or ``"pair"``
+    #: (dataset pairs: behaviour cloning, whose cost in images is its collection's).
+    sample_unit: ClassVar[str] = "image"
 
     config: Any
     modules: dict[str, nn.Module]

@@ -26,6 +26,9 @@ SPECS = (AlgorithmSpec(
     "reward-gradient-distilled",
     "distil CFG 3 into the attention network, then fine-tune it by reward gradient (collect, BC, RL)",
     (COLLECT, replace(DISTIL, folder="bc"),
+     # The fine-tuning starts where the distillation's final evaluation left the policy (the head adds nothing
+     # yet), on the same noise: it does not evaluate it again.
      replace(FINE_TUNE, folder="rl", inputs={"--init-policy": "bc/guidance.safetensors"},
-             args=("--preset", "shapes-distilled"), budgets={**FINE_TUNE.budgets, "full": full_budget(640)})),
-    RewardGradient),)
+             args=("--preset", "shapes-distilled", "--no-eval-at-start"),
+             budgets={**FINE_TUNE.budgets, "full": full_budget(640)})),
+    RewardGradient, main_job=True),)

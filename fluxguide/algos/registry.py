@@ -112,6 +112,27 @@ class AlgorithmSpec:
         """The folders of the stages before training (their cost counts for the algorithm)."""
         return [run_dir / stage.folder for stage in self.stages[:-1]]
 
+    def stage_key(self, index: int) -> tuple:
+        """What stage ``index`` computes, whatever folder it writes: its script, fixed arguments, budgets, and
+        the earlier stages (by position) whose folders it reads."""
+        stage = self.stages[index]
+        position = {s.folder: i for i, s in enumerate(self.stages[:index])}
+
+        def source(sub: str) -> tuple[int | str, str]:
+            head, _, rest = sub.partition("/")
+            return (position[head], rest) if head in position else (sub, "")
+
+        return (stage.path, stage.folder_flag, stage.args, tuple(sorted(stage.budgets.items())),
+                tuple(sorted((flag, source(sub)) for flag, sub in stage.inputs.items())))
+
+    def computed_by(self, other: AlgorithmSpec) -> bool:
+        """Whether ``other``'s run computes this algorithm's whole run on its way: this one's stages are
+        ``other``'s first stages, with the same scripts, arguments, budgets and inputs (the distil-then-fine-tune
+        chain's first two stages are behaviour cloning). The main job then trains it once, inside ``other``'s run."""
+        n = len(self.stages)
+        return (other.name != self.name and len(other.stages) > n
+                and all(self.stage_key(i) == other.stage_key(i) for i in range(n)))
+
 
 #: The built-in modules registered first, in this order: the main job's order (and its table's).
 FIRST: tuple[str, ...] = ("reward_gradient", "ppo", "bc")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fluxguide.backbones.base import Backbone
+from fluxguide.backbones.calls import MODEL_CALLS
 from fluxguide.plugins import PluginError, Registry, call_with_options
 from fluxguide.rewards.callable_reward import CallableReward
 from fluxguide.rewards.registry import TINY_CLIP_CFG
@@ -103,7 +104,7 @@ def build_backbone(
     if not isinstance(backbone, Backbone):
         raise PluginError(f"backbone {name!r} built a {type(backbone).__name__}, not a fluxguide Backbone: return a "
                           "subclass of fluxguide.backbones.Backbone (guide: Plug in a new backbone)")
-    return backbone
+    return MODEL_CALLS.attach(backbone)  # every base-model call of the process is counted (backbones/calls.py)
 
 
 def build_reward(reward: RewardLike | None, backbone: Backbone, *, seed: int = 0, **kwargs: Any) -> nn.Module:

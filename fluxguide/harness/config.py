@@ -81,6 +81,9 @@ class RunConfig:
     resumes"""
     eval_every: int = 20
     """evaluate every N updates (and at the start and the end)"""
+    eval_at_start: bool = True
+    """evaluate the policy before the first update (a chain's later stage skips it: the stage before evaluated the
+    same policy on the same noise at its end)"""
     checkpoint_every: int = 20
     """write a checkpoint every N updates (and at the end)"""
     eval_prompts: str = "shapes-heldout"
@@ -337,6 +340,7 @@ RESUME_MAY_CHANGE: dict[str, str] = {
     "total_samples": "a budget",
     "time_budget_minutes": "a budget",
     "eval_every": "the cadence of evaluations, not what they measure",
+    "eval_at_start": "the cadence of evaluations, not what they measure",
     "checkpoint_every": "the cadence of checkpoints",
     "grid_prompts": "how many evaluation prompts the sample grids show, not what is measured",
     "monitor_rewards": "which untrained rewards the evaluations also score, not what is trained",

@@ -348,14 +348,15 @@ class ReferenceEvaluator:
     references ``eval/{base,cfg}_{pass_rate,attribute_mean}``, the fraction of CFG's gain over the base
     sampler the policy recovers ``eval/cfg_gain_recovered`` (and ``eval/cfg_attribute_gain_recovered``), plus
     ``extra()``'s metrics, ``monitor``'s rewards (:mod:`fluxguide.harness.monitoring`), and a sample grid (base | CFG | trained; a resumed run has the references' figures,
-    not their images, so its grids show the policy only).
+    not their images, so its grids show the policy only). ``score_references=False`` leaves the references out
+    (a chain's distillation stage: the fine-tuning after it is what is compared).
     """
 
     def __init__(self, backbone: Backbone, prompts: list[str], run_dir: str | Path, *, cfg_scale: float,
                  samples_per_prompt: int = 4, seed: int = 0, num_steps: int | None = None,
                  guidance_scale: GuidanceScale = 1.0, num_grid_prompts: int = 8,
                  references: dict[str, float] | None = None, extra: Any = None,
-                 monitor: RewardMonitor | None = None) -> None:
+                 monitor: RewardMonitor | None = None, score_references: bool = True) -> None:
         self.backbone, self.prompts, self.run_dir, self.monitor = backbone, list(prompts), Path(run_dir), monitor
         self.sampling = {"samples_per_prompt": samples_per_prompt, "seed": seed, "num_steps": num_steps}
         self.cfg_scale, self.guidance_scale, self.extra = cfg_scale, guidance_scale, extra
@@ -363,8 +364,8 @@ class ReferenceEvaluator:
         self.grid_prompts = [self.prompts[i * n // num_grid_prompts] for i in range(num_grid_prompts)]
         self.grid_index = [self.prompts.index(p) * samples_per_prompt for p in self.grid_prompts]
         self.reference_images: dict[str, torch.Tensor] = {}
-        self.references = references
-        if references is None:
+        self.references = references if score_references else {}
+        if self.references is None:
             base, base_images = verifier_scores(backbone, self.prompts, **self.sampling)
             cfg, cfg_images = verifier_scores(backbone, self.prompts, cfg_scale=cfg_scale, **self.sampling)
             self.references = {"base": base["pass_rate"], "cfg": cfg["pass_rate"],
@@ -388,13 +389,14 @@ class ReferenceEvaluator:
         if self.monitor is not None:
             n = self.sampling["samples_per_prompt"]
             out.update(self.monitor(images, [p for p in self.prompts for _ in range(n)]))
-        out.update({"eval/base_pass_rate": ref["base"], "eval/cfg_pass_rate": ref["cfg"],
-                    "eval/base_attribute_mean": ref["base_attributes"],
-                    "eval/cfg_attribute_mean": ref["cfg_attributes"]})
+        if ref:
+            out.update({"eval/base_pass_rate": ref["base"], "eval/cfg_pass_rate": ref["cfg"],
+                        "eval/base_attribute_mean": ref["base_attributes"],
+                        "eval/cfg_attribute_mean": ref["cfg_attributes"]})
         for name, key, base, cfg in (("cfg_gain_recovered", "pass_rate", "base", "cfg"),
                                      ("cfg_attribute_gain_recovered", "attribute_mean", "base_attributes",
                                       "cfg_attributes")):
-            if ref[cfg] - ref[base] > 0:
+            if ref and ref[cfg] - ref[base] > 0:
                 out[f"eval/{name}"] = (metrics[key] - ref[base]) / (ref[cfg] - ref[base])
         if self.extra is not None:
             out.update(self.extra())

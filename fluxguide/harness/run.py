@@ -41,6 +41,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fluxguide import distributed
+from fluxguide.backbones.calls import MODEL_CALLS
 from fluxguide.checkpointing import (
     CHECKPOINTS_DIR,
     latest_checkpoint,
@@ -116,6 +117,7 @@ class Run:
         self._evaluate: Callable[[], dict[str, float]] | None = None
         self._elapsed, self._start, self._t0 = 0.0, time.perf_counter(), time.perf_counter()
         self.bar: tqdm | None = None
+        self._calls_at_start = {phase: MODEL_CALLS.cost(phase) for phase in ("train", "eval")}  # this process's
 
     # ------------------------------------------------------------------------------------------- resume
     def _check_resume_config(self) -> None:
@@ -185,11 +187,13 @@ class Run:
         from fluxguide.harness.evaluation import HeldoutEvaluator
 
         cfg = self.cfg
-        self.evaluate_with(HeldoutEvaluator(
-            backbone, reward, cfg.heldout_prompts(), cfg.run_dir, num_grid_prompts=cfg.grid_prompts,
-            samples_per_prompt=cfg.eval_samples_per_prompt, seed=cfg.seed, guidance_scale=guidance_scale,
-            num_steps=num_steps, monitor=self.monitor(backbone, trained=getattr(reward, REGISTRY_NAME_ATTR, None)))
-            if distributed.is_main() else None, policy)
+        with MODEL_CALLS.phase("eval"):  # the evaluator samples the base sampler's grid column once: evaluation cost
+            evaluator = HeldoutEvaluator(
+                backbone, reward, cfg.heldout_prompts(), cfg.run_dir, num_grid_prompts=cfg.grid_prompts,
+                samples_per_prompt=cfg.eval_samples_per_prompt, seed=cfg.seed, guidance_scale=guidance_scale,
+                num_steps=num_steps, monitor=self.monitor(backbone, trained=getattr(reward, REGISTRY_NAME_ATTR, None)),
+            ) if distributed.is_main() else None
+        self.evaluate_with(evaluator, policy)
 
     def monitor(self, backbone: nn.Module, *, trained: str | None) -> RewardMonitor:
         """The untrained rewards every held-out evaluation scores (``--monitor-rewards``, default the backbone's),
@@ -202,7 +206,8 @@ class Run:
 
     def evaluate(self) -> dict[str, float]:
         """Run the evaluation now (``{}`` on ranks without an evaluator); remembered as :attr:`last_eval`."""
-        self.last_eval = self._evaluate() if self._evaluate is not None else {}
+        with MODEL_CALLS.phase("eval"):
+            self.last_eval = self._evaluate() if self._evaluate is not None else {}
         return self.last_eval
 
     # ------------------------------------------------------------------------------------------- loop
@@ -229,8 +234,8 @@ class Run:
         self._samples_per_update = samples_per_update * distributed.world_size()
         self._start = time.perf_counter() - self._elapsed
         self._install_signal_handlers()
-        if self.update == 0 or self.state.get("eval_pending"):  # eval_pending: an interrupt skipped a due evaluation
-            self.evaluate()
+        if (self.update == 0 and cfg.eval_at_start) or self.state.get("eval_pending"):  # eval_pending: an interrupt
+            self.evaluate()                                                          # skipped a due evaluation
         started_at = self.update
         self.bar = tqdm(range(self.update, cfg.total_updates), initial=self.update, total=cfg.total_updates,
                         desc=self.name, disable=not distributed.is_main())
@@ -319,7 +324,8 @@ class Run:
         with a message naming the last good checkpoint; nothing is written for the failed update.
         """
         try:
-            metrics = update_fn(*args, **kwargs)
+            with MODEL_CALLS.phase("train"):
+                metrics = update_fn(*args, **kwargs)
         except FloatingPointError as e:
             if self.tracker is not None:
                 self.tracker.finish()
@@ -361,7 +367,7 @@ class Run:
                   **{f"losses/{k}": v for k, v in metrics.items() if keep(k)},
                   **{f"charts/{k}": metrics[k] for k in charts if k in metrics},
                   "perf/seconds_per_update": time.perf_counter() - self._t0, "charts/updates": self.update,
-                  "charts/world_size": distributed.world_size()}
+                  "charts/world_size": distributed.world_size(), **self.model_calls()}
         self.tracker.log(record, self.samples_seen)
         if distributed.is_main():  # for a job that runs this one beside others (compare.py's lanes)
             write_progress(self.cfg.run_dir, stage=self.name, done=self.update, total=self.cfg.total_updates,
@@ -372,13 +378,21 @@ class Run:
                 shown["heldout_pass"] = f"{self.last_eval[BAR_EVAL_METRIC]:.3f}"
             self.bar.set_postfix(**shown)
 
+    def model_calls(self) -> dict[str, int]:
+        """Base-model calls of the run so far, summed over resumes and ranks (:mod:`fluxguide.backbones.calls`, in
+        forward-equivalents per image): ``perf/model_calls`` in the updates, ``perf/eval_model_calls`` in the
+        held-out evaluations."""
+        ranks = distributed.world_size()  # every rank does the same work on its own batch
+        return {f"perf/{key}": int(self.state.get(key, 0)) + ranks * (MODEL_CALLS.cost(phase) - self._calls_at_start[phase])
+                for key, phase in (("model_calls", "train"), ("eval_model_calls", "eval"))}
+
     # ----------------------------------------------------------------------------------------- files
     def save_checkpoint(self, *, eval_pending: bool = False) -> Path:
         """Write the checkpoint of the updates done (atomically; rank 0 only). ``eval_pending``: an evaluation
         was due at this update and skipped (an interrupt); the resumed run does it first."""
         state = {self.count_key: self.samples_seen, "elapsed_seconds": self.elapsed(), "algorithm": self.name,
                  "backbone_fingerprint": self.fingerprint, "config": self.config, "last_eval": self.last_eval,
-                 **self.extra_state}
+                 **{key.removeprefix("perf/"): n for key, n in self.model_calls().items()}, **self.extra_state}
         if eval_pending:
             state["eval_pending"] = True
         return save_checkpoint(self.cfg.run_dir, self.update, modules=self.modules, optimizers=self.optimizers,
@@ -391,6 +405,7 @@ class Run:
         from fluxguide.harness.curves import plot_curves
         from fluxguide.policies import save_guidance_model
 
+        self.tracker.log(self.model_calls(), self.samples_seen)  # the totals, the final evaluation's included
         self.tracker.finish()
         for name, module in (sync or {"policy": policy}).items():  # data-parallel ranks must end in sync
             distributed.check_in_sync(module, name)

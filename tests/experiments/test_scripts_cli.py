@@ -57,8 +57,9 @@ def test_scripts_are_covered() -> None:
 def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_path, capsys) -> None:
     compare = load_script(ROOT / "experiments" / "compare.py")
     out = tmp_path / "compare"
-    rows = compare.main(compare.Config(out_dir=out, budget="smoke", eval_num_prompts=2, eval_samples_per_prompt=1,
-                                       best_of=(2,), wandb_mode="offline"))
+    cfg = compare.Config(out_dir=out, budget="smoke", eval_num_prompts=2, eval_samples_per_prompt=1, best_of=(2,),
+                         wandb_mode="offline")
+    rows = compare.main(cfg)
     # the smoke budget trains every registered algorithm (fluxguide.algos.registry), Adjoint Matching included
     assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", *algorithm_names()]
     assert {"reward-gradient", "ppo", "bc", "grpo", "adjoint-matching"} <= set(algorithm_names())
@@ -87,11 +88,14 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
         assert (run / "guidance.safetensors").is_file()
         assert any("eval/verifier_pass_rate" in r for r in read_metrics(run))
         assert list((run / "wandb").glob("offline-run-*")), algorithm
-    assert (out / "runs" / "bc" / "seed0" / "train" / "guidance.safetensors").is_file()
+    # BC's collection and distillation are the chain's first two stages: trained once, inside the chain's run
+    assert not (out / "runs" / "bc").exists()
+    assert compare.training_run(cfg, "bc", 0) == out / "runs" / "reward-gradient-distilled" / "seed0" / "bc"
+    assert (compare.training_run(cfg, "bc", 0) / "guidance.safetensors").is_file()
     assert list((out / "wandb_compare" / "wandb").glob("offline-run-*"))
     # reward-hacking diagnostics: every run of every algorithm scores at least two rewards it is not trained on at
     # each held-out evaluation (the shapes world monitors its four rewards; the trained one is logged too)
-    for run in [get_algorithm(a).training_run(out / "runs" / a / "seed0") for a in algorithm_names()]:
+    for run in [compare.training_run(cfg, a, 0) for a in algorithm_names()]:
         trained = read_manifest(latest_checkpoint(run))["state"]["config"].get("reward")
         evals = [r for r in read_metrics(run) if "eval/verifier_pass_rate" in r]
         assert evals, run

@@ -1,0 +1,54 @@
+"""The time-to-quality benchmark (issue 29) at its smoke budget: both recipes train through every stage, each
+stage's wall time and base-model calls are measured, and the ratios and files come out."""
+
+from __future__ import annotations
+
+import json
+
+from tests.scripts import load_script
+
+# Smoke collection: 4 trajectories of 3 steps, each labelled by CFG (2 calls per step) under its own prompt and
+# one swapped prompt (2 more).
+SMOKE_COLLECTION_CALLS = 4 * 3 * (2 + 2)
+
+
+def test_the_smoke_benchmark_measures_every_stage_of_both_recipes(tmp_path) -> None:
+    bench = load_script("time_to_quality", folder="benchmarks")
+    results = bench.main(bench.Config(budget="smoke", out_dir=tmp_path, episode_repeats=1))
+    assert [(r["recipe"], r["seed"]) for r in results] == [("reward-gradient-distilled", 0), ("baseline", 0)]
+    for res in results:
+        data, bc, rl = (res["stages"][name] for name in ("data", "bc", "rl"))
+        assert data["train_calls"] == SMOKE_COLLECTION_CALLS
+        assert bc["train_calls"] == 0 and bc["eval_calls"] > 0  # distillation runs no model; its evaluation does
+        assert rl["train_calls"] > 0 and rl["eval_calls"] > 0
+        assert 0.0 <= rl["pass_rate"] <= 1.0 and all(row["seconds"] > 0 for row in res["stages"].values())
+        assert res["total"]["train_calls"] == data["train_calls"] + rl["train_calls"]
+    # The baseline differs from the chain only in its arguments at the quick budget: the same work at smoke.
+    chain, baseline = (r["stages"]["rl"]["train_calls"] for r in results)
+    assert chain == baseline
+    text = (tmp_path / "time_to_quality.md").read_text()
+    assert "seed 0: chain / baseline: wall time" in text and "| **total** |" in text
+    saved = json.loads((tmp_path / "time_to_quality.json").read_text())
+    assert saved["base_episode_seconds"] > 0 and len(saved["results"]) == 2
+
+
+def test_the_baseline_recipe_parses_to_the_settings_before_the_chain(tmp_path) -> None:
+    """The baseline's pinned arguments give each script the recipe the chain replaced, whatever its defaults now."""
+    from fluxguide.harness.cli import cli
+
+    bench = load_script("time_to_quality", folder="benchmarks")
+    spec = bench.baseline_spec()
+    configs = []
+    for stage, argv in zip(spec.stages, spec.commands(tmp_path, [], "quick"), strict=True):
+        script = load_script(stage.path)
+        configs.append(cli(lambda cfg: cfg, script.Config, args=argv[1:], presets=getattr(script, "PRESETS", None)))
+    collect, bc, rl = configs
+    assert (collect.episodes, collect.prompt_swaps) == (512, 1)
+    assert (bc.run.total_updates, bc.references, bc.run.eval_at_start) == (1500, True, True)
+    assert (rl.reward.reward, rl.reward_target, rl.optim.lr) == ("shapes-clip-retrieval", -0.1, 1e-2)
+    assert (rl.gradient_checkpointing, rl.run.eval_at_start, rl.run.total_updates) == (True, True, 160)
+    assert rl.guide.head == "affine" and rl.guide.init_policy == tmp_path / "bc" / "guidance.safetensors"
+    # and the chain is what the registry runs at the quick budget: the fast settings
+    chain = bench.get_algorithm(bench.CHAIN)
+    assert spec.stages[0].path == chain.stages[0].path and spec.commands(tmp_path, [], "quick") != chain.commands(
+        tmp_path, [], "quick")
