@@ -29,8 +29,11 @@ The 1,440-image check of the trained chains on noise no training step saw is ``e
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
@@ -38,7 +41,8 @@ from typing import Literal
 import torch
 import tyro
 
-from fluxguide.algos.registry import EVAL, AlgorithmSpec, get_algorithm
+from fluxguide.algos import RewardGradient, RewardGradientConfig
+from fluxguide.algos.registry import EVAL, EXPERIMENTS, AlgorithmSpec, get_algorithm
 from fluxguide.backbones.registry import build_backbone
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.launch import STAGE_DONE, run_algorithm
@@ -80,6 +84,8 @@ class Config:
     """timed base episodes (the best is the unit; one untimed warm-up before)"""
     extra_args: tuple[str, ...] = field(default_factory=tuple)
     """options given to every stage (e.g. --eval-num-prompts 2 in a test)"""
+    profile_updates: int = 3
+    """fine-tuning updates timed part by part after the runs (0: no profile)"""
 
 
 def baseline_spec() -> AlgorithmSpec:
@@ -163,6 +169,85 @@ def ratios(results: list[dict]) -> list[str]:
     return lines
 
 
+def stage_profile(folder: Path) -> dict[str, float]:
+    """Where a finished stage's wall time went: its updates (or collection batches), its held-out evaluations,
+    and the rest (process start-up, loading, building the models, writing files)."""
+    seconds = json.loads((folder / STAGE_DONE).read_text())["seconds"]
+    records = read_metrics(folder) or read_metrics(next(folder.glob("run_seed*"), folder))
+    work = sum(r.get("perf/seconds_per_update", r.get("perf/seconds_per_batch", 0.0)) for r in records)
+    evals, last = 0.0, 0.0
+    for r in records:  # an evaluation record's wall clock minus the record before it: the evaluation's time
+        if PASS in r and "perf/wall_seconds" in r:
+            evals += r["perf/wall_seconds"] - last
+        last = r.get("perf/wall_seconds", last)
+    return {"seconds": seconds, "updates": work, "evaluation": evals, "start-up and the rest": seconds - work - evals}
+
+
+def profile_update(cfg: Config, start: Path, checkpointing: bool) -> dict[str, float]:
+    """Seconds of one fine-tuning update of the chain (its ``shapes-distilled`` preset from the policy ``start``),
+    by part: the base model's forwards, the policy's, the reward's (global module hooks time the outermost call of
+    each), and the rest (backward through all of them, optimizer step, decoding, sampler arithmetic)."""
+    spec = importlib.util.spec_from_file_location("train_reward_gradient", EXPERIMENTS / "train_reward_gradient.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = script  # dataclasses look their module up by name
+    spec.loader.exec_module(script)
+    rg = script.shapes_distilled()
+    rg.guide, rg.model = replace(rg.guide, init_policy=start), replace(rg.model, weights_dir=cfg.weights_dir)
+    torch.set_num_threads(1)
+    backbone = rg.model.build(seed=0, device="cpu", num_steps=rg.optim.num_steps)
+    reward, policy = rg.reward.build(backbone, seed=0), rg.guide.build(backbone)
+    optimizer = torch.optim.AdamW(rg.guide.param_groups(policy, rg.optim.lr), lr=rg.optim.lr)
+    algo = RewardGradient(backbone, policy, reward, optimizer, RewardGradientConfig(
+        num_steps=rg.optim.num_steps, gradient_checkpointing=checkpointing, reward_target=rg.reward_target,
+        max_grad_norm=rg.optim.max_grad_norm, reward_shift=rg.reward_shift))
+    prompts = rg.reward.prompts(backbone)[: rg.optim.batch_size]
+    parts = {"base model forwards": backbone, "policy forwards": policy, "reward forwards": reward}
+    spent, opened = Counter(), {}
+
+    def before(module: torch.nn.Module, args: tuple) -> None:
+        for name, part in parts.items():
+            if module is part and name not in opened:
+                opened[name] = time.perf_counter()
+
+    def after(module: torch.nn.Module, args: tuple, output: object) -> None:
+        for name, part in parts.items():
+            if module is part and name in opened:
+                spent[name] += time.perf_counter() - opened.pop(name)
+
+    algo.update(prompts, torch.Generator().manual_seed(0))  # warm-up
+    hooks = (torch.nn.modules.module.register_module_forward_pre_hook(before),
+             torch.nn.modules.module.register_module_forward_hook(after))
+    start_time = time.perf_counter()
+    for i in range(cfg.profile_updates):
+        algo.update(prompts, torch.Generator().manual_seed(i + 1))
+    total = (time.perf_counter() - start_time) / cfg.profile_updates
+    for hook in hooks:
+        hook.remove()
+    out = {name: spent[name] / cfg.profile_updates for name in parts}
+    return {"update": total, **out, "backward, optimizer step and the rest": total - sum(out.values())}
+
+
+def profile_lines(cfg: Config, results: list[dict]) -> list[str]:
+    """The profile of the first chain run: its stages, then one fine-tuning update without and with gradient
+    checkpointing (the baseline's setting)."""
+    chain = next((r for r in results if r["recipe"] == CHAIN), None)
+    if chain is None or cfg.profile_updates == 0:
+        return []
+    out = cfg.out_dir / CHAIN / f"seed{chain['seed']}"
+    lines = ["| stage | wall (s) | updates / batches (s) | evaluation (s) | start-up and the rest (s) |",
+             "|---|---|---|---|---|"]
+    for stage in get_algorithm(CHAIN).stages:
+        row = stage_profile(out / stage.folder)
+        lines.append(f"| {stage.folder} | " + " | ".join(f"{v:.1f}" for v in row.values()) + " |")
+    lines += ["", "| one fine-tuning update | seconds | share |", "|---|---|---|"]
+    for checkpointing in (False, True):
+        row = profile_update(cfg, out / "bc" / "guidance.safetensors", checkpointing)
+        label = "with gradient checkpointing" if checkpointing else "without gradient checkpointing (the chain's)"
+        lines += [f"| **{label}** | **{row['update']:.2f}** | |",
+                  *(f"| {name} | {v:.2f} | {v / row['update']:.0%} |" for name, v in row.items() if name != "update")]
+    return lines
+
+
 def all_calls(total: dict) -> int:
     return total["train_calls"] + total["eval_calls"]
 
@@ -176,7 +261,11 @@ def main(cfg: Config) -> list[dict]:
     lines = [(f"Time to {cfg.target:.0%} held-out (`benchmarks/time_to_quality.py`, budget {cfg.budget}); one "
               f"20-step base episode at batch 32 took {episode:.2f} s here."), "", *table(results, episode), "",
              *(f"- {line}" for line in ratios(results))]
-    print("\n".join(lines))
+    print("\n".join(lines), flush=True)
+    profile = profile_lines(cfg, results)
+    if profile:
+        lines += ["", "Where the chain's time goes (its first run):", "", *profile]
+        print("\n".join(lines[-len(profile) - 2:]))
     write_text_atomic("\n".join(lines) + "\n", cfg.out_dir / "time_to_quality.md")
     write_text_atomic(json.dumps({"base_episode_seconds": episode, "results": results}, indent=1),
                       cfg.out_dir / "time_to_quality.json")

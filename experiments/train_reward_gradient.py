@@ -109,13 +109,13 @@ def shapes_composite() -> Config:
 
 
 #: The ``shapes-distilled`` budget: updates of 16 images (docs/results.md, "The chain in one command").
-DISTILLED_UPDATES = 64
+DISTILLED_UPDATES = 72
 
 
 def shapes_distilled() -> Config:
     """RL from a distilled start (docs/results.md, "Neural guidance from a distilled start" and "The chain in one
     command"): the CFG-distilled attention network of ``train_bc.py`` under a fresh affine head, the head at
-    --lr 2e-2 and the network at a tenth of it, on the composite reward (the reward study's best), 64 updates of
+    --lr 2e-2 and the network at a tenth of it, on the composite reward (the reward study's best), 72 updates of
     16 images."""
     cfg = shapes_composite()  # the composite reward, started from the distilled network, at twice the rate
     cfg.run = replace(cfg.run, preset="shapes-distilled", run_dir=Path("runs/reward_gradient/shapes-distilled"),

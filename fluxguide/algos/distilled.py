@@ -1,13 +1,17 @@
-"""Distil, then fine-tune: the chain behind the best text-aware result measured (docs/results.md, "Neural guidance
-from a distilled start") as one registered algorithm, ``reward-gradient-distilled``.
+"""Distil, then fine-tune: the best text-aware guidance measured (docs/results.md, "The chain in one command") as one
+registered algorithm, ``reward-gradient-distilled``, in the main job.
 
 Three stages in one run folder, each resumable from its own subfolder: collect CFG 3's corrections
 (``collect_data.py`` into ``data/``), distil them into the text-aware attention network (``train_bc.py`` into
 ``bc/``), and fine-tune that network under an affine head by reward gradient (``train_reward_gradient.py --preset
-shapes-distilled --init-policy bc/guidance.safetensors`` into ``rl/``). Each stage's defaults are its script's
-default recipe. One command runs it (``compare.py --algorithms reward-gradient-distilled``, which also evaluates
-it next to the base sampler and CFG), one Python call too (:func:`fluxguide.harness.launch.run_algorithm`);
-rerunning either skips the stages that finished and resumes the one that stopped.
+shapes-distilled --init-policy bc/guidance.safetensors`` into ``rl/``: the composite reward, 72 updates of 16
+images). The first two stages are behaviour cloning's, at its budget of the main job (``fluxguide.algos.bc``: 128
+trajectories, 400 updates, one evaluation), so the main job trains them once for both rows; the fine-tuning does
+not evaluate its start again (the distillation's last evaluation did, on the same noise). One command runs it
+(``bash run.sh main`` trains it with the others; ``compare.py --algorithms reward-gradient-distilled`` alone), one
+Python call too (:func:`fluxguide.harness.launch.run_algorithm`); rerunning either skips the stages that finished
+and resumes the one that stopped. ``benchmarks/time_to_quality.py`` measures it against the three-script recipe it
+replaced.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ SMOKE_COLLECTION_CALLS = 4 * 3 * (2 + 2)
 
 def test_the_smoke_benchmark_measures_every_stage_of_both_recipes(tmp_path) -> None:
     bench = load_script("time_to_quality", folder="benchmarks")
-    results = bench.main(bench.Config(budget="smoke", out_dir=tmp_path, episode_repeats=1))
+    results = bench.main(bench.Config(budget="smoke", out_dir=tmp_path, episode_repeats=1, profile_updates=1))
     assert [(r["recipe"], r["seed"]) for r in results] == [("reward-gradient-distilled", 0), ("baseline", 0)]
     for res in results:
         data, bc, rl = (res["stages"][name] for name in ("data", "bc", "rl"))
@@ -28,6 +28,8 @@ def test_the_smoke_benchmark_measures_every_stage_of_both_recipes(tmp_path) -> N
     assert chain == baseline
     text = (tmp_path / "time_to_quality.md").read_text()
     assert "seed 0: chain / baseline: wall time" in text and "| **total** |" in text
+    # the profile: each stage's time split, and one fine-tuning update's, without and with checkpointing
+    assert "| rl |" in text and "| base model forwards |" in text and "with gradient checkpointing" in text
     saved = json.loads((tmp_path / "time_to_quality.json").read_text())
     assert saved["base_episode_seconds"] > 0 and len(saved["results"]) == 2
 
