@@ -10,9 +10,10 @@ classifier-free guidance, best-of-N of the base sampler picked by the training r
 and each policy; each row reports its base-model calls per image and wall time per image, the verifier's
 pass rate with its 90% interval (``pass_rate``, ``pass_rate_lo``, ``pass_rate_hi``; bootstrap over prompts) and
 attribute accuracies, its gain over the base sampler with a paired-bootstrap 90% interval on the same noise
-(``gain_vs_base``, ``gain_lo``, ``gain_hi``), and the mean of every reward. A progress bar runs over the samplers,
-with one line per finished sampler; then the table and one verdict per policy ("above base" when the lower end of
-its gain's interval is above zero). Writes ``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png``
+(``gain_vs_base``, ``gain_lo``, ``gain_hi``), each policy's difference to CFG the same way (``gain_vs_cfg``,
+``vs_cfg_lo``, ``vs_cfg_hi``), and the mean of every reward. A progress bar runs over the samplers, with one line
+per finished sampler; then the table and two verdicts per policy, against the base sampler and against CFG
+("above base" when the lower end of the interval is above zero). Writes ``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png``
 (a grid of the first sample of a few prompts per sampler).
 """
 
@@ -160,7 +161,7 @@ def main(cfg: Config) -> list[dict]:
     specs += policies
     rows, images = compare_samplers(world, specs, held, rewards, pick_reward=cfg.pick_reward,
                                     samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-                                    num_steps=cfg.num_steps, progress=True)
+                                    num_steps=cfg.num_steps, progress=True, cfg_reference=specs[1].name)
     md, csv = write_table(rows, cfg.out_dir / "evaluation")
     grid = [held[i * len(held) // cfg.grid_prompts] for i in range(min(cfg.grid_prompts, len(held)))]
     index = [held.index(p) * cfg.samples_per_prompt for p in grid]
@@ -181,6 +182,9 @@ def summary(rows: list[dict[str, Any]], policies: list[str]) -> list[str]:
     and a note when the table holds fewer than :data:`MIN_IMAGES` images per sampler."""
     lines = [gain_verdict(row["sampler"], row["gain_vs_base"], row["gain_lo"], row["gain_hi"])
              for row in rows if row["sampler"] in policies and "gain_vs_base" in row]
+    cfg = next((row["sampler"] for row in rows if row["sampler"].startswith("CFG")), "CFG")
+    lines += [gain_verdict(row["sampler"], row["gain_vs_cfg"], row["vs_cfg_lo"], row["vs_cfg_hi"], reference=cfg)
+              for row in rows if row["sampler"] in policies and "gain_vs_cfg" in row]
     images = min((row["images"] for row in rows if "images" in row), default=None)
     if images is not None and images < MIN_IMAGES:
         lines.append(f"note: {images} held-out images per sampler: 90% intervals at this size are wide; "

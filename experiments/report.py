@@ -3,8 +3,8 @@
     python experiments/report.py 'outputs/compare/runs/*/seed*'                # compare.py's runs
     python experiments/report.py 'runs/ppo/*' 'runs/reward_gradient/*' --out docs/results_report.md
 
-Each glob names run folders (a folder whose ``metrics.jsonl`` sits in ``train/``, as compare.py's BC runs do, counts
-too). A run's algorithm is its W&B group (``--wandb-group``, read from the config in its latest checkpoint), else
+Each glob names run folders (a folder whose ``metrics.jsonl`` files sit one level down, in its stages' folders, as in
+compare.py's BC and chain runs, stands for those). A run's algorithm is its W&B group (``--wandb-group``, read from the config in its latest checkpoint), else
 the name of the folder above it. Per algorithm the markdown table has the number of seeds; the final held-out
 verifier pass rate's mean, standard deviation and min-max over seeds; the pass rate at equal samples (the largest
 sample count every run of the group reached) and at equal wall time (the longest time every run reached),
@@ -81,15 +81,17 @@ class RunSummary:
 
 
 def find_runs(patterns: tuple[str, ...]) -> list[Path]:
-    """The run folders the globs match, in order, each once (``<match>/train`` when the metrics are there)."""
+    """The run folders the globs match, in order, each once; a match without a ``metrics.jsonl`` stands for the
+    stage folders below it that have one (a multi-stage run of compare.py: BC's ``train/``, the chain's ``bc/`` and
+    ``rl/``)."""
     runs: dict[Path, None] = {}
     for pattern in patterns:
         for match in sorted(glob.glob(pattern, recursive=True)):
             path = Path(match)
-            for folder in (path, path / "train"):
-                if (folder / "metrics.jsonl").is_file():
-                    runs[folder] = None
-                    break
+            if (path / "metrics.jsonl").is_file():
+                runs[path] = None
+            elif path.is_dir():
+                runs.update(dict.fromkeys(sorted(sub for sub in path.iterdir() if (sub / "metrics.jsonl").is_file())))
     return list(runs)
 
 

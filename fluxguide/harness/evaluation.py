@@ -29,7 +29,7 @@ from fluxguide.serialization import open_for_writing
 CAPTION_METRICS: tuple[str, ...] = ("eval/verifier_pass_rate", "eval/reward_mean")
 #: The columns a comparison adds for its intervals (:func:`compare_samplers`), in the table's order.
 INTERVAL_COLUMNS: tuple[str, ...] = ("pass_rate", "pass_rate_lo", "pass_rate_hi", "gain_vs_base", "gain_lo", "gain_hi",
-                                     "images")
+                                     "gain_vs_cfg", "vs_cfg_lo", "vs_cfg_hi", "images")
 #: Evaluation noise is seeded with ``seed + EVAL_SEED_OFFSET``, away from the training streams.
 EVAL_SEED_OFFSET = 12345
 
@@ -138,6 +138,7 @@ def compare_samplers(
     batch_size: int = 64,
     progress: bool = False,
     reference: str | None = "base",
+    cfg_reference: str | None = None,
 ) -> tuple[list[dict[str, float | str]], dict[str, torch.Tensor]]:
     """Sample ``prompts`` with every sampler (same noise for the first candidate of each) and score them.
 
@@ -159,7 +160,9 @@ def compare_samplers(
         ``verifier_pass_rate``, ``verifier_<attribute>``, ``reward/<name>`` and, with a verifier,
         ``images``, ``pass_rate``, ``pass_rate_lo``, ``pass_rate_hi`` (90% percentile bootstrap over prompts) and,
         on every row but the reference's, ``gain_vs_base``, ``gain_lo``, ``gain_hi`` (the pass rate minus the
-        reference's, with its paired bootstrap 90% interval over prompts) -- and the kept images per sampler,
+        reference's, with its paired bootstrap 90% interval over prompts), and with ``cfg_reference`` (the name of
+        a sampler listed before the policies, e.g. ``"CFG 3"``) ``gain_vs_cfg``, ``vs_cfg_lo``, ``vs_cfg_hi`` the
+        same against it on the rows after it -- and the kept images per sampler,
         ``(len(prompts) * samples_per_prompt, 3, H, W)`` prompt-major.
     """
     if pick_reward not in rewards:
@@ -204,6 +207,10 @@ def compare_samplers(
             row.update({f"verifier_{k}": float(v.mean()) for k, v in result.scores.items()})
             passed[spec.name] = result.passed.float().cpu()
             row.update(_interval_columns(passed, spec.name, reference, samples_per_prompt))
+            if cfg_reference in passed and spec.name not in (reference, cfg_reference):
+                gain, lo, hi = paired_bootstrap_interval(passed[spec.name], passed[cfg_reference],
+                                                         cluster_size=samples_per_prompt)
+                row.update({"gain_vs_cfg": gain, "vs_cfg_lo": lo, "vs_cfg_hi": hi})
         for name, reward in rewards.items():
             row[f"reward/{name}"] = float(score_in_batches(reward, images, final_prompts, batch_size=batch_size,
                                                               device=backbone.device).mean())

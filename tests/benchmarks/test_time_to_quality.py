@@ -12,26 +12,28 @@ from tests.scripts import load_script
 SMOKE_COLLECTION_CALLS = 4 * 3 * (2 + 2)
 
 
-def test_the_smoke_benchmark_measures_every_stage_of_both_recipes(tmp_path) -> None:
+def test_the_smoke_benchmark_measures_every_stage_of_the_chain(tmp_path) -> None:
     bench = load_script("time_to_quality", folder="benchmarks")
-    results = bench.main(bench.Config(budget="smoke", out_dir=tmp_path, episode_repeats=1, profile_updates=1))
-    assert [(r["recipe"], r["seed"]) for r in results] == [("reward-gradient-distilled", 0), ("baseline", 0)]
-    for res in results:
-        data, bc, rl = (res["stages"][name] for name in ("data", "bc", "rl"))
-        assert data["train_calls"] == SMOKE_COLLECTION_CALLS
-        assert bc["train_calls"] == 0 and bc["eval_calls"] > 0  # distillation runs no model; its evaluation does
-        assert rl["train_calls"] > 0 and rl["eval_calls"] > 0
-        assert 0.0 <= rl["pass_rate"] <= 1.0 and all(row["seconds"] > 0 for row in res["stages"].values())
-        assert res["total"]["train_calls"] == data["train_calls"] + rl["train_calls"]
-    # The baseline differs from the chain only in its arguments at the quick budget: the same work at smoke.
-    chain, baseline = (r["stages"]["rl"]["train_calls"] for r in results)
-    assert chain == baseline
+    (res,) = bench.main(bench.Config(recipes=("chain",), budget="smoke", out_dir=tmp_path, episode_repeats=1,
+                                     profile_updates=1))
+    assert (res["recipe"], res["seed"]) == ("reward-gradient-distilled", 0)
+    data, bc, rl = (res["stages"][name] for name in ("data", "bc", "rl"))
+    assert data["train_calls"] == SMOKE_COLLECTION_CALLS
+    assert bc["train_calls"] == 0 and bc["eval_calls"] > 0  # distillation runs no model; its evaluation does
+    assert rl["train_calls"] > 0 and rl["eval_calls"] > 0
+    assert 0.0 <= rl["pass_rate"] <= 1.0 and all(row["seconds"] > 0 for row in res["stages"].values())
+    assert res["total"]["train_calls"] == data["train_calls"] + rl["train_calls"]
     text = (tmp_path / "time_to_quality.md").read_text()
-    assert "seed 0: chain / baseline: wall time" in text and "| **total** |" in text
+    assert "| **total** |" in text and f"{data['train_calls']:,}" in text
     # the profile: each stage's time split, and one fine-tuning update's, without and with checkpointing
     assert "| rl |" in text and "| base model forwards |" in text and "with gradient checkpointing" in text
     saved = json.loads((tmp_path / "time_to_quality.json").read_text())
-    assert saved["base_episode_seconds"] > 0 and len(saved["results"]) == 2
+    assert saved["base_episode_seconds"] > 0 and saved["results"] == [res]
+    # the ratios line, against a baseline that spent twice as much of everything
+    doubled = {**res, "recipe": "baseline", "total": {**res["total"], **{
+        key: 2 * res["total"][key] for key in ("seconds", "train_calls", "eval_calls")}}}
+    (line,) = bench.ratios([res, doubled])
+    assert line.startswith("seed 0: chain / baseline: wall time 0.500, model calls in training 0.500, all model calls 0.500")
 
 
 def test_the_baseline_recipe_parses_to_the_settings_before_the_chain(tmp_path) -> None:

@@ -129,8 +129,13 @@ def test_evaluate_scores_a_saved_policy_on_training_prompts(tmp_path, capsys) ->
     # so its paired gain is exactly zero with a zero-width interval
     assert rows[2]["verifier_pass_rate"] == rows[0]["verifier_pass_rate"]
     assert (rows[2]["gain_vs_base"], rows[2]["gain_lo"], rows[2]["gain_hi"]) == (0.0, 0.0, 0.0)
+    # and each policy row is paired with CFG too: here the base sampler's difference to CFG, on the same noise
+    assert rows[2]["gain_vs_cfg"] == pytest.approx(rows[0]["pass_rate"] - rows[1]["pass_rate"])
+    assert rows[2]["vs_cfg_lo"] <= rows[2]["gain_vs_cfg"] <= rows[2]["vs_cfg_hi"]
+    assert "gain_vs_cfg" not in rows[0] and "gain_vs_cfg" not in rows[1]
     printed = capsys.readouterr()
     assert "blind: +0.0 points over base, 90% interval [+0.0, +0.0]: not distinguishable from base" in printed.out
+    assert "blind: " in printed.out and " points over CFG 3, 90% interval [" in printed.out
     assert "base: pass rate" in printed.err + printed.out  # one line per finished sampler, under the progress bar
     assert (tmp_path / "eval" / "evaluation.csv").is_file() and (tmp_path / "eval" / "samples.png").is_file()
 
