@@ -255,10 +255,10 @@ def main(cfg: Config) -> list[dict]:
     validate(cfg)  # every option, and that out_dir is writable, before any training
     start = time.perf_counter()
     if not cfg.skip_training:
-        # Runs with a collection stage first (BC: the longest job), so the other lane fits the RL runs beside it.
-        # An algorithm whose stages another one's run computes on its way is trained there, once.
+        # The longest runs first (AlgorithmSpec.minutes), so that the lanes end together. An algorithm whose
+        # stages another one's run computes on its way is trained there, once.
         jobs = sorted(((a, s) for s in cfg.seeds for a in cfg.algorithms if host(cfg, a) == a),
-                      key=lambda job: len(get_algorithm(job[0]).stages) == 1)
+                      key=lambda job: -get_algorithm(job[0]).minutes)
         print(f"training {len(jobs)} runs, {cfg.parallel} at a time; each run's output goes to its log.txt under "
               f"{cfg.out_dir / 'runs'}", flush=True)
         with ThreadPoolExecutor(max_workers=cfg.parallel) as pool, LaneDisplay(cfg.parallel) as lanes, \

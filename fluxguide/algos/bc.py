@@ -308,4 +308,4 @@ SPECS = (AlgorithmSpec(
      Stage("train_bc.py", folder="train", inputs={"--dataset": "data"},
            budgets={"smoke": ("--batch-size", "16", "--total-updates", "2", *SMOKE), "quick": QUICK_DISTIL,
                     "full": full_budget(4000)})),
-    BehaviourCloning, reward="black-box", main_job=True),)
+    BehaviourCloning, reward="black-box", main_job=True, minutes=2.5),)

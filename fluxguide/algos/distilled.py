@@ -35,4 +35,4 @@ SPECS = (AlgorithmSpec(
      replace(FINE_TUNE, folder="rl", inputs={"--init-policy": "bc/guidance.safetensors"},
              args=("--preset", "shapes-distilled", "--no-eval-at-start"),
              budgets={**FINE_TUNE.budgets, "full": full_budget(640)})),
-    RewardGradient, main_job=True),)
+    RewardGradient, main_job=True, minutes=6.5),)

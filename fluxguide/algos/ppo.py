@@ -364,7 +364,8 @@ _SMOKE = ("--batch-size", "4", "--samples-per-prompt", "2", "--minibatch-traject
 
 SPECS = (
     AlgorithmSpec("ppo", "PPO on the denoising MDP, exploring the affine schedule's coefficients",
-                  (Stage("train_ppo.py", budgets=budgets(_SMOKE, 320)),), PPO, reward="black-box", main_job=True),
+                  (Stage("train_ppo.py", budgets=budgets(_SMOKE, 320)),), PPO, reward="black-box", main_job=True,
+                  minutes=7.0),
     AlgorithmSpec("grpo", "GRPO as Flow-GRPO runs it: group advantages, SDE exploration, KL to the reference",
                   (Stage("train_ppo.py", args=("--preset", "grpo"), budgets=budgets(_SMOKE, 320)),), PPO,
                   reward="black-box"),

@@ -87,6 +87,8 @@ class AlgorithmSpec:
         algorithm: the :class:`~fluxguide.algos.common.Algorithm` subclass it trains with, if any.
         reward: ``"differentiable"`` (needs the reward's gradient) or ``"black-box"`` (scores only).
         main_job: trained by the main job (``bash run.sh main``) unless ``--algorithms`` says otherwise.
+        minutes: about how long one run takes at the quick budget beside another run on two cores: the main job
+            starts the longest runs first, so that its two lanes end together.
     """
 
     name: str
@@ -95,6 +97,7 @@ class AlgorithmSpec:
     algorithm: type | None = None
     reward: Literal["differentiable", "black-box"] = "differentiable"
     main_job: bool = False
+    minutes: float = 5.0
 
     def __post_init__(self) -> None:
         if not self.stages:

@@ -354,4 +354,4 @@ _SMOKE = ("--batch-size", "2", "--total-updates", "2")
 
 SPECS = (AlgorithmSpec(
     "reward-gradient", "backpropagate a differentiable reward through the sampler (affine schedule)",
-    (Stage("train_reward_gradient.py", budgets=budgets(_SMOKE, 320)),), RewardGradient, main_job=True),)
+    (Stage("train_reward_gradient.py", budgets=budgets(_SMOKE, 320)),), RewardGradient, main_job=True, minutes=3.0),)
