@@ -37,7 +37,7 @@ def test_every_algorithm_class_declares_the_contract() -> None:
     for cls in (RewardGradient, AdjointMatching, PPO, BehaviourCloning):
         assert issubclass(cls, Algorithm) and cls.name, cls
         assert get_algorithm(cls.name).algorithm is cls
-    assert main_job_algorithms() == ("reward-gradient", "ppo", "bc")
+    assert main_job_algorithms() == ("reward-gradient", "ppo", "bc", "reward-gradient-distilled")
     assert {"reward-gradient", "ppo", "bc", "grpo", "adjoint-matching"} <= set(algorithm_names())
     assert get_algorithm("grpo").stages[0].args == ("--preset", "grpo")  # GRPO: PPO's script, Flow-GRPO's recipe
 

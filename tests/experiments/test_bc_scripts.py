@@ -114,6 +114,21 @@ def test_training_logs_the_references_resumes_and_saves_a_loadable_policy(tmp_pa
     assert [m["visited_by"] for m in data.chunk_metadata] == ["teacher", "teacher", "student"]
 
 
+def test_a_chain_stage_evaluates_once_at_the_end_without_references(tmp_path: Path) -> None:
+    """--no-eval-at-start and --no-references (the distil-then-fine-tune chain's distillation): one evaluation, of
+    the trained policy, no base / CFG rows; the collection counts its base-model calls per chunk."""
+    data = collect(["--episodes", "4", "--batch-size", "4", "--out-dir", str(tmp_path / "data")])
+    assert [m["model_calls"] for m in data.chunk_metadata] == [4 * 3 * 2]  # 4 trajectories, 3 steps, CFG: 2 calls
+    train_small(["--dataset", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"), "--total-updates", "4",
+                 "--eval-every", "4", "--no-eval-at-start", "--no-references"])
+    records = read_metrics(tmp_path / "run")
+    evals = [r for r in records if "eval/verifier_pass_rate" in r]
+    assert [r["charts/samples_seen"] for r in evals] == [64]
+    assert not any("eval/base_pass_rate" in r or "eval/cfg_gain_recovered" in r for r in records)
+    # BC runs no base model in its updates; its one evaluation does, counted as evaluation
+    assert records[-1]["perf/model_calls"] == 0 and records[-1]["perf/eval_model_calls"] > 0
+
+
 def test_training_on_a_missing_dataset_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="the folder does not exist"):
         train_small(["--dataset", str(tmp_path / "nothing"), "--run-dir", str(tmp_path / "run")])
