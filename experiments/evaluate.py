@@ -156,12 +156,13 @@ def main(cfg: Config) -> list[dict]:
     policies = load_policies(cfg, world)  # all of them, checked against the world before any row is sampled
     cfg_scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
     rewards = {name: build_reward(name, world) for name in dict.fromkeys((*cfg.rewards, cfg.pick_reward))}
-    specs = [SamplerSpec("base"), SamplerSpec(f"CFG {cfg_scale:g}", cfg_scale=cfg_scale)]
+    cfg_row = SamplerSpec(f"CFG {cfg_scale:g}", cfg_scale=cfg_scale)  # every policy is paired with it too
+    specs = [SamplerSpec("base"), cfg_row]
     specs += [SamplerSpec(f"best-of-{n} ({cfg.pick_reward})", best_of=n) for n in cfg.best_of]
     specs += policies
     rows, images = compare_samplers(world, specs, held, rewards, pick_reward=cfg.pick_reward,
                                     samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
-                                    num_steps=cfg.num_steps, progress=True, cfg_reference=specs[1].name)
+                                    num_steps=cfg.num_steps, progress=True, cfg_reference=cfg_row.name)
     md, csv = write_table(rows, cfg.out_dir / "evaluation")
     grid = [held[i * len(held) // cfg.grid_prompts] for i in range(min(cfg.grid_prompts, len(held)))]
     index = [held.index(p) * cfg.samples_per_prompt for p in grid]
