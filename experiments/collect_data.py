@@ -84,7 +84,11 @@ class Config:
     batch_size: int = 64
     """prompts per batch; each batch is appended as one chunk"""
     num_steps: int = 20
-    """sampling steps"""
+    """sampling steps of the collection (with --coarse-steps: the teacher's, a multiple of them)"""
+    coarse_steps: int | None = None
+    """cfg-distillation: distil for a sampler of this many steps (few-step guidance): CFG samples at --num-steps and
+    each coarse step's target is the correction with which one Euler step lands where CFG's --num-steps / K fine
+    steps land (fluxguide.data.coarse); the dataset then trains a K-step policy"""
     cfg_scale: float | None = None
     """CFG scale of cfg-distillation (default: the backbone's recommended_cfg_scale, 3 in the shapes world)"""
     student_checkpoint: Path | None = None
@@ -140,6 +144,14 @@ class Config:
         for name in ("episodes", "batch_size", "num_steps", "n", "top_k", "renoise_samples", "threads"):
             check_int(name, getattr(self, name))
         check_int("prompt_swaps", self.prompt_swaps, minimum=0, optional=True)
+        check_int("coarse_steps", self.coarse_steps, optional=True)
+        if self.coarse_steps is not None and self.strategy != "cfg-distillation":
+            raise ConfigError(f"--coarse-steps distils CFG's displacements: it needs --strategy cfg-distillation, got "
+                              f"--strategy {self.strategy} (drop --coarse-steps)")
+        if self.coarse_steps is not None and self.num_steps % self.coarse_steps:
+            fix = self.coarse_steps * -(-self.num_steps // self.coarse_steps)  # the next multiple
+            raise ConfigError(f"--num-steps {self.num_steps} is not a multiple of --coarse-steps {self.coarse_steps}: "
+                              f"the teacher's schedule must hold the coarse one; use e.g. --num-steps {fix}")
         if self.top_k > self.n:
             raise ConfigError(f"--top-k {self.top_k} keeps more trajectories than --n {self.n} draws: use --top-k <= --n")
         check_float("cfg_scale", self.cfg_scale, optional=True)
@@ -178,7 +190,7 @@ def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
         if cfg.student_checkpoint is not None:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
         swaps = PROMPT_SWAPS if cfg.prompt_swaps is None else cfg.prompt_swaps
-        return CFGDistillation(scale, student=student, prompt_swaps=swaps)
+        return CFGDistillation(scale, student=student, prompt_swaps=swaps, coarse_steps=cfg.coarse_steps)
     reward = build_reward(cfg.reward, world)
     if cfg.strategy == "reward-gradient":
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)

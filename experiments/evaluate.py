@@ -2,6 +2,7 @@
 
     python experiments/evaluate.py --policies runs/reward_gradient/shapes runs/ppo/shapes
     python experiments/evaluate.py --policies runs/bc/cfg_distillation/guidance.safetensors --best-of 2 4 8
+    python experiments/evaluate.py --policies runs/reward_gradient/shapes-4-step --pareto-steps 1 2 4 8 20
 
 The prompts and every policy are checked against the base model first (prompts it can render; each policy's
 network sizes and the backbone fingerprint its run recorded), before any row is sampled.
@@ -13,7 +14,9 @@ attribute accuracies, its gain over the base sampler with a paired-bootstrap 90%
 (``gain_vs_base``, ``gain_lo``, ``gain_hi``), each policy's difference to CFG the same way (``gain_vs_cfg``,
 ``vs_cfg_lo``, ``vs_cfg_hi``), and the mean of every reward. A progress bar runs over the samplers, with one line
 per finished sampler; then the table and two verdicts per policy, against the base sampler and against CFG
-("above base" when the lower end of the interval is above zero). Writes ``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png``
+("above base" when the lower end of the interval is above zero). Each policy samples at the step count its run
+trained it at (``--policy-steps`` overrides); ``--pareto-steps`` adds the base sampler, CFG and best-of-N at other
+step counts on the same noise and plots pass rate against model calls per image (``pareto.png``). Writes ``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png``
 (a grid of the first sample of a few prompts per sampler).
 """
 
@@ -43,6 +46,7 @@ from fluxguide.harness.config import (
 )
 from fluxguide.harness.evaluation import SamplerSpec, compare_samplers, recommended_cfg_scale, write_table
 from fluxguide.harness.grids import save_prompt_grid
+from fluxguide.harness.pareto import plot_pareto, sweep_specs
 from fluxguide.harness.statistics import gain_verdict
 from fluxguide.policies import load_guidance_model
 from fluxguide.policies.registry import check_fits_backbone
@@ -73,7 +77,14 @@ class Config:
     guidance_scale: float = 1.0
     """scale of the policies' corrections"""
     num_steps: int | None = None
-    """sampling steps (default: the world's)"""
+    """sampling steps of the base, CFG and best-of-N rows (default: the world's)"""
+    policy_steps: tuple[int, ...] = ()
+    """sampling steps of each policy, one per --policies entry (default: the steps its run trained it at, read
+    from the run folder's checkpoint, else --num-steps): a 4-step policy is evaluated at 4 steps"""
+    pareto_steps: tuple[int, ...] = ()
+    """also sample the base sampler and CFG at each of these step counts (and best-of-N where it costs no more
+    calls than CFG at --num-steps), on the same noise, and draw pass rate against model calls per image into
+    <out_dir>/pareto.png (e.g. 1 2 4 8 20)"""
     prompts: str = "shapes-heldout"
     """the prompt set: 'shapes-heldout' (the 90 held-out prompts), 'shapes-train' (training prompts, e.g. to choose
     a guidance scale without looking at the held-out set) or a text file with one prompt per line"""
@@ -99,6 +110,12 @@ class Config:
         check_int("threads", self.threads)
         for n in self.best_of:
             check_int("best_of", n)
+        for n in (*self.policy_steps, *self.pareto_steps):
+            check_int("policy_steps" if n in self.policy_steps else "pareto_steps", n)
+        check_no_duplicates("pareto_steps", self.pareto_steps)
+        if self.policy_steps and len(self.policy_steps) != len(self.policies):
+            raise ConfigError(f"--policy-steps has {len(self.policy_steps)} step counts for {len(self.policies)} "
+                              "policies: give one per policy, or none to use the steps each was trained at")
         check_float("cfg_scale", self.cfg_scale, optional=True)
         check_float("guidance_scale", self.guidance_scale, minimum=-math.inf)
         check_no_duplicates("rewards", self.rewards)
@@ -130,21 +147,25 @@ def load_policies(cfg: Config, world: Backbone) -> list[SamplerSpec]:
     specs = []
     for i, path in enumerate(cfg.policies):
         file = policy_file(path)
-        check_fingerprint(recorded_fingerprint(file), fingerprint, made=f"the policy {file} was trained", fix=(
+        state = recorded_state(file)
+        check_fingerprint(state.get("backbone_fingerprint"), fingerprint, made=f"the policy {file} was trained", fix=(
             "its corrections are for that model's predictions. Evaluate it with the base model it was trained "
             "on (the same --backbone and --weights-dir), or leave it out of --policies"))
         policy = load_guidance_model(file, device=cfg.device)
         check_fits_backbone(policy, world, name=f"the policy {file}")
         name = cfg.names[i] if cfg.names else f"{file.parent.parent.name}/{file.parent.name}"
-        specs.append(SamplerSpec(name, policy=policy, guidance_scale=cfg.guidance_scale))
+        steps = cfg.policy_steps[i] if cfg.policy_steps else state.get("config", {}).get("num_steps")
+        specs.append(SamplerSpec(name, policy=policy, guidance_scale=cfg.guidance_scale,
+                                 num_steps=steps if steps is not None else cfg.num_steps))
     return specs
 
 
-def recorded_fingerprint(file: Path) -> str | None:
-    """The backbone fingerprint the run that saved ``file`` (a run folder's ``guidance.safetensors``) recorded in
-    its latest checkpoint; ``None`` for a file outside a run folder or a run from before fingerprints."""
+def recorded_state(file: Path) -> dict[str, Any]:
+    """The state the run that saved ``file`` (a run folder's ``guidance.safetensors``) recorded in its latest
+    checkpoint (its ``backbone_fingerprint``, its ``config`` with the ``num_steps`` it trained at); empty for a file
+    outside a run folder."""
     checkpoint = latest_checkpoint(file.parent)
-    return None if checkpoint is None else read_manifest(checkpoint).get("state", {}).get("backbone_fingerprint")
+    return {} if checkpoint is None else read_manifest(checkpoint).get("state", {})
 
 
 def main(cfg: Config) -> list[dict]:
@@ -159,11 +180,17 @@ def main(cfg: Config) -> list[dict]:
     cfg_row = SamplerSpec(f"CFG {cfg_scale:g}", cfg_scale=cfg_scale)  # every policy is paired with it too
     specs = [SamplerSpec("base"), cfg_row]
     specs += [SamplerSpec(f"best-of-{n} ({cfg.pick_reward})", best_of=n) for n in cfg.best_of]
+    default_steps = len(world.schedule(cfg.num_steps)) - 1
+    specs += sweep_specs(cfg.pareto_steps, default_steps, cfg_scale=cfg_scale, best_of=cfg.best_of,
+                         pick_reward=cfg.pick_reward)
     specs += policies
     rows, images = compare_samplers(world, specs, held, rewards, pick_reward=cfg.pick_reward,
                                     samples_per_prompt=cfg.samples_per_prompt, seed=cfg.seed,
                                     num_steps=cfg.num_steps, progress=True, cfg_reference=cfg_row.name)
     md, csv = write_table(rows, cfg.out_dir / "evaluation")
+    if cfg.pareto_steps:
+        pareto = plot_pareto(rows, [spec.name for spec in policies], cfg.out_dir / "pareto.png")
+        print(f"wrote {pareto}")
     grid = [held[i * len(held) // cfg.grid_prompts] for i in range(min(cfg.grid_prompts, len(held)))]
     index = [held.index(p) * cfg.samples_per_prompt for p in grid]
     png = save_prompt_grid({name: imgs[index] for name, imgs in images.items()}, grid, cfg.out_dir / "samples.png")

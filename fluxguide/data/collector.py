@@ -101,10 +101,13 @@ class GuidanceDataCollector:
         self.num_steps = len(self.timesteps) - 1
 
     def metadata(self) -> dict[str, Any]:
-        """Dataset-level facts: the strategy's settings, the backbone (class and weights) and the number of steps."""
+        """Dataset-level facts: the strategy's settings, the backbone (class and weights) and the number of steps of
+        the sampler the pairs train (``num_steps``; the collection's own is ``collected_steps`` where they differ)."""
         # The fingerprint makes appending to a dataset of another base model's states an error (see create).
-        return {**self.strategy.config(), "backbone": type(self.backbone).__name__, "num_steps": self.num_steps,
-                "backbone_fingerprint": backbone_fingerprint(self.backbone)}
+        steps = self.strategy.sampling_steps(self.num_steps)
+        facts = {**self.strategy.config(), "backbone": type(self.backbone).__name__, "num_steps": steps,
+                 "backbone_fingerprint": backbone_fingerprint(self.backbone)}
+        return facts if steps == self.num_steps else {**facts, "collected_steps": self.num_steps}
 
     def batch_generator(self, seed: int, batch_index: int) -> torch.Generator:
         """The generator of batch ``batch_index``: a function of both, so a resumed collection draws the same."""

@@ -33,6 +33,7 @@ from torch import nn
 
 from fluxguide import keys
 from fluxguide.backbones.base import Backbone
+from fluxguide.data.coarse import coarsen, relabel_coarse, substeps
 from fluxguide.data.episodes import FINAL_IMAGE, EpisodeChunk, create_training_pairs
 from fluxguide.data.teachers import (
     CFGTeacher,
@@ -44,7 +45,7 @@ from fluxguide.data.teachers import (
 )
 from fluxguide.rewards.base import call_reward, require_differentiable
 from fluxguide.sampling.denoise import GuidanceFn
-from fluxguide.sampling.instrumented import NEXT_IMG, denoise_with_state_collection
+from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED, denoise_with_state_collection
 
 
 def _derangement(n: int, generator: torch.Generator) -> list[int]:
@@ -78,6 +79,11 @@ class TargetStrategy(ABC):
     @abstractmethod
     def collect(self, batch: CollectionBatch) -> EpisodeChunk:
         """Collect the batch's episodes (one per prompt, or fewer when the strategy filters)."""
+
+    def sampling_steps(self, collected_steps: int) -> int:
+        """The step count of the sampler the pairs train, given the steps the collection samples at: the same,
+        unless the strategy distils for a coarser sampler (:class:`CFGDistillation` with ``coarse_steps``)."""
+        return collected_steps
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable settings, stored in the dataset's metadata."""
@@ -120,23 +126,38 @@ class CFGDistillation(TargetStrategy):
             student can read "bar" off the image instead of the text; swapped pairs break that correlation,
             which is what a held-out combination (a green bar) needs. Each swap costs two model calls per
             step (the new conditional and the unconditional prediction).
+        coarse_steps: distil for a ``coarse_steps``-step sampler (few-step guidance, :mod:`fluxguide.data.coarse`):
+            CFG samples at the collection's steps (a multiple of ``coarse_steps``) and every coarse step's target
+            is the correction with which one Euler step lands where CFG's fine steps land. ``None``: one pair
+            per sampled step, the target CFG's correction there.
     """
 
     name = "cfg_distillation"
 
     def __init__(self, scale: float, student: GuidanceFn | None = None, student_scale: float = 1.0,
-                 prompt_swaps: int = 0) -> None:
+                 prompt_swaps: int = 0, coarse_steps: int | None = None) -> None:
         if not math.isfinite(scale):
             raise ValueError(f"the CFG scale must be finite, got {scale}")
         if prompt_swaps < 0:
             raise ValueError(f"prompt_swaps must be >= 0 (0: only the sampled prompt's labels), got {prompt_swaps}")
+        if coarse_steps is not None:
+            substeps(coarse_steps, coarse_steps)  # an integer >= 1
+            if student is not None:
+                raise ValueError("coarse_steps with a student (DAgger) is not supported: a student's states would "
+                                 "need CFG rolled out from each; collect the teacher's states (no student)")
         self.scale = float(scale)
         self.student, self.student_scale = student, float(student_scale)
         self.prompt_swaps = int(prompt_swaps)
+        self.coarse_steps = coarse_steps
+
+    def sampling_steps(self, collected_steps: int) -> int:
+        return collected_steps if self.coarse_steps is None else self.coarse_steps
 
     def collect(self, batch: CollectionBatch) -> EpisodeChunk:
         teacher = CFGTeacher.from_backbone(batch.backbone, self.scale)
         meta = {**self.config(), "prompt_swaps": self.prompt_swaps}
+        if self.coarse_steps is not None:
+            return self._collect_coarse(batch, teacher, meta)
         if self.student is None:
             chunk, _, states = _collect_with_teacher(batch, teacher, metadata={**meta, "visited_by": "teacher"})
         else:
@@ -154,10 +175,29 @@ class CFGDistillation(TargetStrategy):
                                                  metadata=chunk.metadata))
         return EpisodeChunk.cat([chunk, *swapped])
 
+    def _collect_coarse(self, batch: CollectionBatch, teacher: CFGTeacher, meta: dict[str, Any]) -> EpisodeChunk:
+        """CFG's trajectory at the collection's steps, as pairs of the coarse sampler (:func:`coarsen`); swapped
+        prompts roll CFG out from each coarse state under their own prompt (:func:`relabel_coarse`)."""
+        assert self.coarse_steps is not None
+        meta = {**meta, "visited_by": "teacher"}
+        fine, _, states = _collect_with_teacher(batch, teacher, metadata=meta)
+        images = fine.episodes[FINAL_IMAGE]
+        coarse, targets = coarsen(states, states[PRED_USED] - states[keys.PRED], self.coarse_steps)
+        chunks = [create_training_pairs(coarse, batch.prompts, targets, final_image=images, metadata=meta)]
+        for _ in range(self.prompt_swaps):
+            prompts = [batch.prompts[i] for i in _derangement(len(batch.prompts), batch.generator)]
+            relabelled, swapped = relabel_coarse(batch.backbone, coarse, batch.backbone.encode(prompts), teacher,
+                                                 batch.timesteps)
+            chunks.append(create_training_pairs(relabelled, prompts, swapped, final_image=images, metadata=meta))
+        return EpisodeChunk.cat(chunks)
+
     def config(self) -> dict[str, Any]:
         # The dataset-level settings: DAgger rounds (student-driven chunks) append to the teacher's dataset, and
         # so do chunks with prompt swaps (stored per chunk, since they only add pairs).
-        return {"strategy": self.name, "cfg_scale": self.scale}
+        config: dict[str, Any] = {"strategy": self.name, "cfg_scale": self.scale}
+        if self.coarse_steps is not None:
+            config["coarse_steps"] = self.coarse_steps
+        return config
 
 
 class RewardGradientTargets(TargetStrategy):

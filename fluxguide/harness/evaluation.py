@@ -111,6 +111,8 @@ class SamplerSpec:
         guidance_scale: scale of the policy's correction.
         cfg_scale: classifier-free guidance (1 = off; two base-model calls per step otherwise).
         best_of: sample this many candidates per image and keep the one the picking reward scores highest.
+        num_steps: this row's sampling steps (``None``: the comparison's): rows at several step counts on the same
+            noise put pass rate against model calls (a few-step policy next to the 20-step samplers).
     """
 
     name: str
@@ -118,6 +120,7 @@ class SamplerSpec:
     guidance_scale: float = 1.0
     cfg_scale: float = 1.0
     best_of: int = 1
+    num_steps: int | None = None
 
     def model_calls_per_image(self, num_steps: int) -> int:
         """Base-model forward passes per kept image."""
@@ -149,14 +152,14 @@ def compare_samplers(
         rewards: name -> reward module; every kept image is scored by each.
         pick_reward: the reward (a key of ``rewards``) that picks the best of N candidates.
         seed: noise seed (offset by :data:`EVAL_SEED_OFFSET`).
-        num_steps: sampling steps (default: the backbone's).
+        num_steps: sampling steps of the rows that do not set their own (default: the backbone's).
         progress: show a progress bar over the samplers and print one line per finished sampler.
         reference: the sampler (a spec name) every other one is compared with, image slot by image slot
             (``None``: no gains). Policies and CFG see its noise exactly; best-of-N's candidates are other
             draws for the same prompt slots, so its pairing is by prompt.
 
     Returns:
-        One row per sampler -- ``sampler``, ``model_calls_per_image``, ``seconds_per_image``,
+        One row per sampler -- ``sampler``, ``num_steps``, ``model_calls_per_image``, ``seconds_per_image``,
         ``verifier_pass_rate``, ``verifier_<attribute>``, ``reward/<name>`` and, with a verifier,
         ``images``, ``pass_rate``, ``pass_rate_lo``, ``pass_rate_hi`` (90% percentile bootstrap over prompts) and,
         on every row but the reference's, ``gain_vs_base``, ``gain_lo``, ``gain_hi`` (the pass rate minus the
@@ -172,7 +175,7 @@ def compare_samplers(
         raise ValueError(f"reference {reference!r} is not one of the samplers {names}")
     if reference is not None:  # the reference first, so every other row can be paired with it
         specs = sorted(specs, key=lambda spec: spec.name != reference)
-    steps = len(backbone.schedule(num_steps)) - 1  # refuses 0 and negatives; None: the backbone's default
+    default_steps = len(backbone.schedule(num_steps)) - 1  # refuses 0 and negatives; None: the backbone's default
     rows, kept, passed = [], {}, {}
     from tqdm import tqdm
 
@@ -182,6 +185,7 @@ def compare_samplers(
             raise ValueError(f"best_of must be >= 1, got {spec.best_of} for sampler {spec.name!r}")
         if isinstance(spec.policy, nn.Module):
             spec.policy.eval()
+        steps = default_steps if spec.num_steps is None else len(backbone.schedule(spec.num_steps)) - 1
         start = time.perf_counter()
         # Candidate k of sample j of a prompt is sample j * best_of + k: candidate 0 of best-of-1 is the noise
         # every other sampler sees first.
@@ -198,6 +202,7 @@ def compare_samplers(
         final_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
         row: dict[str, float | str] = {
             "sampler": spec.name,
+            "num_steps": steps,
             "model_calls_per_image": spec.model_calls_per_image(steps),
             "seconds_per_image": seconds / len(final_prompts),
         }

@@ -161,3 +161,31 @@ def test_every_compare_budget_parses_under_its_scripts(budget: str) -> None:
                 default, args = script.PRESETS[args[at + 1]](), args[:at] + args[at + 2:]
             parsed = tyro.cli(script.Config, args=args, default=default)
             assert getattr(parsed, "run", parsed).seed == 0, argv
+
+
+def test_evaluate_sweeps_step_counts_on_the_same_noise_and_plots_calls(tmp_path, capsys) -> None:
+    """--pareto-steps adds the base sampler, CFG and best-of-N (within CFG's calls) at other step counts; each row
+    records its steps and calls; --policy-steps samples a policy at its own; pareto.png is drawn."""
+    from fluxguide.backbones.registry import build_backbone
+    from fluxguide.policies import save_guidance_model
+    from fluxguide.policies.registry import build_policy
+
+    evaluate = load_script(ROOT / "experiments" / "evaluate.py")
+    save_guidance_model(build_policy("affine", build_backbone("shapes"), hidden_dim=8), tmp_path / "guidance.safetensors")
+    rows = evaluate.main(evaluate.Config(policies=(tmp_path,), names=("two-step",), policy_steps=(2,), num_steps=4,
+                                         pareto_steps=(1, 2, 4), best_of=(2, 8), out_dir=tmp_path / "eval",
+                                         num_prompts=2, samples_per_prompt=1, grid_prompts=1))
+    calls = {r["sampler"]: (r["num_steps"], r["model_calls_per_image"]) for r in rows}
+    assert calls == {"base": (4, 4), "CFG 3": (4, 8), "best-of-2 (shapes-clip)": (4, 8),
+                     "best-of-8 (shapes-clip)": (4, 32),
+                     "base, 1 step": (1, 1), "CFG 3, 1 step": (1, 2), "best-of-2 (shapes-clip), 1 step": (1, 2),
+                     "best-of-8 (shapes-clip), 1 step": (1, 8),
+                     "base, 2 steps": (2, 2), "CFG 3, 2 steps": (2, 4), "best-of-2 (shapes-clip), 2 steps": (2, 4),
+                     "two-step": (2, 2)}  # best-of-8 at 2 steps (16 calls) costs more than CFG at 4 steps (8)
+    # a fresh affine policy adds nothing: at 2 steps it is the 2-step base sampler, image for image
+    by_name = {r["sampler"]: r for r in rows}
+    assert by_name["two-step"]["pass_rate"] == by_name["base, 2 steps"]["pass_rate"]
+    assert (tmp_path / "eval" / "pareto.png").is_file()
+    assert "pareto.png" in capsys.readouterr().out
+    with pytest.raises(UserError, match="--policy-steps has 2 step counts for 1 policies"):
+        evaluate.main(evaluate.Config(policies=(tmp_path,), policy_steps=(2, 4), out_dir=tmp_path / "eval"))

@@ -1,0 +1,84 @@
+"""Few-step distillation targets (fluxguide/data/coarse.py): one coarse Euler step with its target lands where the
+teacher's fine steps land, and a rollout from the teacher's own state reproduces the free targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fluxguide import keys
+from fluxguide.data.coarse import coarsen, relabel_coarse, substeps
+from fluxguide.data.collector import GuidanceDataCollector
+from fluxguide.data.targets import CFGDistillation
+from fluxguide.data.teachers import CFGTeacher
+from fluxguide.sampling.instrumented import PRED_USED, T_PREV, denoise_with_state_collection
+from fluxguide.worlds.shapes import ShapesWorld
+
+PROMPTS = ["a red circle", "a blue bar", "a green triangle above a yellow circle"]
+
+
+def teacher_trajectory(world: ShapesWorld, fine_steps: int):
+    """CFG 3's trajectory at ``fine_steps`` from fixed noise: (final latent, states, conditioning, schedule)."""
+    cond = world.encode(PROMPTS)
+    times = world.schedule(fine_steps)
+    noise = world.noise(len(PROMPTS), torch.Generator().manual_seed(0))
+    final, states = denoise_with_state_collection(world, noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, times,
+                                                  guidance=world.default_guidance,
+                                                  guidance_model=CFGTeacher.from_backbone(world, 3.0))
+    return final, states, cond, times
+
+
+@pytest.mark.parametrize("coarse_steps", [1, 2, 4])
+def test_one_coarse_step_lands_where_the_teachers_fine_steps_land(shapes_random: ShapesWorld, coarse_steps: int) -> None:
+    final, states, _, times = teacher_trajectory(shapes_random, 8 if coarse_steps != 1 else 4)
+    coarse, targets = coarsen(states, states[PRED_USED] - states[keys.PRED], coarse_steps)
+    assert coarse[keys.IMG].shape[1] == coarse_steps and targets.shape == coarse[keys.PRED].shape
+    m = (len(times) - 1) // coarse_steps
+    assert coarse[keys.T][0].tolist() == pytest.approx(times[:-1:m], abs=1e-6)
+    assert coarse[T_PREV][0].tolist() == pytest.approx(times[m::m], abs=1e-6)
+    assert coarse[keys.STEP][0].tolist() == list(range(coarse_steps))
+    # the student's Euler step from the teacher's state, with the target as its correction
+    x, t, t_next = coarse[keys.IMG], coarse[keys.T][..., None, None], coarse[T_PREV][..., None, None]
+    landed = x + (t_next - t) * (coarse[keys.PRED] + targets)
+    ends = torch.cat([x[:, 1:], final[:, None]], dim=1)  # the next coarse state; the last lands on the final latent
+    # float32 sums of m steps of size ~1 in another order: a few ulps of the latent scale (~4)
+    torch.testing.assert_close(landed, ends, atol=1e-5, rtol=1e-5)
+
+
+def test_coarsening_to_the_collected_steps_changes_nothing(shapes_random: ShapesWorld) -> None:
+    _, states, _, _ = teacher_trajectory(shapes_random, 4)
+    fine_targets = states[PRED_USED] - states[keys.PRED]
+    coarse, targets = coarsen(states, fine_targets, 4)
+    torch.testing.assert_close(targets, fine_targets, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(coarse[keys.IMG], states[keys.IMG])
+
+
+def test_a_rollout_from_the_teachers_own_states_gives_its_targets(shapes_random: ShapesWorld) -> None:
+    """relabel_coarse under the trajectory's own prompts re-runs CFG over each interval: the same targets that
+    coarsen read off the trajectory for free (what swapped prompts get under theirs)."""
+    _, states, cond, times = teacher_trajectory(shapes_random, 8)
+    coarse, targets = coarsen(states, states[PRED_USED] - states[keys.PRED], 2)
+    relabelled, rolled = relabel_coarse(shapes_random, coarse, cond, CFGTeacher.from_backbone(shapes_random, 3.0),
+                                        times)
+    torch.testing.assert_close(rolled, targets, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(relabelled[keys.PRED], coarse[keys.PRED], atol=1e-5, rtol=1e-5)
+
+
+def test_the_coarse_steps_must_divide_the_teachers() -> None:
+    assert substeps(20, 4) == 5
+    with pytest.raises(ValueError, match="not a multiple of coarse_steps=8.*e.g. 24 steps"):
+        substeps(20, 8)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        CFGDistillation(3.0, coarse_steps=0)
+
+
+def test_a_coarse_collection_records_the_students_steps(shapes_random: ShapesWorld) -> None:
+    strategy = CFGDistillation(3.0, prompt_swaps=1, coarse_steps=2)
+    collector = GuidanceDataCollector(shapes_random, strategy, num_steps=4)
+    meta = collector.metadata()
+    assert (meta["num_steps"], meta["collected_steps"], meta["coarse_steps"]) == (2, 4, 2)
+    chunk = collector.collect(PROMPTS)
+    assert chunk.num_episodes == 2 * len(PROMPTS)  # the sampled prompts and one swap each
+    assert chunk.transitions[keys.STEP].tolist() == [0, 1] * (2 * len(PROMPTS))
+    with pytest.raises(ValueError, match="student"):
+        CFGDistillation(3.0, student=CFGTeacher.from_backbone(shapes_random, 3.0), coarse_steps=2)
