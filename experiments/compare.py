@@ -87,6 +87,9 @@ class Config:
     """noise seed of the comparison table (the training runs' own evaluations use their --seed)"""
     best_of: tuple[int, ...] = ()
     """best-of-N rows of the table (e.g. 4 8; each costs N times the base sampler)"""
+    pareto_steps: tuple[int, ...] = ()
+    """also put the base sampler and CFG at these step counts in the table (e.g. 1 2 4 8 20) and draw pareto.png:
+    pass rate against base-model calls per image, each policy at the steps it was trained at"""
     weights_dir: Path | None = None
     """shapes-world weight folder (default: the weights shipped in the package)"""
     wandb_mode: str | None = None
@@ -97,8 +100,8 @@ class Config:
         check_int("parallel", self.parallel)
         check_int("eval_num_prompts", self.eval_num_prompts, optional=True)
         check_int("eval_samples_per_prompt", self.eval_samples_per_prompt)
-        for n in self.best_of:
-            check_int("best_of", n)
+        for n in (*self.best_of, *self.pareto_steps):
+            check_int("best_of" if n in self.best_of else "pareto_steps", n)
         if not self.seeds:
             raise ConfigError("--seeds needs at least one value")
         if self.algorithms is None:
@@ -273,7 +276,7 @@ def main(cfg: Config) -> list[dict]:
     rows = evaluate.main(evaluate.Config(
         policies=policies, names=cfg.algorithms, out_dir=cfg.out_dir, weights_dir=cfg.weights_dir,
         num_prompts=cfg.eval_num_prompts, samples_per_prompt=cfg.eval_samples_per_prompt, best_of=cfg.best_of,
-        seed=cfg.eval_seed, threads=2,
+        seed=cfg.eval_seed, threads=2, pareto_steps=cfg.pareto_steps,
     ))
     refuse_links(cfg.out_dir / "wandb_compare")
     with Tracker(cfg.out_dir / "wandb_compare", config={k: str(v) for k, v in asdict(cfg).items()},
@@ -282,7 +285,10 @@ def main(cfg: Config) -> list[dict]:
         tracker.log_image("eval/samples", cfg.out_dir / "samples.png", 0)
         tracker.log_table("eval/comparison", rows)
     print(f"\nall done in {(time.perf_counter() - start) / 60:.1f} min. Results in {cfg.out_dir}:")
-    for name in ("curves.png", "evaluation.md", "evaluation.csv", "samples.png"):
+    outputs = ["curves.png", "evaluation.md", "evaluation.csv", "samples.png"]
+    if cfg.pareto_steps:
+        outputs.append("pareto.png")
+    for name in outputs:
         print(f"  {cfg.out_dir / name}")
     print(f"  W&B runs (offline unless online was asked for): {cfg.out_dir}/runs/*/*/**/wandb, "
           f"{cfg.out_dir}/wandb_compare/wandb; upload with `wandb sync <folder>/offline-run-*`")

@@ -22,6 +22,7 @@ step counts on the same noise and plots pass rate against model calls per image 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.checkpointing import latest_checkpoint, read_manifest
+from fluxguide.data.store import MANIFEST
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
@@ -154,10 +156,22 @@ def load_policies(cfg: Config, world: Backbone) -> list[SamplerSpec]:
         policy = load_guidance_model(file, device=cfg.device)
         check_fits_backbone(policy, world, name=f"the policy {file}")
         name = cfg.names[i] if cfg.names else f"{file.parent.parent.name}/{file.parent.name}"
-        steps = cfg.policy_steps[i] if cfg.policy_steps else state.get("config", {}).get("num_steps")
+        steps = cfg.policy_steps[i] if cfg.policy_steps else trained_steps(state)
         specs.append(SamplerSpec(name, policy=policy, guidance_scale=cfg.guidance_scale,
                                  num_steps=steps if steps is not None else cfg.num_steps))
     return specs
+
+
+def trained_steps(state: dict[str, Any]) -> int | None:
+    """The sampling steps a run trained at: its ``--num-steps``, else (behaviour cloning) its dataset's; ``None``
+    when neither is recorded."""
+    config = state.get("config", {})
+    if config.get("num_steps") is not None:
+        return int(config["num_steps"])
+    dataset = Path(str(config["dataset"])) / MANIFEST if config.get("dataset") else None
+    if dataset is not None and dataset.is_file():
+        return json.loads(dataset.read_text()).get("metadata", {}).get("num_steps")
+    return None
 
 
 def recorded_state(file: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@
     python experiments/train_reward_gradient.py --preset flux-dev --train-prompts prompts.txt   # FLUX.1-dev, GPU
     python experiments/train_reward_gradient.py --preset shapes-distilled      # from train_bc.py's policy
     python experiments/train_reward_gradient.py --preset shapes-composite      # the reward study's best reward
+    python experiments/train_reward_gradient.py --preset shapes-4-step         # few-step guidance: 4 model calls
     python experiments/train_reward_gradient.py --help                         # every option and the presets
 
 The default (``--preset shapes``) is the best recipe known on the shapes world (docs/results.md): the affine
@@ -41,7 +42,7 @@ from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import check_float, check_int
-from fluxguide.harness.presets import distilled_start, flux_dev_preset
+from fluxguide.harness.presets import distilled_start, few_step_policy, flux_dev_preset
 
 #: The shapes preset's budget: updates of 16 images (the README's headline is measured at it).
 RG_UPDATES = 64
@@ -126,8 +127,29 @@ def shapes_distilled() -> Config:
     return cfg
 
 
+#: The few-step presets' budget: updates of 16 images at K steps (docs/results.md, "Few-step guidance").
+FEW_STEP_UPDATES = 150
+
+
+def shapes_few_step(num_steps: int) -> Config:
+    """Few-step guidance (docs/results.md, "Few-step guidance"): fine-tune the network distilled for a
+    ``num_steps``-step sampler (:func:`~fluxguide.harness.presets.few_step_policy`: CFG's displacements over each
+    coarse step) under an affine head on every step, by reward gradient through the ``num_steps``-step sampler: the
+    shapes preset's reward (caption log-probability with its reward target; the composite reward is hacked within
+    100 updates at 4 steps), lr 2e-2, 150 updates of 16 images."""
+    cfg = Config()
+    name = f"shapes-{num_steps}-step"
+    cfg.run = replace(cfg.run, preset=name, run_dir=Path(f"runs/reward_gradient/{name}"),
+                      wandb_group=f"reward-gradient-{num_steps}-step", total_updates=FEW_STEP_UPDATES,
+                      eval_every=FEW_STEP_UPDATES // 3, checkpoint_every=FEW_STEP_UPDATES // 3)
+    cfg.optim = replace(cfg.optim, lr=2e-2, num_steps=num_steps)
+    cfg.guide = distilled_start(replace(cfg.guide, policy_min_t=0.0), few_step_policy(num_steps))
+    return cfg
+
+
 PRESETS = {"shapes": Config, "flux-dev": flux_dev, "shapes-distilled": shapes_distilled,
-           "shapes-composite": shapes_composite}
+           "shapes-composite": shapes_composite, "shapes-4-step": lambda: shapes_few_step(4),
+           "shapes-2-step": lambda: shapes_few_step(2)}
 
 
 def main(cfg: Config) -> dict[str, float]:

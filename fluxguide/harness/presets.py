@@ -49,10 +49,19 @@ FLUX_DEV_STEPS = 28
 DISTILLED_POLICY = Path("runs/bc/cfg_distillation/guidance.safetensors")
 
 
-def distilled_start(guide: PolicyConfig) -> PolicyConfig:
-    """``guide`` started from the CFG-distilled attention network (:data:`DISTILLED_POLICY`) under a fresh affine
-    head, the head at --lr and the network at a tenth of it: RL from a distilled start (docs/results.md)."""
-    return replace(guide, init_policy=DISTILLED_POLICY, head="affine", body_lr_scale=0.1)
+def distilled_start(guide: PolicyConfig, policy: Path = DISTILLED_POLICY) -> PolicyConfig:
+    """``guide`` started from the CFG-distilled attention network ``policy`` (default :data:`DISTILLED_POLICY`)
+    under a fresh affine head, the head at --lr and the network at a tenth of it: RL from a distilled start
+    (docs/results.md)."""
+    return replace(guide, init_policy=policy, head="affine", body_lr_scale=0.1)
+
+
+def few_step_policy(num_steps: int) -> Path:
+    """Where ``train_bc.py`` writes the network distilled for a ``num_steps``-step sampler in the few-step recipe
+    (``collect_data.py --coarse-steps K --out-dir runs/bc_data/K_step``, then ``train_bc.py --dataset
+    runs/bc_data/K_step --run-dir runs/bc/K_step``): the start of ``train_reward_gradient.py --preset
+    shapes-K-step``."""
+    return Path(f"runs/bc/{num_steps}_step/guidance.safetensors")
 
 
 def flux_dev_model() -> BackboneConfig:

@@ -44,3 +44,23 @@ def test_a_stage_that_refuses_its_options_stops_the_chain_with_its_reason(tmp_pa
         run_algorithm("reward-gradient-distilled", tmp_path / "chain", budget="smoke",
                       args=["--wandb-mode", "disabled", "--threads", "0"])
     assert not (tmp_path / "chain" / "data" / STAGE_DONE).exists()
+
+
+def test_the_few_step_chain_trains_a_policy_that_is_evaluated_at_its_own_steps(tmp_path) -> None:
+    """The few-step recipe (fluxguide/algos/few_step.py) at the smoke budget: CFG's coarse displacements, their
+    distillation and the reward-gradient fine-tuning at the coarse steps; evaluate.py then samples each policy at the
+    steps its run recorded (the fine-tuning's --num-steps, the distillation's dataset's)."""
+    from fluxguide.data.store import GuidanceDataset
+    from tests.scripts import ROOT, load_script
+
+    run = tmp_path / "few"
+    policy_dir = run_algorithm("reward-gradient-4-step", run, budget="smoke", args=["--wandb-mode", "disabled"],
+                               progress=False)
+    meta = GuidanceDataset(run / "data").metadata
+    assert (meta["num_steps"], meta["collected_steps"], meta["coarse_steps"]) == (2, 4, 2)
+    evaluate = load_script(ROOT / "experiments" / "evaluate.py")
+    rows = evaluate.main(evaluate.Config(policies=(policy_dir, run / "bc"), names=("rl", "bc"), best_of=(),
+                                         num_prompts=1, samples_per_prompt=1, grid_prompts=1,
+                                         out_dir=tmp_path / "eval"))
+    steps = {r["sampler"]: (r["num_steps"], r["model_calls_per_image"]) for r in rows}
+    assert steps == {"base": (20, 20), "CFG 3": (20, 40), "rl": (2, 2), "bc": (2, 2)}
