@@ -161,3 +161,22 @@ def test_evaluation_options_do_not_change_training(name: str, tmp_path) -> None:
     a, b = (load_file(str(tmp_path / run / "guidance.safetensors")) for run in ("a", "b"))
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
     assert any(a[k].abs().sum() > 0 for k in a), "the policy trained (it starts at zero)"
+
+
+@pytest.mark.parametrize("steps", [4, 2])
+def test_few_step_presets_fine_tune_the_coarse_distillation_at_their_steps(steps: int) -> None:
+    """shapes-K-step: the network distilled for K steps (few_step_policy) under an affine head on every step,
+    trained through the K-step sampler on the shapes preset's reward; the registered chain passes its own BC."""
+    from fluxguide.harness.presets import few_step_policy
+
+    script = load_script("train_reward_gradient")
+    cfg = flat_config(parse(script, ["--preset", f"shapes-{steps}-step"]))
+    assert (cfg["num_steps"], cfg["policy_min_t"], cfg["init_policy"], cfg["head"]) == (
+        steps, 0.0, str(few_step_policy(steps)), "affine")
+    assert (cfg["reward"], cfg["reward_target"], cfg["lr"], cfg["total_updates"]) == (
+        "shapes-clip-retrieval", -0.1, 2e-2, script.FEW_STEP_UPDATES)
+    with pytest.raises(ConfigError, match="train_bc.py"):
+        validate(parse(script, ["--preset", f"shapes-{steps}-step"]))  # no distilled policy there yet
+    (stage,) = [s for s in get_algorithm(f"reward-gradient-{steps}-step").stages if s.folder == "rl"]
+    assert stage.args[:2] == ("--preset", f"shapes-{steps}-step") and stage.inputs == {
+        "--init-policy": "bc/guidance.safetensors"}
