@@ -127,23 +127,24 @@ def shapes_distilled() -> Config:
     return cfg
 
 
-#: The few-step presets' budget: updates of 16 images at K steps (docs/results.md, "Few-step guidance").
-FEW_STEP_UPDATES = 150
-
-
 def shapes_few_step(num_steps: int) -> Config:
     """Few-step guidance (docs/results.md, "Few-step guidance"): fine-tune the network distilled for a
     ``num_steps``-step sampler (:func:`~fluxguide.harness.presets.few_step_policy`: CFG's displacements over each
-    coarse step) under an affine head on every step, by reward gradient through the ``num_steps``-step sampler: the
-    shapes preset's reward (caption log-probability with its reward target; the composite reward is hacked within
-    100 updates at 4 steps), lr 2e-2, 150 updates of 16 images."""
+    coarse step) under an affine head on every step, by reward gradient through the ``num_steps``-step sampler, on
+    the shapes preset's reward (caption log-probability; the composite reward is hacked within 100 updates at 4
+    steps). 4 steps: its reward target, lr 2e-2, 150 updates of 16 images; 2 steps: no reward target (the target
+    stops the gradient of images that reach it, and at 2 steps most do before their shapes are right), lr 1e-2,
+    300 updates (the ablations of that section)."""
     cfg = Config()
     name = f"shapes-{num_steps}-step"
+    updates, lr = (150, 2e-2) if num_steps >= 4 else (300, 1e-2)
     cfg.run = replace(cfg.run, preset=name, run_dir=Path(f"runs/reward_gradient/{name}"),
-                      wandb_group=f"reward-gradient-{num_steps}-step", total_updates=FEW_STEP_UPDATES,
-                      eval_every=FEW_STEP_UPDATES // 3, checkpoint_every=FEW_STEP_UPDATES // 3)
-    cfg.optim = replace(cfg.optim, lr=2e-2, num_steps=num_steps)
+                      wandb_group=f"reward-gradient-{num_steps}-step", total_updates=updates,
+                      eval_every=updates // 3, checkpoint_every=updates // 3)
+    cfg.optim = replace(cfg.optim, lr=lr, num_steps=num_steps)
     cfg.guide = distilled_start(replace(cfg.guide, policy_min_t=0.0), few_step_policy(num_steps))
+    if num_steps < 4:
+        cfg.reward_target = None
     return cfg
 
 

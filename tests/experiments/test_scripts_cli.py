@@ -79,7 +79,9 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
     assert "gain_vs_base" in (out / "evaluation.csv").read_text().splitlines()[0]
     calls = {r["sampler"]: r["model_calls_per_image"] for r in rows}
     assert calls["base"] == 20 and calls["CFG 3"] == 40 and calls["best-of-2 (shapes-clip)"] == 40
-    assert calls["ppo"] == 20
+    # each policy is sampled at the steps its run trained at (the smoke budget's 3; the few-step chains' 2)
+    steps = {r["sampler"]: r["num_steps"] for r in rows}
+    assert calls["ppo"] == steps["ppo"] == 3 and calls["reward-gradient-4-step"] == 2
     for name in ("curves.png", "evaluation.md", "evaluation.csv", "samples.png"):
         assert (out / name).is_file(), name
     assert "| reward-gradient |" in (out / "evaluation.md").read_text()
