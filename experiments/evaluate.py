@@ -203,7 +203,7 @@ def main(cfg: Config) -> list[dict]:
                                     num_steps=cfg.num_steps, progress=True, cfg_reference=cfg_row.name)
     md, csv = write_table(rows, cfg.out_dir / "evaluation")
     if cfg.pareto_steps:
-        pareto = plot_pareto(rows, [spec.name for spec in policies], cfg.out_dir / "pareto.png")
+        pareto = plot_pareto(rows, [spec.name for spec in policies], cfg.out_dir / "pareto.png", reference=cfg_row.name)
         print(f"wrote {pareto}")
     grid = [held[i * len(held) // cfg.grid_prompts] for i in range(min(cfg.grid_prompts, len(held)))]
     index = [held.index(p) * cfg.samples_per_prompt for p in grid]

@@ -49,10 +49,11 @@ def series_of(row: dict[str, Any], policies: Sequence[str]) -> str:
 
 
 def plot_pareto(rows: Sequence[dict[str, Any]], policies: Sequence[str], path: str | Path,
-                title: str = "held-out pass rate against base-model calls") -> Path:
+                title: str = "held-out pass rate against base-model calls", reference: str | None = None) -> Path:
     """Pass rate (90% interval as error bars) against model calls per image, log scale: one line per reference
-    family through its step counts, one marker per policy labelled with its steps. Rows without a pass rate (no
-    verifier) are left out. Returns ``path``."""
+    family through its step counts, one star per policy labelled with its steps, and ``reference`` (a row name,
+    e.g. ``"CFG 3"`` at the table's steps) as a dashed level to beat. Rows without a pass rate (no verifier) are left
+    out. Returns ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,21 +63,33 @@ def plot_pareto(rows: Sequence[dict[str, Any]], policies: Sequence[str], path: s
     for row in rows:
         if "pass_rate" in row:
             series.setdefault(series_of(row, policies), []).append(row)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    policy_colours = plt.get_cmap("tab20b")  # apart from the reference lines' default colours
+    policy_index = 0
     for name, points in series.items():
-        points = sorted(points, key=lambda r: r["model_calls_per_image"])
-        xs = [r["model_calls_per_image"] for r in points]
-        ys = [100 * r["pass_rate"] for r in points]
-        err = [[100 * (r["pass_rate"] - r["pass_rate_lo"]) for r in points],
-               [100 * (r["pass_rate_hi"] - r["pass_rate"]) for r in points]]
-        is_policy = name in policies
-        label = f"{name} ({points[0]['num_steps']} steps)" if is_policy and len(points) == 1 else name
-        ax.errorbar(xs, ys, yerr=err, marker="*" if is_policy else "o", markersize=11 if is_policy else 5,
-                    linestyle="none" if is_policy else "-", capsize=3, label=label)
+        points = sorted(points, key=lambda r: float(r["model_calls_per_image"]))
+        xs = [float(r["model_calls_per_image"]) for r in points]
+        ys = [100 * float(r["pass_rate"]) for r in points]
+        err = [[100 * (float(r["pass_rate"]) - float(r["pass_rate_lo"])) for r in points],
+               [100 * (float(r["pass_rate_hi"]) - float(r["pass_rate"])) for r in points]]
+        if name in policies:
+            steps = int(float(points[0]["num_steps"]))
+            ax.errorbar(xs, ys, yerr=err, marker="*", markersize=12, linestyle="none", capsize=3,
+                        color=policy_colours(policy_index % 20), label=f"{name} ({steps} step{'s' * (steps != 1)})")
+            policy_index += 1
+        else:
+            ax.errorbar(xs, ys, yerr=err, marker="o", markersize=5, linestyle="-", capsize=3, color="0.25"
+                        if name == "base" else None, label=name)
+    level = next((r for r in rows if r.get("sampler") == reference and "pass_rate" in r), None)
+    if level is not None:
+        ax.axhline(100 * float(level["pass_rate"]), linestyle="--", color="0.5", linewidth=1,
+                   label=f"{reference} at {int(float(level['model_calls_per_image']))} calls")
     ax.set_xscale("log", base=2)
+    ticks = sorted({float(r["model_calls_per_image"]) for points in series.values() for r in points})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("base-model calls per image")
     ax.set_ylabel("held-out pass rate (%)")
     ax.set_title(title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, Path(path))
