@@ -100,8 +100,10 @@ class Config:
         check_int("parallel", self.parallel)
         check_int("eval_num_prompts", self.eval_num_prompts, optional=True)
         check_int("eval_samples_per_prompt", self.eval_samples_per_prompt)
-        for n in (*self.best_of, *self.pareto_steps):
-            check_int("best_of" if n in self.best_of else "pareto_steps", n)
+        for n in self.best_of:
+            check_int("best_of", n)
+        for n in self.pareto_steps:
+            check_int("pareto_steps", n)
         if not self.seeds:
             raise ConfigError("--seeds needs at least one value")
         if self.algorithms is None:

@@ -16,13 +16,13 @@ attribute accuracies, its gain over the base sampler with a paired-bootstrap 90%
 per finished sampler; then the table and two verdicts per policy, against the base sampler and against CFG
 ("above base" when the lower end of the interval is above zero). Each policy samples at the step count its run
 trained it at (``--policy-steps`` overrides); ``--pareto-steps`` adds the base sampler, CFG and best-of-N at other
-step counts on the same noise and plots pass rate against model calls per image (``pareto.png``). Writes ``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png``
-(a grid of the first sample of a few prompts per sampler).
+step counts on the same noise and plots pass rate against model calls per image (``pareto.png``). Writes
+``<out_dir>/evaluation.md``, ``evaluation.csv`` and ``samples.png`` (a grid of the first sample of a few prompts per
+sampler).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +34,7 @@ from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_backbone, build_reward
 from fluxguide.checkpointing import latest_checkpoint, read_manifest
-from fluxguide.data.store import MANIFEST
+from fluxguide.data.store import MANIFEST, GuidanceDataset
 from fluxguide.envs.prompts import resolve_prompts
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import (
@@ -112,8 +112,10 @@ class Config:
         check_int("threads", self.threads)
         for n in self.best_of:
             check_int("best_of", n)
-        for n in (*self.policy_steps, *self.pareto_steps):
-            check_int("policy_steps" if n in self.policy_steps else "pareto_steps", n)
+        for n in self.policy_steps:
+            check_int("policy_steps", n)
+        for n in self.pareto_steps:
+            check_int("pareto_steps", n)
         check_no_duplicates("pareto_steps", self.pareto_steps)
         if self.policy_steps and len(self.policy_steps) != len(self.policies):
             raise ConfigError(f"--policy-steps has {len(self.policy_steps)} step counts for {len(self.policies)} "
@@ -168,9 +170,10 @@ def trained_steps(state: dict[str, Any]) -> int | None:
     config = state.get("config", {})
     if config.get("num_steps") is not None:
         return int(config["num_steps"])
-    dataset = Path(str(config["dataset"])) / MANIFEST if config.get("dataset") else None
-    if dataset is not None and dataset.is_file():
-        return json.loads(dataset.read_text()).get("metadata", {}).get("num_steps")
+    dataset = Path(str(config["dataset"])) if config.get("dataset") else None
+    if dataset is not None and (dataset / MANIFEST).is_file():  # a dataset path relative to another folder: unknown
+        steps = GuidanceDataset(dataset, verify=False).metadata.get("num_steps")
+        return None if steps is None else int(steps)
     return None
 
 

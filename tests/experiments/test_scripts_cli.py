@@ -58,10 +58,13 @@ def test_compare_smoke_budget_trains_every_algorithm_and_writes_the_results(tmp_
     compare = load_script(ROOT / "experiments" / "compare.py")
     out = tmp_path / "compare"
     cfg = compare.Config(out_dir=out, budget="smoke", eval_num_prompts=2, eval_samples_per_prompt=1, best_of=(2,),
-                         wandb_mode="offline")
+                         pareto_steps=(2,), wandb_mode="offline")
     rows = compare.main(cfg)
-    # the smoke budget trains every registered algorithm (fluxguide.algos.registry), Adjoint Matching included
-    assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", *algorithm_names()]
+    # the smoke budget trains every registered algorithm (fluxguide.algos.registry), Adjoint Matching included;
+    # --pareto-steps adds the references at 2 steps and the plot of pass rate against calls
+    assert [r["sampler"] for r in rows] == ["base", "CFG 3", "best-of-2 (shapes-clip)", "base, 2 steps",
+                                            "CFG 3, 2 steps", "best-of-2 (shapes-clip), 2 steps", *algorithm_names()]
+    assert (out / "pareto.png").is_file()
     assert {"reward-gradient", "ppo", "bc", "grpo", "adjoint-matching"} <= set(algorithm_names())
     # every sampler's pass rate with its 90% interval; every other one's paired gain over the base sampler
     for row in rows:
