@@ -29,6 +29,7 @@ from fluxguide.backbones.base import Backbone
 from fluxguide.backbones.calls import MODEL_CALLS
 from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import build_reward
+from fluxguide.data.coarse import substeps
 from fluxguide.data.collector import GuidanceDataCollector
 from fluxguide.data.episodes import REWARD
 from fluxguide.data.store import MANIFEST, GuidanceDataset, check_collection_settings
@@ -148,10 +149,11 @@ class Config:
         if self.coarse_steps is not None and self.strategy != "cfg-distillation":
             raise ConfigError(f"--coarse-steps distils CFG's displacements: it needs --strategy cfg-distillation, got "
                               f"--strategy {self.strategy} (drop --coarse-steps)")
-        if self.coarse_steps is not None and self.num_steps % self.coarse_steps:
-            fix = self.coarse_steps * -(-self.num_steps // self.coarse_steps)  # the next multiple
-            raise ConfigError(f"--num-steps {self.num_steps} is not a multiple of --coarse-steps {self.coarse_steps}: "
-                              f"the teacher's schedule must hold the coarse one; use e.g. --num-steps {fix}")
+        if self.coarse_steps is not None:
+            try:
+                substeps(self.num_steps, self.coarse_steps)
+            except ValueError as e:
+                raise ConfigError(f"--num-steps {self.num_steps} / --coarse-steps {self.coarse_steps}: {e}") from None
         if self.top_k > self.n:
             raise ConfigError(f"--top-k {self.top_k} keeps more trajectories than --n {self.n} draws: use --top-k <= --n")
         check_float("cfg_scale", self.cfg_scale, optional=True)

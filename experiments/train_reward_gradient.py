@@ -137,14 +137,16 @@ def shapes_few_step(num_steps: int) -> Config:
     300 updates (the ablations of that section)."""
     cfg = Config()
     name = f"shapes-{num_steps}-step"
-    updates, lr = (150, 2e-2) if num_steps >= 4 else (300, 1e-2)
+    if num_steps >= 4:
+        updates, lr = 150, 2e-2
+    else:
+        updates, lr = 300, 1e-2
+        cfg.reward_target = None
     cfg.run = replace(cfg.run, preset=name, run_dir=Path(f"runs/reward_gradient/{name}"),
                       wandb_group=f"reward-gradient-{num_steps}-step", total_updates=updates,
                       eval_every=updates // 3, checkpoint_every=updates // 3)
     cfg.optim = replace(cfg.optim, lr=lr, num_steps=num_steps)
     cfg.guide = distilled_start(replace(cfg.guide, policy_min_t=0.0), few_step_policy(num_steps))
-    if num_steps < 4:
-        cfg.reward_target = None
     return cfg
 
 

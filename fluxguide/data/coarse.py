@@ -24,8 +24,9 @@ from tensordict import TensorDict
 from fluxguide import keys
 from fluxguide.backbones.base import Backbone
 from fluxguide.sampling.conditioning import Conditioning
-from fluxguide.sampling.denoise import GuidanceFn
+from fluxguide.sampling.denoise import GuidanceFn, guided_prediction
 from fluxguide.sampling.instrumented import NEXT_IMG, PRED_USED, T_PREV
+from fluxguide.sampling.steps import euler_step
 
 
 def substeps(fine_steps: int, coarse_steps: int) -> int:
@@ -90,11 +91,11 @@ def relabel_coarse(backbone: Backbone, states: TensorDict, cond: Conditioning, t
     for k in range(coarse_steps):
         x = states[keys.IMG][:, k].float()
         start, first_pred = x, None
-        for j in range(k * m, (k + 1) * m):
-            t_vec = torch.full((b,), fine_times[j], dtype=x.dtype, device=x.device)
-            pred = backbone.velocity(x, t_vec, cond)
+        for j in range(k * m, (k + 1) * m):  # the teacher's own sampler steps (fluxguide.sampling.denoise)
+            pred, pred_used = guided_prediction(backbone, x, cond, backbone.default_guidance, fine_times[j], j,
+                                                teacher, 1.0)
             first_pred = pred if first_pred is None else first_pred
-            x = x + (fine_times[j + 1] - fine_times[j]) * (pred + teacher(x, pred, cond.txt, cond.vec, t_vec, j))
+            x = euler_step(x, pred_used, fine_times[j], fine_times[j + 1])
         assert first_pred is not None
         preds.append(first_pred)
         targets.append((x - start) / (fine_times[(k + 1) * m] - fine_times[k * m]) - first_pred)

@@ -82,3 +82,14 @@ def test_a_coarse_collection_records_the_students_steps(shapes_random: ShapesWor
     assert chunk.transitions[keys.STEP].tolist() == [0, 1] * (2 * len(PROMPTS))
     with pytest.raises(ValueError, match="student"):
         CFGDistillation(3.0, student=CFGTeacher.from_backbone(shapes_random, 3.0), coarse_steps=2)
+
+
+def test_collect_data_refuses_coarse_steps_it_cannot_distil(tmp_path) -> None:
+    from fluxguide.harness.config import ConfigError, validate
+    from tests.scripts import load_script
+
+    collect = load_script("collect_data")
+    with pytest.raises(ConfigError, match=r"--num-steps 20 / --coarse-steps 8: .*e\.g\. 24 steps"):
+        validate(collect.Config(out_dir=tmp_path / "d", coarse_steps=8))
+    with pytest.raises(ConfigError, match="--coarse-steps distils CFG's displacements.*drop --coarse-steps"):
+        validate(collect.Config(out_dir=tmp_path / "d", coarse_steps=4, strategy="best-of-n"))
