@@ -36,6 +36,7 @@ from fluxguide.data.store import MANIFEST, GuidanceDataset, check_collection_set
 from fluxguide.data.targets import (
     BestOfN,
     CFGDistillation,
+    PolicyDistillation,
     ReferenceImage,
     RewardGradientTargets,
     TargetStrategy,
@@ -57,6 +58,7 @@ from fluxguide.harness.progress import write_progress
 from fluxguide.harness.tracking import Tracker, resolve_wandb_mode
 from fluxguide.locking import FolderLock
 from fluxguide.policies import load_guidance_model
+from fluxguide.policies.registry import check_fits_backbone
 from fluxguide.serialization import refuse_links
 
 #: The shapes preset's dataset: CFG 3's corrections on this many training-prompt trajectories ...
@@ -64,7 +66,10 @@ BC_EPISODES = 512
 #: ... each also labelled under this many other prompts of its batch (the default of --prompt-swaps).
 PROMPT_SWAPS = 1
 
-Strategy = Literal["cfg-distillation", "reward-gradient", "best-of-n", "reference-image"]
+Strategy = Literal["cfg-distillation", "policy-distillation", "reward-gradient", "best-of-n", "reference-image"]
+#: The strategies that distil a teacher's corrections (fluxguide.data.targets.Distillation): prompt swaps and coarse
+#: steps apply to them.
+DISTILLATION = ("cfg-distillation", "policy-distillation")
 
 
 @dataclass
@@ -87,19 +92,24 @@ class Config:
     num_steps: int = 20
     """sampling steps of the collection (with --coarse-steps: the teacher's, a multiple of them)"""
     coarse_steps: int | None = None
-    """cfg-distillation: distil for a sampler of this many steps (few-step guidance): CFG samples at --num-steps and
-    each coarse step's target is the correction with which one Euler step lands where CFG's --num-steps / K fine
-    steps land (fluxguide.data.coarse); the dataset then trains a K-step policy"""
+    """cfg- / policy-distillation: distil for a sampler of this many steps (few-step guidance): the teacher samples at
+    --num-steps and each coarse step's target is the correction with which one Euler step lands where the teacher's
+    --num-steps / K fine steps land (fluxguide.data.coarse); the dataset then trains a K-step policy"""
+    teacher: Path | None = None
+    """policy-distillation: the trained policy whose corrections are the targets (a guidance.safetensors, e.g. the
+    20-step fine-tuned network of the reward-gradient-distilled chain), sampled at --num-steps: collect at the steps
+    it was trained at"""
     cfg_scale: float | None = None
     """CFG scale of cfg-distillation (default: the backbone's recommended_cfg_scale, 3 in the shapes world)"""
     student_checkpoint: Path | None = None
     """cfg-distillation: a trained policy (train_bc.py's guidance.safetensors) that drives the sampler while CFG
     labels the states (a DAgger round; append to the teacher's dataset with another --seed)"""
     prompt_swaps: int | None = None
-    """cfg-distillation: also label each sampled trajectory's states under this many other training prompts of
-    its batch (CFG's correction for the new prompt at the same latents; +2 model calls per step per swap), so the
-    student sees the words of a prompt next to images drawn for other prompts. Default: 1 with cfg-distillation
-    (the shapes recipe: +12 held-out points over no swaps at the same budget, docs/results.md), 0 otherwise"""
+    """cfg- / policy-distillation: also label each sampled trajectory's states under this many other training
+    prompts of its batch (the teacher's correction for the new prompt at the same latents; +2 model calls per step
+    per swap with CFG, +1 with a policy), so the student sees the words of a prompt next to images drawn for other
+    prompts. Default: 1 with a distillation (the shapes recipe: +12 held-out points over no swaps at the same
+    budget, docs/results.md), 0 otherwise"""
     reward: str = "verifier"
     """reward registry name for best-of-n (any reward) and reward-gradient (differentiable, e.g. shapes-clip),
     built for the backbone as every script builds it; e.g. 'verifier-attributes': the backbone's verifier's mean
@@ -146,9 +156,14 @@ class Config:
             check_int(name, getattr(self, name))
         check_int("prompt_swaps", self.prompt_swaps, minimum=0, optional=True)
         check_int("coarse_steps", self.coarse_steps, optional=True)
-        if self.coarse_steps is not None and self.strategy != "cfg-distillation":
-            raise ConfigError(f"--coarse-steps distils CFG's displacements: it needs --strategy cfg-distillation, got "
-                              f"--strategy {self.strategy} (drop --coarse-steps)")
+        if self.coarse_steps is not None and self.strategy not in DISTILLATION:
+            raise ConfigError(f"--coarse-steps distils a teacher's displacements: it needs --strategy cfg-distillation "
+                              f"or policy-distillation, got --strategy {self.strategy} (drop --coarse-steps)")
+        if (self.strategy == "policy-distillation") != (self.teacher is not None):
+            raise ConfigError("--strategy policy-distillation distils the policy --teacher: give both or neither (got "
+                              f"--strategy {self.strategy} and --teacher {self.teacher})")
+        if self.teacher is not None and not self.teacher.is_file():
+            raise ConfigError(f"--teacher {self.teacher}: no such file (pass a trained guidance.safetensors)")
         if self.coarse_steps is not None:
             try:
                 substeps(self.num_steps, self.coarse_steps)
@@ -183,16 +198,21 @@ PRESETS = {"shapes": Config, "flux-dev": flux_dev}
 
 
 def build_strategy(cfg: Config, world: Backbone) -> TargetStrategy:
-    if cfg.prompt_swaps and cfg.strategy != "cfg-distillation":
-        raise ValueError(f"--prompt-swaps relabels states with CFG's correction: it needs --strategy cfg-distillation, "
-                         f"got --strategy {cfg.strategy} (drop --prompt-swaps)")
+    if cfg.prompt_swaps and cfg.strategy not in DISTILLATION:
+        raise ValueError(f"--prompt-swaps relabels states with a teacher's correction: it needs --strategy "
+                         f"cfg-distillation or policy-distillation, got --strategy {cfg.strategy} (drop --prompt-swaps)")
+    swaps = PROMPT_SWAPS if cfg.prompt_swaps is None else cfg.prompt_swaps
     if cfg.strategy == "cfg-distillation":
         scale = cfg.cfg_scale if cfg.cfg_scale is not None else recommended_cfg_scale(world)
         student = None
         if cfg.student_checkpoint is not None:
             student = load_guidance_model(cfg.student_checkpoint, device=cfg.device).eval()
-        swaps = PROMPT_SWAPS if cfg.prompt_swaps is None else cfg.prompt_swaps
         return CFGDistillation(scale, student=student, prompt_swaps=swaps, coarse_steps=cfg.coarse_steps)
+    if cfg.strategy == "policy-distillation":
+        assert cfg.teacher is not None  # validate() checked it
+        teacher = load_guidance_model(cfg.teacher, device=cfg.device)
+        check_fits_backbone(teacher, world, name=f"--teacher {cfg.teacher}")
+        return PolicyDistillation(teacher, source=str(cfg.teacher), prompt_swaps=swaps, coarse_steps=cfg.coarse_steps)
     reward = build_reward(cfg.reward, world)
     if cfg.strategy == "reward-gradient":
         return RewardGradientTargets(reward, step_size=cfg.step_size, normalize=cfg.normalize, guide=cfg.guide)

@@ -41,8 +41,9 @@ from fluxguide import distributed
 from fluxguide.algos import RewardGradient, RewardGradientConfig
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
-from fluxguide.harness.config import check_float, check_int
+from fluxguide.harness.config import ConfigError, check_float, check_int
 from fluxguide.harness.presets import distilled_start, few_step_policy, flux_dev_preset
+from fluxguide.policies.averaging import PolicyAverage
 
 #: The shapes preset's budget: updates of 16 images (the README's headline is measured at it).
 RG_UPDATES = 64
@@ -79,6 +80,9 @@ class Config:
     artefacts such as textures aligned with a ViT's patch grid); evaluation scores unshifted images"""
     one_step: bool = False
     """train with the one-step variant (reward of the predicted clean image at a random step)"""
+    policy_average: float | None = None
+    """decay of an exponential moving average of the policy's weights (fluxguide.policies.averaging), which the
+    evaluations score and the run saves (e.g. 0.98: the last ~50 updates); None: the last iterate"""
     straight_through: bool = False
     """give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through clamp; shapes world:
     shapes can grow into the black background)"""
@@ -89,6 +93,9 @@ class Config:
         check_float("init_kl", self.init_kl, strict=False)
         check_float("reward_target", self.reward_target, minimum=-math.inf, optional=True)
         check_int("reward_shift", self.reward_shift, minimum=0)
+        if self.policy_average is not None and not 0.0 < self.policy_average < 1.0:
+            raise ConfigError(f"--policy-average {self.policy_average}: a decay in (0, 1), e.g. 0.98 (the last ~50 "
+                              "updates), or None for the last iterate")
 
 
 def flux_dev() -> Config:
@@ -182,9 +189,13 @@ def main(cfg: Config) -> dict[str, float]:
     )
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # prompts and noise of the batches
 
-    run.resume(backbone, algo.modules, algo.optimizers, {"data": data_gen},
+    # The weight average (if any) is what the evaluations score and the run saves; it is checkpointed with the rest.
+    average = PolicyAverage(policy, cfg.policy_average) if cfg.policy_average is not None else None
+    modules = {**algo.modules, "policy_average": average} if average is not None else algo.modules
+    run.resume(backbone, modules, algo.optimizers, {"data": data_gen},
                tags=("reward-gradient", cfg.reward.reward, cfg.model.backbone))
-    run.evaluate_heldout(backbone, reward, policy, guidance_scale=opt.guidance_scale, num_steps=opt.num_steps)
+    evaluated = average.average if average is not None else policy
+    run.evaluate_heldout(backbone, reward, evaluated, guidance_scale=opt.guidance_scale, num_steps=opt.num_steps)
 
     for _ in run.loop(samples_per_update=opt.batch_size):
         prompts = [train[i] for i in torch.randint(len(train), (opt.batch_size,), generator=data_gen).tolist()]
@@ -192,7 +203,9 @@ def main(cfg: Config) -> dict[str, float]:
         run.log(metrics, train=("reward_mean", "reward_std", "control_cost", "init_kl", "grad_last_k"),
                 losses=("loss", "loss_reward", "loss_control", "loss_init_kl", "grad_norm"),
                 postfix={"reward": "reward_mean"})
-    return run.finish(policy)
+        if average is not None:
+            average.update(policy)
+    return run.finish(evaluated, sync={"policy": policy})
 
 
 if __name__ == "__main__":

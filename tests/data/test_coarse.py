@@ -9,8 +9,10 @@ import torch
 from fluxguide import keys
 from fluxguide.data.coarse import coarsen, relabel_coarse, substeps
 from fluxguide.data.collector import GuidanceDataCollector
-from fluxguide.data.targets import CFGDistillation
+from fluxguide.data.episodes import EPISODE, TARGET
+from fluxguide.data.targets import CFGDistillation, PolicyDistillation
 from fluxguide.data.teachers import CFGTeacher
+from fluxguide.policies.registry import build_policy
 from fluxguide.sampling.instrumented import PRED_USED, T_PREV, denoise_with_state_collection
 from fluxguide.worlds.shapes import ShapesWorld
 
@@ -91,5 +93,55 @@ def test_collect_data_refuses_coarse_steps_it_cannot_distil(tmp_path) -> None:
     collect = load_script("collect_data")
     with pytest.raises(ConfigError, match=r"--num-steps 20 / --coarse-steps 8: .*e\.g\. 24 steps"):
         validate(collect.Config(out_dir=tmp_path / "d", coarse_steps=8))
-    with pytest.raises(ConfigError, match="--coarse-steps distils CFG's displacements.*drop --coarse-steps"):
+    with pytest.raises(ConfigError, match="--coarse-steps distils a teacher's displacements.*drop --coarse-steps"):
         validate(collect.Config(out_dir=tmp_path / "d", coarse_steps=4, strategy="best-of-n"))
+    with pytest.raises(ConfigError, match="policy-distillation distils the policy --teacher: give both or neither"):
+        validate(collect.Config(out_dir=tmp_path / "d", strategy="policy-distillation"))
+    with pytest.raises(ConfigError, match="give both or neither"):
+        validate(collect.Config(out_dir=tmp_path / "d", teacher=tmp_path / "t.safetensors"))
+    with pytest.raises(ConfigError, match=r"--teacher .*t\.safetensors: no such file"):
+        validate(collect.Config(out_dir=tmp_path / "d", strategy="policy-distillation", teacher=tmp_path / "t.safetensors"))
+
+
+def policy_teacher(world: ShapesWorld) -> torch.nn.Module:
+    """A small guidance network with random (non-zero) output: a teacher whose corrections are not CFG's."""
+    torch.manual_seed(0)
+    net = build_policy("mlp", world, hidden_dim=16)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return net
+
+
+def test_a_policy_teacher_labels_its_own_and_swapped_states_with_its_corrections(shapes_random: ShapesWorld) -> None:
+    """Policy distillation at the collected steps: every target, sampled or swapped prompt, is the teacher's output
+    at the stored observation."""
+    teacher = policy_teacher(shapes_random)
+    strategy = PolicyDistillation(teacher, source="runs/teacher/guidance.safetensors", prompt_swaps=1)
+    collector = GuidanceDataCollector(shapes_random, strategy, num_steps=4)
+    meta = collector.metadata()
+    assert (meta["strategy"], meta["teacher"], meta["num_steps"]) == ("policy_distillation",
+                                                                      "runs/teacher/guidance.safetensors", 4)
+    chunk = collector.collect(PROMPTS)
+    assert chunk.num_episodes == 2 * len(PROMPTS)
+    tr = chunk.transitions
+    ep = chunk.episodes[tr[EPISODE]]
+    with torch.no_grad():
+        expected = torch.stack([teacher(tr[keys.IMG][i:i + 1], tr[keys.PRED][i:i + 1], ep[keys.TXT][i:i + 1],
+                                        ep[keys.VEC][i:i + 1], tr[keys.T][i:i + 1], int(tr[keys.STEP][i]))[0]
+                                for i in range(tr.batch_size[0])])
+    assert expected.abs().mean() > 1e-3  # a teacher that corrects something
+    torch.testing.assert_close(tr[TARGET], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_policy_teacher_distils_into_coarse_steps_that_land_on_its_trajectory(shapes_random: ShapesWorld) -> None:
+    """Progressive distillation of a 4-step policy into 2 steps: the student's first Euler step, with its target,
+    lands on the teacher's own state two fine steps later."""
+    chunk = GuidanceDataCollector(shapes_random, PolicyDistillation(policy_teacher(shapes_random), coarse_steps=2),
+                                  num_steps=4).collect(PROMPTS)
+    tr = chunk.transitions
+    first, second = tr[tr[keys.STEP] == 0], tr[tr[keys.STEP] == 1]
+    dt = (first[T_PREV] - first[keys.T])[:, None, None]
+    landed = first[keys.IMG] + dt * (first[keys.PRED] + first[TARGET])
+    torch.testing.assert_close(landed, second[keys.IMG], atol=1e-5, rtol=1e-5)
+    assert second[keys.T].tolist() == pytest.approx(first[T_PREV].tolist())

@@ -44,11 +44,13 @@ def per_step(chunk, key: str) -> torch.Tensor:
 
 def test_unknown_strategy_lists_the_valid_ones(shapes_random: ShapesWorld) -> None:
     with pytest.raises(ValueError, match=r"unknown target strategy 'dagger'; valid strategies: \['best_of_n', "
-                                         r"'cfg_distillation', 'reference_image', 'reward_gradient', 'user'\]"):
+                                         r"'cfg_distillation', 'policy_distillation', 'reference_image', "
+                                         r"'reward_gradient', 'user'\]"):
         make_target_strategy("dagger")
     with pytest.raises(ValueError, match="unknown target strategy"):
         GuidanceDataCollector(shapes_random, "cfg", scale=3.0)
-    assert sorted(TARGET_STRATEGIES) == ["best_of_n", "cfg_distillation", "reference_image", "reward_gradient", "user"]
+    assert sorted(TARGET_STRATEGIES) == ["best_of_n", "cfg_distillation", "policy_distillation", "reference_image",
+                                         "reward_gradient", "user"]
 
 
 def test_cfg_distillation_targets_reproduce_cfg_on_cfgs_own_states(shapes_random: ShapesWorld) -> None:

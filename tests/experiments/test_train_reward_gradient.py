@@ -34,6 +34,29 @@ def test_killed_run_resumes_with_the_same_step_count_and_curve(tmp_path) -> None
     assert metric_curve(read_metrics(run_dir), "charts/updates")[1] == list(range(1, total + 1))
 
 
+def test_a_weight_averaged_run_evaluates_saves_and_resumes_the_average(tmp_path) -> None:
+    """--policy-average: the evaluations score the average (a killed run resumes its curve exactly, so the average
+    was checkpointed), and guidance.safetensors holds the average, not the last iterate."""
+    from fluxguide.policies import load_guidance_model
+
+    total = 8
+    common = SMALL + ["--total-updates", str(total), "--checkpoint-every", "2", "--eval-every", "4",
+                      "--policy-average", "0.7"]
+    run_dir = check_killed_run_resumes(script, common, tmp_path, total, ("train/reward_mean", "eval/reward_mean"))
+    saved = load_guidance_model(run_dir / "guidance.safetensors").state_dict()
+    cfg = tyro.cli(script.Config, args=common)
+    policy = cfg.guide.build(cfg.model.build(seed=cfg.run.seed, device="cpu"))
+    average = script.PolicyAverage(policy, 0.7)
+    load_checkpoint(latest_checkpoint(run_dir), modules={"policy": policy, "policy_average": average},
+                    restore_global_rng=False)
+    assert int(average.updates) == total
+    for name, value in saved.items():
+        torch.testing.assert_close(value, average.average.state_dict()[name])
+    assert any(not torch.equal(value, policy.state_dict()[name]) for name, value in saved.items())
+    with pytest.raises(ConfigError, match=r"--policy-average 1\.0: a decay in \(0, 1\)"):
+        run(SMALL + ["--run-dir", str(tmp_path / "bad"), "--policy-average", "1.0"])
+
+
 class NaNAfter(RewardModel):
     """The shapes-world CLIP score that turns NaN from its ``n``-th training call on."""
 
