@@ -174,7 +174,7 @@ def test_few_step_presets_fine_tune_the_coarse_distillation_at_their_steps(steps
     assert (cfg["num_steps"], cfg["policy_min_t"], cfg["init_policy"], cfg["head"]) == (
         steps, 0.0, str(few_step_policy(steps)), "affine")
     assert (cfg["reward"], cfg["reward_target"], cfg["lr"], cfg["total_updates"], cfg["policy_average"]) == {
-        4: ("shapes-clip-retrieval", -0.1, 2e-2, 150, 0.98), 2: ("shapes-clip-retrieval", None, 1e-2, 300, None)}[steps]
+        4: ("shapes-clip-retrieval", -0.1, 2e-2, 150, 0.98), 2: ("shapes-clip-retrieval", None, 1e-2, 300, 0.98)}[steps]
     with pytest.raises(ConfigError, match="train_bc.py"):
         validate(parse(script, ["--preset", f"shapes-{steps}-step"]))  # no distilled policy there yet
     (stage,) = [s for s in get_algorithm(f"reward-gradient-{steps}-step").stages if s.folder == "rl"]
