@@ -2,6 +2,8 @@
 
     python experiments/collect_data.py                                          # CFG distillation, shapes world
     python experiments/collect_data.py --strategy best-of-n --out-dir runs/bc_data/best_of_n
+    python experiments/collect_data.py --strategy policy-distillation --teacher runs/chain/rl/guidance.safetensors \
+        --coarse-steps 4 --out-dir runs/bc_data/4_step_from_policy           # a trained policy, into 4 steps
     python experiments/collect_data.py --help                                   # every option
 
 Prompts are the shapes world's *training* prompts (``--episodes`` of them, shuffled with the seed); every

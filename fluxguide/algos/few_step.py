@@ -6,7 +6,8 @@ Three stages in one run folder, like ``reward-gradient-distilled`` (:mod:`fluxgu
 3's displacements over each coarse step (``collect_data.py --coarse-steps K``: CFG at 20 steps, one target per
 coarse step, :mod:`fluxguide.data.coarse`) into ``data/``, distil them into the attention network (``train_bc.py``,
 which evaluates at the dataset's K steps) into ``bc/``, and fine-tune it by reward gradient through the K-step
-sampler (``train_reward_gradient.py --preset shapes-K-step``) into ``rl/``. The policy it saves samples in K calls;
+sampler (``train_reward_gradient.py --preset shapes-K-step``, which saves the average of the weights over about the
+last 50 updates) into ``rl/``. The policy it saves samples in K calls;
 ``evaluate.py`` evaluates it at the K steps its run recorded, and ``--pareto-steps`` puts it on the plot of pass rate
 against calls. Not in the main job (its 15 minutes are spent); run it with ``compare.py --algorithms
 reward-gradient-4-step`` or :func:`fluxguide.harness.launch.run_algorithm`.
