@@ -69,7 +69,7 @@ BC_EPISODES = 512
 PROMPT_SWAPS = 1
 
 Strategy = Literal["cfg-distillation", "policy-distillation", "reward-gradient", "best-of-n", "reference-image"]
-#: The strategies that distil a teacher's corrections (fluxguide.data.targets.Distillation): prompt swaps and coarse
+#: The strategies that distil a teacher's corrections (fluxguide.data.distillation.Distillation): prompt swaps and coarse
 #: steps apply to them.
 DISTILLATION = ("cfg-distillation", "policy-distillation")
 

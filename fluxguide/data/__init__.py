@@ -3,7 +3,8 @@
 - :mod:`~fluxguide.data.episodes`: :class:`EpisodeChunk` and the seed's :func:`create_training_pairs`;
 - :mod:`~fluxguide.data.store`: :class:`GuidanceDataset`, the append-safe memory-mapped dataset folder;
 - :mod:`~fluxguide.data.teachers`: guidance functions whose corrections are targets (CFG, reward gradient, ...);
-- :mod:`~fluxguide.data.targets`: the target strategies (:data:`TARGET_STRATEGIES`);
+- :mod:`~fluxguide.data.targets`: the target strategies (:data:`TARGET_STRATEGIES`), on the interface of
+  :mod:`~fluxguide.data.strategy`; the distillations (CFG, a trained policy) in :mod:`~fluxguide.data.distillation`;
 - :mod:`~fluxguide.data.collector`: the seed's :class:`StateCollectionCallback` and :class:`GuidanceDataCollector`.
 """
 
