@@ -55,12 +55,17 @@ class Distillation(TargetStrategy):
     def teacher(self, backbone: Backbone) -> GuidanceFn:
         """The guidance whose corrections are the targets, for ``backbone``."""
 
+    def chunk_metadata(self, visited_by: str) -> dict[str, Any]:
+        """What each collected chunk records: the dataset-level settings, its prompt swaps and whose sampler
+        visited its states (``"teacher"`` or, in a DAgger round, ``"student"``)."""
+        return {**self.config(), "prompt_swaps": self.prompt_swaps, "visited_by": visited_by}
+
     def sampling_steps(self, collected_steps: int) -> int:
         return collected_steps if self.coarse_steps is None else self.coarse_steps
 
     def collect(self, batch: CollectionBatch) -> EpisodeChunk:
         teacher = self.teacher(batch.backbone)
-        meta = {**self.config(), "prompt_swaps": self.prompt_swaps, "visited_by": "teacher"}
+        meta = self.chunk_metadata("teacher")
         if self.coarse_steps is not None:
             return self._collect_coarse(batch, teacher, meta)
         chunk, _, states = collect_with_teacher(batch, teacher, metadata=meta)
@@ -133,7 +138,7 @@ class CFGDistillation(Distillation):
             return super().collect(batch)
         teacher = self.teacher(batch.backbone)
         labelled = LabelledGuidance(self.student, teacher)
-        meta = {**self.config(), "prompt_swaps": self.prompt_swaps, "visited_by": "student"}
+        meta = self.chunk_metadata("student")
         chunk, _, states = collect_with_teacher(batch, labelled, guidance_scale=self.student_scale,
                                                  targets=lambda states: labelled.targets(), metadata=meta)
         return self._with_swaps(batch, chunk, states, teacher)
