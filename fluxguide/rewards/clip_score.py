@@ -109,7 +109,11 @@ class CLIPScore(RewardModel):
         return out
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        img = image_embeddings(self.model, self.preprocess, images)
+        return self.score_embeddings(image_embeddings(self.model, self.preprocess, images), prompts)
+
+    def score_embeddings(self, img: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The score from normalised image embeddings ``(B, D)`` (what :meth:`score` computes after the image
+        tower; a learned reward on the same embeddings reads it without a second pass)."""
         txt = self.text_features(prompts, img.device)
         return self.scale * (img * txt).sum(dim=-1)
 
@@ -137,8 +141,7 @@ class CLIPCaptionLogProb(CLIPScore):
             raise ValueError("CLIPCaptionLogProb needs at least one candidate caption")
         self.candidates = list(dict.fromkeys(candidates))
 
-    def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        img = image_embeddings(self.model, self.preprocess, images)
+    def score_embeddings(self, img: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         captions = list(dict.fromkeys([*self.candidates, *prompts]))
         index = {c: i for i, c in enumerate(captions)}
         txt = self.text_features(captions, img.device)

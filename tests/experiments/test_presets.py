@@ -180,3 +180,17 @@ def test_few_step_presets_fine_tune_the_coarse_distillation_at_their_steps(steps
     (stage,) = [s for s in get_algorithm(f"reward-gradient-{steps}-step").stages if s.folder == "rl"]
     assert stage.args[:2] == ("--preset", f"shapes-{steps}-step") and stage.inputs == {
         "--init-policy": "bc/guidance.safetensors"}
+
+
+def test_the_learned_reward_preset_trains_the_distilled_start_on_the_verifier_as_a_black_box() -> None:
+    """shapes-learned-reward: the shapes-distilled recipe on the partial-credit verifier through a surrogate on the
+    tiny CLIP's embeddings, 160 updates; the registered chain passes its own distillation."""
+    from fluxguide.harness.presets import DISTILLED_POLICY
+
+    script = load_script("train_reward_gradient")
+    cfg = flat_config(parse(script, ["--preset", "shapes-learned-reward"]))
+    assert (cfg["reward"], cfg["surrogate"], cfg["init_policy"], cfg["head"], cfg["lr"], cfg["total_updates"]) == (
+        "verifier-partial", "shapes-clip-retrieval", str(DISTILLED_POLICY), "affine", 2e-2, 160)
+    (stage,) = [s for s in get_algorithm("learned-reward-gradient").stages if s.folder == "rl"]
+    assert stage.args[:2] == ("--preset", "shapes-learned-reward") and stage.inputs == {
+        "--init-policy": "bc/guidance.safetensors"}

@@ -57,6 +57,25 @@ def test_a_weight_averaged_run_evaluates_saves_and_resumes_the_average(tmp_path)
         run(SMALL + ["--run-dir", str(tmp_path / "bad"), "--policy-average", "1.0"])
 
 
+def test_a_learned_reward_run_trains_on_a_black_box_and_resumes_exactly(tmp_path) -> None:
+    """--surrogate: the verifier (no gradient) is the trained reward, logged as train/reward_mean and eval/reward_mean;
+    the surrogate's own metrics are logged beside it; a killed run resumes its curves exactly (the head, its memory
+    and its optimizer were checkpointed)."""
+    total = 6
+    common = SMALL + ["--total-updates", str(total), "--checkpoint-every", "2", "--eval-every", "3",
+                      "--reward", "verifier-partial", "--surrogate", "shapes-clip", "--surrogate-fit-steps", "4"]
+    run_dir = check_killed_run_resumes(script, common, tmp_path, total,
+                                       ("train/reward_mean", "train/surrogate_mean", "train/surrogate_rmse",
+                                        "eval/reward_mean"))
+    records = read_metrics(run_dir)
+    sizes = metric_curve(records, "train/surrogate_size")[1]
+    assert sizes == [2.0 * u for u in range(1, total + 1)]  # every update's images were scored and remembered
+    evals = [r for r in records if "eval/reward_mean" in r]
+    assert all(r["eval/reward_mean"] == r["eval/rewards/verifier-partial"] for r in evals)  # the black box
+    with pytest.raises(ConfigError, match="--one-step with --surrogate"):
+        run(common + ["--run-dir", str(tmp_path / "bad"), "--one-step"])
+
+
 class NaNAfter(RewardModel):
     """The shapes-world CLIP score that turns NaN from its ``n``-th training call on."""
 

@@ -1,0 +1,129 @@
+"""Reward gradient through a learned reward: train on a black-box reward by fitting a differentiable surrogate.
+
+A black-box reward (the shapes world's verifier, OCR, a VLM judge) is only *called*: on each update's images,
+without a gradient. Its scores fit a reward model (:class:`fluxguide.rewards.learned.LearnedReward`: an MLP on a
+frozen CLIP's image and text embeddings, refitted online on the policy's own samples as SEIKO does, Uehara et al.
+2024), and the policy takes a reward-gradient step through that model (DRaFT / AlignProp's full-trajectory
+gradient, :mod:`fluxguide.algos.reward_gradient`). One update:
+
+1. sample the batch with the guided sampler, keeping the graph (as reward gradient does);
+2. score the decoded images with the black box (no gradient asked of it) and store their embeddings and scores
+   in the surrogate's memory; log how well the surrogate predicted them *before* seeing them (``surrogate_rmse``,
+   ``surrogate_corr``: a surrogate that the policy has learned to fool shows here first);
+3. fit the surrogate's head on the memory (``fit_steps`` Adam steps of the squared error);
+4. backpropagate the refitted surrogate's score of the same images through the sampler into the policy.
+
+The training reward logged (``reward_mean``) is the black box's score of the update's images; the surrogate's own
+is ``surrogate_mean``. A checkpoint holds the policy, the surrogate's head and memory, and both optimizers, so a
+resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import nn
+
+from fluxguide import distributed
+from fluxguide.algos.bc import SPECS as BC_SPECS
+from fluxguide.algos.common import LossOutput
+from fluxguide.algos.on_sampler import Decoder, SamplerBatch
+from fluxguide.algos.registry import AlgorithmSpec, full_budget
+from fluxguide.algos.reward_gradient import SPECS as RG_SPECS
+from fluxguide.algos.reward_gradient import RewardGradient, RewardGradientConfig, reward_gradient_loss
+from fluxguide.rewards.base import call_reward
+from fluxguide.rewards.learned import LearnedReward
+
+__all__ = ["SPECS", "SURROGATE_METRICS", "LearnedRewardGradient", "SurrogateFitConfig"]
+
+#: The surrogate's training metrics (beside reward gradient's), for the scripts' logs.
+SURROGATE_METRICS = ("surrogate_mean", "surrogate_rmse", "surrogate_corr", "surrogate_fit_loss", "surrogate_size")
+
+
+@dataclass
+class SurrogateFitConfig:
+    """How the surrogate is refitted on each update.
+
+    Attributes:
+        steps: Adam steps on the memory per update.
+        batch_size: memory rows per step (drawn with replacement).
+    """
+
+    steps: int = 32
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1:
+            raise ValueError(f"SurrogateFitConfig: steps={self.steps} must be >= 0 and batch_size={self.batch_size} "
+                             ">= 1")
+
+
+class LearnedRewardGradient(RewardGradient):
+    """Reward-gradient updates through a surrogate fitted online to a black-box reward (module docstring).
+
+    Args:
+        backbone, policy, optimizer, config: as :class:`~fluxguide.algos.RewardGradient` (full trajectory only).
+        black_box: the reward that is trained on; only called, never differentiated.
+        surrogate: the learned reward (its head and memory are state; its CLIP stays frozen).
+        surrogate_optimizer: over ``surrogate.head``'s parameters.
+        fit: see :class:`SurrogateFitConfig`.
+        decode, reference: as :class:`~fluxguide.algos.RewardGradient`.
+
+    Metrics: those of reward gradient, with ``reward_mean`` / ``reward_std`` the black box's scores of the
+    update's images, plus ``surrogate_mean`` (the surrogate's score the gradient ascended), ``surrogate_rmse``,
+    ``surrogate_corr`` (its error and correlation on those images before fitting on them),
+    ``surrogate_fit_loss`` and ``surrogate_size`` (images in its memory).
+    """
+
+    name = "learned-reward-gradient"
+    advice = "Lower the learning rate, or fit the surrogate longer (--surrogate-fit-steps)"
+
+    def __init__(self, backbone: object, policy: nn.Module, black_box: nn.Module, surrogate: LearnedReward,
+                 optimizer: torch.optim.Optimizer, config: RewardGradientConfig | None = None, *,
+                 surrogate_optimizer: torch.optim.Optimizer, fit: SurrogateFitConfig | None = None,
+                 decode: Decoder | None = None, reference: nn.Module | None = None) -> None:
+        super().__init__(backbone, policy, surrogate, optimizer, config, decode=decode, reference=reference)
+        self.black_box, self.surrogate = black_box, surrogate
+        self.fit = fit or SurrogateFitConfig()
+        self.modules.update(reward_head=surrogate.head, reward_memory=surrogate.memory)
+        self.optimizers["reward_head"] = surrogate_optimizer
+        self._observed: dict[str, float] = {}
+
+    def loss(self, batch: SamplerBatch) -> LossOutput:
+        """Sample with a graph, score with the black box, refit the surrogate, and the surrogate's loss terms."""
+        self.policy.train()
+        self._observed = {}
+        out = reward_gradient_loss(
+            self.model, self.decode, self.policy, lambda images, prompts: self.observe_and_score(images, prompts, batch),
+            batch.cond, batch.noise, self.timesteps, self.config, guidance=self.backbone.default_guidance,
+            generator=batch.generator, reference=self.reference)
+        metrics = {**out.metrics, "surrogate_mean": out.metrics["reward_mean"], **self._observed}
+        return LossOutput(out.losses, metrics, count=len(batch.prompts), pooled_std={"reward_std": "reward_mean"})
+
+    def observe_and_score(self, images: torch.Tensor, prompts: list[str], batch: SamplerBatch) -> torch.Tensor:
+        """Steps 2-4 of the module docstring on ``images`` (with their graph); returns the surrogate's scores."""
+        with torch.no_grad():
+            truth = call_reward(self.black_box, images.detach(), prompts).float()
+        observed = self.surrogate.remember(images, prompts, truth)
+        observed.update(self.surrogate.fit(self.optimizers["reward_head"], self.fit.steps, self.fit.batch_size,
+                                           batch.generator, before_step=distributed.average_gradients))
+        self._observed = {"reward_mean": float(truth.mean()),
+                          "reward_std": float(truth.std()) if truth.numel() > 1 else 0.0,
+                          **observed, "surrogate_size": float(len(self.surrogate.memory))}
+        self.surrogate.head.eval()
+        return call_reward(self.surrogate, images, prompts)
+
+
+COLLECT, DISTIL = BC_SPECS[0].stages  # behaviour cloning's collection and training, with their budgets
+(FINE_TUNE,) = RG_SPECS[0].stages  # reward gradient's training stage, with its smoke budget
+
+SPECS = (AlgorithmSpec(
+    "learned-reward-gradient",
+    "black-box reward: distil CFG 3, then reward gradient through a surrogate fitted online to the verifier",
+    (COLLECT, replace(DISTIL, folder="bc"),
+     # As reward-gradient-distilled: the fine-tuning starts where the distillation's final evaluation left it.
+     replace(FINE_TUNE, folder="rl", inputs={"--init-policy": "bc/guidance.safetensors"},
+             args=("--preset", "shapes-learned-reward", "--no-eval-at-start"),
+             budgets={**FINE_TUNE.budgets, "full": full_budget(640)})),
+    LearnedRewardGradient, reward="black-box", minutes=12.0),)

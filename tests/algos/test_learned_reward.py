@@ -1,0 +1,86 @@
+"""Reward gradient through a learned reward (fluxguide.algos.learned_reward): a black box that refuses backward."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from fluxguide.algos.learned_reward import LearnedRewardGradient, SurrogateFitConfig
+from fluxguide.algos.registry import get_algorithm
+from fluxguide.algos.reward_gradient import RewardGradientConfig
+from fluxguide.policies.registry import build_policy
+from fluxguide.rewards.learned import LearnedReward
+
+PROMPTS = ["a red circle", "a yellow triangle above a red bar"]
+
+
+class Refuses(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("the black-box reward was asked for a gradient")
+
+
+def black_box(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """A black box: called without gradients, on detached images, and refusing backward."""
+    assert not torch.is_grad_enabled() and not images.requires_grad
+    return Refuses.apply(images.mean((1, 2, 3)))
+
+
+def build(world, steps: int = 3, fit_steps: int = 4) -> LearnedRewardGradient:
+    torch.manual_seed(0)
+    policy = build_policy("affine", world, hidden_dim=8)
+    surrogate = LearnedReward(world.build_reward("shapes-clip"), hidden=16, capacity=8)
+    return LearnedRewardGradient(
+        world, policy, black_box, surrogate, torch.optim.Adam(policy.parameters(), 1e-2),
+        RewardGradientConfig(num_steps=steps, reward_shift=1),
+        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3), fit=SurrogateFitConfig(fit_steps, 4))
+
+
+def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_random) -> None:
+    algo = build(shapes_random)
+    gen = torch.Generator().manual_seed(0)
+    first = algo.update(PROMPTS, gen)
+    # the head starts at zero: its prediction of the first images was constant (no correlation, error = their rms)
+    assert first["surrogate_size"] == 2 and first["surrogate_corr"] == 0.0
+    assert first["surrogate_rmse"] >= first["reward_mean"] > 0
+    metrics = algo.update(PROMPTS, gen)
+    assert metrics["surrogate_size"] == 4 and math.isfinite(metrics["loss_reward"]) and metrics["grad_norm"] > 0
+    assert metrics["surrogate_mean"] != 0.0 and math.isfinite(metrics["surrogate_rmse"])
+    # reward_mean is the black box's score of the update's images, not the surrogate's
+    assert 0.0 < metrics["reward_mean"] < 1.0 and metrics["reward_mean"] != metrics["surrogate_mean"]
+    assert set(algo.modules) == {"policy", "reward_head", "reward_memory"} and "reward_head" in algo.optimizers
+    spec = get_algorithm("learned-reward-gradient")
+    assert spec.algorithm is LearnedRewardGradient and spec.reward == "black-box"
+
+
+def test_a_resumed_run_continues_exactly(shapes_random) -> None:
+    """The head, its memory and both optimizers are the state: restoring them after two updates gives the third
+    update of the uninterrupted run, to the bit."""
+    straight = build(shapes_random)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        straight.update(PROMPTS, gen)
+    state = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in straight.modules.items()}
+    opt_state = copy.deepcopy({name: o.state_dict() for name, o in straight.optimizers.items()})
+    gen_state = gen.get_state()
+    expected = straight.update(PROMPTS, gen)
+
+    resumed = build(shapes_random)
+    for name, module in resumed.modules.items():
+        module.load_state_dict(state[name])
+    for name, optimizer in resumed.optimizers.items():
+        optimizer.load_state_dict(opt_state[name])
+    got = resumed.update(PROMPTS, torch.Generator().set_state(gen_state))
+    assert got == expected
+
+
+def test_refuses_bad_fit_settings() -> None:
+    with pytest.raises(ValueError, match="batch_size=0"):
+        SurrogateFitConfig(steps=1, batch_size=0)
