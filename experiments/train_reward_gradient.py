@@ -89,7 +89,8 @@ class Config:
     surrogate: str | None = None
     """train on --reward as a black box (only its scores are used): fit a reward model on the frozen embeddings of
     this CLIP reward (e.g. 'shapes-clip') to --reward's scores of the policy's own images, online, and backpropagate
-    through it (fluxguide.algos.learned_reward); None: backpropagate through --reward itself"""
+    through it (fluxguide.algos.learned_reward; --reward-target is then in --reward's units); None: backpropagate
+    through --reward itself"""
     surrogate_hidden: int = 256
     """width of the surrogate's MLP head (--surrogate)"""
     surrogate_lr: float = 1e-3
@@ -98,6 +99,9 @@ class Config:
     """Adam steps on the surrogate's memory of scored images per update (--surrogate)"""
     surrogate_memory: int = 10240
     """scored images the surrogate keeps for fitting, the newest (--surrogate)"""
+    surrogate_warmup: int = 256
+    """images of the starting policy scored before the policy's first step: the first updates only sample, score and
+    fit the surrogate (they count as samples; --surrogate)"""
     straight_through: bool = False
     """give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through clamp; shapes world:
     shapes can grow into the black background)"""
@@ -112,6 +116,7 @@ class Config:
         check_float("surrogate_lr", self.surrogate_lr)
         check_int("surrogate_fit_steps", self.surrogate_fit_steps, minimum=0)
         check_int("surrogate_memory", self.surrogate_memory)
+        check_int("surrogate_warmup", self.surrogate_warmup, minimum=0)
         if self.one_step and self.surrogate is not None:
             raise ConfigError("--one-step with --surrogate: the learned reward trains through the full trajectory; "
                               "drop one of them")
@@ -226,7 +231,7 @@ def main(cfg: Config) -> dict[str, float]:
         algo = LearnedRewardGradient(
             backbone, distributed.data_parallel(policy), reward, surrogate, optimizer, rg_config,
             surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), lr=cfg.surrogate_lr),
-            fit=SurrogateFitConfig(steps=cfg.surrogate_fit_steps), decode=decode, reference=reference)
+            fit=SurrogateFitConfig(steps=cfg.surrogate_fit_steps, warmup=cfg.surrogate_warmup), decode=decode, reference=reference)
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # prompts and noise of the batches
 
     # The weight average (if any) is what the evaluations score and the run saves; it is checkpointed with the rest.

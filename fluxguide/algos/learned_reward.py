@@ -6,6 +6,8 @@ frozen CLIP's image and text embeddings, refitted online on the policy's own sam
 2024), and the policy takes a reward-gradient step through that model (DRaFT / AlignProp's full-trajectory
 gradient, :mod:`fluxguide.algos.reward_gradient`). One update:
 
+0. (the first ``warmup`` images only) sample without a graph, score, remember and fit: the policy waits until the
+   surrogate has seen enough of its starting images;
 1. sample the batch with the guided sampler, keeping the graph (as reward gradient does);
 2. score the decoded images with the black box (no gradient asked of it) and store their embeddings and scores
    in the surrogate's memory; log how well the surrogate predicted them *before* seeing them (``surrogate_rmse``,
@@ -27,13 +29,19 @@ from torch import nn
 
 from fluxguide import distributed
 from fluxguide.algos.bc import SPECS as BC_SPECS
-from fluxguide.algos.common import LossOutput
+from fluxguide.algos.common import LossOutput, mean_over_ranks
 from fluxguide.algos.on_sampler import Decoder, SamplerBatch
 from fluxguide.algos.registry import AlgorithmSpec, full_budget
 from fluxguide.algos.reward_gradient import SPECS as RG_SPECS
-from fluxguide.algos.reward_gradient import RewardGradient, RewardGradientConfig, reward_gradient_loss
+from fluxguide.algos.reward_gradient import (
+    RewardGradient,
+    RewardGradientConfig,
+    random_translate,
+    reward_gradient_loss,
+)
 from fluxguide.rewards.base import call_reward
 from fluxguide.rewards.learned import LearnedReward
+from fluxguide.sampling.denoise import denoise
 
 __all__ = ["SPECS", "SURROGATE_METRICS", "LearnedRewardGradient", "SurrogateFitConfig"]
 
@@ -48,15 +56,19 @@ class SurrogateFitConfig:
     Attributes:
         steps: Adam steps on the memory per update.
         batch_size: memory rows per step (drawn with replacement).
+        warmup: images of the starting policy scored and remembered before the policy's first step (its first
+            updates only sample, score and fit): a surrogate fitted on one batch points the policy's first Adam
+            step, whose size does not depend on the gradient's, anywhere.
     """
 
     steps: int = 32
     batch_size: int = 256
+    warmup: int = 256
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError(f"SurrogateFitConfig: steps={self.steps} must be >= 0 and batch_size={self.batch_size} "
-                             ">= 1")
+        if self.steps < 0 or self.batch_size < 1 or self.warmup < 0:
+            raise ValueError(f"SurrogateFitConfig: steps={self.steps} and warmup={self.warmup} must be >= 0 and "
+                             f"batch_size={self.batch_size} >= 1")
 
 
 class LearnedRewardGradient(RewardGradient):
@@ -89,6 +101,23 @@ class LearnedRewardGradient(RewardGradient):
         self.modules.update(reward_head=surrogate.head, reward_memory=surrogate.memory)
         self.optimizers["reward_head"] = surrogate_optimizer
         self._observed: dict[str, float] = {}
+
+    def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
+        """One update; while the surrogate's memory holds fewer than ``fit.warmup`` images, a warm-up update that
+        samples without a graph, scores, remembers and fits, and leaves the policy alone (``grad_norm`` 0)."""
+        if len(self.surrogate.memory) >= self.fit.warmup:
+            return super().update(prompts, generator)
+        batch = self.collect(prompts, generator)
+        cond = batch.cond
+        with torch.no_grad():
+            latents = denoise(self.model, batch.noise, cond.img_ids, cond.txt, cond.txt_ids, cond.vec, self.timesteps,
+                              guidance=self.backbone.default_guidance, guidance_model=self.policy,
+                              guidance_scale=self.config.guidance_scale)
+            images = random_translate(self.decode(latents), self.config.reward_shift, batch.generator)
+            self.observe_and_score(images, cond.prompts, batch)
+        zero = {"loss": 0.0, "loss_reward": 0.0, "grad_norm": 0.0, "surrogate_mean": 0.0}
+        return mean_over_ranks({**zero, **self._observed}, pooled_std={"reward_std": "reward_mean"},
+                               count=len(prompts))
 
     def loss(self, batch: SamplerBatch) -> LossOutput:
         """Sample with a graph, score with the black box, refit the surrogate, and the surrogate's loss terms."""

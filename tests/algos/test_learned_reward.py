@@ -33,14 +33,14 @@ def black_box(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return Refuses.apply(images.mean((1, 2, 3)))
 
 
-def build(world, steps: int = 3, fit_steps: int = 4) -> LearnedRewardGradient:
+def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0) -> LearnedRewardGradient:
     torch.manual_seed(0)
     policy = build_policy("affine", world, hidden_dim=8)
     surrogate = LearnedReward(world.build_reward("shapes-clip"), hidden=16, capacity=8)
     return LearnedRewardGradient(
         world, policy, black_box, surrogate, torch.optim.Adam(policy.parameters(), 1e-2),
         RewardGradientConfig(num_steps=steps, reward_shift=1),
-        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3), fit=SurrogateFitConfig(fit_steps, 4))
+        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3), fit=SurrogateFitConfig(fit_steps, 4, warmup))
 
 
 def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_random) -> None:
@@ -58,6 +58,23 @@ def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_ran
     assert set(algo.modules) == {"policy", "reward_head", "reward_memory"} and "reward_head" in algo.optimizers
     spec = get_algorithm("learned-reward-gradient")
     assert spec.algorithm is LearnedRewardGradient and spec.reward == "black-box"
+
+
+def test_the_warm_up_scores_and_fits_without_touching_the_policy(shapes_random) -> None:
+    """warmup=4 with 2 prompts per update: the first two updates fill the memory and fit the head, and leave the
+    policy as built; the third steps it."""
+    algo = build(shapes_random, warmup=4)
+    start = {k: v.clone() for k, v in algo.policy.state_dict().items()}
+    head = [p.clone() for p in algo.surrogate.head.parameters()]
+    gen = torch.Generator().manual_seed(2)
+    warm = [algo.update(PROMPTS, gen) for _ in range(2)]
+    assert [m["surrogate_size"] for m in warm] == [2, 4] and all(m["grad_norm"] == 0.0 for m in warm)
+    assert all(0.0 < m["reward_mean"] < 1.0 for m in warm)
+    assert all(torch.equal(v, start[k]) for k, v in algo.policy.state_dict().items())
+    assert any(not torch.equal(a, b) for a, b in zip(head, algo.surrogate.head.parameters())), "the head was fitted"
+    trained = algo.update(PROMPTS, gen)
+    assert trained["surrogate_size"] == 6 and trained["grad_norm"] > 0
+    assert any(not torch.equal(v, start[k]) for k, v in algo.policy.state_dict().items())
 
 
 def test_a_resumed_run_continues_exactly(shapes_random) -> None:
@@ -84,3 +101,5 @@ def test_a_resumed_run_continues_exactly(shapes_random) -> None:
 def test_refuses_bad_fit_settings() -> None:
     with pytest.raises(ValueError, match="batch_size=0"):
         SurrogateFitConfig(steps=1, batch_size=0)
+    with pytest.raises(ValueError, match="warmup=-1"):
+        SurrogateFitConfig(warmup=-1)

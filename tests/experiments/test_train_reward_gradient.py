@@ -63,13 +63,15 @@ def test_a_learned_reward_run_trains_on_a_black_box_and_resumes_exactly(tmp_path
     and its optimizer were checkpointed)."""
     total = 6
     common = SMALL + ["--total-updates", str(total), "--checkpoint-every", "2", "--eval-every", "3",
-                      "--reward", "verifier-partial", "--surrogate", "shapes-clip", "--surrogate-fit-steps", "4"]
+                      "--reward", "verifier-partial", "--surrogate", "shapes-clip", "--surrogate-fit-steps", "4",
+                      "--surrogate-warmup", "4", "--reward-target", "None"]  # a target is in the black box's units
     run_dir = check_killed_run_resumes(script, common, tmp_path, total,
                                        ("train/reward_mean", "train/surrogate_mean", "train/surrogate_rmse",
                                         "eval/reward_mean"))
     records = read_metrics(run_dir)
     sizes = metric_curve(records, "train/surrogate_size")[1]
     assert sizes == [2.0 * u for u in range(1, total + 1)]  # every update's images were scored and remembered
+    assert [g == 0.0 for g in metric_curve(records, "losses/grad_norm")[1]] == [True, True] + [False] * (total - 2)
     evals = [r for r in records if "eval/reward_mean" in r]
     assert all(r["eval/reward_mean"] == r["eval/rewards/verifier-partial"] for r in evals)  # the black box
     with pytest.raises(ConfigError, match="--one-step with --surrogate"):
