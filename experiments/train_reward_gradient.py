@@ -189,13 +189,13 @@ def shapes_few_step(num_steps: int) -> Config:
 def shapes_learned_reward() -> Config:
     """Black-box training (docs/results.md, "Black-box rewards"): the ``shapes-distilled`` recipe, trained on the
     verifier with partial credit through a surrogate fitted online to its scores on the tiny CLIP's embeddings and
-    caption log-probability (``--surrogate shapes-clip-retrieval``); the verifier itself gives no gradient. 160
-    updates of 16 images."""
+    cosine score (``--surrogate shapes-clip``); the verifier itself gives no gradient. 160 updates of 16 images,
+    the first 16 a warm-up that only scores the start's images."""
     cfg = shapes_distilled()
     cfg.run = replace(cfg.run, preset="shapes-learned-reward", run_dir=Path("runs/reward_gradient/shapes-learned-reward"),
                       wandb_group="learned-reward-gradient", total_updates=160, eval_every=40, checkpoint_every=40)
     cfg.reward = replace(cfg.reward, reward="verifier-partial")
-    cfg.surrogate = "shapes-clip-retrieval"
+    cfg.surrogate = "shapes-clip"
     return cfg
 
 
