@@ -102,6 +102,8 @@ class Config:
     surrogate_warmup: int = 256
     """images of the starting policy scored before the policy's first step: the first updates only sample, score and
     fit the surrogate (they count as samples; --surrogate)"""
+    surrogate_ramp: int = 512
+    """images over which the policy's learning rate then rises linearly from 0 to --lr (--surrogate)"""
     straight_through: bool = False
     """give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through clamp; shapes world:
     shapes can grow into the black background)"""
@@ -117,6 +119,7 @@ class Config:
         check_int("surrogate_fit_steps", self.surrogate_fit_steps, minimum=0)
         check_int("surrogate_memory", self.surrogate_memory)
         check_int("surrogate_warmup", self.surrogate_warmup, minimum=0)
+        check_int("surrogate_ramp", self.surrogate_ramp, minimum=0)
         if self.one_step and self.surrogate is not None:
             raise ConfigError("--one-step with --surrogate: the learned reward trains through the full trajectory; "
                               "drop one of them")
@@ -189,13 +192,15 @@ def shapes_few_step(num_steps: int) -> Config:
 def shapes_learned_reward() -> Config:
     """Black-box training (docs/results.md, "Black-box rewards"): the ``shapes-distilled`` recipe, trained on the
     verifier with partial credit through a surrogate fitted online to its scores on the tiny CLIP's embeddings and
-    cosine score (``--surrogate shapes-clip``); the verifier itself gives no gradient. 160 updates of 16 images,
-    the first 16 a warm-up that only scores the start's images."""
+    cosine score (``--surrogate shapes-clip``); the verifier itself gives no gradient. 160 updates of 16 images:
+    the first 16 only score the start's images (the warm-up), the next 32 ramp the learning rate up; the run saves
+    the average of the weights over about the last 50 updates (``--policy-average 0.98``)."""
     cfg = shapes_distilled()
     cfg.run = replace(cfg.run, preset="shapes-learned-reward", run_dir=Path("runs/reward_gradient/shapes-learned-reward"),
                       wandb_group="learned-reward-gradient", total_updates=160, eval_every=40, checkpoint_every=40)
     cfg.reward = replace(cfg.reward, reward="verifier-partial")
     cfg.surrogate = "shapes-clip"
+    cfg.policy_average = 0.98  # the surrogate's gradient is noisy: save the average of the last ~50 updates
     return cfg
 
 
@@ -231,7 +236,8 @@ def main(cfg: Config) -> dict[str, float]:
         algo = LearnedRewardGradient(
             backbone, distributed.data_parallel(policy), reward, surrogate, optimizer, rg_config,
             surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), lr=cfg.surrogate_lr),
-            fit=SurrogateFitConfig(steps=cfg.surrogate_fit_steps, warmup=cfg.surrogate_warmup), decode=decode, reference=reference)
+            fit=SurrogateFitConfig(steps=cfg.surrogate_fit_steps, warmup=cfg.surrogate_warmup,
+                                  ramp=cfg.surrogate_ramp), decode=decode, reference=reference)
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # prompts and noise of the batches
 
     # The weight average (if any) is what the evaluations score and the run saves; it is checkpointed with the rest.

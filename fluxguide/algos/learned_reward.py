@@ -7,7 +7,7 @@ frozen CLIP's image and text embeddings, refitted online on the policy's own sam
 gradient, :mod:`fluxguide.algos.reward_gradient`). One update:
 
 0. (the first ``warmup`` images only) sample without a graph, score, remember and fit: the policy waits until the
-   surrogate has seen enough of its starting images;
+   surrogate has seen enough of its starting images; then its learning rate ramps up over ``ramp`` images;
 1. sample the batch with the guided sampler, keeping the graph (as reward gradient does);
 2. score the decoded images with the black box (no gradient asked of it) and store their embeddings and scores
    in the surrogate's memory; log how well the surrogate predicted them *before* seeing them (``surrogate_rmse``,
@@ -46,7 +46,8 @@ from fluxguide.sampling.denoise import denoise
 __all__ = ["SPECS", "SURROGATE_METRICS", "LearnedRewardGradient", "SurrogateFitConfig"]
 
 #: The surrogate's training metrics (beside reward gradient's), for the scripts' logs.
-SURROGATE_METRICS = ("surrogate_mean", "surrogate_rmse", "surrogate_corr", "surrogate_fit_loss", "surrogate_size")
+SURROGATE_METRICS = ("surrogate_mean", "surrogate_rmse", "surrogate_corr", "surrogate_fit_loss", "surrogate_size",
+                     "lr_factor")
 
 
 @dataclass
@@ -59,16 +60,19 @@ class SurrogateFitConfig:
         warmup: images of the starting policy scored and remembered before the policy's first step (its first
             updates only sample, score and fit): a surrogate fitted on one batch points the policy's first Adam
             step, whose size does not depend on the gradient's, anywhere.
+        ramp: images over which the policy's learning rate then rises linearly from 0 to its value (Adam's first
+            steps move every weight by about the learning rate, whatever a young surrogate's gradient says).
     """
 
     steps: int = 32
     batch_size: int = 256
     warmup: int = 256
+    ramp: int = 512
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.warmup < 0:
-            raise ValueError(f"SurrogateFitConfig: steps={self.steps} and warmup={self.warmup} must be >= 0 and "
-                             f"batch_size={self.batch_size} >= 1")
+        if self.steps < 0 or self.batch_size < 1 or self.warmup < 0 or self.ramp < 0:
+            raise ValueError(f"SurrogateFitConfig: steps={self.steps}, warmup={self.warmup} and ramp={self.ramp} must "
+                             f"be >= 0 and batch_size={self.batch_size} >= 1")
 
 
 class LearnedRewardGradient(RewardGradient):
@@ -85,7 +89,8 @@ class LearnedRewardGradient(RewardGradient):
     Metrics: those of reward gradient, with ``reward_mean`` / ``reward_std`` the black box's scores of the
     update's images, plus ``surrogate_mean`` (the surrogate's score the gradient ascended), ``surrogate_rmse``,
     ``surrogate_corr`` (its error and correlation on those images before fitting on them),
-    ``surrogate_fit_loss`` and ``surrogate_size`` (images in its memory).
+    ``surrogate_fit_loss``, ``surrogate_size`` (images scored so far, at most the memory's capacity) and
+    ``lr_factor`` (the policy's learning rate over its value: 0 in the warm-up, then the ramp).
     """
 
     name = "learned-reward-gradient"
@@ -105,8 +110,14 @@ class LearnedRewardGradient(RewardGradient):
     def update(self, prompts: list[str], generator: torch.Generator | None = None) -> dict[str, float]:
         """One update; while the surrogate's memory holds fewer than ``fit.warmup`` images, a warm-up update that
         samples without a graph, scores, remembers and fits, and leaves the policy alone (``grad_norm`` 0)."""
-        if len(self.surrogate.memory) >= self.fit.warmup:
-            return super().update(prompts, generator)
+        seen = int(self.surrogate.memory.count)  # images scored so far (checkpointed: a resumed run ramps alike)
+        if seen >= self.fit.warmup:
+            # the ramp from the images the policy has trained on, so it needs no state of its own
+            factor = min(1.0, (seen - self.fit.warmup + len(prompts)) / self.fit.ramp) if self.fit.ramp else 1.0
+            optimizer = self.optimizers["policy"]
+            for group in optimizer.param_groups:
+                group["lr"] = group.setdefault("initial_lr", group["lr"]) * factor
+            return {**super().update(prompts, generator), "lr_factor": factor}
         batch = self.collect(prompts, generator)
         cond = batch.cond
         with torch.no_grad():
@@ -115,7 +126,7 @@ class LearnedRewardGradient(RewardGradient):
                               guidance_scale=self.config.guidance_scale)
             images = random_translate(self.decode(latents), self.config.reward_shift, batch.generator)
             self.observe_and_score(images, cond.prompts, batch)
-        zero = {"loss": 0.0, "loss_reward": 0.0, "grad_norm": 0.0, "surrogate_mean": 0.0}
+        zero = {"loss": 0.0, "loss_reward": 0.0, "grad_norm": 0.0, "surrogate_mean": 0.0, "lr_factor": 0.0}
         return mean_over_ranks({**zero, **self._observed}, pooled_std={"reward_std": "reward_mean"},
                                count=len(prompts))
 

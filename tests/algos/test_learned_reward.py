@@ -33,14 +33,14 @@ def black_box(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return Refuses.apply(images.mean((1, 2, 3)))
 
 
-def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0) -> LearnedRewardGradient:
+def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0, ramp: int = 0) -> LearnedRewardGradient:
     torch.manual_seed(0)
     policy = build_policy("affine", world, hidden_dim=8)
     surrogate = LearnedReward(world.build_reward("shapes-clip"), hidden=16, capacity=8)
     return LearnedRewardGradient(
         world, policy, black_box, surrogate, torch.optim.Adam(policy.parameters(), 1e-2),
         RewardGradientConfig(num_steps=steps, reward_shift=1),
-        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3), fit=SurrogateFitConfig(fit_steps, 4, warmup))
+        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3), fit=SurrogateFitConfig(fit_steps, 4, warmup, ramp))
 
 
 def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_random) -> None:
@@ -62,8 +62,9 @@ def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_ran
 
 def test_the_warm_up_scores_and_fits_without_touching_the_policy(shapes_random) -> None:
     """warmup=4 with 2 prompts per update: the first two updates fill the memory and fit the head, and leave the
-    policy as built; the third steps it."""
-    algo = build(shapes_random, warmup=4)
+    policy as built; the third steps it, at a quarter of its learning rate (ramp=8: 2 of 8 images), the sixth at
+    all of it."""
+    algo = build(shapes_random, warmup=4, ramp=8)
     start = {k: v.clone() for k, v in algo.policy.state_dict().items()}
     head = [p.clone() for p in algo.surrogate.head.parameters()]
     gen = torch.Generator().manual_seed(2)
@@ -75,6 +76,9 @@ def test_the_warm_up_scores_and_fits_without_touching_the_policy(shapes_random) 
     trained = algo.update(PROMPTS, gen)
     assert trained["surrogate_size"] == 6 and trained["grad_norm"] > 0
     assert any(not torch.equal(v, start[k]) for k, v in algo.policy.state_dict().items())
+    assert [m["lr_factor"] for m in warm] == [0.0, 0.0] and trained["lr_factor"] == 0.25
+    assert algo.optimizers["policy"].param_groups[0]["lr"] == 0.25 * 1e-2
+    assert [algo.update(PROMPTS, gen)["lr_factor"] for _ in range(4)] == [0.5, 0.75, 1.0, 1.0]
 
 
 def test_a_resumed_run_continues_exactly(shapes_random) -> None:
@@ -103,3 +107,5 @@ def test_refuses_bad_fit_settings() -> None:
         SurrogateFitConfig(steps=1, batch_size=0)
     with pytest.raises(ValueError, match="warmup=-1"):
         SurrogateFitConfig(warmup=-1)
+    with pytest.raises(ValueError, match="ramp=-1"):
+        SurrogateFitConfig(ramp=-1)

@@ -64,7 +64,7 @@ def test_a_learned_reward_run_trains_on_a_black_box_and_resumes_exactly(tmp_path
     total = 6
     common = SMALL + ["--total-updates", str(total), "--checkpoint-every", "2", "--eval-every", "3",
                       "--reward", "verifier-partial", "--surrogate", "shapes-clip", "--surrogate-fit-steps", "4",
-                      "--surrogate-warmup", "4", "--reward-target", "None"]  # a target is in the black box's units
+                      "--surrogate-warmup", "4", "--surrogate-ramp", "4", "--reward-target", "None"]  # a target is in the black box's units
     run_dir = check_killed_run_resumes(script, common, tmp_path, total,
                                        ("train/reward_mean", "train/surrogate_mean", "train/surrogate_rmse",
                                         "eval/reward_mean"))
@@ -72,6 +72,7 @@ def test_a_learned_reward_run_trains_on_a_black_box_and_resumes_exactly(tmp_path
     sizes = metric_curve(records, "train/surrogate_size")[1]
     assert sizes == [2.0 * u for u in range(1, total + 1)]  # every update's images were scored and remembered
     assert [g == 0.0 for g in metric_curve(records, "losses/grad_norm")[1]] == [True, True] + [False] * (total - 2)
+    assert metric_curve(records, "train/lr_factor")[1] == [0.0, 0.0, 0.5, 1.0, 1.0, 1.0]  # warm-up, then the ramp
     evals = [r for r in records if "eval/reward_mean" in r]
     assert all(r["eval/reward_mean"] == r["eval/rewards/verifier-partial"] for r in evals)  # the black box
     with pytest.raises(ConfigError, match="--one-step with --surrogate"):
