@@ -38,15 +38,13 @@ from pathlib import Path
 import torch
 
 from fluxguide import distributed
-from fluxguide.algos import RewardGradient, RewardGradientConfig
-from fluxguide.algos.learned_reward import SURROGATE_METRICS, LearnedRewardGradient, SurrogateFitConfig
-from fluxguide.backbones.registry import build_reward
+from fluxguide.algos import RewardGradientConfig
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int
 from fluxguide.harness.presets import distilled_start, few_step_policy, flux_dev_preset
+from fluxguide.harness.surrogate import SurrogateConfig
 from fluxguide.policies.averaging import PolicyAverage
-from fluxguide.rewards.learned import LearnedReward
 
 #: The shapes preset's budget: updates of 16 images (the README's headline is measured at it).
 RG_UPDATES = 64
@@ -64,6 +62,7 @@ class Config:
     guide: Flat[PolicyConfig] = field(default_factory=lambda: PolicyConfig(policy="affine", hidden_dim=8,
                                                                            policy_min_t=0.64))
     optim: Flat[TrainConfig] = field(default_factory=lambda: TrainConfig(batch_size=16, lr=1e-2))
+    learned: Flat[SurrogateConfig] = field(default_factory=SurrogateConfig)
     grad_last_k: int | None = None
     """backpropagate through the last K steps only (default: all steps)"""
     random_k: bool = False
@@ -86,24 +85,6 @@ class Config:
     policy_average: float | None = None
     """decay of an exponential moving average of the policy's weights (fluxguide.policies.averaging), which the
     evaluations score and the run saves (e.g. 0.98: the last ~50 updates); None: the last iterate"""
-    surrogate: str | None = None
-    """train on --reward as a black box (only its scores are used): fit a reward model on the frozen embeddings of
-    this CLIP reward (e.g. 'shapes-clip') to --reward's scores of the policy's own images, online, and backpropagate
-    through it (fluxguide.algos.learned_reward; --reward-target is then in --reward's units); None: backpropagate
-    through --reward itself"""
-    surrogate_hidden: int = 256
-    """width of the surrogate's MLP head (--surrogate)"""
-    surrogate_lr: float = 1e-3
-    """learning rate of the surrogate's head (--surrogate)"""
-    surrogate_fit_steps: int = 32
-    """Adam steps on the surrogate's memory of scored images per update (--surrogate)"""
-    surrogate_memory: int = 10240
-    """scored images the surrogate keeps for fitting, the newest (--surrogate)"""
-    surrogate_warmup: int = 256
-    """images of the starting policy scored before the policy's first step: the first updates only sample, score and
-    fit the surrogate (they count as samples; --surrogate)"""
-    surrogate_ramp: int = 512
-    """images over which the policy's learning rate then rises linearly from 0 to --lr (--surrogate)"""
     straight_through: bool = False
     """give the reward's gradient to pixels the decoder clamps to [0, 1] (straight-through clamp; shapes world:
     shapes can grow into the black background)"""
@@ -114,15 +95,6 @@ class Config:
         check_float("init_kl", self.init_kl, strict=False)
         check_float("reward_target", self.reward_target, minimum=-math.inf, optional=True)
         check_int("reward_shift", self.reward_shift, minimum=0)
-        check_int("surrogate_hidden", self.surrogate_hidden)
-        check_float("surrogate_lr", self.surrogate_lr)
-        check_int("surrogate_fit_steps", self.surrogate_fit_steps, minimum=0)
-        check_int("surrogate_memory", self.surrogate_memory)
-        check_int("surrogate_warmup", self.surrogate_warmup, minimum=0)
-        check_int("surrogate_ramp", self.surrogate_ramp, minimum=0)
-        if self.one_step and self.surrogate is not None:
-            raise ConfigError("--one-step with --surrogate: the learned reward trains through the full trajectory; "
-                              "drop one of them")
         if self.policy_average is not None and not 0.0 < self.policy_average < 1.0:
             raise ConfigError(f"--policy-average {self.policy_average}: a decay in (0, 1), e.g. 0.98 (the last ~50 "
                               "updates), or None for the last iterate")
@@ -190,18 +162,13 @@ def shapes_few_step(num_steps: int) -> Config:
 
 
 def shapes_learned_reward() -> Config:
-    """Black-box training (docs/results.md, "Black-box rewards"): the ``shapes-distilled`` recipe, trained on the
-    verifier with partial credit through a surrogate fitted online to its scores on the tiny CLIP's embeddings and
-    cosine score (``--surrogate shapes-clip``); the verifier itself gives no gradient. 160 updates of 16 images:
-    the first 16 only score the start's images (the warm-up), the next 32 ramp the learning rate up; the run saves
-    the average of the weights over about the last 50 updates (``--policy-average 0.98``)."""
+    """Black-box training (docs/results.md, "Black-box rewards"): ``shapes-distilled`` on the partial-credit verifier
+    through a surrogate of it on the tiny CLIP (``--surrogate shapes-clip``): 160 updates, the weights' average."""
     cfg = shapes_distilled()
-    cfg.run = replace(cfg.run, preset="shapes-learned-reward", run_dir=Path("runs/reward_gradient/shapes-learned-reward"),
+    cfg.run = replace(cfg.run, preset="shapes-learned-reward", run_dir=Path("runs/reward_gradient/learned"),
                       wandb_group="learned-reward-gradient", total_updates=160, eval_every=40, checkpoint_every=40)
-    cfg.reward = replace(cfg.reward, reward="verifier-partial")
-    cfg.surrogate = "shapes-clip"
-    cfg.policy_average = 0.98  # the surrogate's gradient is noisy: save the average of the last ~50 updates
-    return cfg
+    cfg.reward, cfg.learned = replace(cfg.reward, reward="verifier-partial"), SurrogateConfig(surrogate="shapes-clip")
+    return replace(cfg, policy_average=0.98)  # the surrogate's gradient is noisy
 
 
 PRESETS = {"shapes": Config, "flux-dev": flux_dev, "shapes-distilled": shapes_distilled,
@@ -215,29 +182,19 @@ def main(cfg: Config) -> dict[str, float]:
     backbone = cfg.model.build(seed=seed, device=run.device, num_steps=opt.num_steps)
     train = cfg.reward.prompts(backbone)  # prompts the backbone cannot render are refused here, before any model runs
     cfg.run.heldout_prompts(backbone)  # the held-out ones too, not at the first evaluation
-    reward = cfg.reward.build(backbone, seed=seed)  # differentiable, unless a surrogate learns it (then any reward)
+    reward = cfg.reward.build(backbone, seed=seed)  # differentiable, unless --surrogate learns it (then a black box)
     policy = cfg.guide.build(backbone)
     reference = cfg.guide.reference(policy, cfg.init_kl)  # before any update or resume
     distributed.reseed_rank_streams(seed)  # same policy init on every rank, then each rank's own stream
     optimizer = torch.optim.AdamW(cfg.guide.param_groups(policy, opt.lr), lr=opt.lr, weight_decay=opt.weight_decay)
     # DDP fits this loop: the sampler calls the policy at each step, and one backward through them all (with
     # non-reentrant checkpointing) averages each gradient once over the ranks, before clipping.
-    rg_config = RewardGradientConfig(
+    algo = cfg.learned.algorithm(backbone, distributed.data_parallel(policy), reward, optimizer, RewardGradientConfig(
         num_steps=opt.num_steps, guidance_scale=opt.guidance_scale, grad_last_k=cfg.grad_last_k, random_k=cfg.random_k,
         gradient_checkpointing=cfg.gradient_checkpointing, control_cost=cfg.control_cost, init_kl=cfg.init_kl,
-        reward_target=cfg.reward_target, max_grad_norm=opt.max_grad_norm, reward_shift=cfg.reward_shift)
-    decode = backbone.straight_through_decoder() if cfg.straight_through else None
-    if cfg.surrogate is None:
-        algo = RewardGradient(backbone, distributed.data_parallel(policy), reward, optimizer, rg_config,
-                              one_step=cfg.one_step, decode=decode, reference=reference)
-    else:  # --reward is only called; the gradient comes from a reward model fitted to its scores
-        surrogate = LearnedReward(build_reward(cfg.surrogate, backbone, seed=seed),
-                                  hidden=cfg.surrogate_hidden, capacity=cfg.surrogate_memory)
-        algo = LearnedRewardGradient(
-            backbone, distributed.data_parallel(policy), reward, surrogate, optimizer, rg_config,
-            surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), lr=cfg.surrogate_lr),
-            fit=SurrogateFitConfig(steps=cfg.surrogate_fit_steps, warmup=cfg.surrogate_warmup,
-                                  ramp=cfg.surrogate_ramp), decode=decode, reference=reference)
+        reward_target=cfg.reward_target, max_grad_norm=opt.max_grad_norm, reward_shift=cfg.reward_shift),
+        seed=seed, one_step=cfg.one_step, reference=reference,
+        decode=backbone.straight_through_decoder() if cfg.straight_through else None)
     data_gen = torch.Generator().manual_seed(distributed.rank_seed(seed))  # prompts and noise of the batches
 
     # The weight average (if any) is what the evaluations score and the run saves; it is checkpointed with the rest.
@@ -251,7 +208,7 @@ def main(cfg: Config) -> dict[str, float]:
     for _ in run.loop(samples_per_update=opt.batch_size):
         prompts = [train[i] for i in torch.randint(len(train), (opt.batch_size,), generator=data_gen).tolist()]
         metrics = {"grad_last_k": 1.0, "loss_control": 0.0, **run.step(algo.update, prompts, data_gen)}
-        run.log(metrics, train=("reward_mean", "reward_std", "control_cost", "init_kl", "grad_last_k", *SURROGATE_METRICS),
+        run.log(metrics, train=algo.train_metrics,
                 losses=("loss", "loss_reward", "loss_control", "loss_init_kl", "grad_norm"),
                 postfix={"reward": "reward_mean"})
         if average is not None:

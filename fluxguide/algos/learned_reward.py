@@ -43,11 +43,7 @@ from fluxguide.rewards.base import call_reward
 from fluxguide.rewards.learned import LearnedReward
 from fluxguide.sampling.denoise import denoise
 
-__all__ = ["SPECS", "SURROGATE_METRICS", "LearnedRewardGradient", "SurrogateFitConfig"]
-
-#: The surrogate's training metrics (beside reward gradient's), for the scripts' logs.
-SURROGATE_METRICS = ("surrogate_mean", "surrogate_rmse", "surrogate_corr", "surrogate_fit_loss", "surrogate_size",
-                     "lr_factor")
+__all__ = ["SPECS", "LearnedRewardGradient", "SurrogateFitConfig"]
 
 
 @dataclass
@@ -94,6 +90,8 @@ class LearnedRewardGradient(RewardGradient):
     """
 
     name = "learned-reward-gradient"
+    train_metrics = (*RewardGradient.train_metrics, "surrogate_mean", "surrogate_rmse", "surrogate_corr",
+                     "surrogate_fit_loss", "surrogate_size", "lr_factor")
     advice = "Lower the learning rate, or fit the surrogate longer (--surrogate-fit-steps)"
 
     def __init__(self, backbone: object, policy: nn.Module, black_box: nn.Module, surrogate: LearnedReward,
@@ -135,7 +133,8 @@ class LearnedRewardGradient(RewardGradient):
         self.policy.train()
         self._observed = {}
         out = reward_gradient_loss(
-            self.model, self.decode, self.policy, lambda images, prompts: self.observe_and_score(images, prompts, batch),
+            self.model, self.decode, self.policy, lambda images, prompts: self.observe_and_score(images, prompts,
+                                                                                                  batch),
             batch.cond, batch.noise, self.timesteps, self.config, guidance=self.backbone.default_guidance,
             generator=batch.generator, reference=self.reference)
         metrics = {**out.metrics, "surrogate_mean": out.metrics["reward_mean"], **self._observed}

@@ -312,6 +312,8 @@ class RewardGradient(OnSamplerAlgorithm):
 
     name = "reward-gradient"
     advice = "Lower the learning rate or the guidance scale, or check the reward on these images"
+    #: The metrics of :meth:`update` that describe the training batch (the scripts log them under ``train/``).
+    train_metrics: tuple[str, ...] = ("reward_mean", "reward_std", "control_cost", "init_kl", "grad_last_k")
 
     def __init__(
         self,

@@ -40,7 +40,8 @@ def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0, ramp: int 
     return LearnedRewardGradient(
         world, policy, black_box, surrogate, torch.optim.Adam(policy.parameters(), 1e-2),
         RewardGradientConfig(num_steps=steps, reward_shift=1),
-        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3), fit=SurrogateFitConfig(fit_steps, 4, warmup, ramp))
+        surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), 1e-3),
+        fit=SurrogateFitConfig(fit_steps, 4, warmup, ramp))
 
 
 def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_random) -> None:
