@@ -11,7 +11,7 @@ called, never differentiated (default: the shapes world's verifier with partial 
 rewards into optimality probabilities and takes a flow-matching step toward the better samples of each group and
 away from the worse. The rest is the harness's, as in ``train_reward_gradient.py``: held-out evaluation next to the
 training reward, checkpoints and resume, metrics in ``<run_dir>/metrics.jsonl`` and W&B, ``torchrun``. Not yet a
-recipe: on the shapes world no setting tried has gained (docs/results.md, "Black-box RL: DiffusionNFT").
+recipe: on the shapes world no setting tried has gained (docs/results.md, "Black-box rewards").
 """
 
 from __future__ import annotations

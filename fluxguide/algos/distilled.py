@@ -17,6 +17,7 @@ replaced.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from fluxguide.algos.bc import SPECS as BC_SPECS
 from fluxguide.algos.registry import AlgorithmSpec, full_budget
@@ -26,13 +27,20 @@ from fluxguide.algos.reward_gradient import RewardGradient
 COLLECT, DISTIL = BC_SPECS[0].stages  # behaviour cloning's collection and training, with their budgets
 (FINE_TUNE,) = RG_SPECS[0].stages  # reward gradient's training stage, with its smoke budget
 
-SPECS = (AlgorithmSpec(
+
+def distil_then_fine_tune(name: str, description: str, preset: str, algorithm: type, **options: Any) -> AlgorithmSpec:
+    """A chain of three stages in one run folder: behaviour cloning's collection (``data/``) and distillation
+    (``bc/``), then ``train_reward_gradient.py --preset preset`` from the distilled policy (``rl/``). ``options``
+    are the spec's (``main_job``, ``minutes``, ``reward``)."""
+    # The fine-tuning starts where the distillation's final evaluation left the policy (the head adds nothing
+    # yet), on the same noise: it does not evaluate it again.
+    fine_tune = replace(FINE_TUNE, folder="rl", inputs={"--init-policy": "bc/guidance.safetensors"},
+                        args=("--preset", preset, "--no-eval-at-start"),
+                        budgets={**FINE_TUNE.budgets, "full": full_budget(640)})
+    return AlgorithmSpec(name, description, (COLLECT, replace(DISTIL, folder="bc"), fine_tune), algorithm, **options)
+
+
+SPECS = (distil_then_fine_tune(
     "reward-gradient-distilled",
     "distil CFG 3 into the attention network, then fine-tune it by reward gradient (collect, BC, RL)",
-    (COLLECT, replace(DISTIL, folder="bc"),
-     # The fine-tuning starts where the distillation's final evaluation left the policy (the head adds nothing
-     # yet), on the same noise: it does not evaluate it again.
-     replace(FINE_TUNE, folder="rl", inputs={"--init-policy": "bc/guidance.safetensors"},
-             args=("--preset", "shapes-distilled", "--no-eval-at-start"),
-             budgets={**FINE_TUNE.budgets, "full": full_budget(640)})),
-    RewardGradient, main_job=True, minutes=6.5),)
+    "shapes-distilled", RewardGradient, main_job=True, minutes=6.5),)

@@ -22,17 +22,15 @@ resumed run continues exactly.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from fluxguide import distributed
-from fluxguide.algos.bc import SPECS as BC_SPECS
 from fluxguide.algos.common import LossOutput, mean_over_ranks
+from fluxguide.algos.distilled import distil_then_fine_tune
 from fluxguide.algos.on_sampler import Decoder, SamplerBatch
-from fluxguide.algos.registry import AlgorithmSpec, full_budget
-from fluxguide.algos.reward_gradient import SPECS as RG_SPECS
 from fluxguide.algos.reward_gradient import (
     RewardGradient,
     RewardGradientConfig,
@@ -154,15 +152,7 @@ class LearnedRewardGradient(RewardGradient):
         return call_reward(self.surrogate, images, prompts)
 
 
-COLLECT, DISTIL = BC_SPECS[0].stages  # behaviour cloning's collection and training, with their budgets
-(FINE_TUNE,) = RG_SPECS[0].stages  # reward gradient's training stage, with its smoke budget
-
-SPECS = (AlgorithmSpec(
+SPECS = (distil_then_fine_tune(
     "learned-reward-gradient",
     "black-box reward: distil CFG 3, then reward gradient through a surrogate fitted online to the verifier",
-    (COLLECT, replace(DISTIL, folder="bc"),
-     # As reward-gradient-distilled: the fine-tuning starts where the distillation's final evaluation left it.
-     replace(FINE_TUNE, folder="rl", inputs={"--init-policy": "bc/guidance.safetensors"},
-             args=("--preset", "shapes-learned-reward", "--no-eval-at-start"),
-             budgets={**FINE_TUNE.budgets, "full": full_budget(640)})),
-    LearnedRewardGradient, reward="black-box", minutes=12.0),)
+    "shapes-learned-reward", LearnedRewardGradient, reward="black-box", minutes=12.0),)

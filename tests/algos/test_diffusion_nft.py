@@ -18,6 +18,7 @@ import torch
 from fluxguide.algos.diffusion_nft import DiffusionNFT, DiffusionNFTConfig, nft_loss, optimality_probability
 from fluxguide.algos.registry import get_algorithm
 from fluxguide.sampling import denoise
+from tests.black_box import black_box
 from tests.gaussian_flow import MEAN, STD, C, Control, GaussianFlow, Shift, Started, linear_reward
 
 NUM_STEPS, GROUP, CLIP, BETA = 50, 128, 5.0, 0.25
@@ -97,19 +98,6 @@ def test_optimality_and_loss_terms() -> None:
 
 
 def test_a_reward_that_refuses_backward_trains_on_the_shapes_world(shapes_random) -> None:
-    class Refuses(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return x.clone()
-
-        @staticmethod
-        def backward(ctx, grad):
-            raise AssertionError("DiffusionNFT asked the black-box reward for a gradient")
-
-    def black_box(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        assert not torch.is_grad_enabled() and not images.requires_grad
-        return Refuses.apply(images.mean((1, 2, 3)))
-
     from fluxguide.policies.registry import build_policy
 
     policy = build_policy("affine", shapes_random, hidden_dim=8)

@@ -13,24 +13,9 @@ from fluxguide.algos.registry import get_algorithm
 from fluxguide.algos.reward_gradient import RewardGradientConfig
 from fluxguide.policies.registry import build_policy
 from fluxguide.rewards.learned import LearnedReward
+from tests.black_box import black_box
 
 PROMPTS = ["a red circle", "a yellow triangle above a red bar"]
-
-
-class Refuses(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise AssertionError("the black-box reward was asked for a gradient")
-
-
-def black_box(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """A black box: called without gradients, on detached images, and refusing backward."""
-    assert not torch.is_grad_enabled() and not images.requires_grad
-    return Refuses.apply(images.mean((1, 2, 3)))
 
 
 def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0, ramp: int = 0) -> LearnedRewardGradient:
