@@ -18,7 +18,7 @@ from tests.black_box import black_box
 PROMPTS = ["a red circle", "a yellow triangle above a red bar"]
 
 
-def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0, ramp: int = 0) -> LearnedRewardGradient:
+def build_algorithm(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0, ramp: int = 0) -> LearnedRewardGradient:
     torch.manual_seed(0)
     policy = build_policy("affine", world, hidden_dim=8)
     surrogate = LearnedReward(world.build_reward("shapes-clip"), hidden=16, capacity=8)
@@ -30,7 +30,7 @@ def build(world, steps: int = 3, fit_steps: int = 4, warmup: int = 0, ramp: int 
 
 
 def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_random) -> None:
-    algo = build(shapes_random)
+    algo = build_algorithm(shapes_random)
     gen = torch.Generator().manual_seed(0)
     first = algo.update(PROMPTS, gen)
     # the head starts at zero: its prediction of the first images was constant (no correlation, error = their rms)
@@ -50,7 +50,7 @@ def test_the_warm_up_scores_and_fits_without_touching_the_policy(shapes_random) 
     """warmup=4 with 2 prompts per update: the first two updates fill the memory and fit the head, and leave the
     policy as built; the third steps it, at a quarter of its learning rate (ramp=8: 2 of 8 images), the sixth at
     all of it."""
-    algo = build(shapes_random, warmup=4, ramp=8)
+    algo = build_algorithm(shapes_random, warmup=4, ramp=8)
     start = {k: v.clone() for k, v in algo.policy.state_dict().items()}
     head = [p.clone() for p in algo.surrogate.head.parameters()]
     gen = torch.Generator().manual_seed(2)
@@ -70,7 +70,7 @@ def test_the_warm_up_scores_and_fits_without_touching_the_policy(shapes_random) 
 def test_a_resumed_run_continues_exactly(shapes_random) -> None:
     """The head, its memory and both optimizers are the state: restoring them after two updates gives the third
     update of the uninterrupted run, to the bit."""
-    straight = build(shapes_random)
+    straight = build_algorithm(shapes_random)
     gen = torch.Generator().manual_seed(1)
     for _ in range(2):
         straight.update(PROMPTS, gen)
@@ -79,7 +79,7 @@ def test_a_resumed_run_continues_exactly(shapes_random) -> None:
     gen_state = gen.get_state()
     expected = straight.update(PROMPTS, gen)
 
-    resumed = build(shapes_random)
+    resumed = build_algorithm(shapes_random)
     for name, module in resumed.modules.items():
         module.load_state_dict(state[name])
     for name, optimizer in resumed.optimizers.items():
