@@ -121,8 +121,8 @@ class LearnedRewardGradient(RewardGradient):
                               guidance=self.backbone.default_guidance, guidance_model=self.policy,
                               guidance_scale=self.config.guidance_scale)
             images = random_translate(self.decode(latents), self.config.reward_shift, batch.generator)
-            self.observe_and_score(images, cond.prompts, batch)
-        zero = {"loss": 0.0, "loss_reward": 0.0, "grad_norm": 0.0, "surrogate_mean": 0.0, "lr_factor": 0.0}
+            self.observe(images, cond.prompts, batch)
+        zero = {"loss": 0.0, "loss_reward": 0.0, "grad_norm": 0.0, "lr_factor": 0.0}
         return mean_over_ranks({**zero, **self._observed}, pooled_std={"reward_std": "reward_mean"},
                                count=len(prompts))
 
@@ -140,6 +140,12 @@ class LearnedRewardGradient(RewardGradient):
 
     def observe_and_score(self, images: torch.Tensor, prompts: list[str], batch: SamplerBatch) -> torch.Tensor:
         """Steps 2-4 of the module docstring on ``images`` (with their graph); returns the surrogate's scores."""
+        self.observe(images, prompts, batch)
+        self.surrogate.head.eval()
+        return call_reward(self.surrogate, images, prompts)
+
+    def observe(self, images: torch.Tensor, prompts: list[str], batch: SamplerBatch) -> None:
+        """Steps 2-3: the black box scores ``images``, the surrogate remembers them and is refitted."""
         with torch.no_grad():
             truth = call_reward(self.black_box, images.detach(), prompts).float()
         observed = self.surrogate.remember(images, prompts, truth)
@@ -148,8 +154,6 @@ class LearnedRewardGradient(RewardGradient):
         self._observed = {"reward_mean": float(truth.mean()),
                           "reward_std": float(truth.std()) if truth.numel() > 1 else 0.0,
                           **observed, "surrogate_size": float(len(self.surrogate.memory))}
-        self.surrogate.head.eval()
-        return call_reward(self.surrogate, images, prompts)
 
 
 SPECS = (distil_then_fine_tune(
