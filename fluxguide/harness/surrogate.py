@@ -13,6 +13,7 @@ from torch import nn
 from fluxguide.algos.learned_reward import LearnedRewardGradient, SurrogateFitConfig
 from fluxguide.algos.reward_gradient import RewardGradient, RewardGradientConfig
 from fluxguide.harness.config import ConfigError, check_float, check_int
+from fluxguide.rewards.clip_score import CLIPScore
 from fluxguide.rewards.learned import LearnedReward
 
 __all__ = ["SurrogateConfig"]
@@ -62,8 +63,11 @@ class SurrogateConfig:
                               "drop one of them")
         if self.surrogate is None:
             return RewardGradient(backbone, policy, reward, optimizer, config, one_step=one_step, **options)
-        surrogate = LearnedReward(build_reward(self.surrogate, backbone, seed=seed), hidden=self.surrogate_hidden,
-                                  capacity=self.surrogate_memory)
+        clip = build_reward(self.surrogate, backbone, seed=seed)
+        if not isinstance(clip, CLIPScore):
+            raise ConfigError(f"--surrogate {self.surrogate!r} is a {type(clip).__name__}, not a CLIP reward: the "
+                              "surrogate reads a CLIP's embeddings; name one, e.g. --surrogate shapes-clip")
+        surrogate = LearnedReward(clip, hidden=self.surrogate_hidden, capacity=self.surrogate_memory)
         return LearnedRewardGradient(
             backbone, policy, reward, surrogate, optimizer, config,
             surrogate_optimizer=torch.optim.Adam(surrogate.head.parameters(), lr=self.surrogate_lr),

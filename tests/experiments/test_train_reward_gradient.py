@@ -77,6 +77,8 @@ def test_a_learned_reward_run_trains_on_a_black_box_and_resumes_exactly(tmp_path
     assert all(r["eval/reward_mean"] == r["eval/rewards/verifier-partial"] for r in evals)  # the black box
     with pytest.raises(ConfigError, match="--one-step with --surrogate"):
         run(common + ["--run-dir", str(tmp_path / "bad"), "--one-step"])
+    with pytest.raises(ConfigError, match="--surrogate 'shapes-aesthetic' is a .*not a CLIP reward"):
+        run(common + ["--run-dir", str(tmp_path / "bad2"), "--surrogate", "shapes-aesthetic"])
 
 
 class NaNAfter(RewardModel):
