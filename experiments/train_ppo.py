@@ -6,25 +6,25 @@
     python experiments/train_ppo.py --help                            # every option and the presets
 
 The default (``--preset shapes``) is the best recipe known on the shapes world (docs/results.md): the affine
-policy on the first 10 of 20 steps exploring its own 6 coefficients per step in ODE mode, trained on the
-verifier with partial credit, prompt groups of 8 that share their initial noise.
+policy on the first 10 of 20 steps exploring its own 6 coefficients per step in ODE mode, trained on the verifier
+with partial credit, prompt groups of 8 that share their initial noise.
 
-Each update collects one episode of ``batch_size`` trajectories (``samples_per_prompt`` per *training*
-prompt) with the Gaussian policy on the TorchRL env -- in SDE mode (default) the policy's std is the SDE's,
-so exploration is the sampler's own noise (Flow-GRPO); in ODE mode it is a fixed Gaussian std -- computes
-advantages (per-prompt normalised returns, or GAE) and runs ``epochs`` passes of ClipPPOLoss over minibatches
-of whole trajectories (``fluxguide.algos.PPO``). Every ``eval_every`` updates the mean policy is evaluated
-on the *held-out* prompts with fixed noise and the deterministic (ODE) sampler: the reward and, on the
-shapes world, the verifier's pass rate, plus a PNG grid. Metrics go to W&B (offline unless
-``--wandb-mode online``) and ``<run_dir>/metrics.jsonl`` against ``charts/samples_seen``.
+Each update collects one episode of ``batch_size`` trajectories (``samples_per_prompt`` per *training* prompt)
+with the Gaussian policy on the TorchRL env -- in SDE mode the policy's std is the SDE's, so exploration is the
+sampler's own noise (Flow-GRPO; on ``--sde-window`` steps only); in ODE mode it is a fixed Gaussian std --
+computes advantages (per-prompt normalised returns, or GAE) and runs ``epochs`` passes of ClipPPOLoss over
+minibatches of whole trajectories (``fluxguide.algos.PPO``). Every ``eval_every`` updates the mean policy is
+evaluated on the *held-out* prompts with fixed noise and the deterministic (ODE) sampler: the reward and, on the
+shapes world, the verifier's pass rate, plus a PNG grid. Metrics go to W&B (offline unless ``--wandb-mode
+online``) and ``<run_dir>/metrics.jsonl`` against ``charts/samples_seen``.
 
 Checkpoints are written every ``checkpoint_every`` updates to ``<run_dir>/checkpoints``; rerunning the same
-command continues from the last one with the same RNG streams. A non-finite loss or log-prob stops the run
-with a message and writes no checkpoint.
+command continues from the last one with the same RNG streams. A non-finite loss or log-prob stops the run with a
+message and writes no checkpoint.
 
 Under ``torchrun`` every process collects its own episodes (``--batch-size`` trajectories per process, its own
-prompts and noise) and the gradients are averaged over processes; rank 0 logs the gathered metrics and writes
-the files (docs/distributed.md).
+prompts and noise) and the gradients are averaged over processes; rank 0 logs the gathered metrics and writes the
+files (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from fluxguide.envs import GuidanceTorchRLEnv
 from fluxguide.harness import BackboneConfig, Flat, PolicyConfig, RewardConfig, Run, RunConfig, TrainConfig
 from fluxguide.harness.cli import cli
 from fluxguide.harness.config import ConfigError, check_float, check_int
-from fluxguide.harness.presets import FLUX_DEV_STEPS, flux_dev_model, flux_dev_reward, flux_dev_run
+from fluxguide.harness.presets import flux_dev_preset
 from fluxguide.policies import make_ppo_actor, make_value_network
 from fluxguide.policies.registry import latent_grid
 
@@ -82,6 +82,8 @@ class Config:
     'ode': the Euler sampler with Gaussian policy noise of std --std"""
     noise_level: float = 0.7
     """SDE noise level a of sigma_t = a sqrt(t / (1 - t)) (SDE mode)"""
+    sde_window: tuple[int, int] | None = None
+    """SDE mode: SDE steps (and exploration) only at steps START..STOP-1, Euler steps elsewhere (Flow-GRPO-Fast)"""
     std: float | None = None
     """policy std in ODE mode (initial std with --learn-std). Default: 1.0 on explored coefficients, 0.1 on
     whole corrections"""
@@ -137,12 +139,9 @@ class Config:
 
 def flux_dev() -> Config:
     """FLUX.1-dev on one GPU (not measured here): the shapes recipe's policy and exploration, a CLIP score."""
-    return Config(run=flux_dev_run(preset="flux-dev", run_dir=Path("runs/ppo/flux-dev"), total_updates=200,
-                                   eval_every=20, checkpoint_every=20, wandb_group="ppo"),
-                  model=flux_dev_model(), reward=flux_dev_reward(),
-                  guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64),
-                  optim=TrainConfig(batch_size=16, lr=1e-3, num_steps=FLUX_DEV_STEPS), samples_per_prompt=4,
-                  minibatch_trajectories=4)
+    cfg = flux_dev_preset(Config, "ppo", "ppo", batch_size=16, lr=1e-3, samples_per_prompt=4, minibatch_trajectories=4,
+                          guide=PolicyConfig(policy="affine", hidden_dim=8, policy_min_t=0.64))
+    return replace(cfg, run=replace(cfg.run, total_updates=200, eval_every=20, checkpoint_every=20))
 
 
 #: Flow-GRPO's KL coefficient to the reference policy (Liu et al., 2025, "Flow-GRPO", GenEval setting).
@@ -172,7 +171,8 @@ def main(cfg: Config) -> dict[str, float]:
     env = GuidanceTorchRLEnv(backbone, reward=reward, prompts=train, batch_size=opt.batch_size,
                              samples_per_prompt=cfg.samples_per_prompt, num_steps=opt.num_steps,
                              guidance_scale=opt.guidance_scale, mode=cfg.mode, noise_level=cfg.noise_level,
-                             control_cost=cfg.control_cost, shared_group_noise=cfg.shared_group_noise)
+                             sde_window=cfg.sde_window, control_cost=cfg.control_cost,
+                             shared_group_noise=cfg.shared_group_noise)
     env.set_seed(distributed.rank_seed(seed))  # each rank its own prompts and noise
     policy = cfg.guide.build(backbone, coarse=cfg.coarse_actions)
     actor, _ = make_ppo_actor(policy, backbone, mode=cfg.mode, std=cfg.std, learn_std=cfg.learn_std,

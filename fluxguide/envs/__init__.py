@@ -16,7 +16,7 @@ new memory).
 """
 
 from fluxguide.backbones.registry import build_reward  # the one reward builder, for env users
-from fluxguide.envs.core import GuidanceCore, StepResult
+from fluxguide.envs.core import GuidanceCore, SDEWindowError, StepResult
 from fluxguide.envs.gym_env import GuidanceEnv
 from fluxguide.envs.make import make_core
 from fluxguide.envs.prompts import PROMPT_SETS, PromptSource, register_prompt_set, resolve_prompts
@@ -45,6 +45,7 @@ __all__ = [
     "GuidanceVectorEnv",
     "LeanUnbounded",
     "PromptSource",
+    "SDEWindowError",
     "StepResult",
     "UnboundedBox",
     "build_reward",

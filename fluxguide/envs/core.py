@@ -8,7 +8,9 @@ prediction ``pred`` there; the action ``a`` is the guidance correction, shaped l
 * SDE mode (marginal-preserving, Flow-GRPO Eq. 9): ``img' = sde_mean(img, pred + g a, t_i, t_{i+1})``, and
   the observation publishes ``sde_std`` = :func:`fluxguide.sampling.sde_action_std`, the std (in action
   units) of the Gaussian policy that turns this deterministic step into the SDE step. The env adds no
-  noise itself: after :meth:`GuidanceCore.reset` the only randomness is the policy's.
+  noise itself: after :meth:`GuidanceCore.reset` the only randomness is the policy's. With ``sde_window``
+  only the steps of the window are SDE steps; the others are Euler steps that publish ``sde_std = 0`` (a
+  deterministic action), as Flow-GRPO-Fast (Liu et al. 2025) and MixGRPO (Li et al. 2025) explore.
 
 The reward is 0 before the last step (minus the optional control cost); at the last step it is the reward
 module on ``backbone.decode(final latent)``. Exactly as :func:`fluxguide.sampling.denoise` computes it,
@@ -17,6 +19,7 @@ module on ``backbone.decode(final latent)``. Exactly as :func:`fluxguide.samplin
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ from fluxguide.backbones.prompt_check import check_backbone_prompts
 from fluxguide.backbones.registry import RewardLike, build_reward
 from fluxguide.envs.actions import DEFAULT_ODE_MAX_ACTION, SDE_MAX_ACTION_STDS, check_action, finite
 from fluxguide.envs.prompts import PromptSource, PromptSourceLike, resolve_prompts
+from fluxguide.errors import UserError
 from fluxguide.rewards.base import call_reward
 from fluxguide.sampling.conditioning import model_velocity
 from fluxguide.sampling.denoise import GuidanceScale, scale_at
@@ -59,6 +63,31 @@ class StepResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class SDEWindowError(UserError, ValueError):
+    """An ``sde_window`` that is not a window of the episode's steps, or one outside SDE mode."""
+
+
+def check_sde_window(window: tuple[int, int] | None, mode: Mode, num_steps: int) -> tuple[int, int]:
+    """``window`` as ``(start, stop)`` with ``0 <= start < stop <= num_steps`` (``None``: every step).
+
+    Raises:
+        SDEWindowError: naming the bad value, or a window outside SDE mode.
+    """
+    if window is None:
+        return 0, num_steps
+    if mode != "sde":
+        raise SDEWindowError(f"sde_window {window!r} needs SDE mode (ODE mode has no SDE steps): drop it or use "
+                             "mode 'sde'")
+    try:
+        start, stop = (operator.index(v) for v in window)
+    except (TypeError, ValueError):
+        raise SDEWindowError(f"sde_window must be (start, stop), two integer step indices, got {window!r}") from None
+    if not 0 <= start < stop <= num_steps:
+        raise SDEWindowError(f"sde_window {window!r} must satisfy 0 <= start < stop <= num_steps = {num_steps} "
+                             "(the SDE steps are start..stop-1)")
+    return start, stop
+
+
 class GuidanceCore:
     """The batched denoising MDP in torch; the Gymnasium and TorchRL envs are thin faces over it.
 
@@ -78,6 +107,9 @@ class GuidanceCore:
             need). Default: 10 in ODE mode; in SDE mode 6 times the largest ``sde_std`` (or 10 if larger).
         mode: ``"ode"`` (Euler) or ``"sde"`` (marginal-preserving drift; the policy supplies the noise).
         noise_level: ``a`` of the SDE's ``sigma_t = a sqrt(t / (1 - t))`` (SDE mode only, > 0).
+        sde_window: ``(start, stop)``: in SDE mode, only steps ``start <= i < stop`` are SDE steps; the others
+            are the Euler steps of ODE mode, with ``sde_std = 0`` and no control cost (the policy's action is
+            its mean there, so it adds nothing to log-probs). ``None``: every step.
         control_cost: coefficient ``beta`` of the per-step penalty subtracted from the reward. ODE mode:
             ``beta * mean(a^2)`` over the ``seq * C`` elements (squared action units, independent of the
             resolution). SDE mode: ``beta * KL``, the exact KL in nats (summed over elements) of the guided
@@ -112,6 +144,7 @@ class GuidanceCore:
         max_action: float | None = None,
         mode: Mode = "ode",
         noise_level: float = 0.7,
+        sde_window: tuple[int, int] | None = None,
         control_cost: float = 0.0,
         cfg_scale: float | None = None,
         samples_per_prompt: int = 1,
@@ -162,11 +195,14 @@ class GuidanceCore:
             for i in range(self.num_steps)
         ]
         pairs = list(zip(self.timesteps[:-1], self.timesteps[1:]))
+        self.sde_window = check_sde_window(sde_window, mode, self.num_steps)
         if mode == "sde":
-            self.sde_stds = [sde_action_std(tc, tp, self.noise_level, g) for (tc, tp), g in zip(pairs, self.scales)]
+            start, stop = self.sde_window
+            self.sde_stds = [sde_action_std(tc, tp, self.noise_level, g) if start <= i < stop else 0.0
+                             for i, ((tc, tp), g) in enumerate(zip(pairs, self.scales))]
             # KL(N(m + k u, s^2 I) || N(m, s^2 I)) = ||k u||^2 / (2 s^2) with s = sde_step_std = |k| sde_std
             # (fluxguide.sampling.sde_actions), i.e. ||u||^2 / (2 sde_std^2): nats, summed over the seq * C elements.
-            self._kl_factors = [1.0 / (2.0 * s * s) for s in self.sde_stds]
+            self._kl_factors = [1.0 / (2.0 * s * s) if s > 0 else 0.0 for s in self.sde_stds]
         else:
             self.sde_stds = []
             self._kl_factors = []
@@ -323,7 +359,7 @@ class GuidanceCore:
         i = self.step_idx
         t_curr, t_prev, g = self.timesteps[i], self.timesteps[i + 1], self.scales[i]
         pred_used = self.pred + g * a
-        if self.mode == "sde":
+        if self.mode == "sde" and self.sde_stds[i] > 0:
             img = sde_mean(self.img, pred_used, t_curr, t_prev, self.noise_level)
         else:
             img = euler_step(self.img, pred_used, t_curr, t_prev)

@@ -84,7 +84,8 @@ class GuidanceEnv(gym.Env):
     ``backbone`` (default: the pretrained shapes world on ``device``), ``reward``, ``prompts``,
     ``render_mode`` (``"rgb_array"``: the decoded current latent as ``uint8 (H, W, 3)``), and the keywords
     of :class:`fluxguide.envs.GuidanceCore` except ``batch_size`` (1 here): ``num_steps``, ``guidance_scale``,
-    ``max_action``, ``mode``, ``noise_level``, ``control_cost``, ``cfg_scale``, ``reward_kwargs``, ``verify``.
+    ``max_action``, ``mode``, ``noise_level``, ``sde_window``, ``control_cost``, ``cfg_scale``, ``reward_kwargs``,
+    ``verify``.
 
     ```python
     import gymnasium, fluxguide.envs

@@ -122,7 +122,8 @@ class GaussianHead(ObservationModule):
         model: the guidance model.
         std: the fixed std, or the initial std when learned.
         learn_std: learn ``log std`` (one scalar parameter).
-        use_sde_std: read the std from the observation's ``sde_std`` (the env's SDE mode).
+        use_sde_std: read the std from the observation's ``sde_std`` (the env's SDE mode; 0 at the steps outside
+            its ``sde_window``, where the action is the mean).
         explore_min_t: explore only at times ``t >= explore_min_t`` (1 = noise): the std is 0 at later steps,
             where the action is the mean and adds nothing to log-probs (a policy built with ``min_t`` outputs
             zero there, so noise would only blur the reward). Not with ``use_sde_std`` (the SDE's noise is
@@ -161,11 +162,10 @@ class GaussianHead(ObservationModule):
                     f"use_sde_std=True needs the observation key {keys.SDE_STD!r} (the env in SDE mode)"
                 )
             scale = _flat_per_sample(sde_std, batch_shape, keys.SDE_STD).float()
-            if not bool((scale > 0).all()):
+            if not bool((scale >= 0).all()):  # 0: a step outside the env's sde_window, deterministic
                 raise ValueError(
-                    f"{keys.SDE_STD} must be > 0, got min {scale.min().item():.3g}: the env is in ODE mode "
-                    "or "
-                    "its noise_level is 0; use a fixed std (use_sde_std=False) there"
+                    f"{keys.SDE_STD} must be >= 0, got {scale.min().item():.3g}: publish the SDE std of each "
+                    "sample (the env in SDE mode does)"
                 )
             scale = scale.reshape(*batch_shape, 1, 1)
         else:

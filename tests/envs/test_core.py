@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from fluxguide.worlds.shapes import heldout_prompts, train_prompts
-from fluxguide.envs import GuidanceCore, resolve_prompts
+from fluxguide.envs import GuidanceCore, SDEWindowError, resolve_prompts
 from fluxguide import keys
 from fluxguide.sampling.sde_actions import sde_action_coefficient, sde_action_std
 from fluxguide.rewards import CallableReward
 from fluxguide.worlds.shapes.rewards import VerifierReward
 from fluxguide.sampling import denoise, sde_mean, sde_step, sde_step_std
+from fluxguide.sampling.steps import euler_step
 from tests.envs.conftest import fixed_actions
 from tests.toy_rewards import brightness
 
@@ -87,6 +88,49 @@ def test_sde_step_is_the_drift_and_the_published_std_makes_it_the_sde(shapes_ran
     ref = sde_step(img, pred + 2.0 * loc, t0, t1, 0.7, noise=-eps)
     torch.testing.assert_close(result.observation[keys.IMG], ref.sample, rtol=1e-5, atol=1e-5)
     assert result.observation[keys.SDE_STD][0, 0].item() == pytest.approx(sde_action_std(t1, core.timesteps[2], 0.7, 2.0))
+
+
+def test_sde_window_explores_only_its_steps_and_steps_by_euler_elsewhere(shapes_random) -> None:
+    # Flow-GRPO-Fast / MixGRPO: SDE steps on a window, the deterministic sampler on the others.
+    kwargs = dict(batch_size=2, num_steps=4, noise_level=0.7, guidance_scale=2.0, control_cost=0.1)
+    windowed = make_core(shapes_random, mode="sde", sde_window=(1, 3), **kwargs)
+    full = make_core(shapes_random, mode="sde", **kwargs)
+    assert windowed.sde_window == (1, 3) and full.sde_window == (0, 4)
+    assert windowed.sde_stds[0] == windowed.sde_stds[3] == 0.0
+    assert windowed.sde_stds[1:3] == full.sde_stds[1:3] and min(full.sde_stds) > 0
+    obs, _ = windowed.reset(seed=3)
+    actions = fixed_actions(2, 4, windowed.latent_shape, scale=0.3)
+    for i, a in enumerate(actions):
+        assert torch.equal(obs[keys.SDE_STD], torch.full((2, 1), windowed.sde_stds[i]))
+        img, pred = windowed.img, windowed.pred
+        t0, t1 = windowed.timesteps[i], windowed.timesteps[i + 1]
+        result = windowed.step(a)
+        obs = result.observation
+        if i in (1, 2):
+            assert torch.equal(obs[keys.IMG], sde_mean(img, pred + 2.0 * a, t0, t1, 0.7))
+            assert not torch.equal(obs[keys.IMG], euler_step(img, pred + 2.0 * a, t0, t1))
+        else:  # the Euler step, bit for bit, and no control cost (a deterministic action: the KL has no meaning)
+            assert torch.equal(obs[keys.IMG], euler_step(img, pred + 2.0 * a, t0, t1))
+            if not result.terminated:
+                assert torch.equal(result.reward, torch.zeros(2))
+    assert obs[keys.SDE_STD].eq(0).all()  # the terminal state
+    assert (result.info["control_cost"] > 0).all()  # the window's steps cost their KL
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"sde_window": (0, 2)}, r"sde_window \(0, 2\) needs SDE mode"),
+        ({"mode": "sde", "sde_window": (2, 2)}, r"0 <= start < stop <= num_steps = 4"),
+        ({"mode": "sde", "sde_window": (-1, 2)}, r"0 <= start < stop"),
+        ({"mode": "sde", "sde_window": (0, 5)}, r"num_steps = 4"),
+        ({"mode": "sde", "sde_window": (0.5, 2)}, r"two integer step indices, got \(0.5, 2\)"),
+        ({"mode": "sde", "sde_window": (0, 1, 2)}, r"two integer step indices"),
+    ],
+)
+def test_bad_sde_window_is_refused_with_the_value(shapes_random, kwargs, match) -> None:
+    with pytest.raises(SDEWindowError, match=match):
+        make_core(shapes_random, num_steps=4, **kwargs)
 
 
 def test_ode_control_cost_is_mean_squared_action(shapes_random) -> None:

@@ -170,3 +170,17 @@ def test_distilled_start_under_an_affine_head_explores_the_head_coefficients(tmp
     assert not all(a.equal(b) for a, b in zip(body.state_dict().values(), start.state_dict().values()))
     actor = load_file(latest_checkpoint(tmp_path / "run") / "actor.safetensors")
     assert any(".body." in k for k in actor) and any(".affine." in k for k in actor), sorted(actor)[:4]
+
+
+def test_sde_window_trains_with_sde_steps_on_the_window_only(tmp_path) -> None:
+    """--sde-window (Flow-GRPO-Fast) reaches the env: SDE steps on the window, Euler steps elsewhere (the env's
+    tests check the steps; tests/reliability/test_error_path.py the refusals)."""
+    from fluxguide.envs import SDEWindowError
+
+    run([*SMALL, "--run-dir", str(tmp_path), "--total-updates", "2", "--eval-every", "2", "--checkpoint-every", "2",
+         "--sde-window", "0", "1"])
+    records = read_metrics(tmp_path)
+    assert all(torch.isfinite(torch.tensor(metric_curve(records, "losses/loss")[1])))
+    assert any(v != 0 for v in metric_curve(records, "losses/kl_approx")[1])  # the window's log-probs moved
+    with pytest.raises(SDEWindowError, match=r"sde_window \(0, 9\) must satisfy 0 <= start < stop <= num_steps = 3"):
+        run([*SMALL, "--run-dir", str(tmp_path / "late"), "--total-updates", "1", "--sde-window", "0", "9"])

@@ -111,8 +111,15 @@ def test_sde_std_comes_from_the_observation(shapes_world, make_guidance, make_ob
     td[keys.SDE_STD] = torch.tensor([[0.1], [0.2], [0.3]])
     out = actor(td)
     torch.testing.assert_close(out[keys.SCALE], torch.tensor([0.1, 0.2, 0.3]).reshape(3, 1, 1))
-    td[keys.SDE_STD] = torch.zeros(3, 1)
-    with pytest.raises(ValueError, match="sde_std must be > 0.*ODE mode"):
+    # 0 is a step outside the env's sde_window: the action is the mean and adds nothing to the log-prob.
+    td[keys.SDE_STD] = torch.tensor([[0.0], [0.2], [0.0]])
+    out = actor(td)
+    assert torch.equal(out[keys.ACTION][0], out[keys.LOC][0]) and torch.equal(out[keys.ACTION][2], out[keys.LOC][2])
+    assert not torch.equal(out[keys.ACTION][1], out[keys.LOC][1])
+    log_prob = actor.get_dist(out).log_prob(out[keys.ACTION])
+    assert log_prob[0] == 0 and log_prob[2] == 0 and log_prob[1] != 0
+    td[keys.SDE_STD] = torch.tensor([[0.1], [-0.2], [0.3]])
+    with pytest.raises(ValueError, match="sde_std must be >= 0, got -0.2"):
         actor(td)
 
 

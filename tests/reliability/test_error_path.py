@@ -74,6 +74,8 @@ def files(tmp_path: Path, monkeypatch) -> Path:
     ("train_ppo", ["--reward", "verifier", "--reward-kwargs", '{"nosuch": 1}', *PPO_SMALL],
      "unexpected keyword argument 'nosuch'"),
     ("train_ppo", ["--samples-per-prompt", "2", "--minibatch-trajectories", "4"], "--minibatch-trajectories 4"),
+    ("train_ppo", ["--mode", "sde", "--sde-window", "1", "3", *PPO_SMALL], "sde_window (1, 3) must satisfy"),
+    ("train_ppo", ["--mode", "ode", "--sde-window", "0", "1", *PPO_SMALL], "sde_window (0, 1) needs SDE mode"),
     ("train_bc", ["--dataset", "{tmp}/no_dataset"], "no guidance dataset at"),
     ("train_reward_gradient", ["--backbone", "shapes", "--weights-dir", "{tmp}/no_weights"], "is missing"),
     ("report", ["--runs", "{tmp}/damaged_run"], "line 2 is not a JSON record"),
