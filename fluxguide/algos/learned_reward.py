@@ -37,7 +37,8 @@ from fluxguide.algos.reward_gradient import (
     random_translate,
     reward_gradient_loss,
 )
-from fluxguide.rewards.base import call_reward
+from fluxguide.rewards.base import call_reward, describe_reward
+from fluxguide.rewards.inputs import check_reward_output
 from fluxguide.rewards.learned import LearnedReward
 from fluxguide.sampling.denoise import denoise
 
@@ -139,16 +140,20 @@ class LearnedRewardGradient(RewardGradient):
         return LossOutput(out.losses, metrics, count=len(batch.prompts), pooled_std={"reward_std": "reward_mean"})
 
     def observe_and_score(self, images: torch.Tensor, prompts: list[str], batch: SamplerBatch) -> torch.Tensor:
-        """Steps 2-4 of the module docstring on ``images`` (with their graph); returns the surrogate's scores."""
-        self.observe(images, prompts, batch)
+        """Steps 2-4 of the module docstring on ``images`` (with their graph); returns the surrogate's scores.
+        The CLIP embeds the images once, with their graph: the memory keeps them detached, the refitted head
+        scores them."""
+        embedded = self.surrogate.embed(images, prompts)
+        self.observe(images, prompts, batch, embedded)
         self.surrogate.head.eval()
-        return call_reward(self.surrogate, images, prompts)
+        return check_reward_output(self.surrogate.head(*embedded), len(images), source=describe_reward(self.surrogate))
 
-    def observe(self, images: torch.Tensor, prompts: list[str], batch: SamplerBatch) -> None:
+    def observe(self, images: torch.Tensor, prompts: list[str], batch: SamplerBatch,
+                embedded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> None:
         """Steps 2-3: the black box scores ``images``, the surrogate remembers them and is refitted."""
         with torch.no_grad():
             truth = call_reward(self.black_box, images.detach(), prompts).float()
-        observed = self.surrogate.remember(images, prompts, truth)
+        observed = self.surrogate.remember(images.detach(), prompts, truth, embedded)
         observed.update(self.surrogate.fit(self.optimizers["reward_head"], self.fit.steps, self.fit.batch_size,
                                            batch.generator, before_step=distributed.average_gradients))
         self._observed = {"reward_mean": float(truth.mean()),

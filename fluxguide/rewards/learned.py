@@ -132,11 +132,13 @@ class LearnedReward(RewardModel):
         return self.head(*self.embed(images, prompts))
 
     @torch.no_grad()
-    def remember(self, images: torch.Tensor, prompts: list[str], targets: torch.Tensor) -> dict[str, float]:
+    def remember(self, images: torch.Tensor, prompts: list[str], targets: torch.Tensor,
+                 embedded: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Store the black box's scores ``targets`` of ``images``; returns the head's error on them *before*
         it sees them (``surrogate_rmse``: its error on new samples of the policy) and their correlation
-        (``surrogate_corr``, 0 when either side is constant)."""
-        image, text, prior = self.embed(images.detach(), prompts)
+        (``surrogate_corr``, 0 when either side is constant). ``embedded``: :meth:`embed`'s output for these
+        images when the caller has it (the image tower then runs once for remembering and scoring)."""
+        image, text, prior = (t.detach() for t in embedded) if embedded is not None else self.embed(images, prompts)
         predicted = self.head(image, text, prior)
         self.memory.add(image, text, prior, targets)
         error = float((predicted - targets.float()).square().mean().sqrt())

@@ -46,6 +46,16 @@ def test_trains_on_a_reward_that_refuses_backward_and_logs_its_scores(shapes_ran
     assert spec.algorithm is LearnedRewardGradient and spec.reward == "black-box"
 
 
+def test_an_update_embeds_its_images_once(shapes_random) -> None:
+    """The memory keeps the embeddings the head then scores with their graph: one pass of the CLIP's image
+    tower per update (not one to remember and one to score)."""
+    algo = build_algorithm(shapes_random)
+    calls = []
+    algo.surrogate.clip.model.visual.register_forward_hook(lambda *args: calls.append(1))
+    metrics = algo.update(PROMPTS, torch.Generator().manual_seed(0))
+    assert len(calls) == 1 and metrics["surrogate_size"] == 2
+
+
 def test_the_warm_up_scores_and_fits_without_touching_the_policy(shapes_random) -> None:
     """warmup=4 with 2 prompts per update: the first two updates fill the memory and fit the head, and leave the
     policy as built; the third steps it, at a quarter of its learning rate (ramp=8: 2 of 8 images), the sixth at
