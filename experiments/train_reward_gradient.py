@@ -163,10 +163,10 @@ def shapes_few_step(num_steps: int) -> Config:
 
 def shapes_learned_reward() -> Config:
     """Black-box training (docs/results.md, "Black-box rewards"): ``shapes-distilled`` on the partial-credit verifier
-    through a surrogate of it on the tiny CLIP (``--surrogate shapes-clip``): 320 updates, the weights' average."""
+    through a surrogate of it on the tiny CLIP (``--surrogate shapes-clip``): 640 updates, the weights' average."""
     cfg = shapes_distilled()
     cfg.run = replace(cfg.run, preset="shapes-learned-reward", run_dir=Path("runs/reward_gradient/learned"),
-                      wandb_group="learned-reward-gradient", total_updates=320, eval_every=40, checkpoint_every=40)
+                      wandb_group="learned-reward-gradient", total_updates=640, eval_every=40, checkpoint_every=40)
     cfg.reward, cfg.learned = replace(cfg.reward, reward="verifier-partial"), SurrogateConfig(surrogate="shapes-clip")
     return replace(cfg, policy_average=0.98)  # the surrogate's gradient is noisy
 

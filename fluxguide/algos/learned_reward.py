@@ -164,4 +164,4 @@ class LearnedRewardGradient(RewardGradient):
 SPECS = (distil_then_fine_tune(
     "learned-reward-gradient",
     "black-box reward: distil CFG 3, then reward gradient through a surrogate fitted online to the verifier",
-    "shapes-learned-reward", LearnedRewardGradient, reward="black-box", minutes=20.0),)
+    "shapes-learned-reward", LearnedRewardGradient, reward="black-box", minutes=40.0),)

@@ -184,14 +184,14 @@ def test_few_step_presets_fine_tune_the_coarse_distillation_at_their_steps(steps
 
 def test_the_learned_reward_preset_trains_the_distilled_start_on_the_verifier_as_a_black_box() -> None:
     """shapes-learned-reward: the shapes-distilled recipe on the partial-credit verifier through a surrogate on the
-    tiny CLIP's embeddings, 320 updates; the registered chain passes its own distillation."""
+    tiny CLIP's embeddings, 640 updates (10,240 images); the registered chain passes its own distillation."""
     from fluxguide.harness.presets import DISTILLED_POLICY
 
     script = load_script("train_reward_gradient")
     cfg = flat_config(parse(script, ["--preset", "shapes-learned-reward"]))
     assert (cfg["reward"], cfg["surrogate"], cfg["init_policy"], cfg["head"], cfg["lr"], cfg["total_updates"],
             cfg["policy_average"], cfg["surrogate_warmup"], cfg["surrogate_ramp"], cfg["reward_target"]) == (
-        "verifier-partial", "shapes-clip", str(DISTILLED_POLICY), "affine", 2e-2, 320, 0.98, 256, 512, None)
+        "verifier-partial", "shapes-clip", str(DISTILLED_POLICY), "affine", 2e-2, 640, 0.98, 256, 512, None)
     (stage,) = [s for s in get_algorithm("learned-reward-gradient").stages if s.folder == "rl"]
     assert stage.args[:2] == ("--preset", "shapes-learned-reward") and stage.inputs == {
         "--init-policy": "bc/guidance.safetensors"}
