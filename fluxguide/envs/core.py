@@ -195,9 +195,10 @@ class GuidanceCore:
             for i in range(self.num_steps)
         ]
         pairs = list(zip(self.timesteps[:-1], self.timesteps[1:]))
-        self.sde_window = check_sde_window(sde_window, mode, self.num_steps)
+        window = check_sde_window(sde_window, mode, self.num_steps)  # refuses a window in ODE mode too
+        self.sde_window: tuple[int, int] | None = window if mode == "sde" else None
         if mode == "sde":
-            start, stop = self.sde_window
+            start, stop = window
             self.sde_stds = [sde_action_std(tc, tp, self.noise_level, g) if start <= i < stop else 0.0
                              for i, ((tc, tp), g) in enumerate(zip(pairs, self.scales))]
             # KL(N(m + k u, s^2 I) || N(m, s^2 I)) = ||k u||^2 / (2 s^2) with s = sde_step_std = |k| sde_std

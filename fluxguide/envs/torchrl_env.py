@@ -60,8 +60,8 @@ class GuidanceTorchRLEnv(EnvBase):
     ## Arguments
     ``backbone`` (default: the pretrained shapes world on ``device``), ``reward``, ``prompts`` and every
     keyword of :class:`fluxguide.envs.GuidanceCore` (``batch_size``, ``num_steps``, ``guidance_scale``,
-    ``max_action``, ``mode``, ``noise_level``, ``sde_window``, ``control_cost``, ``cfg_scale``, ``samples_per_prompt``,
-    ``reward_kwargs``, ``verify``); or ``core=`` an existing core. With ``control_cost`` in SDE mode the KL
+    ``max_action``, ``mode``, ``noise_level``, ``sde_window``, ``control_cost``, ``cfg_scale``,
+    ``samples_per_prompt``, ``reward_kwargs``, ``verify``); or ``core=`` an existing core. With ``control_cost`` in SDE mode the KL
     uses the policy's mean from the tensordict's ``loc`` entry when present.
 
     Example:

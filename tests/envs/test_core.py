@@ -96,6 +96,7 @@ def test_sde_window_explores_only_its_steps_and_steps_by_euler_elsewhere(shapes_
     windowed = make_core(shapes_random, mode="sde", sde_window=(1, 3), **kwargs)
     full = make_core(shapes_random, mode="sde", **kwargs)
     assert windowed.sde_window == (1, 3) and full.sde_window == (0, 4)
+    assert make_core(shapes_random, num_steps=4).sde_window is None  # ODE mode has no SDE steps
     assert windowed.sde_stds[0] == windowed.sde_stds[3] == 0.0
     assert windowed.sde_stds[1:3] == full.sde_stds[1:3] and min(full.sde_stds) > 0
     obs, _ = windowed.reset(seed=3)
